@@ -1,0 +1,1 @@
+"""The centre's command line (``centre-node``) and its Flower ClientApp."""

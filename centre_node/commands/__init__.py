@@ -1,0 +1,1 @@
+"""Sub-commands of ``centre-node``; each module exposes ``register(app: typer.Typer)``."""
