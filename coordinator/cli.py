@@ -1,13 +1,23 @@
-"""``coordinator``: drives cross-centre transfer studies through Flower (being written)."""
+"""``coordinator``: drives cross-centre transfer studies through Flower.
+
+Commands (thin; torch and flwr are imported inside them so ``--help`` is fast):
+
+- ``coordinator certs --out DIR``      CA + SuperLink certificate, SuperNode auth keys
+- ``coordinator transfer``             the transfer study (simulation or deployment runtime)
+- ``coordinator demo``                 demo slides for C1/C2, keys, trust, the study, the table
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
 
 import typer
 
-from histodd_fed.errors import HistoddError
+from histodd_fed.errors import ConfigError, HistoddError
 from histodd_fed.logging_setup import configure_logging
 
 app = typer.Typer(
@@ -17,6 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+log = logging.getLogger("coordinator")
 
 
 @app.callback()
@@ -25,6 +36,152 @@ def _root(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings only; no progress bars."),
 ) -> None:
     configure_logging(verbose=verbose, quiet=quiet)
+
+
+@app.command()
+def certs(
+    out: Path = typer.Option(..., "--out", help="Directory for ca.crt, server.pem/.key and node keys."),
+    nodes: str = typer.Option("C1,C2", help="Comma-separated SuperNode names (one EC P-384 key pair each)."),
+    host: list[str] = typer.Option([], "--host", help="Extra SAN host/IP for the server certificate."),
+) -> None:
+    """Make TLS certificates (SAN 127.0.0.1, localhost) and SuperNode authentication keys."""
+    from histodd_fed.federation.certs import make_node_keys, make_tls
+
+    paths = make_tls(out, hosts=list(host))
+    for n in [n for n in nodes.split(",") if n]:
+        make_node_keys(out / "node-keys", n)
+    typer.echo(f"wrote {paths['ca']}, {paths['cert']}, {paths['key']} and node keys for {nodes} in {out / 'node-keys'}")
+
+
+def _ipcs(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--ipc: expected comma-separated integers, got {text!r}") from None
+
+
+def _print(outcome, paths) -> None:
+    from histodd_fed.federation.study import markdown_table, table_rows
+
+    typer.echo(markdown_table(table_rows(outcome)))
+    for f in outcome.faults:
+        typer.echo(f"fault: {f.line()}")
+    typer.echo(f"study {outcome.seconds:.1f}s; report: {paths}")
+
+
+@app.command()
+def transfer(
+    source: str = typer.Option("C1", "--source"),
+    target: str = typer.Option("C2", "--target"),
+    ipc: str = typer.Option("10", "--ipc", help="Comma-separated images-per-class values, e.g. 10,20,50."),
+    full: bool = typer.Option(True, "--full/--no-full", help="Also transfer the whole real train split."),
+    both_directions: bool = typer.Option(False, "--both-directions"),
+    runtime: str = typer.Option("simulation", "--runtime", help="simulation | deployment"),
+    nodes: Path = typer.Option(..., "--nodes", help="JSON list of centre node configs (centre-id, data, key-dir, work-dir, preset)."),
+    trust: Path = typer.Option(..., "--trust", help="Coordinator trust store (public identities only)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Results folder (default results/transfer/<time>)."),
+    epochs: int = typer.Option(5, "--epochs", help="Fine-tuning epochs at the target."),
+    preset: str = typer.Option("cpu", "--preset"),
+    seed: int = typer.Option(0, "--seed"),
+    timeout: float = typer.Option(900.0, "--timeout", help="Seconds to wait for each centre's reply."),
+) -> None:
+    """Run the C1<->C2 transfer study (paper Table 5) through Flower."""
+    import json
+
+    from histodd_fed.federation.coordinator import StudyConfig
+    from histodd_fed.federation.study import write_report
+
+    if runtime not in ("simulation", "deployment"):
+        raise ConfigError(f"--runtime must be simulation or deployment, not {runtime!r}")
+    try:
+        node_cfgs = json.loads(nodes.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{nodes}: unreadable node list ({exc})") from None
+    out = out or Path("results/transfer") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    cfg = StudyConfig(source=source, target=target, ipcs=_ipcs(ipc), full=full, both_directions=both_directions,
+                      fine_tune_epochs=epochs, seed=seed, preset=preset, reply_timeout=timeout,
+                      identity_timeout=timeout, study_dir=out.resolve(), trust=trust.resolve(), runtime=runtime)
+    outcome = run_study(cfg, node_cfgs)
+    _print(outcome, write_report(cfg, outcome))
+
+
+def run_study(cfg, node_cfgs: list[dict]):
+    """Run ``cfg`` on the chosen runtime; returns the StudyOutcome."""
+    if cfg.runtime == "simulation":
+        from coordinator.server_app import run_simulation_study
+
+        return run_simulation_study(cfg, node_cfgs)
+    import json
+
+    from histodd_fed.federation.centre import CentreConfig
+    from histodd_fed.federation.deployment import Deployment
+
+    with Deployment(cfg.study_dir / "deployment") as dep:
+        dep.start_superlink()
+        for nc in node_cfgs:
+            c = CentreConfig.from_node_config(nc)
+            dep.add_supernode(c.centre_id, c.node_config_string())
+        dep.run_app(run_config_for(cfg), timeout=cfg.reply_timeout * 3 + 300)
+    report = json.loads((cfg.study_dir / "report.json").read_text())
+    from histodd_fed.federation.coordinator import StudyOutcome
+    from histodd_fed.federation.faults import Fault
+
+    return StudyOutcome(rows=report["raw_rows"], faults=[Fault(**f) for f in report["faults"]],
+                        centres=report["centres"], messages=report["messages"], seconds=report["seconds"])
+
+
+def run_config_for(cfg) -> dict:
+    """The Flower run config (``[tool.flwr.app.config]`` keys) describing ``cfg``."""
+    return {"source": cfg.source, "target": cfg.target, "ipcs": ",".join(str(i) for i in cfg.ipcs),
+            "full": cfg.full, "both-directions": cfg.both_directions, "fine-tune-epochs": cfg.fine_tune_epochs,
+            "preset": cfg.preset, "seed": cfg.seed, "reply-timeout": cfg.reply_timeout,
+            "identity-timeout": cfg.identity_timeout, "discovery-timeout": cfg.discovery_timeout,
+            "study-dir": str(cfg.study_dir), "trust": str(cfg.trust), "runtime": "deployment"}
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-data"), "--out", help="Where demo slides, keys and work go."),
+    preset: str = typer.Option("cpu", "--preset", help="tiny | cpu"),
+    config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help="Demo settings (YAML)."),
+    runtime: str = typer.Option("simulation", "--runtime"),
+) -> None:
+    """Two centres with differently stained demo slides, keys and trust, then the transfer study."""
+    import json
+
+    import yaml
+
+    from histodd_fed.federation.coordinator import StudyConfig
+    from histodd_fed.federation.enrol import enrol
+    from histodd_fed.federation.presets import get_preset
+    from histodd_fed.federation.study import write_report
+    from histodd_fed.slides.demo import make_demo_centre
+
+    settings = yaml.safe_load(config.read_text()) if config.exists() else {}
+    settings = settings or {}
+    p = get_preset(preset)
+    out = out.resolve()
+    data = {}
+    for i, cid in enumerate(settings.get("centres", ["C1", "C2"])):
+        d = out / cid / "slides"
+        manifest = d / "slides.csv"
+        if not manifest.exists():
+            typer.echo(f"making demo slides for {cid} in {d}")
+            manifest = make_demo_centre(d, centre=cid, n_slides=int(settings.get("slides", p.demo_slides)),
+                                        seed=int(settings.get("seed", 0)) + i)
+        data[cid] = manifest
+    cfgs, trust = enrol(out, data, preset=preset, seed=int(settings.get("seed", 0)))
+    node_cfgs = [c.to_node_config() for c in cfgs]
+    (out / "nodes.json").write_text(json.dumps(node_cfgs, indent=2) + "\n")
+    cfg = StudyConfig(source=settings.get("source", "C1"), target=settings.get("target", "C2"),
+                      ipcs=[int(i) for i in settings.get("ipcs", [10])], full=bool(settings.get("full", True)),
+                      both_directions=bool(settings.get("both_directions", False)),
+                      fine_tune_epochs=int(settings.get("fine_tune_epochs", p.fine_tune_epochs)),
+                      seed=int(settings.get("seed", 0)), preset=preset, study_dir=out / "results" / f"transfer-{preset}",
+                      trust=trust, runtime=runtime, reply_timeout=float(settings.get("timeout", 1200)),
+                      identity_timeout=float(settings.get("timeout", 1200)))
+    outcome = run_study(cfg, node_cfgs)
+    _print(outcome, write_report(cfg, outcome, command="coordinator demo"))
 
 
 def main() -> None:

@@ -1,7 +1,229 @@
-"""`centre-node` commands: bundle (being written)."""
+"""`centre-node` commands for identities, trust and bundles.
+
+``keygen``, ``trust add|list|remove``, ``export``, ``inspect``, ``verify``, ``open``. Thin: each
+parses options and calls :mod:`histodd_fed.bundle`; failures raise its typed errors, which
+``centre_node.cli`` prints as one line (exit 2).
+"""
+
+from __future__ import annotations
+
+import inspect as pyinspect
+import json
+import os
+from pathlib import Path
+from typing import Optional
 
 import typer
+
+trust_app = typer.Typer(name="trust", help="Manage the centres this node trusts (trust.json in the key dir).",
+                        no_args_is_help=True)
+
+PASSPHRASE_HELP = "Name of an environment variable holding the private-key passphrase."
+
+
+def _passphrase(env: Optional[str]) -> Optional[str]:
+    from histodd_fed.bundle.errors import KeyFileError
+
+    if not env:
+        return None
+    if env not in os.environ:
+        raise KeyFileError(f"--passphrase-env {env}: environment variable is not set")
+    return os.environ[env]
+
+
+def keygen(
+    centre_id: str = typer.Option(..., "--centre-id", help="This centre's id, e.g. C1."),
+    out: Path = typer.Option(..., "--out", help="Key directory to create."),
+    passphrase_env: Optional[str] = typer.Option(None, "--passphrase-env", help=PASSPHRASE_HELP),
+) -> None:
+    """Create this centre's signing (Ed25519) and encryption (X25519) keys and identity.json."""
+    from histodd_fed.bundle.identity import generate_identity
+
+    ident = generate_identity(centre_id, out, passphrase=_passphrase(passphrase_env))
+    typer.echo(f"identity {ident.centre_id}: sign key {ident.public.sign_key_id}, "
+               f"kem key {ident.public.kem_key_id}; share {out / 'identity.json'}")
+
+
+@trust_app.command("add")
+def trust_add(
+    identity: Path = typer.Argument(..., help="Another centre's identity.json or key directory."),
+    keys: Path = typer.Option(..., "--keys", help="This node's key directory (holds trust.json)."),
+    replace: bool = typer.Option(False, "--replace", help="Rotate: replace (and revoke) a different pinned key."),
+) -> None:
+    """Trust another centre's public keys (pinned by key id)."""
+    from histodd_fed.bundle.identity import load_public_identity
+    from histodd_fed.bundle.trust import TrustStore
+
+    pub = load_public_identity(identity)
+    store = TrustStore.load(keys)
+    changed = store.add(pub, replace=replace)
+    if changed:
+        store.save()
+    typer.echo(f"{'trusted' if changed else 'already trusted'}: {pub.centre_id} sign key {pub.sign_key_id}")
+
+
+@trust_app.command("list")
+def trust_list(
+    keys: Path = typer.Option(..., "--keys", help="This node's key directory."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List trusted centres and revoked keys."""
+    from histodd_fed.bundle.trust import TrustStore
+
+    store = TrustStore.load(keys)
+    rows = [{"centre": c, "sign_key_id": p.sign_key_id, "kem_key_id": p.kem_key_id, "added": store.added.get(c, "")}
+            for c, p in sorted(store.centres.items())]
+    if as_json:
+        typer.echo(json.dumps({"trusted": rows, "revoked": store.revoked}, indent=2))
+        return
+    for r in rows:
+        typer.echo(f"trusted  {r['centre']:<16} sign {r['sign_key_id']}  kem {r['kem_key_id']}")
+    for r in store.revoked:
+        typer.echo(f"revoked  {r.get('centre_id', '?'):<16} sign {r['sign_key_id']}  ({r.get('reason', '')})")
+    if not rows and not store.revoked:
+        typer.echo("trust store is empty")
+
+
+@trust_app.command("remove")
+def trust_remove(
+    centre: str = typer.Argument(..., help="Centre id to stop trusting (its keys are revoked)."),
+    keys: Path = typer.Option(..., "--keys", help="This node's key directory."),
+) -> None:
+    """Stop trusting a centre; its keys go on the revoked list."""
+    from histodd_fed.bundle.trust import TrustStore
+
+    store = TrustStore.load(keys)
+    pub = store.remove(centre)
+    store.save()
+    typer.echo(f"revoked: {centre} sign key {pub.sign_key_id}")
+
+
+def _privacy_gate(ps, synthetic: Path, accept_risk: bool) -> Optional[dict]:
+    """PRIVACY EXPORT GATE HOOK: call ``histodd_fed.privacy.gate.check_export`` if it exists.
+
+    The gate (written elsewhere) may raise to block the export; whatever dict it returns is
+    sealed into the manifest as the privacy report. Only the keyword arguments its signature
+    accepts are passed.
+    """
+    try:
+        from histodd_fed.privacy import gate  # noqa: PLC0415 - optional module
+    except ImportError:
+        return None
+    check = getattr(gate, "check_export", None)
+    if check is None:
+        return None
+    offered = {"patchset": ps, "synthetic_dir": synthetic, "accept_risk": accept_risk,
+               "accept_privacy_risk": accept_risk}
+    params = pyinspect.signature(check).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = offered
+    else:
+        kwargs = {k: v for k, v in offered.items() if k in params}
+    report = check(**kwargs)
+    if report is None or isinstance(report, dict):
+        return report
+    to_dict = getattr(report, "to_dict", None)
+    return to_dict() if callable(to_dict) else {"report": str(report)}
+
+
+def export(
+    synthetic: Path = typer.Option(..., "--synthetic", help="Synthetic patch-set directory to send."),
+    to: str = typer.Option(..., "--to", help="Recipient centre id(s), comma-separated, from the trust store."),
+    keys: Path = typer.Option(..., "--keys", help="This centre's key directory."),
+    out: Path = typer.Option(..., "--out", help="Bundle file to write."),
+    accept_privacy_risk: bool = typer.Option(False, "--accept-privacy-risk",
+                                             help="Export even if the privacy gate flags a risk."),
+    passphrase_env: Optional[str] = typer.Option(None, "--passphrase-env", help=PASSPHRASE_HELP),
+    chunk_size: int = typer.Option(1 << 20, "--chunk-size", help="Plaintext bytes per encrypted chunk."),
+) -> None:
+    """Seal a synthetic patch set for the given centres (encrypted for them, signed by this centre)."""
+    from histodd_fed.bundle import inspect as bundle_inspect
+    from histodd_fed.bundle import load_identity, seal
+    from histodd_fed.bundle.trust import TrustStore
+    from histodd_fed.patchset import PatchSet
+
+    ps = PatchSet.load(synthetic)
+    sender = load_identity(keys, passphrase=_passphrase(passphrase_env))
+    store = TrustStore.load(keys)
+    names = [c.strip() for c in to.split(",") if c.strip()]
+    recipients = store.recipients(names)
+    report = _privacy_gate(ps, synthetic, accept_privacy_risk)
+    path = seal(ps, sender, recipients, out=out, privacy_report=report,
+                extra_manifest={"synthetic_dir": str(synthetic), "accepted_privacy_risk": accept_privacy_risk},
+                chunk_size=chunk_size)
+    h = bundle_inspect(path)
+    typer.echo(f"sealed {len(ps)} patches for {', '.join(names)}: {path} "
+               f"(bundle {h.bundle_id}, {h.file_size} bytes)")
+
+
+def inspect(
+    file: Path = typer.Argument(..., help="Bundle file."),
+    keys: Optional[Path] = typer.Option(None, "--keys", help="Key dir whose trust store checks the signer."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Show a bundle's public header and signature status, without decrypting."""
+    from histodd_fed.bundle import BundleError, inspect as bundle_inspect, verify
+    from histodd_fed.bundle.trust import TrustStore
+
+    header = bundle_inspect(file)
+    if keys is None:
+        status = {"checked": False, "status": "not checked (no --keys: no trust store)"}
+    else:
+        try:
+            verify(file, TrustStore.load(keys))
+            status = {"checked": True, "valid": True,
+                      "status": f"valid; signer {header.source_centre} is trusted"}
+        except BundleError as exc:
+            status = {"checked": True, "valid": False, "error": type(exc).__name__, "status": str(exc)}
+    summary = {**header.summary(), "signature": status}
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    for k, v in summary.items():
+        if k == "recipients":
+            v = ", ".join(f"{r['centre']} ({r['kem_key_id']})" for r in v)
+        elif k == "signature":
+            v = v["status"] if "error" not in v else f"{v['error']}: {v['status']}"
+        elif isinstance(v, dict):
+            v = json.dumps(v)
+        typer.echo(f"{k:>15}: {v}")
+
+
+def verify_cmd(
+    file: Path = typer.Argument(..., help="Bundle file."),
+    keys: Path = typer.Option(..., "--keys", help="Key dir (or trust dir) holding trust.json."),
+) -> None:
+    """Check format, sizes, signer trust and signature (no private key needed, nothing decrypted)."""
+    from histodd_fed.bundle import verify
+    from histodd_fed.bundle.trust import TrustStore
+
+    h = verify(file, TrustStore.load(keys))
+    typer.echo(f"OK: bundle {h.bundle_id} signed by trusted {h.source_centre} "
+               f"(key {h.sign_key_id}) for {', '.join(h.recipient_centres)}")
+
+
+def open_cmd(
+    file: Path = typer.Argument(..., help="Bundle file."),
+    keys: Path = typer.Option(..., "--keys", help="This centre's key directory."),
+    out: Path = typer.Option(..., "--out", help="New directory for the opened patch set."),
+    passphrase_env: Optional[str] = typer.Option(None, "--passphrase-env", help=PASSPHRASE_HELP),
+) -> None:
+    """Verify, decrypt and check a bundle addressed to this centre; write its patch set."""
+    from histodd_fed.bundle import Ledger, load_identity, open_bundle
+    from histodd_fed.bundle.trust import TrustStore
+
+    ident = load_identity(keys, passphrase=_passphrase(passphrase_env))
+    opened = open_bundle(file, ident, TrustStore.load(keys), Ledger.in_key_dir(keys), out_dir=out)
+    ps = opened.patchset
+    typer.echo(f"opened bundle {opened.header.bundle_id} from {opened.header.source_centre}: "
+               f"{len(ps)} patches {ps.class_counts()} -> {out}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
+    app.command("keygen")(keygen)
+    app.add_typer(trust_app, name="trust")
+    app.command("export")(export)
+    app.command("inspect")(inspect)
+    app.command("verify")(verify_cmd)
+    app.command("open")(open_cmd)

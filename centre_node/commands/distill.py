@@ -1,7 +1,100 @@
-"""`centre-node` commands: distill (being written)."""
+"""`centre-node distill`: Histo-DD distillation of a real patch store (or of slides, tiled first)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
 
 import typer
+
+log = logging.getLogger(__name__)
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
+    app.command("distill")(distill_command)
+
+
+def distill_command(
+    out: Path = typer.Option(..., "--out", help="Output directory for the synthetic patch set."),
+    patches: Optional[Path] = typer.Option(None, "--patches", help="Real patch store (PatchSet dir or CLASS/*.jpg folder)."),
+    slides: Optional[Path] = typer.Option(None, "--slides", help="Folder of slides (or one slide) to tile first."),
+    labels_csv: Optional[Path] = typer.Option(None, "--labels-csv", help="Tiling: slide labels CSV."),
+    annotations_dir: Optional[Path] = typer.Option(None, "--annotations-dir", help="Tiling: annotation folder."),
+    patch_size: int = typer.Option(256, "--patch-size", help="Tiling: patch size in pixels."),
+    mpp: float = typer.Option(2.0, "--mpp", help="Tiling: target microns per pixel."),
+    magnification: Optional[float] = typer.Option(None, "--magnification", help="Tiling: target magnification (overrides --mpp)."),
+    tissue_threshold: float = typer.Option(0.5, "--tissue-threshold", help="Tiling: minimum tissue fraction."),
+    slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp", help="Tiling: MPP of slides that record none."),
+    workers: int = typer.Option(1, "--workers", help="Tiling: worker processes."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Distill YAML (default: configs/distill-cpu.yaml)."),
+    ipc: Optional[int] = typer.Option(None, "--ipc", help="Synthetic images per class (per slide with --per-slide)."),
+    outer_steps: Optional[int] = typer.Option(None, "--outer-steps", help="K: outer steps."),
+    inner_steps: Optional[int] = typer.Option(None, "--inner-steps", help="U: inner steps."),
+    lr_img: Optional[float] = typer.Option(None, "--lr-img", help="Synthetic image learning rate."),
+    model: Optional[str] = typer.Option(None, "--model", help="convnet | resnetap10."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize patches to this size."),
+    per_slide: Optional[bool] = typer.Option(None, "--per-slide/--per-class", help="Slide-level mode (for MIL)."),
+    init: Optional[str] = typer.Option(None, "--init", help="real | noise."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda."),
+    split: str = typer.Option("train", "--split", help="Slide split to distil when the store has one."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Pool cache + checkpoints (default: OUT.work)."),
+) -> None:
+    """Distil real patches into a few synthetic patches per class (Histo-DD)."""
+    from histodd_fed.errors import InputError
+
+    if (patches is None) == (slides is None):
+        raise InputError("distill: give exactly one of --patches STORE or --slides DIR")
+    from histodd_fed.distill import DistillConfig, run_distillation
+    from histodd_fed.patchset import PatchSet
+    from histodd_fed.runconfig import write_run_config
+
+    cfg_path = config if config is not None else REPO_CONFIGS / "distill-cpu.yaml"
+    overrides = dict(ipc=ipc, outer_steps=outer_steps, inner_steps=inner_steps, lr_img=lr_img, model=model,
+                     image_size=image_size, per_slide=per_slide, init=init, seed=seed, device=device)
+    if cfg_path.exists() or config is not None:
+        cfg = DistillConfig.from_yaml(cfg_path, **overrides)
+    else:
+        cfg = DistillConfig.from_dict({}, **overrides)
+    work = work_dir if work_dir is not None else out.parent / f"{out.name}.work"
+
+    if slides is not None:
+        from histodd_fed.slides.tiling import tile_slides
+
+        store = work / "tiles"
+        log.info("tiling %s into %s", slides, store)
+        tile_slides(slides, store, labels_csv=labels_csv, annotations_dir=annotations_dir, patch_size=patch_size,
+                    mpp=mpp, magnification=magnification, tissue_threshold=tissue_threshold, workers=workers,
+                    slide_mpp=slide_mpp, seed=cfg.seed)
+        patches = store
+    real = PatchSet.load(patches)
+    if isinstance(real.meta.get("slide_splits"), dict):
+        from histodd_fed.slides.manifest import select_split
+
+        real = select_split(real, split)
+        log.info("using the %s split: %d patches", split, len(real))
+    if len(real) == 0:
+        raise InputError(f"{patches}: no patches to distil (split {split!r})")
+    log.info("distilling %d patches %s with %s ipc=%d K=%d U=%d", len(real), real.class_counts(), cfg.model,
+             cfg.ipc, cfg.outer_steps, cfg.inner_steps)
+    res = run_distillation(real, cfg, work_dir=work)
+    syn = res.patchset
+    syn.meta["source"] = str(patches)
+    syn.meta["split"] = split
+    syn.save(out)
+    write_run_config(out, "centre-node distill", {"distill": cfg.to_dict(), "patches": str(patches),
+                                                  "slides": None if slides is None else str(slides), "split": split,
+                                                  "work_dir": str(work), "config_file": str(cfg_path)})
+    from histodd_fed.distill.plots import save_grid, save_loss_curve
+
+    save_loss_curve(syn.meta["loss_curve"], out / "loss_curve.png")
+    save_grid(res.initial_images, syn.images, syn.labels, syn.class_names, out / "synthetic_grid.png")
+    t = syn.meta["timings"]
+    typer.echo(f"wrote {len(syn)} synthetic patches {syn.class_counts()} to {out} "
+               f"(pool {t['pool_s']:.1f}s{' cached' if syn.meta['pool']['reused'] else ''}, "
+               f"matching {t['matching_s']:.1f}s, total {t['total_s']:.1f}s)")
+    if not syn.meta["complete"]:
+        typer.echo("warning: distillation incomplete", err=True)

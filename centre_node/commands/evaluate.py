@@ -1,7 +1,241 @@
-"""`centre-node` commands: evaluate (being written)."""
+"""`centre-node` commands: coreset, evaluate, and the `study` group (the paper's patch studies).
+
+Thin wrappers: parse options, call ``histodd_fed.coreset`` / ``histodd_fed.training`` /
+``histodd_fed.studies``. torch is imported inside the commands so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+study_app = typer.Typer(help="The paper's patch-level studies (Tables 1-3, Figure 1).", no_args_is_help=True)
+
+
+def _ints(text: Optional[str]) -> Optional[list[int]]:
+    if not text:
+        return None
+    from histodd_fed.errors import ConfigError
+
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _words(text: Optional[str]) -> Optional[list[str]]:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _threads(n: Optional[int]) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def coreset(
+    method: str = typer.Option(..., "--method", help="random | herding | forgetting"),
+    ipc: int = typer.Option(..., "--ipc", help="Real patches kept per class."),
+    patches: Path = typer.Option(..., "--patches", help="Patch store: a PatchSet directory or an image folder."),
+    out: Path = typer.Option(..., "--out", help="Output PatchSet directory (kind coreset)."),
+    seed: int = typer.Option(0, "--seed"),
+    arch: str = typer.Option("resnet18", "--arch", help="Network trained for herding features / forgetting counts."),
+    feature_epochs: int = typer.Option(5, "--feature-epochs", help="Herding: epochs of the feature network."),
+    forgetting_epochs: int = typer.Option(10, "--forgetting-epochs", help="Forgetting: epochs over which events count."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize patches to this size first."),
+    device: str = typer.Option("auto", "--device"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+) -> None:
+    """Select a coreset of IPC real patches per class (Random, Herding or Forgetting)."""
+    from histodd_fed.coreset import CoresetConfig, build_coreset
+    from histodd_fed.logging_setup import progress_enabled
+    from histodd_fed.runconfig import write_run_config
+    from histodd_fed.training.data import load_patches
+
+    _threads(threads)
+    cfg = CoresetConfig(method=method, ipc=ipc, seed=seed, arch=arch, feature_epochs=feature_epochs,
+                        forgetting_epochs=forgetting_epochs, device=device)
+    cfg.validate()
+    real = load_patches(patches, image_size=image_size)
+    cs = build_coreset(real, cfg, progress=progress_enabled())
+    cs.meta["source"] = str(patches)
+    cs.save(out)
+    write_run_config(out, "centre-node coreset", {"patches": str(patches), "image_size": image_size, **cfg.__dict__})
+    typer.echo(f"{out}: {len(cs)} patches ({cs.class_counts()}), method {method}, ipc {ipc}, seed {seed}")
+
+
+def evaluate(
+    train: Path = typer.Option(..., "--train", help="Training set: PatchSet directory or image folder."),
+    test: Path = typer.Option(..., "--test", help="Test set: PatchSet directory or image folder."),
+    arch: str = typer.Option("resnet18", "--arch", help="Evaluation network (resnet18 | densenet121 | vit | convnet ...)."),
+    seeds: int = typer.Option(5, "--seeds", help="Number of model seeds (0..N-1)."),
+    epochs: int = typer.Option(50, "--epochs"),
+    lr: float = typer.Option(0.01, "--lr"),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    augment: Optional[str] = typer.Option(None, "--augment", help="DSA strategy for training, e.g. flip_rotate_stain."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize both sets (default: the training set's size)."),
+    test_limit: Optional[int] = typer.Option(None, "--test-limit-per-class", help="Cap test patches per class (seeded)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary as JSON here."),
+    save_model_dir: Optional[Path] = typer.Option(None, "--save-model", help="Save the seed-0 model here."),
+    device: str = typer.Option("auto", "--device"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+) -> None:
+    """Train ARCH on TRAIN once per seed, test on TEST; print accuracy / AUC mean ± std."""
+    from histodd_fed.atomic import atomic_write_json
+    from histodd_fed.logging_setup import progress_enabled
+    from histodd_fed.runconfig import to_jsonable, write_run_config
+    from histodd_fed.studies.tables import pm
+    from histodd_fed.training import build_seeded_model, evaluate_sets, save_model, train_classifier
+    from histodd_fed.training.data import load_patches
+
+    _threads(threads)
+    tr = load_patches(train, image_size=image_size)
+    te = load_patches(test, image_size=image_size or tr.image_size, limit=test_limit, seed=1)
+    res = evaluate_sets({str(train): tr}, te, arch, seeds, epochs, lr=lr, batch_size=batch_size,
+                        augmentation=augment, device=device, progress=progress_enabled())[str(train)]
+    s = res.summary()
+    s.update({"train": str(train), "test": str(test), "epochs": epochs, "augment": augment, "lr": lr,
+              "batch_size": batch_size, "image_size": tr.image_size, "kind": tr.kind})
+    typer.echo(f"{arch} on {train} ({len(tr)} patches, {tr.kind}) -> {test} ({len(te)}), {len(res.seeds)} seeds, "
+               f"{epochs} epochs")
+    typer.echo(f"  accuracy          {pm(s['accuracy_mean'], s['accuracy_std'], digits=2)} %")
+    typer.echo(f"  balanced accuracy {pm(s['balanced_accuracy_mean'], s['balanced_accuracy_std'], digits=2)} %")
+    typer.echo(f"  ROC AUC           {pm(s['auc_mean'], s['auc_std'], digits=2)} %")
+    typer.echo(f"  seconds / epoch   {s['epoch_seconds_mean']:.3f}")
+    if json_out is not None:
+        atomic_write_json(json_out, to_jsonable(s))
+        write_run_config(json_out.parent, "centre-node evaluate", s, name=f"{json_out.stem}.run_config.json")
+    if save_model_dir is not None:
+        model = build_seeded_model(arch, seed=0, num_classes=tr.num_classes, image_size=tr.image_size)
+        model = train_classifier(model, tr, epochs=epochs, lr=lr, batch_size=batch_size, augmentation=augment, seed=0,
+                                 device=device, progress=progress_enabled()).model
+        save_model(model, save_model_dir, arch=arch, num_classes=tr.num_classes, image_size=tr.image_size,
+                   class_names=tr.class_names, extra={"train": str(train), "epochs": epochs})
+        typer.echo(f"  model saved to {save_model_dir}")
+
+
+def _study(kind: str, patches: Path, test: Path, preset: str, out: Optional[Path], limit_per_class: Optional[int],
+           test_limit_per_class: Optional[int], seeds: Optional[int], epochs: Optional[int], device: Optional[str],
+           threads: Optional[int], **extra) -> "StudyRun":  # noqa: F821
+    from histodd_fed.logging_setup import progress_enabled
+    from histodd_fed.studies import StudyRun, load_preset, load_study_data
+
+    _threads(threads)
+    p = load_preset(preset, limit_per_class=limit_per_class, test_limit_per_class=test_limit_per_class,
+                    device=device, **{"eval.seeds": seeds, "eval.epochs": epochs})
+    out = out or Path("results") / f"study-{kind}-{p.name}"
+    data = load_study_data(patches, test, p)
+    run = StudyRun(kind=kind, preset=p, data=data, out_dir=out, progress=progress_enabled(),
+                   command=f"centre-node study {kind}", sources={"patches": str(patches), "test": str(test), **{
+                       k: v for k, v in extra.items() if v is not None}})
+    return run
+
+
+_PATCHES = typer.Option(..., "--patches", help="Real training patches: PatchSet directory or image folder.")
+_TEST = typer.Option(..., "--test", help="Test patches: PatchSet directory or image folder.")
+_PRESET = typer.Option("cpu", "--preset", help="tiny | cpu | paper, or a YAML path (configs/study-*.yaml).")
+_OUT = typer.Option(None, "--out", help="Results folder (default results/study-KIND-PRESET).")
+_LIMIT = typer.Option(None, "--limit-per-class", help="Cap training patches per class (seeded).")
+_TLIMIT = typer.Option(None, "--test-limit-per-class", help="Cap test patches per class (seeded).")
+_SEEDS = typer.Option(None, "--seeds", help="Override the preset's number of evaluation seeds.")
+_EPOCHS = typer.Option(None, "--epochs", help="Override the preset's epochs on compressed sets.")
+_DEVICE = typer.Option(None, "--device", help="auto | cpu | cuda (overrides the preset).")
+_THREADS = typer.Option(None, "--threads", help="torch CPU threads.")
+
+
+@study_app.command("coreset")
+def study_coreset(patches: Path = _PATCHES, test: Path = _TEST, preset: str = _PRESET, out: Optional[Path] = _OUT,
+                  limit_per_class: Optional[int] = _LIMIT, test_limit_per_class: Optional[int] = _TLIMIT,
+                  seeds: Optional[int] = _SEEDS, epochs: Optional[int] = _EPOCHS,
+                  methods: Optional[str] = typer.Option(None, "--methods", help="Comma list, e.g. random,histodd,full."),
+                  ipcs: Optional[str] = typer.Option(None, "--ipcs", help="Comma list, e.g. 1,10,50."),
+                  device: Optional[str] = _DEVICE, threads: Optional[int] = _THREADS) -> None:
+    """Table 1: Random / Herding / Forgetting / Histo-DD / Full at each ipc, with ratio %."""
+    from histodd_fed.studies import run_coreset_study
+
+    run = _study("coreset", patches, test, preset, out, limit_per_class, test_limit_per_class, seeds, epochs, device,
+                 threads, methods=methods, ipcs=ipcs)
+    run_coreset_study(run, _words(methods), _ints(ipcs))
+    typer.echo((run.out_dir / "results.md").read_text())
+    typer.echo(f"results in {run.out_dir}")
+
+
+@study_app.command("ablation")
+def study_ablation(patches: Path = _PATCHES, test: Path = _TEST, preset: str = _PRESET, out: Optional[Path] = _OUT,
+                   limit_per_class: Optional[int] = _LIMIT, test_limit_per_class: Optional[int] = _TLIMIT,
+                   seeds: Optional[int] = _SEEDS, epochs: Optional[int] = _EPOCHS,
+                   ipc: Optional[int] = typer.Option(None, "--ipc"),
+                   device: Optional[str] = _DEVICE, threads: Optional[int] = _THREADS) -> None:
+    """Table 2: distil with each augmentation (none, stain, rotate, flip, scale, all) and evaluate."""
+    from histodd_fed.studies import run_ablation_study
+
+    run = _study("ablation", patches, test, preset, out, limit_per_class, test_limit_per_class, seeds, epochs, device,
+                 threads, ipc=ipc)
+    run_ablation_study(run, ipc=ipc)
+    typer.echo((run.out_dir / "results.md").read_text())
+    typer.echo(f"results in {run.out_dir}")
+
+
+@study_app.command("cross-arch")
+def study_cross_arch(patches: Path = _PATCHES, test: Path = _TEST, preset: str = _PRESET, out: Optional[Path] = _OUT,
+                     limit_per_class: Optional[int] = _LIMIT, test_limit_per_class: Optional[int] = _TLIMIT,
+                     seeds: Optional[int] = _SEEDS, epochs: Optional[int] = _EPOCHS,
+                     ipc: Optional[int] = typer.Option(None, "--ipc"),
+                     method: str = typer.Option("histodd", "--method", help="Set to transfer (histodd or a coreset)."),
+                     device: Optional[str] = _DEVICE, threads: Optional[int] = _THREADS) -> None:
+    """Table 3: the distilled set trained on ResNet18 / DenseNet121 / ViT; accuracy and speed-up vs full."""
+    from histodd_fed.studies import run_cross_arch_study
+
+    run = _study("cross-arch", patches, test, preset, out, limit_per_class, test_limit_per_class, seeds, epochs,
+                 device, threads, ipc=ipc, method=method)
+    run_cross_arch_study(run, ipc=ipc, method=method)
+    typer.echo((run.out_dir / "results.md").read_text())
+    typer.echo(f"results in {run.out_dir}")
+
+
+@study_app.command("ipc")
+def study_ipc(patches: Path = _PATCHES, test: Path = _TEST, preset: str = _PRESET, out: Optional[Path] = _OUT,
+              limit_per_class: Optional[int] = _LIMIT, test_limit_per_class: Optional[int] = _TLIMIT,
+              seeds: Optional[int] = _SEEDS, epochs: Optional[int] = _EPOCHS,
+              methods: Optional[str] = typer.Option(None, "--methods", help="Comma list, e.g. random,histodd,full."),
+              ipcs: Optional[str] = typer.Option(None, "--ipcs", help="Comma list (default 10,20,50,100)."),
+              device: Optional[str] = _DEVICE, threads: Optional[int] = _THREADS) -> None:
+    """Figure 1b: accuracy against images per class."""
+    from histodd_fed.studies import run_ipc_study
+
+    run = _study("ipc", patches, test, preset, out, limit_per_class, test_limit_per_class, seeds, epochs, device,
+                 threads, methods=methods, ipcs=ipcs)
+    run_ipc_study(run, _words(methods), _ints(ipcs))
+    typer.echo((run.out_dir / "results.md").read_text())
+    typer.echo(f"results in {run.out_dir}")
+
+
+@study_app.command("figure")
+def study_figure(synthetic: Path = typer.Option(..., "--synthetic", help="Synthetic PatchSet directory."),
+                 real: Path = typer.Option(..., "--real", help="Real patches (PatchSet directory or image folder)."),
+                 initial: Optional[Path] = typer.Option(None, "--initial", help="The initial patches of the synthetic set."),
+                 out: Path = typer.Option(Path("results/figure-patches.png"), "--out", help="PNG path."),
+                 per_class: int = typer.Option(8, "--per-class"),
+                 seed: int = typer.Option(0, "--seed")) -> None:
+    """Figure 1a: synthetic vs initial vs real patches per class."""
+    from histodd_fed.patchset import PatchSet
+    from histodd_fed.studies import patch_grid
+    from histodd_fed.training.data import load_patches
+
+    syn = PatchSet.load(synthetic)
+    rows = {"synthetic": syn}
+    if initial is not None:
+        rows["initial"] = load_patches(initial, image_size=syn.image_size)
+    rows["real"] = load_patches(real, image_size=syn.image_size, limit=max(4 * per_class, per_class), seed=seed)
+    patch_grid(out, rows, per_class=per_class, seed=seed)
+    typer.echo(f"wrote {out}")
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``coreset``, ``evaluate`` and the ``study`` group to ``app``."""
+    app.command("coreset")(coreset)
+    app.command("evaluate")(evaluate)
+    app.add_typer(study_app, name="study")

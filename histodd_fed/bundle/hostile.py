@@ -1,0 +1,189 @@
+"""Seeded hostile mutations of a valid bundle, each with the error class it must raise.
+
+Used by the test battery (``tests/test_bundle_hostile.py``) and the fuzz benchmark
+(``benchmarks/fuzz_bundles.py``). Every mutation names the region it hits and the exact
+exception classes an open may raise for it; anything else (another class, a non-bundle
+exception, or success) is a defect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from histodd_fed.bundle.errors import (DecryptionError, FormatError, SignatureError, SizeLimitError,
+                                       UnsupportedAlgorithmError, UntrustedSignerError, VersionError)
+from histodd_fed.bundle.format import (PREFIX_SIZE, SIGNATURE_SIZE, TAG_SIZE, BundleHeader, BundleSource,
+                                       canonical_json, encode_prefix, parse_header, signed_message)
+
+HEADER_FLIP_ERRORS = (FormatError, UnsupportedAlgorithmError, SizeLimitError, UntrustedSignerError,
+                      SignatureError)
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """A mutated bundle and the error classes opening it may raise (exact classes)."""
+
+    kind: str
+    region: str
+    data: bytes
+    expected: tuple[type, ...]
+
+
+def regions(h: BundleHeader) -> list[tuple[str, int, int]]:
+    """(name, start, end) of every region of the file."""
+    out = [("magic", 0, 8), ("version", 8, 10), ("header_length", 10, 14),
+           ("header", PREFIX_SIZE, h.manifest_offset), ("manifest", h.manifest_offset, h.payload_offset)]
+    for i in range(h.num_chunks):
+        off, n = h.chunk_span(i)
+        out.append((f"chunk{i}", off, off + n))
+    out.append(("signature", h.signature_offset, h.signature_offset + SIGNATURE_SIZE))
+    return out
+
+
+def _expected_for_flip(region: str) -> tuple[type, ...]:
+    if region == "magic":
+        return (FormatError,)
+    if region == "version":
+        return (VersionError,)
+    if region == "header_length":
+        return (FormatError, SizeLimitError)
+    if region == "header":
+        return HEADER_FLIP_ERRORS
+    return (SignatureError,)
+
+
+def _rebuild(blob: bytes, h: BundleHeader, fields: dict, body: bytes | None = None) -> bytes:
+    """``blob`` with its header replaced by canonical ``fields`` (signature left stale)."""
+    raw = canonical_json(fields)
+    rest = blob[h.manifest_offset:] if body is None else body
+    return encode_prefix(raw) + raw + rest
+
+
+def _resign(data: bytes, sign: Callable[[bytes], bytes]) -> bytes:
+    body = data[:-SIGNATURE_SIZE]
+    return body + sign(signed_message(hashlib.sha256(body).digest()))
+
+
+class Mutator:
+    """Produces seeded mutations of one valid bundle ``blob``.
+
+    ``sign`` (the sender's signing function) enables the 'resigned' kinds that model a trusted
+    but malicious or buggy sender: they pass the signature and must fail further in.
+    """
+
+    def __init__(self, blob: bytes, sign: Callable[[bytes], bytes] | None = None):
+        self.blob = bytes(blob)
+        with BundleSource(self.blob) as src:
+            self.h = parse_header(src)
+        self.regions = regions(self.h)
+        self.sign = sign
+        if self.h.num_chunks < 3:
+            raise ValueError("use a bundle with at least 3 chunks (small chunk_size) for the battery")
+
+    # -- single mutations ----------------------------------------------------------
+    def bitflip(self, rng: np.random.Generator, region: str | None = None) -> Mutation:
+        if region is None:
+            name, a, b = self.regions[int(rng.integers(len(self.regions)))]
+        else:
+            name, a, b = next(r for r in self.regions if r[0] == region)
+        pos = int(rng.integers(a, b))
+        d = bytearray(self.blob)
+        d[pos] ^= 1 << int(rng.integers(8))
+        kind_region = "chunk" if name.startswith("chunk") else name
+        return Mutation("bitflip", kind_region, bytes(d), _expected_for_flip(name))
+
+    def truncate(self, rng: np.random.Generator) -> Mutation:
+        k = int(rng.integers(0, len(self.blob)))
+        exp = (FormatError,) if k < PREFIX_SIZE else (SizeLimitError,)
+        return Mutation("truncate", "file", self.blob[:k], exp)
+
+    def append(self, rng: np.random.Generator) -> Mutation:
+        n = int(rng.integers(1, 4096))
+        return Mutation("append", "file", self.blob + rng.bytes(n), (SizeLimitError,))
+
+    def swap_chunks(self, rng: np.random.Generator, resign: bool = False) -> Mutation:
+        i, j = (int(x) for x in rng.choice(self.h.num_chunks - 1, size=2, replace=False))
+        (oi, n), (oj, _) = self.h.chunk_span(i), self.h.chunk_span(j)
+        d = bytearray(self.blob)
+        d[oi:oi + n], d[oj:oj + n] = self.blob[oj:oj + n], self.blob[oi:oi + n]
+        if resign:
+            return Mutation("swap_resigned", "chunk", _resign(bytes(d), self.sign), (DecryptionError,))
+        return Mutation("swap", "chunk", bytes(d), (SignatureError,))
+
+    def drop_last_chunk_resigned(self) -> Mutation:
+        """Truncate the payload by a chunk and fix the header to match, then re-sign."""
+        h, f = self.h, dict(self.h.fields)
+        f["num_chunks"] -= 1
+        f["payload_size"] = f["num_chunks"] * f["chunk_size"]
+        f["payload_ciphertext_size"] = f["payload_size"] + TAG_SIZE * f["num_chunks"]
+        body = self.blob[h.manifest_offset:h.chunk_span(h.num_chunks - 1)[0]] + bytes(SIGNATURE_SIZE)
+        return Mutation("drop_chunk_resigned", "chunk", _resign(_rebuild(self.blob, h, f, body), self.sign),
+                        (DecryptionError,))
+
+    def header_edit(self, rng: np.random.Generator) -> Mutation:
+        """A well-formed but hostile header: downgrade, huge sizes, other values, bad version."""
+        f = json.loads(json.dumps(self.h.fields))
+        choice = int(rng.integers(8))
+        if choice == 0:
+            key = str(rng.choice(sorted(f["algorithms"])))
+            f["algorithms"][key] = str(rng.choice(["AES-128-GCM", "none", "ChaCha20-Poly1305", "Ed448", "MD5"]))
+            return Mutation("downgrade", "header", _rebuild(self.blob, self.h, f), (UnsupportedAlgorithmError,))
+        if choice == 1:  # consistent but huge sizes
+            f["payload_size"] = 1 << int(rng.integers(40, 62))
+            f["num_chunks"] = -(-f["payload_size"] // f["chunk_size"])
+            f["payload_ciphertext_size"] = f["payload_size"] + TAG_SIZE * f["num_chunks"]
+            return Mutation("huge_payload", "header", _rebuild(self.blob, self.h, f), (SizeLimitError,))
+        if choice == 2:
+            f["chunk_size"] = 1 << int(rng.integers(27, 62))
+            return Mutation("huge_chunk", "header", _rebuild(self.blob, self.h, f), (SizeLimitError,))
+        if choice == 3:
+            f["manifest_size"] = 1 << int(rng.integers(23, 62))
+            f["manifest_ciphertext_size"] = f["manifest_size"] + TAG_SIZE
+            return Mutation("huge_manifest", "header", _rebuild(self.blob, self.h, f), (SizeLimitError,))
+        if choice == 4:
+            f["created"] = "2000-01-01T00:00:00+00:00"
+            return Mutation("edit_created", "header", _rebuild(self.blob, self.h, f), (SignatureError,))
+        if choice == 5:
+            f["recipients"] = f["recipients"][:1] * 2
+            return Mutation("dup_recipient", "header", _rebuild(self.blob, self.h, f), (FormatError,))
+        if choice == 6:
+            raw = json.dumps(self.h.fields, sort_keys=True).encode()  # not canonical (spaces)
+            return Mutation("noncanonical", "header", encode_prefix(raw) + raw + self.blob[self.h.manifest_offset:],
+                            (FormatError,))
+        version = int(rng.integers(2, 1 << 16))
+        d = bytearray(self.blob)
+        d[8:10] = struct.pack(">H", version)
+        return Mutation("version", "version", bytes(d), (VersionError,))
+
+    # -- streams ---------------------------------------------------------------------
+    def random(self, rng: np.random.Generator) -> Mutation:
+        r = float(rng.random())
+        if r < 0.70:
+            return self.bitflip(rng)
+        if r < 0.80:
+            return self.truncate(rng)
+        if r < 0.85:
+            return self.append(rng)
+        if r < 0.90:
+            return self.swap_chunks(rng)
+        if r < 0.93 and self.sign is not None:
+            return self.swap_chunks(rng, resign=True) if r < 0.915 else self.drop_last_chunk_resigned()
+        return self.header_edit(rng)
+
+    def stream(self, seed: int, n: int) -> Iterator[Mutation]:
+        rng = np.random.default_rng(seed)
+        for _ in range(n):
+            yield self.random(rng)
+
+    def every_region(self, seed: int, per_region: int) -> Iterator[Mutation]:
+        """``per_region`` bit flips in each region (header, manifest, every chunk, signature ...)."""
+        rng = np.random.default_rng(seed)
+        for name, _, _ in self.regions:
+            for _ in range(per_region):
+                yield self.bitflip(rng, region=name)

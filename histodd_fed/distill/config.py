@@ -1,0 +1,121 @@
+"""``DistillConfig``: every knob of a Histo-DD distillation run, loadable from YAML."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from histodd_fed.errors import ConfigError, InputError
+
+DISTANCES = ("l1", "cosine", "mse")
+INITS = ("real", "noise")
+#: Fields that do not change the result (left out of the resume / checkpoint key).
+NON_RESULT_FIELDS = ("device", "checkpoint_every")
+
+
+@dataclass
+class DistillConfig:
+    """Histo-DD hyper-parameters (Algorithm 1 of Cong et al.), with paper-like defaults."""
+
+    # networks
+    model: str = "resnetap10"                     #: distillation network (convnet | resnetap10)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    image_size: int = 64                          #: patches are resized to this many pixels
+    # synthetic set
+    ipc: int = 10                                 #: m: synthetic images per class (per slide if per_slide)
+    init: str = "real"                            #: real | noise
+    per_slide: bool = False                       #: m per class for every slide (for MIL)
+    # outer / inner loops
+    outer_steps: int = 200                        #: K
+    inner_steps: int = 100                        #: U
+    slide_outer_steps: int | None = None          #: K per slide in per-slide mode (None: outer_steps)
+    lr_img: float = 0.5                           #: synthetic-image learning rate (5e-3 for large patches)
+    momentum_img: float = 0.5
+    batch_real: int = 128                         #: real images per class per matching step
+    distance: str = "l1"                          #: l1 (paper) | cosine (DC layer-wise) | mse
+    # model pool and model augmentation
+    pool_size: int = 5                            #: |S|: pre-trained models
+    pool_epochs: int = 5
+    pool_lr: float = 0.01
+    pool_batch: int = 128
+    alpha: float = 0.01                           #: model-augmentation strength (per-filter norm ratio)
+    # model updates inside the inner loop (on real data)
+    net_steps: int = 1
+    lr_net: float = 0.01
+    batch_net: int = 128
+    # augmentation (DSA strategy string, see histodd_fed.augment)
+    augmentation: str = "color_crop_cutout_flip_scale_rotate_stain"
+    # run
+    seed: int = 0
+    device: str = "auto"                          #: auto | cpu | cuda | cuda:N
+    checkpoint_every: int = 10                    #: outer steps between checkpoints (0: never)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def positive(name: str, allow_zero: bool = False) -> None:
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (v == 0 and not allow_zero):
+                raise ConfigError(f"distill config: {name} must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+
+        for n in ("image_size", "ipc", "outer_steps", "inner_steps", "lr_img", "batch_real", "pool_size",
+                  "pool_lr", "pool_batch", "batch_net", "lr_net"):
+            positive(n)
+        for n in ("pool_epochs", "alpha", "net_steps", "checkpoint_every", "momentum_img"):
+            positive(n, allow_zero=True)
+        if self.slide_outer_steps is not None:
+            positive("slide_outer_steps")
+        if self.distance not in DISTANCES:
+            raise ConfigError(f"distill config: distance must be one of {DISTANCES}, got {self.distance!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"distill config: init must be one of {INITS}, got {self.init!r}")
+        from histodd_fed.augment import parse_strategy
+
+        parse_strategy(self.augmentation)
+
+    # ------------------------------------------------------------------ io
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def result_dict(self) -> dict[str, Any]:
+        """The fields that determine the result (used for resume and cache keys)."""
+        d = self.to_dict()
+        for k in NON_RESULT_FIELDS:
+            d.pop(k, None)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config", **overrides: Any) -> "DistillConfig":
+        known = {f.name for f in fields(cls)}
+        merged = dict(data or {})
+        merged.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown distill option(s) {unknown}")
+        try:
+            return cls(**merged)
+        except TypeError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "DistillConfig":
+        """Load ``path`` (a mapping of field names; an optional top-level ``distill:`` key) + overrides.
+
+        Overrides that are ``None`` are ignored, so CLI options can be passed straight through.
+        """
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read config ({exc.strerror or exc})") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of distill options")
+        if "distill" in data and isinstance(data["distill"], dict):
+            data = data["distill"]
+        return cls.from_dict(data, where=str(path), **overrides)

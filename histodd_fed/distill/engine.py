@@ -1,0 +1,334 @@
+"""Histo-DD distillation (Algorithm 1 of Cong et al.): gradient matching with a model pool, model
+augmentation and differentiable siamese augmentation including stain normalisation.
+
+Patch-level mode distils ``ipc`` images per class over all slides (one *stage*). Slide-level mode
+(``per_slide``) runs one stage per slide, distilling ``ipc`` images per class present in that
+slide from that slide's patches, sharing the model pool. Progress is checkpointed into
+``work_dir/checkpoints/<key>.pt`` (tensors only, loaded with ``weights_only=True``) every
+``checkpoint_every`` outer steps; a re-run with the same data and config continues from there.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from histodd_fed.atomic import atomic_write_bytes
+from histodd_fed.augment import build_augmentation
+from histodd_fed.distill.config import DistillConfig
+from histodd_fed.distill.matching import class_matching_loss
+from histodd_fed.distill.model_aug import augment_model, matched_weights
+from histodd_fed.distill.pool import build_model, get_pool
+from histodd_fed.errors import InputError
+from histodd_fed.logging_setup import progress as progress_bar
+from histodd_fed.patchset import PatchSet
+from histodd_fed.runconfig import config_hash
+from histodd_fed.stain.normalize import ImageStains, StainContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Group:
+    """One block of synthetic images matched against one pool of real images (a class, or a class of a slide)."""
+
+    label: int
+    slide: int                # index into the real set's slide_ids, -1 for patch-level
+    real_idx: np.ndarray      # indices into the real tensors
+    init_idx: np.ndarray      # real indices the synthetic images start from (init: real)
+
+
+def data_hash(real: PatchSet) -> str:
+    """SHA-256 over the images, labels and slide indices of a patch set."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"shape": list(real.images.shape), "classes": real.class_names,
+                         "slides": real.slide_ids}).encode())
+    h.update(np.ascontiguousarray(real.images).tobytes())
+    h.update(real.labels.astype(np.int64).tobytes())
+    h.update(real.slide_index.astype(np.int32).tobytes())
+    return h.hexdigest()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 NHWC -> uint8 NHWC of ``size`` px (antialiased bilinear); unchanged if already that size."""
+    if images.shape[1] == size and images.shape[2] == size:
+        return np.ascontiguousarray(images)
+    out = []
+    for s in range(0, len(images), 512):
+        x = torch.from_numpy(np.ascontiguousarray(images[s:s + 512])).permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
+def _plan(real: PatchSet, config: DistillConfig, rng: np.random.Generator) -> list[list[Group]]:
+    """Stages of groups; initial real images drawn without replacement when enough exist."""
+
+    def group(label: int, slide: int, idx: np.ndarray) -> Group:
+        replace = len(idx) < config.ipc
+        init = rng.choice(idx, size=config.ipc, replace=replace)
+        return Group(label, slide, idx, np.asarray(init, dtype=np.int64))
+
+    if not config.per_slide:
+        stage = []
+        for c in range(real.num_classes):
+            idx = np.flatnonzero(real.labels == c)
+            if len(idx):
+                stage.append(group(c, -1, idx))
+        return [stage]
+    if not real.slide_ids or (real.slide_index < 0).all():
+        raise InputError("per-slide distillation: the patch set has no slide ids (slide_index is all -1)")
+    stages = []
+    for s in range(len(real.slide_ids)):
+        stage = []
+        for c in range(real.num_classes):
+            idx = np.flatnonzero((real.slide_index == s) & (real.labels == c))
+            if len(idx):
+                stage.append(group(c, s, idx))
+        if stage:
+            stages.append(stage)
+    return stages
+
+
+def _sample(idx: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.choice(idx, size=n, replace=len(idx) < n)
+
+
+def _save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], info: dict) -> None:
+    buf = io.BytesIO()
+    torch.save({"tensors": {k: v.detach().cpu() for k, v in tensors.items()},
+                "info_json": json.dumps(info)}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        return blob["tensors"], json.loads(blob["info_json"])
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
+        raise InputError(f"{path}: unreadable distillation checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
+@dataclass
+class DistillResult:
+    """The synthetic set and the images it started from (uint8 NHWC, same order)."""
+
+    patchset: PatchSet
+    initial_images: np.ndarray
+
+
+def distill(real: PatchSet, config: DistillConfig, work_dir: Path | None = None, progress: bool = True, *,
+            stop_after_steps: int | None = None) -> PatchSet:
+    """Distil ``real`` into a synthetic PatchSet (kind ``synthetic``, uint8); see :func:`run_distillation`."""
+    return run_distillation(real, config, work_dir, progress, stop_after_steps=stop_after_steps).patchset
+
+
+def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | None = None, progress: bool = True, *,
+                     stop_after_steps: int | None = None) -> DistillResult:
+    """Distil ``real`` into a synthetic PatchSet (``ipc`` per class, or per class per slide).
+
+    ``work_dir`` holds the model-pool cache and the checkpoints (None: nothing cached, no resume).
+    ``stop_after_steps`` ends this call after that many outer steps (checkpointed first) for
+    time-boxed runs; the returned set then has ``meta["complete"] = False`` and a later call resumes.
+    """
+    t_start = time.perf_counter()
+    config.validate()
+    if len(real) == 0:
+        raise InputError("distill: the real patch set is empty")
+    device = resolve_device(config.device)
+    src_hash = data_hash(real)
+    cfg_hash = config_hash(config.result_dict())
+    run_key = hashlib.sha256(f"{src_hash}:{cfg_hash}".encode()).hexdigest()[:24]
+    work_dir = None if work_dir is None else Path(work_dir)
+
+    rng = np.random.default_rng(config.seed)
+    gen = torch.Generator().manual_seed(int(config.seed))
+
+    # ---------------------------------------------------------------- data, stains, augmentation
+    images = resize_images(real.images, config.image_size)
+    x_real, y_real = PatchSet(images=images, labels=real.labels, class_names=real.class_names).to_tensors()
+    x_real, y_real = x_real.to(device), y_real.to(device)
+    t0 = time.perf_counter()
+    aug_probe = build_augmentation(config.augmentation)
+    stain_ctx, real_stains = None, None
+    if aug_probe.uses_stains:
+        stain_ctx = StainContext.from_images(images)
+        real_stains = ImageStains.estimate(images).to(device)
+    aug = build_augmentation(config.augmentation, stain=stain_ctx)
+    t_stains = time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- model pool
+    pool = get_pool(config, real.num_classes, x_real, y_real, aug, real_stains, src_hash,
+                    None if work_dir is None else work_dir / "pool", show_progress=progress)
+
+    # ---------------------------------------------------------------- synthetic initialisation
+    stages = _plan(real, config, rng)
+    syn: list[torch.Tensor] = []
+    syn_stains: list[ImageStains | None] = []
+    for stage in stages:
+        init = np.concatenate([g.init_idx for g in stage])
+        if config.init == "real":
+            x0 = x_real[torch.from_numpy(init).to(device)].clone()
+            st = None if real_stains is None else real_stains.index(torch.from_numpy(init).to(device))
+        else:
+            x0 = torch.rand((len(init), 3, config.image_size, config.image_size), generator=gen).to(device)
+            st = None if stain_ctx is None else ImageStains(
+                stain_ctx.template_matrix.to(device).expand(len(init), 3, 2).clone(),
+                stain_ctx.template_max_conc.to(device).expand(len(init), 2).clone())
+        syn.append(x0)
+        syn_stains.append(st)
+    initial = [s.detach().cpu().clone() for s in syn]
+    steps_per_stage = [config.outer_steps if not config.per_slide else (config.slide_outer_steps or config.outer_steps)
+                       for _ in stages]
+    total_steps = int(sum(steps_per_stage))
+
+    # ---------------------------------------------------------------- resume
+    ckpt = None if work_dir is None else work_dir / "checkpoints" / f"{run_key}.pt"
+    done, loss_curve, opt_state = 0, [], None
+    if ckpt is not None and ckpt.exists():
+        tensors, info = _load_checkpoint(ckpt)
+        if info.get("run_key") != run_key or len(info.get("stage_sizes", [])) != len(syn):
+            raise InputError(f"{ckpt}: checkpoint does not belong to this data and config")
+        for i in range(len(syn)):
+            syn[i] = tensors[f"syn_{i}"].to(device)
+        gen.set_state(tensors["torch_rng"])
+        rng.bit_generator.state = info["numpy_rng"]
+        done, loss_curve = int(info["step"]), list(info["loss_curve"])
+        if "momentum" in tensors:
+            opt_state = tensors["momentum"].to(device)
+        log.info("distill: resuming from %s at outer step %d/%d", ckpt, done, total_steps)
+
+    # ---------------------------------------------------------------- outer loop
+    net_template = build_model(config, real.num_classes).to(device)
+    t_loop = time.perf_counter()
+    ran = 0
+    bar = progress_bar(total=total_steps, initial=done, desc="distill", disable=not progress)
+    stage_start = 0
+    for s_i, (stage, n_steps) in enumerate(zip(stages, steps_per_stage)):
+        stage_end = stage_start + n_steps
+        if done >= stage_end:
+            stage_start = stage_end
+            continue
+        x_syn = syn[s_i].detach().requires_grad_(True)
+        syn[s_i] = x_syn
+        opt_img = torch.optim.SGD([x_syn], lr=config.lr_img, momentum=config.momentum_img)
+        if opt_state is not None and done > stage_start:
+            opt_img.state[x_syn]["momentum_buffer"] = opt_state.clone()
+        opt_state = None
+        sizes = [config.ipc] * len(stage)
+        offsets = np.cumsum([0] + sizes)
+        y_syn = [torch.full((config.ipc,), g.label, dtype=torch.long, device=device) for g in stage]
+        stage_real = np.concatenate([g.real_idx for g in stage])
+        while done < stage_end:
+            if stop_after_steps is not None and ran >= stop_after_steps:
+                break
+            net = copy.deepcopy(net_template)
+            net.load_state_dict(pool.states[int(rng.integers(len(pool.states)))])
+            augment_model(net, config.alpha, gen)
+            net.train()
+            weights = matched_weights(net)
+            net_opt = torch.optim.SGD(net.parameters(), lr=config.lr_net, momentum=0.5)
+            step_losses = []
+            for u in range(config.inner_steps):
+                loss = torch.zeros((), device=device)
+                for k, g in enumerate(stage):
+                    ridx = torch.from_numpy(_sample(g.real_idx, config.batch_real, rng)).to(device)
+                    xr = x_real[ridx]
+                    xs = x_syn[offsets[k]:offsets[k + 1]]
+                    if aug.ops:
+                        draw = aug.sample(1, gen, siamese=True)
+                        xr = aug.apply(xr, draw, None if real_stains is None else real_stains.index(ridx))
+                        st = syn_stains[s_i]
+                        xs = aug.apply(xs, draw, None if st is None else st.index(slice(offsets[k], offsets[k + 1])))
+                    loss = loss + class_matching_loss(net, weights, xr, y_real[ridx], xs, y_syn[k], config.distance)
+                opt_img.zero_grad(set_to_none=True)
+                loss.backward()
+                opt_img.step()
+                with torch.no_grad():
+                    x_syn.clamp_(0.0, 1.0)
+                step_losses.append(float(loss.detach()) / len(stage))
+                if u == config.inner_steps - 1:
+                    break
+                for _ in range(config.net_steps):
+                    bidx = torch.from_numpy(_sample(stage_real, config.batch_net, rng)).to(device)
+                    xb = x_real[bidx]
+                    if aug.ops:
+                        xb = aug(xb, gen, stains=None if real_stains is None else real_stains.index(bidx))
+                    nl = F.cross_entropy(net(xb), y_real[bidx])
+                    net_opt.zero_grad(set_to_none=True)
+                    nl.backward()
+                    net_opt.step()
+            loss_curve.append({"step": done, "stage": s_i, "mean": float(np.mean(step_losses)),
+                               "first": step_losses[0], "last": step_losses[-1]})
+            done += 1
+            ran += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_curve[-1]['mean']:.4g}")
+            stop_now = stop_after_steps is not None and ran >= stop_after_steps and done < total_steps
+            if ckpt is not None and ((config.checkpoint_every and done % config.checkpoint_every == 0) or stop_now):
+                tensors = {f"syn_{i}": t for i, t in enumerate(syn)}
+                tensors["torch_rng"] = gen.get_state()
+                buf = opt_img.state.get(x_syn, {}).get("momentum_buffer")
+                if buf is not None and done < stage_end:
+                    tensors["momentum"] = buf
+                ckpt.parent.mkdir(parents=True, exist_ok=True)
+                _save_checkpoint(ckpt, tensors, {"run_key": run_key, "step": done, "loss_curve": loss_curve,
+                                                 "numpy_rng": rng.bit_generator.state,
+                                                 "stage_sizes": [int(t.shape[0]) for t in syn]})
+        if stop_after_steps is not None and ran >= stop_after_steps and done < total_steps:
+            break
+        stage_start = stage_end
+    bar.close()
+    t_loop = time.perf_counter() - t_loop
+    complete = done >= total_steps
+
+    # ---------------------------------------------------------------- output
+    out_imgs = torch.cat([s.detach().cpu() for s in syn]).clamp(0, 1)
+    out_u8 = (out_imgs * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    init_u8 = (torch.cat(initial) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    labels = np.concatenate([[g.label] * config.ipc for stage in stages for g in stage]).astype(np.int64)
+    slide_idx = np.concatenate([[g.slide] * config.ipc for stage in stages for g in stage]).astype(np.int32)
+    meta = {
+        "method": "histo-dd",
+        "complete": complete,
+        "steps_done": done,
+        "steps_total": total_steps,
+        "config": config.to_dict(),
+        "config_sha256": config_hash(config),
+        "result_config_sha256": cfg_hash,
+        "source_data_sha256": src_hash,
+        "source_num_images": len(real),
+        "source_class_counts": real.class_counts(),
+        "device": str(device),
+        "pool": {"key": pool.key, "reused": pool.reused, "train_seconds": round(pool.seconds, 3)},
+        "stain_template": None if stain_ctx is None else stain_ctx.to_dict(),
+        "init_source_indices": [int(i) for stage in stages for g in stage for i in g.init_idx],
+        "timings": {"stains_s": round(t_stains, 3), "pool_s": round(pool.seconds, 3),
+                    "matching_s": round(t_loop, 3), "total_s": round(time.perf_counter() - t_start, 3),
+                    "outer_steps_this_call": ran},
+        "loss_curve": loss_curve,
+    }
+    ps = PatchSet(
+        images=out_u8, labels=labels, class_names=list(real.class_names),
+        slide_index=slide_idx if config.per_slide else np.full(len(labels), -1, np.int32),
+        slide_ids=list(real.slide_ids) if config.per_slide else [],
+        slide_labels=dict(real.slide_labels) if config.per_slide else {},
+        kind="synthetic", meta=meta,
+    )
+    return DistillResult(ps, init_u8)

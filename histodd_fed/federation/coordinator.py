@@ -1,0 +1,343 @@
+"""The coordinator's study logic (plain Python): discover, check, relay, collect.
+
+It talks to centres through a :class:`Transport` (Flower's Grid in the ServerApp, or the
+in-process :class:`LocalTransport`). It holds only public identities (a trust store): it checks
+each centre's identity against it, verifies every bundle's signature and addressing
+(``histodd_fed.bundle.verify``), and relays bundles still encrypted to their target. It never
+holds a decryption key.
+
+Three message rounds in all: identity (every node), distil (every source, in parallel),
+train (every target, in parallel). Verified bundles are cached under the study directory keyed
+by their request's config hash, so a restarted coordinator does not ask again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from histodd_fed.atomic import atomic_write_bytes, atomic_write_json
+from histodd_fed.errors import ConfigError, HistoddError
+from histodd_fed.federation.envelope import ACTION_DISTIL, ACTION_IDENTITY, ACTION_TRAIN, Envelope
+from histodd_fed.federation.faults import Fault
+from histodd_fed.runconfig import config_hash
+
+log = logging.getLogger(__name__)
+
+
+class Transport(Protocol):
+    """How the coordinator reaches centres."""
+
+    def node_ids(self) -> list[int]: ...
+
+    def exchange(self, requests: list[tuple[int, str, Envelope]], timeout: float) -> dict[int, Envelope | str]:
+        """Send ``(node_id, action, request)``; return replies (or an error string) by node id.
+
+        Nodes missing from the result did not answer within ``timeout`` seconds.
+        """
+        ...
+
+
+@dataclass
+class StudyConfig:
+    """One transfer study (paper Table 5 analogue)."""
+
+    source: str = "C1"
+    target: str = "C2"
+    ipcs: list[int] = field(default_factory=lambda: [10])
+    full: bool = True
+    both_directions: bool = False
+    fine_tune_epochs: int = 5
+    seed: int = 0
+    preset: str = "cpu"
+    reply_timeout: float = 900.0
+    identity_timeout: float = 900.0
+    discovery_timeout: float = 120.0   # wait this long for the expected centres to connect
+    study_dir: Path = Path("results/transfer/latest")
+    trust: Path | None = None          # coordinator trust store (public identities only)
+    runtime: str = "simulation"
+
+    def __post_init__(self) -> None:
+        self.study_dir = Path(self.study_dir)
+        self.trust = Path(self.trust) if self.trust else None
+        self.ipcs = [int(i) for i in self.ipcs]
+        if any(i <= 0 for i in self.ipcs):
+            raise ConfigError(f"ipc values must be positive, got {self.ipcs}")
+        if self.source == self.target:
+            raise ConfigError("source and target must differ")
+
+    def directions(self) -> list[tuple[str, str]]:
+        d = [(self.source, self.target)]
+        if self.both_directions:
+            d.append((self.target, self.source))
+        return d
+
+    def cache_key(self, src: str, tgt: str) -> dict[str, Any]:
+        return {"source": src, "target": tgt, "ipcs": self.ipcs, "full": self.full, "seed": self.seed,
+                "preset": self.preset}
+
+
+@dataclass
+class StudyOutcome:
+    """Rows (one per target x transfer kind), faults, bytes and timings."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
+    centres: dict[str, dict[str, Any]] = field(default_factory=dict)
+    messages: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _check_identity(centre: str, ident: Any, trust) -> str | None:
+    """None when ``ident`` matches the pinned identity of ``centre``; else why not."""
+    from histodd_fed.bundle.identity import PublicIdentity
+
+    try:
+        pub = PublicIdentity.from_dict(ident, where=f"identity of {centre}")
+    except HistoddError as exc:
+        return str(exc)
+    if pub.centre_id != centre:
+        return f"identity names {pub.centre_id!r}"
+    pinned = trust.centres.get(centre) if trust is not None else None
+    if pinned is None:
+        return f"centre {centre!r} is not in the coordinator's trust store"
+    if (pinned.sign_key_id, pinned.kem_key_id) != (pub.sign_key_id, pub.kem_key_id):
+        return f"key {pub.sign_key_id} is not the pinned key {pinned.sign_key_id}"
+    return None
+
+
+def _verify_bundle(data: bytes, src: str, tgt: str, trust) -> str | None:
+    """None when ``data`` is a validly signed bundle from ``src`` addressed to ``tgt``."""
+    from histodd_fed.bundle import verify
+
+    try:
+        header = verify(data, trust)
+    except HistoddError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    sender = _get(header, "sender")
+    recipients = _get(header, "recipients") or []
+    if sender is not None and sender != src:
+        return f"bundle signed by {sender!r}, expected {src!r}"
+    ids = {r if isinstance(r, str) else (_get(r, "centre_id") or "") for r in recipients}
+    if recipients and tgt not in ids:
+        return f"bundle not addressed to {tgt!r} (recipients {sorted(ids)})"
+    return None
+
+
+def _get(obj: Any, key: str) -> Any:
+    if isinstance(obj, dict):
+        return obj.get(key)
+    return getattr(obj, key, None)
+
+
+def run_transfer_study(transport: Transport, cfg: StudyConfig,
+                       on_event: Callable[[str], None] | None = None) -> StudyOutcome:
+    """Run the study over ``transport``; never raises for a misbehaving centre (faults instead)."""
+    from histodd_fed.bundle.trust import TrustStore
+
+    say = on_event or (lambda m: log.info("%s", m))
+    t0 = time.perf_counter()
+    out = StudyOutcome()
+    trust = TrustStore.load(cfg.trust) if cfg.trust else None
+    if trust is None or not trust.centres:
+        raise ConfigError(f"coordinator trust store {cfg.trust} holds no centre identities")
+    cache_dir = cfg.study_dir / "cache"
+
+    # 1. discover ---------------------------------------------------------------
+    expected = len({c for d in cfg.directions() for c in d})
+    deadline = time.monotonic() + cfg.discovery_timeout
+    nodes = list(transport.node_ids())
+    while len(nodes) < expected and time.monotonic() < deadline:
+        time.sleep(1.0)
+        nodes = list(transport.node_ids())
+    say(f"{len(nodes)} node(s) connected; asking for identities")
+    replies = transport.exchange([(n, ACTION_IDENTITY, Envelope(body={"prepare": True}))
+                                  for n in nodes], cfg.identity_timeout)
+    out.messages["identity"] = len(nodes)
+    node_of: dict[str, int] = {}
+    for n in nodes:
+        rep = replies.get(n)
+        if rep is None:
+            out.faults.append(Fault(f"node {n}", "identity", "timeout", f"no reply within {cfg.identity_timeout:g}s"))
+            continue
+        if isinstance(rep, str) or not rep.body.get("ok", False):
+            err = rep if isinstance(rep, str) else rep.body.get("error")
+            cid = "?" if isinstance(rep, str) else rep.body.get("centre_id", "?")
+            out.faults.append(Fault(f"{cid} (node {n})", "identity", "error", str(err)))
+            continue
+        cid = str(rep.body.get("centre_id"))
+        why = _check_identity(cid, rep.body.get("identity"), trust)
+        if why:
+            out.faults.append(Fault(cid, "identity", "untrusted", why))
+            continue
+        node_of[cid] = n
+        out.centres[cid] = {k: rep.body.get(k) for k in ("class_counts", "n_train", "n_test", "preset",
+                                                         "baseline", "seconds")}
+        say(f"{cid}: trusted identity, {rep.body.get('n_train')} train / {rep.body.get('n_test')} test patches")
+
+    # 2. bundles from sources (cached) ------------------------------------------------
+    bundles: dict[tuple[str, str], list[tuple[dict[str, Any], bytes]]] = {}
+    ask: list[tuple[int, str, Envelope]] = []
+    ask_dir: dict[int, tuple[str, str]] = {}
+    for src, tgt in cfg.directions():
+        for who in (src, tgt):
+            if who not in node_of and not any(f.centre == who for f in out.faults):
+                out.faults.append(Fault(who, "identity", "missing", "centre not connected"))
+        if src not in node_of or tgt not in node_of:
+            continue
+        key = cfg.cache_key(src, tgt)
+        cached = _load_cached_bundles(cache_dir, key)
+        if cached is not None:
+            say(f"{src}->{tgt}: reusing {len(cached)} cached verified bundle(s)")
+            bundles[(src, tgt)] = cached
+            continue
+        body = {"recipients": [tgt], "ipcs": cfg.ipcs, "full": cfg.full, "seed": cfg.seed}
+        ask.append((node_of[src], ACTION_DISTIL, Envelope(body=body)))
+        ask_dir[node_of[src]] = (src, tgt)
+    # one distil message per source node (both directions run in parallel)
+    if ask:
+        say(f"asking {len(ask)} source(s) to distil and seal: ipc {cfg.ipcs}{' + full' if cfg.full else ''}")
+        replies = _exchange_grouped(transport, ask, cfg.reply_timeout)
+        out.messages["distil"] = len(ask)
+        for n, (src, tgt) in ask_dir.items():
+            rep = replies.get(n)
+            if rep is None:
+                out.faults.append(Fault(src, "distil", "timeout", f"no reply within {cfg.reply_timeout:g}s"))
+                continue
+            if isinstance(rep, str) or not rep.body.get("ok", False):
+                out.faults.append(Fault(src, "distil", "error", rep if isinstance(rep, str) else str(rep.body.get("error"))))
+                continue
+            good = []
+            for item in rep.body.get("bundles", []):
+                data = rep.blobs.get(item.get("name", ""))
+                if data is None:
+                    out.faults.append(Fault(src, "distil", "bad_bundle", f"{item.get('name')}: announced, not sent"))
+                    continue
+                why = _verify_bundle(data, src, tgt, trust)
+                if why:
+                    out.faults.append(Fault(src, "distil", "bad_bundle", f"{item.get('name')}: {why}"))
+                    continue
+                item = dict(item, source=src, target=tgt, sha256=hashlib.sha256(data).hexdigest())
+                good.append((item, data))
+            bundles[(src, tgt)] = good
+            say(f"{src}->{tgt}: {len(good)} bundle(s) verified")
+            if len(good) == len(rep.body.get("bundles", [])) and good:
+                _store_cached_bundles(cache_dir, cfg.cache_key(src, tgt), good)
+
+    # 3. relay to targets, collect metrics -----------------------------------------------
+    ask = []
+    ask_tgt: dict[int, list[tuple[str, str]]] = {}
+    for (src, tgt), items in bundles.items():
+        n = node_of[tgt]
+        ask_tgt.setdefault(n, []).append((src, tgt))
+    for n, pairs in ask_tgt.items():
+        blobs: dict[str, bytes] = {}
+        listed = []
+        for src, tgt in pairs:
+            for item, data in bundles[(src, tgt)]:
+                name = f"{src}-{item['name']}"
+                blobs[name] = data
+                listed.append({"name": name, "source": src, "ipc": item.get("ipc"), "mode": item.get("mode")})
+        ask.append((n, ACTION_TRAIN, Envelope(body={"bundles": listed, "epochs": cfg.fine_tune_epochs,
+                                                    "baseline": True}, blobs=blobs)))
+    if ask:
+        say(f"relaying bundles to {len(ask)} target(s) for fine-tuning ({cfg.fine_tune_epochs} epochs)")
+        replies = transport.exchange(ask, cfg.reply_timeout)
+        out.messages["train"] = len(ask)
+        tgt_of = {n: pairs[0][1] for n, pairs in ask_tgt.items()}
+        for n, tgt in tgt_of.items():
+            rep = replies.get(n)
+            if rep is None:
+                out.faults.append(Fault(tgt, "train", "timeout", f"no reply within {cfg.reply_timeout:g}s"))
+                continue
+            if isinstance(rep, str) or not rep.body.get("ok", False):
+                out.faults.append(Fault(tgt, "train", "error", rep if isinstance(rep, str) else str(rep.body.get("error"))))
+                continue
+            for row in rep.body.get("rows", []):
+                row = dict(row, target=tgt)
+                if not row.get("ok", True):
+                    out.faults.append(Fault(tgt, "train", "bad_bundle", f"{row.get('name')}: {row.get('error')}"))
+                    continue
+                out.rows.append(row)
+    out.seconds = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def _exchange_grouped(transport: Transport, ask: list[tuple[int, str, Envelope]], timeout: float):
+    """Exchange, sending at most one message per node per round (a node serves one at a time)."""
+    replies: dict[int, Envelope | str] = {}
+    pending = list(ask)
+    while pending:
+        seen: set[int] = set()
+        batch, rest = [], []
+        for item in pending:
+            (rest if item[0] in seen else batch).append(item)
+            seen.add(item[0])
+        replies.update(transport.exchange(batch, timeout))
+        pending = rest
+    return replies
+
+
+def _cache_path(cache_dir: Path, key: dict[str, Any]) -> Path:
+    return cache_dir / f"bundles-{key['source']}-{key['target']}-{config_hash(key)[:16]}"
+
+
+def _load_cached_bundles(cache_dir: Path, key: dict[str, Any]):
+    d = _cache_path(cache_dir, key)
+    index = d / "index.json"
+    if not index.exists():
+        return None
+    try:
+        items = json.loads(index.read_text())["bundles"]
+        out = []
+        for item in items:
+            data = (d / f"{item['name']}.bundle").read_bytes()
+            if hashlib.sha256(data).hexdigest() != item["sha256"]:
+                return None
+            out.append((item, data))
+        return out
+    except (OSError, KeyError, json.JSONDecodeError):
+        return None
+
+
+def _store_cached_bundles(cache_dir: Path, key: dict[str, Any], items: list[tuple[dict[str, Any], bytes]]) -> None:
+    d = _cache_path(cache_dir, key)
+    for item, data in items:
+        atomic_write_bytes(d / f"{item['name']}.bundle", data)
+    atomic_write_json(d / "index.json", {"key": key, "bundles": [i for i, _ in items]})
+
+
+class LocalTransport:
+    """In-process transport: each node is a :class:`CentreNode` answered on its own thread.
+
+    Used to debug the study logic without Flower; a node that exceeds the timeout is simply
+    missing from the replies, as with Flower.
+    """
+
+    def __init__(self, nodes: dict[int, Any]):
+        self.nodes = nodes
+
+    def node_ids(self) -> list[int]:
+        return sorted(self.nodes)
+
+    def exchange(self, requests, timeout):
+        results: dict[int, Envelope | str] = {}
+        threads = []
+
+        def work(n: int, action: str, env: Envelope) -> None:
+            results[n] = self.nodes[n].handle(action, env)
+
+        for n, action, env in requests:
+            th = threading.Thread(target=work, args=(n, action, env), daemon=True)
+            th.start()
+            threads.append(th)
+        deadline = time.monotonic() + timeout
+        for th in threads:
+            th.join(max(0.0, deadline - time.monotonic()))
+        return {n: results[n] for n, _, _ in requests if n in results}

@@ -1,0 +1,45 @@
+"""Enrolment of a small federation on one machine: keys, mutual trust, coordinator trust.
+
+For each centre: an identity in ``<root>/<centre>/keys`` (kept if present), every other centre's
+public identity added to its trust store, and every public identity added to the coordinator's
+trust store ``<root>/coordinator/trust.json`` (public keys only). Returns the centres' configs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from histodd_fed.federation.centre import CentreConfig
+
+
+def enrol(root: str | Path, data: dict[str, Path], *, preset: str = "cpu", seed: int = 0,
+          faults: dict[str, str] | None = None) -> tuple[list[CentreConfig], Path]:
+    """Identities + mutual trust for ``data`` (centre id -> data path); returns (configs, coordinator trust)."""
+    from histodd_fed.bundle.identity import IDENTITY_FILE, generate_identity, load_identity
+    from histodd_fed.bundle.trust import TrustStore
+
+    root = Path(root).resolve()
+    configs = []
+    pubs = {}
+    for cid, path in data.items():
+        key_dir = root / cid / "keys"
+        if not (key_dir / IDENTITY_FILE).exists():
+            generate_identity(cid, key_dir)
+        pubs[cid] = load_identity(key_dir).public
+        configs.append(CentreConfig(centre_id=cid, data=Path(path).resolve(), key_dir=key_dir,
+                                    work_dir=root / cid / "work", preset=preset, seed=seed,
+                                    fault=(faults or {}).get(cid, "")))
+    for cfg in configs:
+        store = TrustStore.load(cfg.key_dir)
+        changed = False
+        for cid, pub in pubs.items():
+            if cid != cfg.centre_id:
+                changed |= store.add(pub)
+        if changed:
+            store.save()
+    coord = root / "coordinator"
+    coord.mkdir(parents=True, exist_ok=True)
+    store = TrustStore.load(coord / "trust.json")
+    if any([store.add(pub) for pub in pubs.values()]):
+        store.save()
+    return configs, coord / "trust.json"

@@ -1,0 +1,304 @@
+"""A centre's local work: prepare its data and models, distil, seal, open, fine-tune, evaluate.
+
+Everything is cached under the centre's work directory, keyed by config hashes, so a restarted
+node (or coordinator) never redoes finished work:
+
+- ``prepared/<hash>/``   train/test patch sets (at the model input size), the pre-trained
+  classifier and CLAM checkpoints, ``prepared.json``
+- ``synthetic/<hash>/``  distilled patch sets (one per distillation config)
+- ``received/<sha256>.json``  metrics of a bundle already fine-tuned on (replays are answered
+  from here: the bundle ledger would refuse to open it twice)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histodd_fed.atomic import atomic_write_json
+from histodd_fed.errors import ConfigError, InputError
+from histodd_fed.federation.centre import CentreConfig
+from histodd_fed.federation.presets import CentrePreset
+from histodd_fed.patchset import PatchSet
+from histodd_fed.runconfig import config_hash, write_run_config
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------------------- identity
+def load_or_create_identity(cfg: CentreConfig):
+    """The centre's identity from its key dir (created on first use)."""
+    from histodd_fed.bundle.identity import IDENTITY_FILE, generate_identity, load_identity
+
+    if not (cfg.key_dir / IDENTITY_FILE).exists():
+        log.info("%s: no identity in %s, generating one", cfg.centre_id, cfg.key_dir)
+        generate_identity(cfg.centre_id, cfg.key_dir)
+    ident = load_identity(cfg.key_dir)
+    if ident.centre_id != cfg.centre_id:
+        raise ConfigError(f"{cfg.key_dir}: holds the identity of {ident.centre_id!r}, not {cfg.centre_id!r}")
+    return ident
+
+
+# ---------------------------------------------------------------------------- data
+def resize_patchset(ps: PatchSet, size: int) -> PatchSet:
+    """``ps`` with images resized (area/antialiased bilinear) to ``size`` x ``size``."""
+    if ps.image_size == size and ps.images.shape[2] == size:
+        return ps
+    import torch
+    from torch.nn import functional as F
+
+    out = np.empty((len(ps), size, size, 3), dtype=np.uint8)
+    for s in range(0, len(ps), 256):
+        x = torch.from_numpy(np.ascontiguousarray(ps.images[s:s + 256])).permute(0, 3, 1, 2).float()
+        y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[s:s + 256] = y.round().clamp_(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    res = ps.subset(np.arange(len(ps)))
+    res.images = out
+    return res
+
+
+def _split(ps: PatchSet, seed: int) -> tuple[PatchSet, PatchSet]:
+    """(train, test): the slide splits in ``meta`` when present, else 80/20 by slide or patch."""
+    if ps.meta.get("slide_splits"):
+        from histodd_fed.slides.manifest import select_split
+
+        return select_split(ps, "train"), select_split(ps, "test")
+    rng = np.random.default_rng(seed)
+    if ps.slide_ids:
+        ids = np.array(ps.slide_ids)
+        rng.shuffle(ids)
+        n_test = max(1, len(ids) // 5)
+        test_ids = {ps.slide_ids.index(s) for s in ids[:n_test]}
+        is_test = np.isin(ps.slide_index, list(test_ids))
+    else:
+        is_test = np.zeros(len(ps), dtype=bool)
+        is_test[rng.permutation(len(ps))[: max(1, len(ps) // 5)]] = True
+    return ps.subset(np.flatnonzero(~is_test)), ps.subset(np.flatnonzero(is_test))
+
+
+def load_real_patches(cfg: CentreConfig, preset: CentrePreset) -> PatchSet:
+    """The centre's real patches: a patch-set/image-folder directory, or slides tiled (cached)."""
+    data = cfg.data
+    if not data.exists():
+        raise InputError(f"{data}: centre data not found")
+    if data.is_dir() and ((data / "patchset.json").exists() or _is_image_folder(data)):
+        return PatchSet.load(data)
+    from histodd_fed.slides.tiling import tile_slides
+
+    tiles = cfg.work_dir / "tiles" / config_hash({"data": str(data), "patch": preset.patch_size,
+                                                  "mpp": preset.mpp, "tissue": preset.tissue_threshold,
+                                                  "seed": cfg.seed})[:16]
+    if not (tiles / "patchset.json").exists():
+        log.info("%s: tiling %s", cfg.centre_id, data)
+        tile_slides(data, tiles, labels_csv=cfg.labels_csv, patch_size=preset.patch_size, mpp=preset.mpp,
+                    tissue_threshold=preset.tissue_threshold, workers=1, seed=cfg.seed)
+    return PatchSet.load(tiles)
+
+
+def _is_image_folder(d: Path) -> bool:
+    return any(p.is_dir() and any(p.glob("*.jpg")) or any(p.glob("*.png")) for p in d.iterdir() if p.is_dir())
+
+
+# ---------------------------------------------------------------------------- prepare
+@dataclass
+class Prepared:
+    """A centre's prepared state: splits and pre-trained models (all on disk)."""
+
+    root: Path
+    train: PatchSet
+    test: PatchSet
+    classifier_dir: Path
+    mil_path: Path | None
+    config_hash: str
+    info: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        return {"class_counts": self.train.class_counts(), "test_class_counts": self.test.class_counts(),
+                "class_names": list(self.train.class_names), "n_train": len(self.train),
+                "n_test": len(self.test), "prepared_hash": self.config_hash[:16],
+                "baseline": self.info.get("baseline", {})}
+
+
+def _prepare_key(cfg: CentreConfig, preset: CentrePreset) -> dict[str, Any]:
+    return {"centre": cfg.centre_id, "data": str(cfg.data.resolve()), "seed": cfg.seed,
+            "preset": preset.to_dict(), "version": 1}
+
+
+def prepare(cfg: CentreConfig, preset: CentrePreset) -> Prepared:
+    """Split the centre's data, train its ResNet18 and CLAM on its own train split (cached)."""
+    key = _prepare_key(cfg, preset)
+    h = config_hash(key)
+    root = cfg.work_dir / "prepared" / h[:16]
+    done = root / "prepared.json"
+    if done.exists():
+        info = json.loads(done.read_text())
+        mil = root / "mil.safetensors"
+        return Prepared(root, PatchSet.load(root / "train"), PatchSet.load(root / "test"), root / "classifier",
+                        mil if mil.exists() else None, h, info)
+    import torch
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    t0 = time.perf_counter()
+    real = load_real_patches(cfg, preset)
+    train, test = _split(real, cfg.seed)
+    if preset.max_train_patches and len(train) > preset.max_train_patches:
+        idx = np.sort(np.random.default_rng(cfg.seed).choice(len(train), preset.max_train_patches, replace=False))
+        train = train.subset(idx)
+    train = resize_patchset(train, preset.image_size)
+    test = resize_patchset(test, preset.image_size)
+    if len(train) == 0 or len(test) == 0:
+        raise InputError(f"{cfg.data}: too little data (train {len(train)}, test {len(test)} patches)")
+    root.mkdir(parents=True, exist_ok=True)
+    train.save(root / "train")
+    test.save(root / "test")
+    model = _train_classifier(train, preset, cfg.seed)
+    from histodd_fed.training import evaluate_classifier, save_model
+
+    save_model(model, root / "classifier", arch=preset.classifier, num_classes=train.num_classes,
+               image_size=preset.image_size, class_names=train.class_names)
+    baseline = {"patch_accuracy": evaluate_classifier(model, test, device="cpu").accuracy}
+    mil_path = None
+    if _has_slides(train) and _has_slides(test):
+        from histodd_fed.federation import slide_level
+
+        mil, slide_acc = slide_level.train_and_evaluate(model, train, test, preset, cfg.seed, init=None)
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in mil.state_dict().items()}, str(root / "mil.safetensors"))
+        mil_path = root / "mil.safetensors"
+        baseline["slide_accuracy"] = slide_acc
+    info = {"key": key, "seconds": round(time.perf_counter() - t0, 2), "baseline": baseline}
+    write_run_config(root, "federation.prepare", key)
+    atomic_write_json(done, info)
+    return Prepared(root, train, test, root / "classifier", mil_path, h, info)
+
+
+def _has_slides(ps: PatchSet) -> bool:
+    return bool(ps.slide_labels) and bool((ps.slide_index >= 0).any())
+
+
+def _train_classifier(train: PatchSet, preset: CentrePreset, seed: int):
+    from histodd_fed.training import build_seeded_model, train_classifier
+
+    model = build_seeded_model(preset.classifier, seed=seed, num_classes=train.num_classes,
+                               image_size=preset.image_size)
+    return train_classifier(model, train, epochs=preset.pretrain_epochs, lr=preset.lr * 10,
+                            batch_size=preset.batch_size, seed=seed, device="cpu",
+                            progress=False, desc="pre-train").model
+
+
+# ---------------------------------------------------------------------------- distil
+@dataclass
+class DistilResult:
+    patchset: PatchSet
+    config_hash: str
+    cached: bool
+    seconds: float
+
+
+def _distill_config_path(preset: CentrePreset) -> Path:
+    p = Path(preset.distill_config)
+    for cand in (p, REPO_ROOT / p):
+        if cand.exists():
+            return cand
+    raise ConfigError(f"distillation config {preset.distill_config} not found")
+
+
+def distil_cached(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *, ipc: int, seed: int) -> DistilResult:
+    """Histo-DD synthetic set of ``ipc`` images per class from the train split (cached by hash)."""
+    from histodd_fed.distill import distill
+    from histodd_fed.distill.config import DistillConfig
+
+    overrides = dict(preset.distill_overrides)
+    overrides.update(ipc=int(ipc), seed=int(seed))
+    dcfg = DistillConfig.from_yaml(_distill_config_path(preset), **overrides)
+    h = config_hash({"distill": dcfg, "real": prepared.config_hash})
+    out = cfg.work_dir / "synthetic" / h[:16]
+    if (out / "patchset.json").exists():
+        return DistilResult(PatchSet.load(out), h, True, 0.0)
+    t0 = time.perf_counter()
+    syn = distill(prepared.train, dcfg, work_dir=cfg.work_dir / "distill-work" / h[:16], progress=False)
+    syn.save(out)
+    write_run_config(out, "federation.distil", {"distill": dcfg, "real": prepared.config_hash})
+    return DistilResult(syn, h, False, round(time.perf_counter() - t0, 2))
+
+
+# ---------------------------------------------------------------------------- bundles
+def seal_for(cfg: CentreConfig, ps: PatchSet, recipients: list[str], label: str) -> bytes:
+    """Seal ``ps`` from this centre to ``recipients`` (all must be in its trust store)."""
+    from histodd_fed.bundle import seal
+    from histodd_fed.bundle.trust import TrustStore
+
+    ident = load_or_create_identity(cfg)
+    trust = TrustStore.load(cfg.key_dir)
+    return seal(ps, ident, trust.recipients(recipients))
+
+
+def open_received(cfg: CentreConfig, data: bytes) -> PatchSet:
+    """Verify and open a bundle addressed to this centre (replay-checked by its ledger)."""
+    from histodd_fed.bundle import open_bundle
+    from histodd_fed.bundle.ledger import Ledger
+    from histodd_fed.bundle.trust import TrustStore
+
+    ident = load_or_create_identity(cfg)
+    opened = open_bundle(data, ident, TrustStore.load(cfg.key_dir), Ledger.in_key_dir(cfg.key_dir))
+    return opened.patchset
+
+
+# ---------------------------------------------------------------------------- fine-tune
+def evaluate_baseline(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared) -> dict[str, Any]:
+    """The "no transfer" row: the centre's own models before fine-tuning."""
+    b = prepared.info.get("baseline", {})
+    return {"name": "none", "mode": "none", "ipc": None, "source": None, "ok": True,
+            "patch_accuracy": b.get("patch_accuracy"), "slide_accuracy": b.get("slide_accuracy"),
+            "fine_tune_seconds": 0.0, "epochs": 0, "images": 0, "bytes": 0}
+
+
+def fine_tune_on_bundle(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, data: bytes,
+                        *, epochs: int) -> dict[str, Any]:
+    """Open ``data``, fine-tune copies of the pre-trained models on it, evaluate on the test split."""
+    sha = hashlib.sha256(data).hexdigest()
+    cache = cfg.work_dir / "received" / f"{sha[:32]}-{prepared.config_hash[:8]}-e{epochs}.json"
+    if cache.exists():
+        out = json.loads(cache.read_text())
+        out["cached"] = True
+        return out
+    import torch
+
+    from histodd_fed.training import evaluate_classifier, fine_tune, load_model
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    received = open_received(cfg, data)
+    if list(received.class_names) != list(prepared.train.class_names):
+        raise InputError(f"received classes {received.class_names} differ from ours {prepared.train.class_names}")
+    received = resize_patchset(received, preset.image_size)
+    model = load_model(prepared.classifier_dir)
+    t0 = time.perf_counter()
+    fine_tune(model, received, epochs=epochs, lr=preset.fine_tune_lr * 10, batch_size=preset.batch_size,
+              seed=cfg.seed, device="cpu", progress=False)
+    patch_seconds = time.perf_counter() - t0
+    out: dict[str, Any] = {"patch_accuracy": evaluate_classifier(model, prepared.test, device="cpu").accuracy,
+                           "images": len(received), "epochs": epochs, "kind": received.kind}
+    if prepared.mil_path is not None:
+        from safetensors.torch import load_file
+
+        from histodd_fed.federation import slide_level
+
+        init = load_file(str(prepared.mil_path))
+        _, slide_acc = slide_level.train_and_evaluate(model, prepared.train, prepared.test, preset, cfg.seed,
+                                                      init=init, epochs=epochs)
+        out["slide_accuracy"] = slide_acc
+    out["fine_tune_seconds"] = round(time.perf_counter() - t0, 2)
+    out["patch_fine_tune_seconds"] = round(patch_seconds, 2)
+    atomic_write_json(cache, out)
+    out["cached"] = False
+    return out
+

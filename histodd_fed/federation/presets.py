@@ -1,0 +1,73 @@
+"""Presets: how much work a centre does (image size, epochs, distillation config).
+
+``tiny`` is for tests (seconds), ``cpu`` for the demo on a small CPU machine (minutes),
+``paper`` approaches Histo-DD's settings (GPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from histodd_fed.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CentrePreset:
+    """One centre's workload settings."""
+
+    name: str
+    image_size: int = 32            # model input size (patches are resized to it)
+    patch_size: int = 256           # tiling: patch side in pixels at ``mpp``
+    mpp: float = 2.0
+    tissue_threshold: float = 0.5
+    classifier: str = "resnet18"
+    pretrain_epochs: int = 3
+    fine_tune_epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-3
+    fine_tune_lr: float = 5e-4
+    mil_model: str = "clam"
+    mil_epochs: int = 10
+    distill_config: str = "configs/distill-cpu.yaml"
+    distill_overrides: tuple[tuple[str, Any], ...] = ()
+    max_train_patches: int = 0       # 0 = all; caps pre-training cost on small machines
+    demo_slides: int = 10
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["distill_overrides"] = dict(self.distill_overrides)
+        return d
+
+
+PRESETS: dict[str, CentrePreset] = {
+    "tiny": CentrePreset(
+        name="tiny", image_size=16, patch_size=64, mpp=8.0, pretrain_epochs=1, fine_tune_epochs=1,
+        batch_size=16, mil_epochs=2, distill_config="configs/distill-cpu.yaml",
+        distill_overrides=(("image_size", 16), ("outer_steps", 2), ("inner_steps", 1), ("pool_size", 1),
+                           ("pool_epochs", 1), ("batch_real", 16), ("model_kwargs", {"width": 16, "depth": 2}),
+                           ("checkpoint_every", 0)),
+        max_train_patches=64, demo_slides=4,
+    ),
+    "cpu": CentrePreset(
+        name="cpu", image_size=32, patch_size=128, mpp=4.0, pretrain_epochs=3, fine_tune_epochs=5,
+        batch_size=32, mil_epochs=10, distill_config="configs/distill-cpu.yaml",
+        max_train_patches=600, demo_slides=8,
+    ),
+    "paper": CentrePreset(
+        name="paper", image_size=64, patch_size=256, mpp=1.0, pretrain_epochs=20, fine_tune_epochs=5,
+        batch_size=64, mil_epochs=50, distill_config="configs/distill-cpu.yaml", demo_slides=20,
+    ),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> CentrePreset:
+    """The preset ``name`` with field overrides; ConfigError for unknown names/fields."""
+    try:
+        p = PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
+    bad = set(overrides) - set(p.to_dict())
+    if bad:
+        raise ConfigError(f"preset {name!r}: unknown field(s) {sorted(bad)}")
+    return replace(p, **overrides) if overrides else p

@@ -1,0 +1,314 @@
+"""The privacy audit of a synthetic (or coreset) patch set: memorisation + membership inference.
+
+:func:`run_audit` compares a synthetic set with the real patches it was made from (and, when
+given, held-out real patches) and returns an :class:`AuditReport`; with ``out_dir`` it also
+writes
+
+- ``audit.json``          full results (per-synthetic rows, ROC curves, config, summary)
+- ``audit.md``            the human-readable report
+- ``closest_pairs.png``   the closest synthetic/real pairs (synthetic | nearest real per metric)
+- ``nn_distribution.png`` real-real nearest-neighbour distributions with the synthetic ones
+- ``roc.png``             membership-inference ROC curves (when the attack ran)
+- ``run_config.json``     the full config of the run
+
+See ``docs/privacy.md`` for what the audit does and does not show (it is not differential privacy).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histodd_fed.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from histodd_fed.errors import ConfigError, InputError
+from histodd_fed.patchset import PatchSet
+from histodd_fed.privacy.classifier import TrainSpec
+from histodd_fed.privacy.membership import MembershipConfig, MembershipResult, membership_audit
+from histodd_fed.privacy.memorisation import MemorisationConfig, MemorisationResult, analyse_memorisation
+from histodd_fed.privacy.risk import GateThresholds, find_risks
+from histodd_fed.runconfig import to_jsonable, write_run_config
+
+log = logging.getLogger(__name__)
+
+AUDIT_FORMAT = "histodd-privacy-audit"
+AUDIT_VERSION = 1
+
+
+@dataclass
+class AuditConfig:
+    """Everything the audit and the export gate need (see ``configs/privacy.yaml``)."""
+
+    seed: int = 0
+    memorisation: MemorisationConfig = field(default_factory=MemorisationConfig)
+    membership: MembershipConfig = field(default_factory=MembershipConfig)
+    gate: GateThresholds = field(default_factory=GateThresholds)
+    closest_pairs: int = 12
+    num_threads: int | None = None
+    real_patches: str | None = None      #: the gate's real patches when the caller gives none
+    holdout_patches: str | None = None   #: the gate's held-out patches (enables the attack)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "privacy config") -> "AuditConfig":
+        """Build from nested dicts (as in the YAML); unknown keys raise :class:`ConfigError`."""
+        def build(kind, d: Any, path: str):
+            if d is None:
+                return kind()
+            if not isinstance(d, dict):
+                raise ConfigError(f"{where}: {path} must be a mapping, got {type(d).__name__}")
+            known = {f.name for f in fields(kind)}
+            unknown = sorted(set(d) - known)
+            if unknown:
+                raise ConfigError(f"{where}: unknown key(s) {unknown} in {path or 'top level'}; known: {sorted(known)}")
+            return d
+
+        top = dict(build(cls, data, "") if data is not None else {})
+        mem = dict(build(MemorisationConfig, top.pop("memorisation", None) or {}, "memorisation"))
+        enc = build(TrainSpec, mem.pop("encoder", None) or {}, "memorisation.encoder")
+        mia = dict(build(MembershipConfig, top.pop("membership", None) or {}, "membership"))
+        tgt = build(TrainSpec, mia.pop("target", None) or {}, "membership.target")
+        if "fprs" in mia:
+            mia["fprs"] = tuple(float(f) for f in mia["fprs"])
+        gate = build(GateThresholds, top.pop("gate", None) or {}, "gate")
+        try:
+            cfg = cls(memorisation=MemorisationConfig(**mem, encoder=TrainSpec(**{**asdict(MemorisationConfig().encoder), **enc})),
+                      membership=MembershipConfig(**mia, target=TrainSpec(**{**asdict(MembershipConfig().target), **tgt})),
+                      gate=GateThresholds(**gate), **top)
+        except TypeError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+        cfg.validate(where)
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "AuditConfig":
+        """Load ``path`` (YAML); top-level keyword ``overrides`` (e.g. ``seed=3``) win."""
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: unreadable privacy config ({exc})") from exc
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data, where=str(path))
+
+    def validate(self, where: str = "privacy config") -> None:
+        m = self.memorisation
+        if m.ssim_window < 3 or m.ssim_sigma <= 0:
+            raise ConfigError(f"{where}: ssim_window must be >= 3 and ssim_sigma > 0")
+        if m.ssim_candidates < 1 or m.reference_size < 2:
+            raise ConfigError(f"{where}: ssim_candidates must be >= 1 and reference_size >= 2")
+        if self.membership.max_per_side < 1 or not all(0 < f < 1 for f in self.membership.fprs):
+            raise ConfigError(f"{where}: membership.max_per_side must be >= 1 and fprs in (0, 1)")
+        g = self.gate
+        if g.l2_block_percentile is not None and not 0 < g.l2_block_percentile < 100:
+            raise ConfigError(f"{where}: gate.l2_block_percentile must be in (0, 100)")
+        for spec, name in ((m.encoder, "memorisation.encoder"), (self.membership.target, "membership.target")):
+            if spec.epochs < 0 or spec.lr <= 0 or spec.batch_size < 1:
+                raise ConfigError(f"{where}: {name} needs epochs >= 0, lr > 0, batch_size >= 1")
+
+
+@dataclass
+class AuditReport:
+    """Results of one audit; ``summary()`` is the small JSON that goes into a bundle manifest."""
+
+    memorisation: MemorisationResult
+    membership: MembershipResult | None
+    config: AuditConfig
+    synthetic_info: dict[str, Any]
+    real_info: dict[str, Any]
+    holdout_info: dict[str, Any] | None
+    risks: list[str]
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.risks)
+
+    def summary(self) -> dict[str, Any]:
+        """Headline numbers only (a few hundred bytes of JSON)."""
+        mem = self.memorisation
+        out: dict[str, Any] = {
+            "format": AUDIT_FORMAT, "version": AUDIT_VERSION, "seed": self.config.seed,
+            "n_synthetic": mem.n_synthetic, "n_real": mem.n_real,
+            "flagged": self.flagged, "risks": list(self.risks),
+            "thresholds": asdict(self.config.gate),
+        }
+        for name, r in mem.metrics.items():
+            s = r.summary()
+            out[name] = {"closest_pair": [s["closest_synthetic"], s["closest_real"]], "closest": round(s["closest_value"], 6),
+                         "median": round(s["median_value"], 6), "real_real_p1": round(s["reference_p1"], 6),
+                         "fraction_below_p1": s["fraction_below_p1"], "fraction_below_p5": s["fraction_below_p5"]}
+        if self.membership is not None:
+            m = self.membership
+            out["membership"] = {"n_per_side": m.n_members, "max_auc": round(m.max_auc, 4),
+                                 **{n: {k: round(v, 4) for k, v in a.summary().items()} for n, a in m.attacks.items()}}
+        else:
+            out["membership"] = None
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything: summary, per-synthetic rows, ROC curves, inputs and config."""
+        d: dict[str, Any] = {"summary": self.summary(), "synthetic": self.synthetic_info, "real": self.real_info,
+                             "holdout": self.holdout_info, "memorisation": self.memorisation.summary(),
+                             "per_synthetic": self.memorisation.per_synthetic(), "config": to_jsonable(self.config),
+                             "files": self.files}
+        if self.membership is not None:
+            d["membership"] = self.membership.summary()
+            d["roc"] = {n: {"fpr": a.fpr.tolist(), "tpr": a.tpr.tolist()} for n, a in self.membership.attacks.items()}
+        return to_jsonable(d)
+
+    def to_markdown(self) -> str:
+        """The human-readable report."""
+        mem, mia, cfg = self.memorisation, self.membership, self.config
+        lines = ["# Privacy audit", ""]
+        lines += [f"- synthetic set: {self.synthetic_info.get('path') or '(in memory)'} - kind `{self.synthetic_info['kind']}`, "
+                  f"{mem.n_synthetic} patches, method `{self.synthetic_info.get('method')}`",
+                  f"- real (member) patches: {self.real_info.get('path') or '(in memory)'} - {mem.n_real} patches",
+                  f"- held-out (non-member) patches: " + (f"{self.holdout_info.get('path') or '(in memory)'} - "
+                                                          f"{self.holdout_info['n']} patches" if self.holdout_info else "none (no attack)"),
+                  f"- seed {cfg.seed}; feature encoder: {mem.encoder}", ""]
+        verdict = "**FLAGGED**" if self.flagged else "**passes**"
+        lines += [f"## Verdict: {verdict}", ""]
+        lines += [f"- {r}" for r in self.risks] or ["- no rule fired"]
+        lines += ["", f"Rules: SSIM >= {cfg.gate.ssim_block}; normalised L2 below the real-real "
+                      f"p{cfg.gate.l2_block_percentile}; attack AUC > {cfg.gate.auc_block}.", ""]
+        lines += ["## Memorisation (nearest real patch of each synthetic patch)", "",
+                  "| metric | closest pair (syn, real) | closest | median syn NN | real-real p1 | real-real p5 | "
+                  "real-real median | syn below p1 | syn below p5 |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, r in mem.metrics.items():
+            s = r.summary()
+            arrow = "higher = closer" if r.higher_is_closer else "lower = closer"
+            lines.append(f"| {name} ({arrow}) | ({s['closest_synthetic']}, {s['closest_real']}) | {s['closest_value']:.4f} | "
+                         f"{s['median_value']:.4f} | {s['reference_p1']:.4f} | {s['reference_p5']:.4f} | "
+                         f"{s['reference_median']:.4f} | {s['fraction_below_p1']:.2f} | {s['fraction_below_p5']:.2f} |")
+        lines += ["", f"Real-real reference: {len(mem.reference_indices)} real patches, each against all {mem.n_real} "
+                      "others. Percentiles below are the share of real-real NN values at least as close (midrank); "
+                      "0 = closer than any two real patches.", ""]
+        cols = list(mem.metrics)
+        head = "| syn | label |" + ("init |" if mem.init_indices is not None else "") + \
+               "".join(f" {c} NN | {c} | {c} pct |" + (f" {c} to init |" if mem.init_indices is not None else "") for c in cols)
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        labels = self.synthetic_info.get("labels", [])
+        for row in mem.per_synthetic():
+            s = row["synthetic"]
+            cells = [str(s), str(labels[s]) if s < len(labels) else ""]
+            if mem.init_indices is not None:
+                cells.append(str(row["init_index"]))
+            for c in cols:
+                cells += [str(row[f"{c}_nn_index"]), f"{row[f'{c}_nn_value']:.4f}", f"{row[f'{c}_percentile']:.1f}"]
+                if mem.init_indices is not None:
+                    cells.append(f"{row[f'{c}_init_value']:.4f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        if "closest_pairs" in self.files:
+            lines += [f"![closest pairs]({self.files['closest_pairs']})", ""]
+        if "nn_distribution" in self.files:
+            lines += [f"![nearest-neighbour distributions]({self.files['nn_distribution']})", ""]
+        lines += ["## Membership inference", ""]
+        if mia is None:
+            lines += ["Not run (no held-out real patches given, or disabled).", ""]
+        else:
+            lines += [f"Target: {mia.target}. {mia.n_members} members vs {mia.n_nonmembers} non-members "
+                      f"(FPR resolution {1 / max(1, mia.n_nonmembers):.4f}). Target accuracy: members "
+                      f"{mia.member_accuracy:.3f}, non-members {mia.nonmember_accuracy:.3f}.", "",
+                      "| attack | ROC AUC | " + " | ".join(f"TPR @ {k} FPR" for k in next(iter(mia.attacks.values())).tpr_at_fpr) + " |",
+                      "|---|---|" + "---|" * len(next(iter(mia.attacks.values())).tpr_at_fpr)]
+            for n, a in mia.attacks.items():
+                lines.append(f"| {n} | {a.auc:.4f} | " + " | ".join(f"{v:.4f}" for v in a.tpr_at_fpr.values()) + " |")
+            lines.append("")
+            if "roc" in self.files:
+                lines += [f"![ROC]({self.files['roc']})", ""]
+        lines += ["This audit is empirical evidence about these patches and these attacks, not a privacy guarantee "
+                  "(it is not differential privacy); see docs/privacy.md.", ""]
+        return "\n".join(lines)
+
+    def write(self, out_dir: str | Path, synthetic: PatchSet, real: PatchSet) -> Path:
+        """Write JSON, Markdown and PNGs into ``out_dir`` (each file atomically)."""
+        from histodd_fed.privacy.figures import closest_pairs_png, nn_distribution_png, roc_png
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "closest_pairs.png", closest_pairs_png(self.memorisation, synthetic, real, self.config.closest_pairs))
+        self.files["closest_pairs"] = "closest_pairs.png"
+        atomic_write_bytes(out / "nn_distribution.png", nn_distribution_png(self.memorisation))
+        self.files["nn_distribution"] = "nn_distribution.png"
+        if self.membership is not None:
+            atomic_write_bytes(out / "roc.png", roc_png(self.membership))
+            self.files["roc"] = "roc.png"
+        self.files.update({"json": "audit.json", "markdown": "audit.md"})
+        atomic_write_json(out / "audit.json", {"format": AUDIT_FORMAT, "version": AUDIT_VERSION, **self.to_dict()})
+        atomic_write_text(out / "audit.md", self.to_markdown())
+        write_run_config(out, "privacy audit", {"audit": self.config, "synthetic": self.synthetic_info.get("path"),
+                                                 "real": self.real_info.get("path"),
+                                                 "holdout": (self.holdout_info or {}).get("path")})
+        return out
+
+
+def _info(ps: PatchSet, path: str | None) -> dict[str, Any]:
+    return {"path": path, "kind": ps.kind, "n": len(ps), "image_size": ps.image_size, "class_counts": ps.class_counts(),
+            "method": ps.meta.get("method"), "labels": ps.labels.tolist() if len(ps) <= 1000 else None}
+
+
+def resize_patchset(ps: PatchSet, size: int) -> PatchSet:
+    """``ps`` with its images resized (antialiased bilinear) to ``size`` px; unchanged if already so."""
+    if ps.image_size == size and ps.images.shape[2] == size:
+        return ps
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(ps.images)).permute(0, 3, 1, 2).float()
+    y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    imgs = y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    out = ps.subset(np.arange(len(ps)))
+    out.images = np.ascontiguousarray(imgs)
+    return out
+
+
+def run_audit(synthetic: PatchSet, real: PatchSet, holdout: PatchSet | None, config: AuditConfig | None = None,
+              out_dir: str | Path | None = None, *, encoder=None, paths: dict[str, str] | None = None) -> AuditReport:
+    """Audit ``synthetic`` against the ``real`` patches it came from (members) and ``holdout`` (non-members).
+
+    ``encoder``: the centre's patch encoder (an ``nn.Module`` with ``features``); without it a
+    ``config.memorisation.encoder`` model is trained briefly on ``real``. ``paths`` (keys
+    ``synthetic``, ``real``, ``holdout``) only label the report. Real and held-out patches are
+    resized to the synthetic patches' size when they differ.
+    """
+    import torch
+
+    cfg = config or AuditConfig()
+    cfg.validate()
+    paths = paths or {}
+    if len(synthetic) == 0:
+        raise InputError(f"{paths.get('synthetic', 'synthetic set')}: no patches to audit")
+    if len(real) < 2:
+        raise InputError(f"{paths.get('real', 'real patches')}: need at least 2 real patches, got {len(real)}")
+    for other, key in ((real, "real"), (holdout, "holdout")):
+        if other is not None and list(other.class_names) != list(synthetic.class_names):
+            raise InputError(f"{paths.get(key, key + ' patches')}: classes {other.class_names} differ from the synthetic "
+                             f"set's {synthetic.class_names}")
+    size = synthetic.image_size
+    if real.image_size != size:
+        log.info("resizing real patches %d -> %d px to match the synthetic set", real.image_size, size)
+    real_r = resize_patchset(real, size)
+    hold_r = None if holdout is None else resize_patchset(holdout, size)
+    prev_threads = torch.get_num_threads()
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+    try:
+        mem = analyse_memorisation(synthetic, real_r, cfg.memorisation, encoder=encoder, seed=cfg.seed)
+        mia = None
+        if cfg.membership.enabled and hold_r is not None and len(hold_r):
+            mia = membership_audit(synthetic, real_r, hold_r, cfg.membership, seed=cfg.seed)
+    finally:
+        torch.set_num_threads(prev_threads)
+    report = AuditReport(mem, mia, cfg, _info(synthetic, paths.get("synthetic")), _info(real, paths.get("real")),
+                         None if holdout is None else _info(holdout, paths.get("holdout")),
+                         find_risks(mem, mia, cfg.gate))
+    if out_dir is not None:
+        report.write(out_dir, synthetic, real_r)
+    return report

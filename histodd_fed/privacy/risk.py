@@ -1,0 +1,61 @@
+"""The export gate's rules: when is a synthetic set too close to its source, or too leaky?
+
+A set is flagged (one finding per rule that fires) when
+
+1. ``ssim_block``: some synthetic patch has SSIM >= this with a real patch (default 0.95: a
+   near pixel copy; SSIM of distinct PCam patches at 32 px is below 0.95 for ~98% of patches);
+2. ``l2_block_percentile``: some synthetic patch's normalised-L2 distance to its nearest real
+   patch is below this percentile of the real-real nearest-neighbour distances (default 1.0:
+   closer than 99% of the centre's own patches are to each other);
+3. ``auc_block``: the best membership-inference attack reaches an ROC AUC above this (default
+   0.6), when the attack ran (it needs held-out real patches).
+
+Any rule can be disabled with ``null``. ``require_audit`` makes the gate block a set it cannot
+audit (no real patches found). Findings are one-line strings naming the closest pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from histodd_fed.privacy.membership import MembershipResult
+from histodd_fed.privacy.memorisation import MemorisationResult
+
+
+@dataclass
+class GateThresholds:
+    """Limits beyond which the export gate blocks (``None`` disables a rule)."""
+
+    ssim_block: float | None = 0.95
+    l2_block_percentile: float | None = 1.0
+    auc_block: float | None = 0.6
+    require_audit: bool = False  #: block exports whose real patches cannot be found
+
+
+def find_risks(mem: MemorisationResult, mia: MembershipResult | None, thresholds: GateThresholds) -> list[str]:
+    """One message per rule that fires; an empty list means the set passes."""
+    out: list[str] = []
+    ssim = mem.metrics.get("ssim")
+    if thresholds.ssim_block is not None and ssim is not None:
+        i = ssim.closest()
+        v = float(ssim.synthetic_nn[i])
+        if v >= thresholds.ssim_block:
+            n = int((ssim.synthetic_nn >= thresholds.ssim_block).sum())
+            out.append(f"synthetic patch {i} is a near copy of real patch {int(ssim.synthetic_nn_index[i])} "
+                       f"(SSIM {v:.3f} >= threshold {thresholds.ssim_block}; {n}/{mem.n_synthetic} patches at or above it)")
+    l2 = mem.metrics.get("l2")
+    if thresholds.l2_block_percentile is not None and l2 is not None:
+        thr = l2.reference_threshold(thresholds.l2_block_percentile)
+        i = l2.closest()
+        v = float(l2.synthetic_nn[i])
+        if v < thr:
+            n = int((l2.synthetic_nn < thr).sum())
+            out.append(f"synthetic patch {i} is closer to real patch {int(l2.synthetic_nn_index[i])} than "
+                       f"{100 - thresholds.l2_block_percentile:g}% of real patches are to each other "
+                       f"(normalised L2 {v:.4f} < real-real p{thresholds.l2_block_percentile:g} {thr:.4f}; "
+                       f"{n}/{mem.n_synthetic} patches below it)")
+    if thresholds.auc_block is not None and mia is not None:
+        name, att = max(mia.attacks.items(), key=lambda kv: kv[1].auc)
+        if att.auc > thresholds.auc_block:
+            out.append(f"membership inference ({name} attack) reaches ROC AUC {att.auc:.3f} > limit {thresholds.auc_block}")
+    return out

@@ -1,0 +1,462 @@
+"""Slides -> one real :class:`~histodd_fed.patchset.PatchSet` ("patch store").
+
+For every slide: open it (:mod:`.reader`), take the level-0 grid of square patches that cover
+``patch_size`` pixels at the target resolution (``mpp`` um/px, or ``magnification``), read them
+from the level with the largest downsample not exceeding the target and resize the remainder,
+keep those whose tissue fraction (Otsu mask on a low-resolution thumbnail, :mod:`.tissue`) is at
+least ``tissue_threshold``, and label them:
+
+- tumour slide with annotations (ASAP XML or GeoJSON named ``<slide_id>.xml|.geojson|.json`` in
+  ``annotations_dir``, else next to the slide, else in ``annotations/`` beside the slide or the
+  manifest): a patch is ``tumour`` if at least ``tumour_fraction`` of its area lies inside tumour
+  polygons (minus exclusions), else ``normal``;
+- tumour slide without annotations: every patch ``tumour`` (the slide label);
+- normal slide: every patch ``normal`` (annotations, if any, are ignored);
+- slide with no label in the manifest: by its annotations if it has some, else ``normal``; the
+  slide stays out of ``slide_labels`` and is listed in ``meta["unlabelled"]``.
+
+A slide that fails (unreadable, corrupt, no MPP) is logged as one line naming the file, listed in
+``meta["skipped"]``, and the batch goes on. Each finished slide is kept as a shard in a hidden work
+folder next to the store (``.<store>.work``), so an interrupted run resumes where it stopped; the
+folder is removed after the store is written (``keep_work=True`` keeps it). The store also holds
+``thumbnails/<slide_id>.png`` (tissue outline in blue, kept patches: green normal, red tumour),
+``tile_report.json`` and ``run_config.json``. ``seed`` drives the only random step: the optional
+per-slide subsample ``max_patches_per_slide``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from histodd_fed.atomic import atomic_directory, atomic_write_bytes, atomic_write_json
+from histodd_fed.errors import ConfigError, InputError
+from histodd_fed.slides.annotations import find_annotation_file, rasterise, read_annotations
+from histodd_fed.slides.manifest import CLASS_NAMES, SlideRecord, read_manifest
+from histodd_fed.slides.reader import list_slide_files, open_slide, select_level
+from histodd_fed.slides.tissue import tissue_mask
+
+log = logging.getLogger(__name__)
+
+MAX_STRIP_PX = 4096  # widest region read at once (level pixels)
+
+
+@dataclass
+class TileConfig:
+    """Options of :func:`tile_slides` that change what a slide's patches are."""
+
+    patch_size: int = 256
+    mpp: float | None = 2.0
+    magnification: float | None = None
+    tissue_threshold: float = 0.5
+    tumour_fraction: float = 0.5
+    slide_mpp: float | None = None
+    max_patches_per_slide: int | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.patch_size < 4:
+            raise ConfigError(f"patch_size must be >= 4, got {self.patch_size}")
+        if self.magnification is not None:
+            if self.magnification <= 0:
+                raise ConfigError(f"magnification must be > 0, got {self.magnification}")
+        elif self.mpp is None or self.mpp <= 0:
+            raise ConfigError(f"mpp must be > 0, got {self.mpp}")
+        for name in ("tissue_threshold", "tumour_fraction"):
+            v = getattr(self, name)
+            if not (0.0 <= v <= 1.0):
+                raise ConfigError(f"{name} must be in [0, 1], got {v}")
+        if self.max_patches_per_slide is not None and self.max_patches_per_slide < 1:
+            raise ConfigError(f"max_patches_per_slide must be >= 1, got {self.max_patches_per_slide}")
+
+    @property
+    def target(self) -> dict[str, float | None]:
+        if self.magnification is not None:
+            return {"mpp": None, "magnification": self.magnification}
+        return {"mpp": self.mpp, "magnification": None}
+
+
+@dataclass
+class TileReport:
+    """What :func:`tile_slides` did."""
+
+    store: Path
+    n_patches: int
+    class_counts: dict[str, int]
+    tiled: list[str]
+    reused: list[str]
+    skipped: list[dict[str, str]]
+    per_slide: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["store"] = str(self.store)
+        return d
+
+
+# --------------------------------------------------------------------------- inputs
+def collect_slides(slides: str | Path | Sequence[str | Path | SlideRecord],
+                   labels_csv: str | Path | None = None) -> tuple[list[SlideRecord], Path | None]:
+    """Slide records from a folder, one file, a ``slides.csv``, or a list; labels from ``labels_csv``.
+
+    Returns the records and the manifest path used (if any).
+    """
+    manifest = Path(labels_csv) if labels_csv is not None else None
+    if isinstance(slides, (str, Path)):
+        p = Path(slides)
+        if not p.exists():
+            raise InputError(f"{p}: no such slide file or folder")
+        if p.is_file() and p.suffix.lower() == ".csv":
+            if manifest is not None and manifest.resolve() != p.resolve():
+                raise InputError(f"{p}: give the manifest either as --slides or as --labels, not two")
+            return read_manifest(p), p
+        paths = list_slide_files(p) if p.is_dir() else [p]
+        if not paths:
+            raise InputError(f"{p}: no slide files found (looked for {', '.join(('.svs', '.tiff', '.ndpi', '.mrxs', '.png', '...'))})")
+        items: list[Any] = paths
+    else:
+        items = list(slides)
+    by_id, by_name = {}, {}
+    if manifest is not None:
+        for r in read_manifest(manifest):
+            by_id[r.slide_id] = r
+            by_name[Path(r.path).name] = r
+    records: list[SlideRecord] = []
+    for it in items:
+        if isinstance(it, SlideRecord):
+            records.append(it)
+            continue
+        path = Path(it)
+        sid = path.stem
+        ref = by_id.get(sid) or by_name.get(path.name)
+        if ref is not None:
+            records.append(SlideRecord(ref.slide_id, path, ref.label, ref.centre, ref.split))
+        else:
+            if manifest is not None:
+                log.warning("%s: not in %s; label unknown, split train", path, manifest)
+            records.append(SlideRecord(sid, path))
+    ids = [r.slide_id for r in records]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise InputError(f"duplicate slide ids {dup}: slide file names (stems) must be unique")
+    return records, manifest
+
+
+def annotation_dirs(record: SlideRecord, annotations_dir: Path | None, manifest: Path | None) -> list[Path]:
+    """Folders searched for ``<slide_id>.xml|.geojson|.json``, in order."""
+    if annotations_dir is not None:
+        return [Path(annotations_dir)]
+    dirs = [Path(record.path).parent, Path(record.path).parent / "annotations"]
+    if manifest is not None:
+        dirs.append(manifest.parent / "annotations")
+    return dirs
+
+
+# --------------------------------------------------------------------------- one slide
+def _block_fraction(integral: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> np.ndarray:
+    """Mean of a mask over boxes [x0,x1) x [y0,y1) (mask pixels) from its padded integral image."""
+    h, w = integral.shape[0] - 1, integral.shape[1] - 1
+    x0, x1 = np.clip(x0, 0, w), np.clip(np.maximum(x1, x0 + 1), 0, w)
+    y0, y1 = np.clip(y0, 0, h), np.clip(np.maximum(y1, y0 + 1), 0, h)
+    s = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    area = np.maximum((x1 - x0) * (y1 - y0), 1)
+    return s / area
+
+
+def _integral(mask: np.ndarray) -> np.ndarray:
+    out = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.float64)
+    out[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.float64), 0), 1)
+    return out
+
+
+def _mask_boxes(xs: np.ndarray, ys: np.ndarray, stride0: float, ds: float):
+    return (np.floor(xs / ds).astype(np.int64), np.floor(ys / ds).astype(np.int64),
+            np.ceil((xs + stride0) / ds).astype(np.int64), np.ceil((ys + stride0) / ds).astype(np.int64))
+
+
+def _thumbnail_png(thumb: np.ndarray, mask: np.ndarray, xs, ys, labels, stride0: float, ds: float) -> bytes:
+    from PIL import Image, ImageDraw
+    from scipy import ndimage as ndi
+
+    scale = max(1, int(np.ceil(512 / max(thumb.shape[1], 1))))
+    img = Image.fromarray(thumb).resize((thumb.shape[1] * scale, thumb.shape[0] * scale), Image.Resampling.NEAREST)
+    edge = mask & ~ndi.binary_erosion(mask)
+    edge = np.kron(edge, np.ones((scale, scale), dtype=bool))
+    a = np.asarray(img).copy()
+    a[edge] = (0, 0, 255)
+    img = Image.fromarray(a)
+    draw = ImageDraw.Draw(img)
+    k = scale / ds
+    for x, y, lab in zip(xs, ys, labels):
+        draw.rectangle([x * k, y * k, (x + stride0) * k - 1, (y + stride0) * k - 1],
+                       outline=(220, 0, 0) if lab == 1 else (0, 170, 0))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _resize(a: np.ndarray, size: int) -> np.ndarray:
+    if a.shape[0] == size and a.shape[1] == size:
+        return a
+    from PIL import Image
+
+    im = Image.fromarray(a)
+    method = Image.Resampling.BOX if a.shape[0] > size else Image.Resampling.BILINEAR
+    return np.asarray(im.resize((size, size), method), dtype=np.uint8)
+
+
+def tile_one_slide(record: SlideRecord, cfg: TileConfig, ann_dirs: list[Path]) -> dict[str, Any]:
+    """Tile one slide. Returns arrays (``images``, ``labels``, ``coords``), ``thumbnail`` PNG bytes
+    and ``info``. Raises :class:`InputError` for a slide that cannot be tiled."""
+    with open_slide(record.path, cfg.slide_mpp) as sl:
+        ds_target = sl.target_downsample(**cfg.target)
+        w0, h0 = sl.dimensions
+        stride0 = cfg.patch_size * ds_target  # level-0 pixels per patch side
+        level = select_level(sl.level_downsamples, ds_target)
+        level_ds = sl.level_downsamples[level]
+        read_px = max(1, int(round(stride0 / level_ds)))
+        nx, ny = int(w0 // stride0), int(h0 // stride0)
+        if nx == 0 or ny == 0:
+            raise InputError(f"{record.path}: slide ({w0}x{h0} px) is smaller than one patch "
+                             f"({stride0:.0f} level-0 px at the requested resolution)")
+        # tissue mask on a thumbnail where a patch covers ~8x8 pixels
+        thumb, mask_ds = sl.thumbnail(max(1.0, stride0 / 8.0))
+        mask, otsu_t = tissue_mask(thumb)
+        gx, gy = np.meshgrid(np.arange(nx), np.arange(ny))
+        xs = np.round(gx.ravel() * stride0).astype(np.int64)
+        ys = np.round(gy.ravel() * stride0).astype(np.int64)
+        tissue_frac = _block_fraction(_integral(mask), *_mask_boxes(xs, ys, stride0, mask_ds))
+        keep = tissue_frac >= cfg.tissue_threshold
+        # labels
+        ann_file = find_annotation_file(record.slide_id, ann_dirs) if record.label != "normal" else None
+        polys = [p for p in read_annotations(ann_file)] if ann_file else []
+        if not any(p.label == "tumour" for p in polys):
+            polys = []
+        if polys:
+            ann_ds = max(1.0, stride0 / 16.0)
+            tmask = rasterise(polys, (int(np.ceil(w0 / ann_ds)), int(np.ceil(h0 / ann_ds))), ann_ds)
+            tfrac = _block_fraction(_integral(tmask), *_mask_boxes(xs, ys, stride0, ann_ds))
+            labels = (tfrac >= cfg.tumour_fraction).astype(np.int64)
+            source = "annotations"
+        else:
+            labels = np.full(len(xs), 1 if record.label == "tumour" else 0, dtype=np.int64)
+            source = "slide_label" if record.label is not None else "unlabelled"
+        idx = np.flatnonzero(keep)
+        if cfg.max_patches_per_slide is not None and len(idx) > cfg.max_patches_per_slide:
+            rng = np.random.default_rng([cfg.seed, zlib.crc32(record.slide_id.encode("utf-8"))])
+            idx = np.sort(rng.choice(idx, cfg.max_patches_per_slide, replace=False))
+        # read patches row by row, in strips of consecutive columns
+        images = np.empty((len(idx), cfg.patch_size, cfg.patch_size, 3), dtype=np.uint8)
+        cols, rows = gx.ravel()[idx], gy.ravel()[idx]
+        max_cols = max(1, int(MAX_STRIP_PX // max(read_px, 1)))
+        k = 0
+        while k < len(idx):
+            e = k + 1
+            while (e < len(idx) and rows[e] == rows[k] and cols[e] == cols[e - 1] + 1 and e - k < max_cols):
+                e += 1
+            x_first = int(xs[idx[k]])
+            y_row = int(ys[idx[k]])
+            width_l = int(np.ceil((xs[idx[e - 1]] - x_first) / level_ds)) + read_px
+            strip = sl.read_rgb(x_first, y_row, level, (width_l, read_px))
+            for j in range(k, e):
+                off = int(round((xs[idx[j]] - x_first) / level_ds))
+                images[j] = _resize(strip[:, off:off + read_px], cfg.patch_size)
+            k = e
+        png = _thumbnail_png(thumb, mask, xs[idx], ys[idx], labels[idx], stride0, mask_ds)
+        info = {
+            "slide_id": record.slide_id, "path": str(record.path), "label": record.label,
+            "split": record.split, "centre": record.centre, "mpp": sl.mpp, "mpp_source": sl.mpp_source,
+            "objective_power": sl.objective_power, "level": level, "level_downsample": level_ds,
+            "target_downsample": ds_target, "grid": [nx, ny], "tissue_patches": int(keep.sum()),
+            "patches": int(len(idx)), "tumour_patches": int(labels[idx].sum()), "label_source": source,
+            "annotation_file": str(ann_file) if polys else None, "otsu_threshold": otsu_t,
+        }
+        return {"images": images, "labels": labels[idx], "coords": np.stack([xs[idx], ys[idx]], 1),
+                "thumbnail": png, "info": info}
+
+
+# --------------------------------------------------------------------------- shards
+def _fingerprint(record: SlideRecord, cfg: TileConfig, ann_dirs: list[Path]) -> str:
+    p = Path(record.path)
+    st = p.stat() if p.exists() else None
+    ann = find_annotation_file(record.slide_id, ann_dirs)
+    ast = ann.stat() if ann else None
+    blob = json.dumps({
+        "cfg": asdict(cfg), "path": str(p.resolve()), "size": st.st_size if st else None,
+        "mtime": st.st_mtime_ns if st else None, "label": record.label,
+        "ann": [str(ann), ast.st_size, ast.st_mtime_ns] if ann else None,
+    }, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _shard_paths(work: Path, slide_id: str) -> tuple[Path, Path, Path]:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in slide_id)
+    return work / f"{safe}.npz", work / f"{safe}.png", work / f"{safe}.json"
+
+
+def _tile_to_shard(record: SlideRecord, cfg: TileConfig, ann_dirs: list[Path], work: str, fp: str) -> dict:
+    """Worker entry: tile one slide into a shard; return ``{"ok": info}`` or ``{"error": line}``."""
+    try:
+        res = tile_one_slide(record, cfg, ann_dirs)
+    except InputError as exc:
+        return {"error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - a bad slide must not stop the batch
+        return {"error": f"{record.path}: {type(exc).__name__}: {exc}"}
+    npz, png, js = _shard_paths(Path(work), record.slide_id)
+    buf = io.BytesIO()
+    np.savez(buf, images=res["images"], labels=res["labels"], coords=res["coords"])
+    atomic_write_bytes(npz, buf.getvalue())
+    atomic_write_bytes(png, res["thumbnail"])
+    atomic_write_json(js, {"fingerprint": fp, "info": res["info"]})  # written last: marks the shard done
+    return {"ok": res["info"]}
+
+
+def _load_shard(work: Path, slide_id: str, fp: str) -> dict | None:
+    npz, png, js = _shard_paths(work, slide_id)
+    if not (js.exists() and npz.exists() and png.exists()):
+        return None
+    try:
+        head = json.loads(js.read_text())
+        if head.get("fingerprint") != fp:
+            return None
+        return head["info"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return None
+
+
+# --------------------------------------------------------------------------- batch
+def tile_slides(slides: str | Path | Sequence[str | Path | SlideRecord], out: str | Path, *,
+                labels_csv: str | Path | None = None, annotations_dir: str | Path | None = None,
+                patch_size: int = 256, mpp: float | None = 2.0, magnification: float | None = None,
+                tissue_threshold: float = 0.5, workers: int = 1, slide_mpp: float | None = None,
+                tumour_fraction: float = 0.5, seed: int = 0, max_patches_per_slide: int | None = None,
+                keep_work: bool = False) -> TileReport:
+    """Tile slides into one real patch set at ``out`` (see the module doc). ``magnification``
+    overrides ``mpp`` when given."""
+    from histodd_fed.logging_setup import progress
+    from histodd_fed.patchset import PatchSet
+
+    t0 = time.perf_counter()
+    cfg = TileConfig(patch_size=int(patch_size), mpp=None if magnification is not None else mpp,
+                     magnification=magnification, tissue_threshold=float(tissue_threshold),
+                     tumour_fraction=float(tumour_fraction), slide_mpp=slide_mpp,
+                     max_patches_per_slide=max_patches_per_slide, seed=int(seed))
+    cfg.validate()
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    records, manifest = collect_slides(slides, labels_csv)
+    out = Path(out)
+    ann_root = Path(annotations_dir) if annotations_dir is not None else None
+    if ann_root is not None and not ann_root.is_dir():
+        raise InputError(f"{ann_root}: annotations folder does not exist")
+    work = out.parent / f".{out.name}.work"
+    work.mkdir(parents=True, exist_ok=True)
+
+    dirs = {r.slide_id: annotation_dirs(r, ann_root, manifest) for r in records}
+    fps = {r.slide_id: _fingerprint(r, cfg, dirs[r.slide_id]) for r in records}
+    infos: dict[str, dict] = {}
+    reused: list[str] = []
+    errors: dict[str, str] = {}
+    todo = []
+    for r in records:
+        info = _load_shard(work, r.slide_id, fps[r.slide_id])
+        if info is not None:
+            infos[r.slide_id] = info
+            reused.append(r.slide_id)
+        else:
+            todo.append(r)
+    if reused:
+        log.info("resuming: %d of %d slides already tiled in %s", len(reused), len(records), work)
+
+    def handle(r: SlideRecord, res: dict) -> None:
+        if "error" in res:
+            errors[r.slide_id] = res["error"]
+            log.error("skipped slide: %s", res["error"])
+        else:
+            infos[r.slide_id] = res["ok"]
+
+    bar = progress(total=len(todo), desc="tiling slides", unit="slide")
+    if workers == 1 or len(todo) <= 1:
+        for r in todo:
+            handle(r, _tile_to_shard(r, cfg, dirs[r.slide_id], str(work), fps[r.slide_id]))
+            bar.update(1)
+    else:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn")) as pool:
+            futs = {pool.submit(_tile_to_shard, r, cfg, dirs[r.slide_id], str(work), fps[r.slide_id]): r for r in todo}
+            for f in as_completed(futs):
+                handle(futs[f], f.result())
+                bar.update(1)
+    bar.close()
+
+    tiled = [r for r in records if r.slide_id in infos]
+    skipped = [{"slide_id": r.slide_id, "path": str(r.path), "error": errors[r.slide_id]}
+               for r in records if r.slide_id in errors]
+    if not tiled and len(skipped) == 1:
+        raise InputError(skipped[0]["error"])
+    if not tiled:
+        raise InputError(f"no slide could be tiled ({len(skipped)} skipped; first: {skipped[0]['error'] if skipped else '-'})")
+
+    images, labels, coords, sidx = [], [], [], []
+    for j, r in enumerate(tiled):
+        npz = _shard_paths(work, r.slide_id)[0]
+        with np.load(npz, allow_pickle=False) as z:
+            images.append(z["images"])
+            labels.append(z["labels"])
+            coords.append(z["coords"].reshape(-1, 2))
+        sidx.append(np.full(len(labels[-1]), j, dtype=np.int32))
+    centres = sorted({r.centre for r in tiled if r.centre})
+    meta = {
+        "slide_splits": {r.slide_id: r.split for r in tiled},
+        "centre": centres[0] if len(centres) == 1 else None,
+        "centres": centres,
+        "mpp": cfg.mpp if cfg.mpp is not None else 10.0 / cfg.magnification,
+        "magnification": cfg.magnification,
+        "patch_size": cfg.patch_size,
+        "tissue_threshold": cfg.tissue_threshold,
+        "tumour_fraction": cfg.tumour_fraction,
+        "skipped": skipped,
+        "unlabelled": [r.slide_id for r in tiled if r.label is None],
+        "label_source": {r.slide_id: infos[r.slide_id]["label_source"] for r in tiled},
+        "source": str(manifest) if manifest is not None else str(slides) if isinstance(slides, (str, Path)) else None,
+    }
+    ps = PatchSet(
+        images=np.concatenate(images) if images else np.zeros((0, cfg.patch_size, cfg.patch_size, 3), np.uint8),
+        labels=np.concatenate(labels), class_names=list(CLASS_NAMES), slide_index=np.concatenate(sidx),
+        slide_ids=[r.slide_id for r in tiled],
+        slide_labels={r.slide_id: r.label_index for r in tiled if r.label_index is not None},
+        coords=np.concatenate(coords).astype(np.int64), kind="real", meta=meta,
+    )
+    report = TileReport(store=out, n_patches=len(ps), class_counts=ps.class_counts(),
+                        tiled=[r.slide_id for r in tiled if r.slide_id not in reused], reused=reused,
+                        skipped=skipped, per_slide={r.slide_id: infos[r.slide_id] for r in tiled})
+    from histodd_fed.runconfig import write_run_config
+
+    with atomic_directory(out) as tmp:
+        ps.save(tmp)
+        (tmp / "thumbnails").mkdir()
+        for r in tiled:
+            shutil.copyfile(_shard_paths(work, r.slide_id)[1], tmp / "thumbnails" / f"{r.slide_id}.png")
+        report.seconds = round(time.perf_counter() - t0, 3)
+        atomic_write_json(tmp / "tile_report.json", report.to_json())
+        write_run_config(tmp, "tile", {"slides": [str(r.path) for r in records], "labels_csv": manifest,
+                                       "annotations_dir": ann_root, "workers": workers, **asdict(cfg)})
+    if not keep_work and not skipped:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("tiled %d slides (%d reused, %d skipped) -> %d patches %s at %s", len(tiled), len(reused),
+             len(skipped), len(ps), ps.class_counts(), out)
+    return report

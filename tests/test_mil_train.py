@@ -1,0 +1,84 @@
+"""MIL training end to end on a toy problem, metrics, and the mean +- std helper."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from histodd_fed.mil.bags import Bag
+from histodd_fed.mil.train import evaluate_mil, format_mean_std, mean_std, train_mil
+
+D = 16
+
+
+def toy_bags(n_bags: int, seed: int) -> list[Bag]:
+    """Instances ~ N(0, 1); label-1 bags hide 1-3 instances shifted by +3 in the first 4 dims."""
+    g = torch.Generator().manual_seed(seed)
+    bags = []
+    for i in range(n_bags):
+        n = int(torch.randint(6, 30, (1,), generator=g))
+        x = torch.randn(n, D, generator=g)
+        label = i % 2
+        if label:
+            k = int(torch.randint(1, 4, (1,), generator=g))
+            x[:k, :4] += 3.0
+            x = x[torch.randperm(n, generator=g)]
+        bags.append(Bag(slide_id=f"s{i}", label=label, features=x, n_patches=n))
+    return bags
+
+
+@pytest.mark.parametrize("arch", ["abmil", "clam", "dsmil", "transmil"])
+def test_learns_toy_problem(arch):
+    torch.set_num_threads(1)
+    train, test = toy_bags(40, 0), toy_bags(30, 1)
+    kw = {"hidden": 32} if arch != "transmil" else {"hidden": 32, "num_landmarks": 8}
+    before = torch.get_rng_state()
+    res = train_mil(train, arch, epochs=12, lr=2e-3, seed=0, progress=False, model_kwargs=kw)
+    assert torch.equal(before, torch.get_rng_state())  # the global RNG is left alone
+    m = evaluate_mil(res.model, test)
+    assert len(res.epoch_seconds) == 12 and all(t > 0 for t in res.epoch_seconds)
+    assert m.n == 30
+    assert m.accuracy >= 0.85, (arch, m)
+    assert m.auc >= 0.9, (arch, m)
+
+
+def test_untrained_is_near_chance_and_seeded_runs_repeat():
+    train, test = toy_bags(20, 0), toy_bags(20, 1)
+    a = train_mil(train, "abmil", epochs=2, lr=1e-3, seed=3, progress=False, model_kwargs={"hidden": 16})
+    b = train_mil(train, "abmil", epochs=2, lr=1e-3, seed=3, progress=False, model_kwargs={"hidden": 16})
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    c = train_mil(train, "abmil", epochs=2, lr=1e-3, seed=4, progress=False, model_kwargs={"hidden": 16})
+    assert not torch.equal(a.model.embed[0].weight, c.model.embed[0].weight)
+    untrained = train_mil(train, "abmil", epochs=0, seed=0, progress=False, model_kwargs={"hidden": 16})
+    assert evaluate_mil(untrained.model, test).accuracy <= 0.8
+
+
+def test_val_bags_keep_best_epoch():
+    train, val = toy_bags(20, 0), toy_bags(10, 2)
+    res = train_mil(train, "abmil", epochs=4, lr=2e-3, seed=0, val_bags=val, progress=False,
+                    model_kwargs={"hidden": 16})
+    assert len(res.val_metrics) == 4 and res.best_epoch is not None
+    best = max(res.val_metrics, key=lambda m: (m.auc, m.accuracy, -m.loss))
+    final = evaluate_mil(res.model, val)
+    assert math.isclose(final.auc, best.auc) and math.isclose(final.accuracy, best.accuracy)
+
+
+def test_fine_tune_continues_from_given_model():
+    train = toy_bags(10, 0)
+    first = train_mil(train, "abmil", epochs=1, seed=0, progress=False, model_kwargs={"hidden": 16})
+    w0 = first.model.classifier.weight.detach().clone()
+    again = train_mil(train, "abmil", epochs=1, seed=0, model=first.model, progress=False)
+    assert again.model is first.model and not torch.equal(w0, again.model.classifier.weight)
+
+
+def test_mean_std():
+    m, s = mean_std([0.5, 0.7, 0.9])
+    assert math.isclose(m, 0.7) and math.isclose(s, 0.2)
+    assert mean_std([0.4]) == (0.4, 0.0)
+    assert all(math.isnan(v) for v in mean_std([]))
+    assert format_mean_std([0.5, 0.7, 0.9], scale=100) == "70.0 ± 20.0"
+    np.testing.assert_allclose(mean_std([1.0, float("nan"), 3.0]), (2.0, math.sqrt(2)))

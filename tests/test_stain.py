@@ -1,0 +1,90 @@
+"""Macenko estimation and differentiable stain normalisation on Beer-Lambert images."""
+
+import numpy as np
+import torch
+
+from histodd_fed.stain import (REFERENCE_STAINS, ImageStains, StainContext, choose_template, normalize_stain,
+                               stain_matrix)
+from histodd_fed.stain.macenko import od_to_rgb
+
+STAIN_A = np.array([[0.62, 0.22], [0.72, 0.86], [0.31, 0.46]])
+STAIN_B = np.array([[0.38, 0.30], [0.85, 0.70], [0.36, 0.65]])
+
+
+def unit(m):
+    return m / np.linalg.norm(m, axis=0)
+
+
+def beer_lambert(stains: np.ndarray, size: int = 32, seed: int = 0) -> np.ndarray:
+    """uint8 image whose OD is stains @ C with some pure-H, pure-E and mixed pixels."""
+    rng = np.random.default_rng(seed)
+    n = size * size
+    c = rng.uniform(0.1, 1.0, size=(n, 2)) * np.array([1.6, 1.6])
+    c[: n // 4, 1] = 0.0
+    c[n // 4: n // 2, 0] = 0.0
+    od = c @ unit(stains).T
+    return od_to_rgb(od).reshape(size, size, 3).round().astype(np.uint8)
+
+
+def column_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (unit(a) * unit(b)).sum(axis=0)
+
+
+def test_macenko_recovers_the_stains_of_a_beer_lambert_image():
+    m, estimated = stain_matrix(beer_lambert(STAIN_A))
+    assert estimated
+    assert column_cos(m, STAIN_A).min() > 0.99
+
+
+def test_normalisation_maps_stain_a_to_template_b():
+    img_a, img_b = beer_lambert(STAIN_A, seed=1), beer_lambert(STAIN_B, seed=2)
+    ctx = StainContext.from_images(img_b[None])
+    assert column_cos(ctx.template_matrix.numpy().astype(float), STAIN_B).min() > 0.99
+    x = torch.from_numpy(img_a).permute(2, 0, 1)[None].float() / 255
+    out = normalize_stain(x, ImageStains.estimate(img_a[None]), ctx)
+    out_u8 = (out[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    m_out, estimated = stain_matrix(out_u8)
+    assert estimated
+    assert column_cos(m_out, STAIN_B).min() > 0.98
+    assert column_cos(STAIN_A, STAIN_B).min() < 0.97 and column_cos(m_out, STAIN_A).min() < 0.97  # it moved
+
+
+def test_normalisation_is_differentiable():
+    img = beer_lambert(STAIN_A, size=16)
+    x = (torch.from_numpy(img).permute(2, 0, 1)[None].double() / 255).contiguous().requires_grad_(True)
+    st = ImageStains.estimate(img[None])
+    st = ImageStains(st.matrices.double(), st.max_conc.double())
+    ctx = StainContext(torch.tensor(unit(STAIN_B)), torch.tensor([1.2, 0.8]))
+    out = normalize_stain(x, st, ctx)
+    (out * torch.linspace(0, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    # finite-difference check on a few pixels away from the clamp
+    f = lambda z: (normalize_stain(z, st, ctx) * torch.linspace(0, 1, out.numel(), dtype=z.dtype).view_as(out)).sum()
+    for flat in (5, 77, 301):
+        e = torch.zeros(x.numel(), dtype=x.dtype)
+        e[flat] = 1e-5
+        e = e.view_as(x)
+        fd = (f(x.detach() + e) - f(x.detach() - e)) / 2e-5
+        assert abs(fd.item() - x.grad.reshape(-1)[flat].item()) < 1e-4 * max(1.0, abs(fd.item()))
+
+
+def test_white_patch_falls_back_and_stays_finite():
+    white = np.full((1, 16, 16, 3), 255, np.uint8)
+    near_white = np.full((1, 16, 16, 3), 238, np.uint8)
+    for img in (white, near_white):
+        m, estimated = stain_matrix(img[0])
+        assert not estimated and np.allclose(m, REFERENCE_STAINS)
+        x = (torch.from_numpy(img).permute(0, 3, 1, 2).float() / 255).requires_grad_(True)
+        out = normalize_stain(x, ImageStains.estimate(img), StainContext.reference())
+        out.sum().backward()
+        assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    black = np.zeros((1, 16, 16, 3), np.uint8)
+    out = normalize_stain(torch.zeros(1, 3, 16, 16), ImageStains.estimate(black), StainContext.reference())
+    assert torch.isfinite(out).all()
+
+
+def test_template_is_the_image_closest_to_the_set_statistics():
+    imgs = np.stack([beer_lambert(STAIN_A, seed=s) for s in range(3)] + [np.full((32, 32, 3), 250, np.uint8)])
+    imgs[0] = np.clip(imgs[0].astype(int) - 60, 0, 255)   # much darker outlier
+    i = choose_template(imgs)
+    assert i in (1, 2)
