@@ -58,10 +58,29 @@ def train_and_eval(x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch
     return float((pred == yv).float().mean())
 
 
+def load_split(args, split: str, per_class: int, seed: int, size: int):
+    """A PatchSet of ``split`` at ``size`` px: from ``--data`` (exported PatchSets) or the PCam folder."""
+    from histodd_fed.patchset import PatchSet
+
+    if args.data is not None:
+        ps = PatchSet.load(args.data / split)
+        rng = np.random.default_rng(seed)
+        idx = np.concatenate([np.sort(rng.choice(np.flatnonzero(ps.labels == c), min(per_class, int((ps.labels == c).sum())),
+                                                 replace=False)) for c in range(ps.num_classes)])
+        ps = ps.subset(idx)
+    else:
+        ps = load_image_folder(DATA / split, size=None, limit_per_class=per_class, seed=seed)
+    ps.images = resize_images(ps.images, size)
+    return ps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "distill-cpu.yaml"))
     ap.add_argument("--set", nargs="*", default=[], help="config overrides k=v (YAML values)")
+    ap.add_argument("--variants", default=None,
+                    help='JSON {"name": {overrides}, ...}: several distillation variants per seed')
+    ap.add_argument("--data", type=Path, default=None, help="folder with train/ and valid/ PatchSets (pre-resized)")
     ap.add_argument("--train-per-class", type=int, default=500)
     ap.add_argument("--valid-per-class", type=int, default=500)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -69,45 +88,56 @@ def main() -> None:
     ap.add_argument("--eval-width", type=int, default=64)
     ap.add_argument("--eval-aug", default="color_crop_cutout_flip_scale_rotate")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default=None, help="override the config's device")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import yaml
 
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    if args.device:
+        overrides["device"] = args.device
     base = DistillConfig.from_yaml(args.config, **overrides)
+    variants = json.loads(args.variants) if args.variants else {"histodd": {}}
     size = base.image_size
-    valid = load_image_folder(DATA / "valid", size=size, limit_per_class=args.valid_per_class, seed=123)
-    xv, yv = to_tensor(valid.images), torch.from_numpy(valid.labels)
+    dev = torch.device("cuda" if (base.device == "auto" and torch.cuda.is_available()) else
+                       (base.device if base.device != "auto" else "cpu"))
+    valid = load_split(args, "valid", args.valid_per_class, 123, size)
+    xv, yv = to_tensor(valid.images).to(dev), torch.from_numpy(valid.labels).to(dev)
+
+    def evaluate(images, labels, seed):
+        return train_and_eval(to_tensor(images).to(dev), torch.from_numpy(labels).to(dev), xv, yv, seed,
+                              args.eval_epochs, args.eval_width, args.eval_aug)
+
     rows = []
     for seed in args.seeds:
-        train = load_image_folder(DATA / "train", size=None, limit_per_class=args.train_per_class, seed=seed)
-        cfg = DistillConfig.from_dict(base.to_dict(), seed=seed)
-        t0 = time.perf_counter()
-        res = run_distillation(train, cfg, work_dir=None, progress=False)
-        t_dist = time.perf_counter() - t0
-        syn = res.patchset
+        train = load_split(args, "train", args.train_per_class, seed, size)
         rng = np.random.default_rng(50_000 + seed)
-        rand_idx = np.concatenate([rng.choice(np.flatnonzero(train.labels == c), cfg.ipc, replace=False)
+        rand_idx = np.concatenate([rng.choice(np.flatnonzero(train.labels == c), base.ipc, replace=False)
                                    for c in range(train.num_classes)])
-        small = resize_images(train.images, size)
-        sets = {"random": (small[rand_idx], train.labels[rand_idx]),
-                "init": (res.initial_images, syn.labels),
-                "histodd": (syn.images, syn.labels)}
-        row = {"seed": seed, "distill_s": round(t_dist, 1)}
-        for name, (im, lab) in sets.items():
-            row[name] = train_and_eval(to_tensor(im), torch.from_numpy(lab), xv, yv, seed, args.eval_epochs,
-                                       args.eval_width, args.eval_aug)
+        row = {"seed": seed, "random": evaluate(train.images[rand_idx], train.labels[rand_idx], seed)}
+        for name, ov in variants.items():
+            cfg = DistillConfig.from_dict(base.to_dict(), seed=seed, **ov)
+            t0 = time.perf_counter()
+            res = run_distillation(train, cfg, work_dir=None, progress=False)
+            row[f"{name}_s"] = round(time.perf_counter() - t0, 1)
+            if "init" not in row:
+                row["init"] = evaluate(res.initial_images, res.patchset.labels, seed)
+            row[name] = evaluate(res.patchset.images, res.patchset.labels, seed)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in ("random", "init", "histodd", "distill_s")}
-    print("\n| seed | random real | init (real) | Histo-DD | distil s |\n|---|---|---|---|---|")
+    keys = ["random", "init"] + list(variants)
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    mean.update({f"{k}_s": float(np.mean([r[f"{k}_s"] for r in rows])) for k in variants})
+    print("\n| seed | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 1))
     for r in rows:
-        print(f"| {r['seed']} | {r['random']:.4f} | {r['init']:.4f} | {r['histodd']:.4f} | {r['distill_s']} |")
-    print(f"| mean | {mean['random']:.4f} | {mean['init']:.4f} | {mean['histodd']:.4f} | {mean['distill_s']:.1f} |")
+        print(f"| {r['seed']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
+    print("| mean | " + " | ".join(f"{mean[k]:.4f}" for k in keys) + " |")
+    print("distil seconds (mean): " + ", ".join(f"{k} {mean[k + '_s']:.1f}" for k in variants))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"config": base.to_dict(), "args": {k: str(v) for k, v in vars(args).items()},
+        args.json.write_text(json.dumps({"config": base.to_dict(), "variants": variants,
+                                         "args": {k: str(v) for k, v in vars(args).items()},
                                          "rows": rows, "mean": mean}, indent=2))
 
 

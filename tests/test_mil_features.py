@@ -9,7 +9,7 @@ from torch import nn
 
 from histodd_fed.errors import InputError
 from histodd_fed.mil.bags import bags_from_patchset, bags_nbytes, load_bags, save_bags
-from histodd_fed.mil.features import PatchEncoder, load_encoder, save_patch_model
+from histodd_fed.mil.features import PatchEncoder, load_encoder, module_fingerprint, save_patch_model
 from histodd_fed.patchset import PatchSet
 
 
@@ -152,6 +152,7 @@ def test_load_encoder_from_saved_resnet18_and_weights_file(tmp_path):
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
     enc2 = load_encoder(tmp_path / "w.safetensors", image_size=16)
-    assert enc2.fingerprint == enc.fingerprint
+    assert module_fingerprint(enc2.model) == module_fingerprint(enc.model)
+    assert enc.input_size == 16 and enc2.input_size is None
     with pytest.raises(InputError, match="not found"):
         load_encoder(tmp_path / "missing.pt", image_size=16)

@@ -238,6 +238,7 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
         while done < stage_end:
             if stop_after_steps is not None and ran >= stop_after_steps:
                 break
+            t_step = time.perf_counter()
             net = copy.deepcopy(net_template)
             net.load_state_dict(pool.states[int(rng.integers(len(pool.states)))])
             augment_model(net, config.alpha, gen)
@@ -275,7 +276,8 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
                     nl.backward()
                     net_opt.step()
             loss_curve.append({"step": done, "stage": s_i, "mean": float(np.mean(step_losses)),
-                               "first": step_losses[0], "last": step_losses[-1]})
+                               "first": step_losses[0], "last": step_losses[-1],
+                               "seconds": round(time.perf_counter() - t_step, 4)})
             done += 1
             ran += 1
             bar.update(1)

@@ -9,7 +9,7 @@ evaluation classifier. :func:`fit_classifier` is a plain seeded SGD loop with ra
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ class TrainSpec:
     """How to train one classifier."""
 
     model: str = "convnet"
+    model_kwargs: dict = field(default_factory=dict)  #: extra constructor options, e.g. {"width": 32}
     epochs: int = 3
     lr: float = 0.01
     batch_size: int = 64
@@ -75,7 +76,8 @@ def train_model(spec: TrainSpec, data: PatchSet, seed: int, desc: str = "train")
 
     with torch.random.fork_rng(devices=[]):  # constructors draw initial weights from the global RNG
         torch.manual_seed(int(seed))
-        model = create_model(spec.model, num_classes=data.num_classes, image_size=data.image_size)
+        model = create_model(spec.model, num_classes=data.num_classes, image_size=data.image_size,
+                             **spec.model_kwargs)
     if spec.use_project_trainer:
         trained = _try_project_trainer(model, data, spec, seed, desc)
         if trained is not None:

@@ -35,7 +35,8 @@ class MembershipConfig:
 
     enabled: bool = True
     target: TrainSpec = field(default_factory=lambda: TrainSpec(
-        model="convnet", epochs=300, lr=0.01, batch_size=256, augmentation="color_crop_cutout_flip_scale_rotate"))
+        model="convnet", model_kwargs={"width": 64}, epochs=150, lr=0.01, batch_size=256,
+        augmentation="color_crop_cutout_flip_scale_rotate"))
     max_per_side: int = 1000
     fprs: tuple[float, ...] = (0.01, 0.001)
 

@@ -49,7 +49,8 @@ class MemorisationConfig:
     ssim_exact_max_pairs: int = 2_000_000
     reference_size: int = 1000
     feature_metric: bool = True
-    encoder: TrainSpec = field(default_factory=lambda: TrainSpec(model="convnet", epochs=3, lr=0.01, batch_size=64))
+    encoder: TrainSpec = field(default_factory=lambda: TrainSpec(model="convnet", model_kwargs={"width": 32}, epochs=2,
+                                                                 lr=0.01, batch_size=64))
 
 
 @dataclass

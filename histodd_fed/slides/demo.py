@@ -176,7 +176,7 @@ def render_demo_slide(rng: np.random.Generator, slide_id: str, label: str, prese
         step = 8
         dist = distance_transform_edt(tissue[::step, ::step]) * step
         for _ in range(int(rng.integers(1, 4))):
-            radius = rng.uniform(0.09, 0.17) * min(h, w)
+            radius = rng.uniform(0.12, 0.22) * min(h, w)
             ok = np.argwhere(dist > radius * 0.9)
             if len(ok) == 0:
                 ok = np.argwhere(dist >= dist.max() * 0.8)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Start a local TLS + SuperNode-auth Flower deployment for histodd-fed:
+#   one flower-superlink and one flower-supernode per centre, all on 127.0.0.1, free ports.
+# Usage: examples/deploy/start.sh DEPLOY_DIR NODES_JSON
+#   NODES_JSON: JSON list of centre node configs (centre-id, data, key-dir, work-dir, preset),
+#   e.g. demo-data/nodes.json written by `coordinator demo`.
+# Then: FLWR_HOME=DEPLOY_DIR/flwr-home flwr run . histodd --stream --run-config "..."
+# Stop everything with examples/deploy/stop.sh DEPLOY_DIR (pids in DEPLOY_DIR/pids.txt).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DIR=${1:?deploy dir}; NODES=${2:?nodes json}
+export FLWR_HOME="$DIR/flwr-home" FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
+exec .venv/bin/python - "$DIR" "$NODES" <<'PY'
+import json, sys
+from histodd_fed.federation.centre import CentreConfig
+from histodd_fed.federation.deployment import Deployment
+dep = Deployment(sys.argv[1])
+try:
+    dep.start_superlink()
+    for nc in json.load(open(sys.argv[2])):
+        c = CentreConfig.from_node_config(nc)
+        dep.add_supernode(c.centre_id, c.node_config_string())
+except Exception:
+    dep.stop()
+    raise
+print(f"SuperLink https://127.0.0.1:{dep.port} (connection 'histodd' in {dep.flwr_home}/config.toml); "
+      f"pids in {dep.root}/pids.txt")
+PY

@@ -1,0 +1,89 @@
+"""Memorisation analysis: a coreset of real patches is flagged, noise is not."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from histodd_fed.patchset import PatchSet, load_image_folder
+from histodd_fed.privacy.classifier import TrainSpec
+from histodd_fed.privacy.memorisation import (MemorisationConfig, analyse_memorisation, init_indices_from_meta,
+                                              percentile_in)
+from histodd_fed.privacy.risk import GateThresholds, find_risks
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TINY_ENCODER = TrainSpec(model="convnet", model_kwargs={"width": 8, "depth": 2}, epochs=1, batch_size=64)
+
+
+def textured_patches(n: int, size: int = 16, seed: int = 0) -> PatchSet:
+    """Two classes of smooth random colour textures (distinct patches, not noise)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    low = rng.random((n, 4, 4, 3))
+    low[labels == 1, :, :, 0] *= 0.5  # class 1 less red
+    img = np.kron(low, np.ones((size // 4, size // 4, 1)))
+    img = 0.8 * img + 0.2 * rng.random((n, size, size, 3))
+    return PatchSet(images=(img * 255).round().astype(np.uint8), labels=labels, class_names=["a", "b"])
+
+
+def noise_set(n: int, size: int, class_names, seed: int = 1) -> PatchSet:
+    rng = np.random.default_rng(seed)
+    return PatchSet(images=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), labels=np.arange(n) % 2,
+                    class_names=list(class_names), kind="synthetic")
+
+
+CFG = MemorisationConfig(reference_size=120, ssim_candidates=16, encoder=TINY_ENCODER)
+
+
+def test_coreset_of_real_patches_is_flagged_as_memorised():
+    real = textured_patches(120)
+    core = real.subset([3, 10, 57, 90], kind="coreset", meta={"source_indices": [3, 10, 57, 90], "source_size": 120})
+    res = analyse_memorisation(core, real, CFG, seed=0)
+    for name in ("ssim", "l2", "cosine"):
+        r = res.metrics[name]
+        assert r.synthetic_nn_index.tolist() == [3, 10, 57, 90], name
+        assert r.fraction_closer_than(1.0) == 1.0 and r.fraction_closer_than(5.0) == 1.0, name
+    assert np.allclose(res.metrics["ssim"].synthetic_nn, 1.0, atol=1e-5)
+    assert np.allclose(res.metrics["l2"].synthetic_nn, 0.0, atol=1e-6)
+    assert (res.metrics["l2"].percentile < 1.0).all()
+    np.testing.assert_array_equal(res.init_indices, [3, 10, 57, 90])  # the init column: a coreset patch's source
+    assert np.allclose(res.metrics["l2"].init_value, 0.0, atol=1e-6)
+    risks = find_risks(res, None, GateThresholds())
+    assert len(risks) == 2 and "SSIM 1.000 >= threshold 0.95" in risks[0] and "real-real p1" in risks[1]
+
+
+def test_noise_images_are_not_flagged():
+    real = textured_patches(120)
+    res = analyse_memorisation(noise_set(6, 16, real.class_names), real, CFG, seed=0)
+    for name in ("ssim", "l2"):
+        assert res.metrics[name].fraction_closer_than(5.0) == 0.0, name
+    assert res.metrics["ssim"].synthetic_nn.max() < 0.5
+    assert res.init_indices is None
+    assert find_risks(res, None, GateThresholds()) == []
+
+
+def test_percentile_midrank():
+    ref = np.array([1.0, 2.0, 3.0, 4.0])
+    np.testing.assert_allclose(percentile_in(ref, [0.5, 2.0, 9.0]), [0.0, 37.5, 100.0])
+
+
+def test_init_indices_only_for_real_init_and_matching_source():
+    real = textured_patches(20)
+    syn = real.subset([0, 1], kind="synthetic", meta={"init_source_indices": [4, 5], "config": {"init": "noise"}})
+    assert init_indices_from_meta(syn, real) is None  # noise init: recorded indices are not starting points
+    syn.meta = {"init_source_indices": [4, 5], "config": {"init": "real"}, "source_num_images": 20}
+    np.testing.assert_array_equal(init_indices_from_meta(syn, real), [4, 5])
+    syn.meta["source_num_images"] = 99  # distilled from another store
+    assert init_indices_from_meta(syn, real) is None
+
+
+def test_pcam_random_patches_flagged_noise_not():
+    root = DATA / "pcam-ai4all" / "train"
+    if not root.exists():
+        pytest.skip(f"real PCam patches not found at {root}")
+    real = load_image_folder(root, size=16, limit_per_class=40, seed=0)
+    cfg = MemorisationConfig(reference_size=80, ssim_candidates=16, feature_metric=False)
+    core = analyse_memorisation(real.subset([1, 50]), real, cfg, seed=0)
+    assert core.metrics["ssim"].synthetic_nn.min() > 0.999 and core.metrics["l2"].fraction_closer_than(1.0) == 1.0
+    noise = analyse_memorisation(noise_set(4, 16, real.class_names), real, cfg, seed=0)
+    assert find_risks(noise, None, GateThresholds()) == []
