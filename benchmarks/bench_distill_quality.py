@@ -41,7 +41,7 @@ def train_and_eval(x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch
     g = torch.Generator().manual_seed(10_000 + seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(10_000 + seed)
-        net = create_model("convnet", num_classes=2, image_size=x.shape[-1], width=width)
+        net = create_model("convnet", num_classes=2, image_size=x.shape[-1], width=width).to(x.device)
     aug = build_augmentation(strategy)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [epochs // 2], 0.1)

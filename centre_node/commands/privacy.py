@@ -41,6 +41,12 @@ def audit(
 ) -> None:
     """Audit a synthetic set for memorisation and membership leakage; write a Markdown + JSON + PNG report."""
     from histodd_fed.patchset import PatchSet
+
+    syn = PatchSet.load(synthetic)  # bad input fails here, before torch is imported
+    px = size or syn.image_size
+    real = _load(patches, px, limit_per_class, seed)
+    hold = None if holdout is None else _load(holdout, px, holdout_limit_per_class, seed)
+
     from histodd_fed.privacy.audit import AuditConfig, run_audit
     from histodd_fed.privacy.gate import DEFAULT_CONFIG
 
@@ -54,10 +60,6 @@ def audit(
         cfg.membership.enabled = False
     if threads:
         cfg.num_threads = threads
-    syn = PatchSet.load(synthetic)
-    px = size or syn.image_size
-    real = _load(patches, px, limit_per_class, seed)
-    hold = None if holdout is None else _load(holdout, px, holdout_limit_per_class, seed)
     enc = None
     if encoder is not None:
         from histodd_fed.training import load_model

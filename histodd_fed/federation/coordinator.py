@@ -178,7 +178,8 @@ def run_transfer_study(transport: Transport, cfg: StudyConfig,
             continue
         node_of[cid] = n
         out.centres[cid] = {k: rep.body.get(k) for k in ("class_counts", "n_train", "n_test", "preset",
-                                                         "baseline", "seconds")}
+                                                         "baseline", "seconds", "prepared_hash")}
+        out.centres[cid]["sign_key_id"] = (rep.body.get("identity") or {}).get("sign_key_id")
         say(f"{cid}: trusted identity, {rep.body.get('n_train')} train / {rep.body.get('n_test')} test patches")
 
     # 2. bundles from sources (cached) ------------------------------------------------
@@ -191,7 +192,7 @@ def run_transfer_study(transport: Transport, cfg: StudyConfig,
                 out.faults.append(Fault(who, "identity", "missing", "centre not connected"))
         if src not in node_of or tgt not in node_of:
             continue
-        key = cfg.cache_key(src, tgt)
+        key = _bundle_key(cfg, out, src, tgt)
         cached = _load_cached_bundles(cache_dir, key)
         if cached is not None:
             say(f"{src}->{tgt}: reusing {len(cached)} cached verified bundle(s)")
@@ -228,7 +229,7 @@ def run_transfer_study(transport: Transport, cfg: StudyConfig,
             bundles[(src, tgt)] = good
             say(f"{src}->{tgt}: {len(good)} bundle(s) verified")
             if len(good) == len(rep.body.get("bundles", [])) and good:
-                _store_cached_bundles(cache_dir, cfg.cache_key(src, tgt), good)
+                _store_cached_bundles(cache_dir, _bundle_key(cfg, out, src, tgt), good)
 
     # 3. relay to targets, collect metrics -----------------------------------------------
     ask = []
@@ -267,6 +268,15 @@ def run_transfer_study(transport: Transport, cfg: StudyConfig,
                 out.rows.append(row)
     out.seconds = round(time.perf_counter() - t0, 2)
     return out
+
+
+def _bundle_key(cfg: StudyConfig, out: StudyOutcome, src: str, tgt: str) -> dict[str, Any]:
+    """Cache key of src->tgt bundles: the study settings plus both centres' data and keys."""
+    key = cfg.cache_key(src, tgt)
+    for who in (src, tgt):
+        info = out.centres.get(who, {})
+        key[f"{who}_state"] = [info.get("prepared_hash"), info.get("sign_key_id")]
+    return key
 
 
 def _exchange_grouped(transport: Transport, ask: list[tuple[int, str, Envelope]], timeout: float):

@@ -142,6 +142,11 @@ class Deployment:
     # -------------------------------------------------------------- stop
     def stop(self) -> None:
         stop_pids(self.root)
+        for p in self.procs:  # reap our children (no zombies left behind)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
         self.procs.clear()
 
     def __enter__(self) -> "Deployment":

@@ -42,7 +42,7 @@ class CentrePreset:
 
 PRESETS: dict[str, CentrePreset] = {
     "tiny": CentrePreset(
-        name="tiny", image_size=16, patch_size=64, mpp=8.0, pretrain_epochs=1, fine_tune_epochs=1,
+        name="tiny", image_size=16, patch_size=32, mpp=2.0, pretrain_epochs=1, fine_tune_epochs=1,
         batch_size=16, mil_epochs=2, distill_config="configs/distill-cpu.yaml",
         distill_overrides=(("image_size", 16), ("outer_steps", 2), ("inner_steps", 1), ("pool_size", 1),
                            ("pool_epochs", 1), ("batch_real", 16), ("model_kwargs", {"width": 16, "depth": 2}),
@@ -50,7 +50,7 @@ PRESETS: dict[str, CentrePreset] = {
         max_train_patches=64, demo_slides=4,
     ),
     "cpu": CentrePreset(
-        name="cpu", image_size=32, patch_size=128, mpp=4.0, pretrain_epochs=3, fine_tune_epochs=5,
+        name="cpu", image_size=32, patch_size=64, mpp=1.0, pretrain_epochs=3, fine_tune_epochs=5,
         batch_size=32, mil_epochs=10, distill_config="configs/distill-cpu.yaml",
         max_train_patches=600, demo_slides=8,
     ),

@@ -17,6 +17,7 @@ See ``docs/privacy.md`` for what the audit does and does not show (it is not dif
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,7 @@ class AuditReport:
     holdout_info: dict[str, Any] | None
     risks: list[str]
     files: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def flagged(self) -> bool:
@@ -156,7 +158,7 @@ class AuditReport:
         d: dict[str, Any] = {"summary": self.summary(), "synthetic": self.synthetic_info, "real": self.real_info,
                              "holdout": self.holdout_info, "memorisation": self.memorisation.summary(),
                              "per_synthetic": self.memorisation.per_synthetic(), "config": to_jsonable(self.config),
-                             "files": self.files}
+                             "files": self.files, "seconds": self.seconds}
         if self.membership is not None:
             d["membership"] = self.membership.summary()
             d["roc"] = {n: {"fpr": a.fpr.tolist(), "tpr": a.tpr.tolist()} for n, a in self.membership.attacks.items()}
@@ -249,9 +251,12 @@ class AuditReport:
         return out
 
 
-def _info(ps: PatchSet, path: str | None) -> dict[str, Any]:
-    return {"path": path, "kind": ps.kind, "n": len(ps), "image_size": ps.image_size, "class_counts": ps.class_counts(),
-            "method": ps.meta.get("method"), "labels": ps.labels.tolist() if len(ps) <= 1000 else None}
+def _info(ps: PatchSet, path: str | None, labels: bool = False) -> dict[str, Any]:
+    info = {"path": path, "kind": ps.kind, "n": len(ps), "image_size": ps.image_size, "class_counts": ps.class_counts(),
+            "method": ps.meta.get("method")}
+    if labels:
+        info["labels"] = [ps.class_names[int(c)] for c in ps.labels]
+    return info
 
 
 def resize_patchset(ps: PatchSet, size: int) -> PatchSet:
@@ -299,16 +304,21 @@ def run_audit(synthetic: PatchSet, real: PatchSet, holdout: PatchSet | None, con
     prev_threads = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
+    seconds: dict[str, float] = {}
     try:
+        t0 = time.perf_counter()
         mem = analyse_memorisation(synthetic, real_r, cfg.memorisation, encoder=encoder, seed=cfg.seed)
+        seconds["memorisation"] = round(time.perf_counter() - t0, 3)
         mia = None
         if cfg.membership.enabled and hold_r is not None and len(hold_r):
+            t0 = time.perf_counter()
             mia = membership_audit(synthetic, real_r, hold_r, cfg.membership, seed=cfg.seed)
+            seconds["membership"] = round(time.perf_counter() - t0, 3)
     finally:
         torch.set_num_threads(prev_threads)
-    report = AuditReport(mem, mia, cfg, _info(synthetic, paths.get("synthetic")), _info(real, paths.get("real")),
+    report = AuditReport(mem, mia, cfg, _info(synthetic, paths.get("synthetic"), labels=True), _info(real, paths.get("real")),
                          None if holdout is None else _info(holdout, paths.get("holdout")),
-                         find_risks(mem, mia, cfg.gate))
+                         find_risks(mem, mia, cfg.gate), seconds=seconds)
     if out_dir is not None:
         report.write(out_dir, synthetic, real_r)
     return report
