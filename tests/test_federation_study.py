@@ -87,18 +87,18 @@ def test_tampered_bundle_is_reported_and_excluded(tmp_path):
     out = run_transfer_study(LocalTransport({1: CentreNode(cfgs[0]), 2: CentreNode(cfgs[1])}), _study(tmp_path, trust))
     bad = [f for f in out.faults if f.kind == "bad_bundle"]
     assert bad and bad[0].centre == "C1" and "Signature" in bad[0].detail
-    assert "train" not in out.messages and not out.rows
+    assert [r["mode"] for r in out.rows] == ["none"]  # only the target's own baseline
 
 
 def test_silent_centre_is_reported_and_study_goes_on(tmp_path):
     from histodd_fed.federation.centre import CentreNode
     from histodd_fed.federation.coordinator import LocalTransport, run_transfer_study
 
-    cfgs, trust = _centres(tmp_path, faults={"C2": "hang:train:30"})
-    cfg = _study(tmp_path, trust, both_directions=True, reply_timeout=20)
+    cfgs, trust = _centres(tmp_path, faults={"C2": "hang:train:90"})
+    cfg = _study(tmp_path, trust, both_directions=True, reply_timeout=15)
     t0 = time.monotonic()
     out = run_transfer_study(LocalTransport({1: CentreNode(cfgs[0]), 2: CentreNode(cfgs[1])}), cfg)
-    assert time.monotonic() - t0 < 29
+    assert time.monotonic() - t0 < 85  # did not wait for the silent centre
     assert [(f.centre, f.stage, f.kind) for f in out.faults] == [("C2", "train", "timeout")]
     assert {r["target"] for r in out.rows} == {"C1"} and any(r["mode"] == "full" for r in out.rows)
 
@@ -114,3 +114,4 @@ def test_untrusted_centre_is_excluded(tmp_path):
     store.save()
     out = run_transfer_study(LocalTransport({1: CentreNode(cfgs[0]), 2: CentreNode(cfgs[1])}), _study(tmp_path, trust))
     assert ("C2", "untrusted") in [(f.centre, f.kind) for f in out.faults] and not out.rows
+    assert "distil" not in out.messages

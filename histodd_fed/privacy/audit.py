@@ -177,11 +177,14 @@ class AuditReport:
         verdict = "**FLAGGED**" if self.flagged else "**passes**"
         lines += [f"## Verdict: {verdict}", ""]
         lines += [f"- {r}" for r in self.risks] or ["- no rule fired"]
-        lines += ["", f"Rules: SSIM >= {cfg.gate.ssim_block}; normalised L2 below the real-real "
-                      f"p{cfg.gate.l2_block_percentile}; attack AUC > {cfg.gate.auc_block}.", ""]
+        g = cfg.gate
+        rules = [f"SSIM >= {g.ssim_block}" if g.ssim_block is not None else "",
+                 f"normalised L2 below the real-real p{g.l2_block_percentile:g}" if g.l2_block_percentile is not None else "",
+                 f"attack AUC > {g.auc_block}" if g.auc_block is not None else ""]
+        lines += ["", "Rules: " + ("; ".join(r for r in rules if r) or "none (all disabled)") + ".", ""]
         lines += ["## Memorisation (nearest real patch of each synthetic patch)", "",
-                  "| metric | closest pair (syn, real) | closest | median syn NN | real-real p1 | real-real p5 | "
-                  "real-real median | syn below p1 | syn below p5 |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| metric | closest pair (syn, real) | closest | median syn NN | real-real closest 1% | real-real closest 5% | "
+                  "real-real median | syn closer than 1% | syn closer than 5% |", "|---|---|---|---|---|---|---|---|---|"]
         for name, r in mem.metrics.items():
             s = r.summary()
             arrow = "higher = closer" if r.higher_is_closer else "lower = closer"
@@ -192,7 +195,7 @@ class AuditReport:
                       "others. Percentiles below are the share of real-real NN values at least as close (midrank); "
                       "0 = closer than any two real patches.", ""]
         cols = list(mem.metrics)
-        head = "| syn | label |" + ("init |" if mem.init_indices is not None else "") + \
+        head = "| syn | label |" + (" init |" if mem.init_indices is not None else "") + \
                "".join(f" {c} NN | {c} | {c} pct |" + (f" {c} to init |" if mem.init_indices is not None else "") for c in cols)
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
         labels = self.synthetic_info.get("labels", [])

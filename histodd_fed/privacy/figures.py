@@ -45,11 +45,10 @@ def closest_pairs_png(mem: MemorisationResult, synthetic: PatchSet, real: PatchS
         for c, (img, title) in enumerate(panels):
             ax = axes[r, c]
             ax.imshow(np.asarray(img), interpolation="nearest")
-            ax.set_title(title, fontsize=6)
+            ax.set_title(f"{cols[c].upper()}\n{title}" if r == 0 else title, fontsize=6)
             ax.axis("off")
-    for c, name in enumerate(cols):
-        axes[0, c].annotate(name, (0.5, 1.45), xycoords="axes fraction", ha="center", fontsize=8, weight="bold")
-    fig.suptitle("Closest synthetic / real pairs (rows sorted by SSIM)", fontsize=9, y=1.0)
+    fig.suptitle("Closest synthetic / real pairs (rows sorted by SSIM; pN = real-real percentile)", fontsize=8)
+    fig.tight_layout()
     return _png(fig)
 
 
@@ -63,7 +62,7 @@ def nn_distribution_png(mem: MemorisationResult) -> bytes:
         ax.hist(r.reference_nn, bins=40, color="0.7", label="real-real NN")
         ymax = ax.get_ylim()[1]
         ax.vlines(r.synthetic_nn, 0, ymax * 0.35, colors="tab:red", linewidth=1.2, label="synthetic NN")
-        ax.axvline(r.reference_threshold(1.0), color="k", linestyle="--", linewidth=1, label="real-real p1")
+        ax.axvline(r.reference_threshold(1.0), color="k", linestyle="--", linewidth=1, label="real-real closest 1%")
         ax.set_title(f"{name} ({'higher' if r.higher_is_closer else 'lower'} = closer)", fontsize=9)
         ax.tick_params(labelsize=7)
     axes[0, 0].legend(fontsize=7)
