@@ -6,11 +6,16 @@ key directory, work directory, preset, seed). It answers three actions
 
 ``identity``  prepare if needed (tile slides, train its own ResNet18 and CLAM, all cached), then
               reply its public identity, centre id and class counts (no patient data).
-``distil``    for each requested ipc, distil its train split with Histo-DD (cached by config
-              hash) and seal the synthetic set to the named recipient(s); ``full`` also seals the
-              whole real train split. Replies the sealed bundles as blobs.
-``train``     verify and open every bundle addressed to it, fine-tune its pre-trained classifier
-              and CLAM on each, evaluate on its held-out real test split; replies metrics only.
+``distil``    for each requested ipc, distil its train split with Histo-DD twice (cached by config
+              hash): ``ipc`` images per class (patch level) and ``slide_ipc`` per class per train
+              slide with the slide table (slide level, ``DistillConfig(per_slide=True)``). Each set
+              passes the export gate (:func:`histodd_fed.privacy.gate.check_export` against the
+              real train patches) whose summary is sealed into the manifest; a blocked set is
+              announced ``blocked`` and not sent. ``full`` seals the whole real train split (risk
+              accepted by definition, recorded). Replies the sealed bundles as blobs.
+``train``     verify and open every bundle addressed to it; per row (ipc or full) fine-tune its
+              pre-trained classifier on the patch-level set and its pre-trained CLAM on bags of
+              the received per-slide set; evaluate on its held-out real test split; metrics only.
 
 Every handler returns an :class:`Envelope`; a :class:`HistoddError` becomes a reply with
 ``ok: false`` and a one-line ``error`` instead of a crashed message.
@@ -142,29 +147,42 @@ class CentreNode:
         return Envelope(body=body)
 
     def distil(self, request: Envelope) -> Envelope:
-        from histodd_fed.federation import local_work
+        from histodd_fed.federation import local_work, slide_level
 
         recipients = [str(r) for r in request.require("recipients")]
         ipcs = [int(i) for i in request.body.get("ipcs", [])]
         full = bool(request.body.get("full", False))
         seed = int(request.body.get("seed", self.config.seed))
         prepared = local_work.prepare(self.config, self.preset)
+        with_slides = slide_level.has_slides(prepared.train)
         blobs: dict[str, bytes] = {}
         items: list[dict[str, Any]] = []
         for ipc in ipcs:
-            res = local_work.distil_cached(self.config, self.preset, prepared, ipc=ipc, seed=seed)
-            data = local_work.seal_for(self.config, res.patchset, recipients, label=f"ipc{ipc}")
-            name = f"ipc{ipc}"
-            blobs[name] = self.faults.on_bundle(data)
-            items.append({"name": name, "ipc": ipc, "mode": "synthetic", "images": len(res.patchset),
-                          "config_hash": res.config_hash, "cached": res.cached,
-                          "distil_seconds": res.seconds, "bytes": len(data)})
+            parts = [("patch", f"ipc{ipc}", False)] + ([("slides", f"ipc{ipc}-slides", True)] if with_slides else [])
+            for part, name, per_slide in parts:
+                res = local_work.distil_cached(self.config, self.preset, prepared, ipc=ipc, seed=seed,
+                                               per_slide=per_slide)
+                item = {"name": name, "row": f"ipc{ipc}", "part": part, "ipc": ipc, "mode": "synthetic",
+                        "images": len(res.patchset), "config_hash": res.config_hash, "cached": res.cached,
+                        "distil_seconds": res.seconds}
+                if per_slide:
+                    item["m_per_slide"] = self.preset.slide_ipc
+                blocked, report, message = local_work.gate_report(res.patchset, prepared)
+                item["privacy"] = report.get("gate", {})
+                if blocked:  # never sealed, never sent; the coordinator reports it for this row
+                    items.append(dict(item, blocked=True, error=message, bytes=0))
+                    continue
+                data = local_work.seal_for(self.config, res.patchset, recipients, label=name, privacy_report=report)
+                blobs[name] = self.faults.on_bundle(data)
+                items.append(dict(item, bytes=len(data)))
         if full:
-            data = local_work.seal_for(self.config, prepared.train, recipients, label="full")
+            report = local_work.full_privacy_report(prepared)
+            data = local_work.seal_for(self.config, prepared.train, recipients, label="full", privacy_report=report)
             blobs["full"] = self.faults.on_bundle(data)
-            items.append({"name": "full", "ipc": None, "mode": "full", "images": len(prepared.train),
+            items.append({"name": "full", "row": "full", "part": "both", "ipc": None, "mode": "full",
+                          "images": len(prepared.train), "train_total": prepared.summary()["n_train_total"],
                           "config_hash": prepared.config_hash, "cached": True, "distil_seconds": 0.0,
-                          "bytes": len(data)})
+                          "bytes": len(data), "privacy": report.get("gate", {})})
         return Envelope(body={"bundles": items, "recipients": recipients}, blobs=blobs)
 
     def train(self, request: Envelope) -> Envelope:
@@ -175,15 +193,27 @@ class CentreNode:
         rows: list[dict[str, Any]] = []
         if request.body.get("baseline", True):
             rows.append(local_work.evaluate_baseline(self.config, self.preset, prepared))
+        groups: dict[str, list[dict[str, Any]]] = {}
         for item in request.body.get("bundles", []):
             name = str(item["name"])
             if name not in request.blobs:
                 raise ProtocolError(f"train request names bundle {name!r} but does not carry it")
-            row = {"name": name, "source": item.get("source"), "ipc": item.get("ipc"),
-                   "mode": item.get("mode"), "bytes": len(request.blobs[name])}
+            groups.setdefault(str(item.get("row") or name), []).append(item)
+        for row_name, items in groups.items():
+            first = items[0]
+            row = {"name": row_name, "source": first.get("source"), "ipc": first.get("ipc"),
+                   "mode": first.get("mode"), "bytes": sum(len(request.blobs[str(i["name"])]) for i in items),
+                   "bundles": [str(i["name"]) for i in items]}
+            for k in ("train_total", "m_per_slide"):
+                for i in items:
+                    if i.get(k) is not None:
+                        row[k] = i[k]
+            by_part = {str(i.get("part") or "both"): request.blobs[str(i["name"])] for i in items}
+            patch = by_part.get("patch", by_part.get("both"))
+            slides = by_part.get("slides", by_part.get("both"))
             try:
-                row.update(local_work.fine_tune_on_bundle(self.config, self.preset, prepared,
-                                                          request.blobs[name], epochs=epochs))
+                row.update(local_work.fine_tune_on_bundles(self.config, self.preset, prepared, patch=patch,
+                                                           slides=slides, epochs=epochs))
                 row["ok"] = True
             except HistoddError as exc:
                 row.update(ok=False, error=f"{type(exc).__name__}: {exc}")

@@ -216,6 +216,9 @@ def run_transfer_study(transport: Transport, cfg: StudyConfig,
                 continue
             good = []
             for item in rep.body.get("bundles", []):
+                if item.get("blocked"):  # the source's export gate refused it: reported, never sent
+                    out.faults.append(Fault(src, "distil", "blocked", f"{item.get('name')}: {item.get('error')}"))
+                    continue
                 data = rep.blobs.get(item.get("name", ""))
                 if data is None:
                     out.faults.append(Fault(src, "distil", "bad_bundle", f"{item.get('name')}: announced, not sent"))
@@ -228,7 +231,7 @@ def run_transfer_study(transport: Transport, cfg: StudyConfig,
                 good.append((item, data))
             bundles[(src, tgt)] = good
             say(f"{src}->{tgt}: {len(good)} bundle(s) verified")
-            if len(good) == len(rep.body.get("bundles", [])) and good:
+            if len(good) == len([i for i in rep.body.get("bundles", []) if not i.get("blocked")]) and good:
                 _store_cached_bundles(cache_dir, _bundle_key(cfg, out, src, tgt), good)
 
     # 3. relay to targets, collect metrics -----------------------------------------------
@@ -244,7 +247,9 @@ def run_transfer_study(transport: Transport, cfg: StudyConfig,
             for item, data in bundles[(src, tgt)]:
                 name = f"{src}-{item['name']}"
                 blobs[name] = data
-                listed.append({"name": name, "source": src, "ipc": item.get("ipc"), "mode": item.get("mode")})
+                listed.append({"name": name, "source": src, "ipc": item.get("ipc"), "mode": item.get("mode"),
+                               "row": f"{src}-{item.get('row') or item['name']}", "part": item.get("part"),
+                               "train_total": item.get("train_total"), "m_per_slide": item.get("m_per_slide")})
         ask.append((n, ACTION_TRAIN, Envelope(body={"bundles": listed, "epochs": cfg.fine_tune_epochs,
                                                     "baseline": True}, blobs=blobs)))
     if ask:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from histodd_fed.errors import ConfigError, HistoddError
 
-FAULT_KINDS = ("timeout", "error", "untrusted", "bad_bundle", "missing")
+FAULT_KINDS = ("timeout", "error", "untrusted", "bad_bundle", "missing", "blocked")
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Fault:
 
     centre: str
     stage: str        # identity | distil | train
-    kind: str         # one of FAULT_KINDS
+    kind: str         # one of FAULT_KINDS (``blocked``: the source's privacy gate refused the set)
     detail: str
 
     def line(self) -> str:

@@ -4,10 +4,10 @@ Everything is cached under the centre's work directory, keyed by config hashes, 
 node (or coordinator) never redoes finished work:
 
 - ``prepared/<hash>/``   train/test patch sets (at the model input size), the pre-trained
-  classifier and CLAM checkpoints, ``prepared.json``
-- ``synthetic/<hash>/``  distilled patch sets (one per distillation config)
-- ``received/<sha256>.json``  metrics of a bundle already fine-tuned on (replays are answered
-  from here: the bundle ledger would refuse to open it twice)
+  classifier, the CLAM head (``mil/``) and the encoded real test bags (``test_bags/``), ``prepared.json``
+- ``synthetic/<hash>/``  distilled patch sets (one per distillation config: patch-level or per-slide)
+- ``received/<sha256>.json``  metrics of a row's bundles already fine-tuned on (replays are answered
+  from here: the bundle ledger would refuse to open them twice)
 """
 
 from __future__ import annotations
@@ -116,39 +116,55 @@ class Prepared:
     train: PatchSet
     test: PatchSet
     classifier_dir: Path
-    mil_path: Path | None
+    has_mil: bool
     config_hash: str
     info: dict[str, Any]
 
     def summary(self) -> dict[str, Any]:
         return {"class_counts": self.train.class_counts(), "test_class_counts": self.test.class_counts(),
                 "class_names": list(self.train.class_names), "n_train": len(self.train),
+                "n_train_total": int(self.info.get("n_train_total", len(self.train))),
                 "n_test": len(self.test), "prepared_hash": self.config_hash[:16],
                 "baseline": self.info.get("baseline", {})}
 
 
 def _prepare_key(cfg: CentreConfig, preset: CentrePreset) -> dict[str, Any]:
     return {"centre": cfg.centre_id, "data": str(cfg.data.resolve()), "seed": cfg.seed,
-            "preset": preset.to_dict(), "version": 1}
+            "preset": preset.to_dict(), "version": 2}
+
+
+def _threads() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # two centres share the machine; 1 thread each is fastest here
+
+
+def patch_metrics(model, test: PatchSet) -> dict[str, float]:
+    """Patch accuracy, balanced accuracy and AUC of ``model`` on ``test``."""
+    from histodd_fed.training import evaluate_classifier
+
+    m = evaluate_classifier(model, test, device="cpu")
+    return {"patch_accuracy": float(m.accuracy), "patch_balanced_accuracy": float(m.balanced_accuracy),
+            "patch_auc": float(m.auc)}
 
 
 def prepare(cfg: CentreConfig, preset: CentrePreset) -> Prepared:
     """Split the centre's data, train its ResNet18 and CLAM on its own train split (cached)."""
+    from histodd_fed.federation import slide_level
+
     key = _prepare_key(cfg, preset)
     h = config_hash(key)
     root = cfg.work_dir / "prepared" / h[:16]
     done = root / "prepared.json"
     if done.exists():
         info = json.loads(done.read_text())
-        mil = root / "mil.safetensors"
         return Prepared(root, PatchSet.load(root / "train"), PatchSet.load(root / "test"), root / "classifier",
-                        mil if mil.exists() else None, h, info)
-    import torch
-
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+                        (root / slide_level.MIL_DIR).exists(), h, info)
+    _threads()
     t0 = time.perf_counter()
     real = load_real_patches(cfg, preset)
     train, test = _split(real, cfg.seed)
+    n_total = len(train)
     if preset.max_train_patches and len(train) > preset.max_train_patches:
         idx = np.sort(np.random.default_rng(cfg.seed).choice(len(train), preset.max_train_patches, replace=False))
         train = train.subset(idx)
@@ -159,37 +175,32 @@ def prepare(cfg: CentreConfig, preset: CentrePreset) -> Prepared:
     root.mkdir(parents=True, exist_ok=True)
     train.save(root / "train")
     test.save(root / "test")
+    t1 = time.perf_counter()
     model = _train_classifier(train, preset, cfg.seed)
-    from histodd_fed.training import evaluate_classifier, save_model
+    from histodd_fed.training import save_model
 
     save_model(model, root / "classifier", arch=preset.classifier, num_classes=train.num_classes,
-               image_size=preset.image_size, class_names=train.class_names)
-    baseline = {"patch_accuracy": evaluate_classifier(model, test, device="cpu").accuracy}
-    mil_path = None
-    if _has_slides(train) and _has_slides(test):
-        from histodd_fed.federation import slide_level
-
-        mil, slide_acc = slide_level.train_and_evaluate(model, train, test, preset, cfg.seed, init=None)
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in mil.state_dict().items()}, str(root / "mil.safetensors"))
-        mil_path = root / "mil.safetensors"
-        baseline["slide_accuracy"] = slide_acc
-    info = {"key": key, "seconds": round(time.perf_counter() - t0, 2), "baseline": baseline}
+               image_size=preset.image_size, arch_kwargs=dict(preset.classifier_kwargs),
+               class_names=train.class_names)
+    baseline = patch_metrics(model, test)
+    t2 = time.perf_counter()
+    if slide_level.has_slides(train) and slide_level.has_slides(test):
+        baseline.update(slide_level.pretrain(model, train, test, preset, cfg.seed, root))
+    info = {"key": key, "seconds": round(time.perf_counter() - t0, 2), "baseline": baseline,
+            "n_train_total": n_total,
+            "timing": {"data": round(t1 - t0, 2), "classifier": round(t2 - t1, 2),
+                       "mil": round(time.perf_counter() - t2, 2)}}
     write_run_config(root, "federation.prepare", key)
     atomic_write_json(done, info)
-    return Prepared(root, train, test, root / "classifier", mil_path, h, info)
-
-
-def _has_slides(ps: PatchSet) -> bool:
-    return bool(ps.slide_labels) and bool((ps.slide_index >= 0).any())
+    log.info("%s: prepared in %.1fs %s", cfg.centre_id, info["seconds"], info["timing"])
+    return Prepared(root, train, test, root / "classifier", (root / slide_level.MIL_DIR).exists(), h, info)
 
 
 def _train_classifier(train: PatchSet, preset: CentrePreset, seed: int):
     from histodd_fed.training import build_seeded_model, train_classifier
 
     model = build_seeded_model(preset.classifier, seed=seed, num_classes=train.num_classes,
-                               image_size=preset.image_size)
+                               image_size=preset.image_size, **dict(preset.classifier_kwargs))
     return train_classifier(model, train, epochs=preset.pretrain_epochs, lr=preset.lr * 10,
                             batch_size=preset.batch_size, seed=seed, device="cpu",
                             progress=False, desc="pre-train").model
@@ -212,18 +223,26 @@ def _distill_config_path(preset: CentrePreset) -> Path:
     raise ConfigError(f"distillation config {preset.distill_config} not found")
 
 
-def distil_cached(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *, ipc: int, seed: int) -> DistilResult:
-    """Histo-DD synthetic set of ``ipc`` images per class from the train split (cached by hash)."""
+def distil_cached(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *, ipc: int, seed: int,
+                  per_slide: bool = False) -> DistilResult:
+    """Histo-DD synthetic set from the train split (cached by hash).
+
+    ``per_slide=False``: ``ipc`` images per class. ``per_slide=True``: ``preset.slide_ipc`` images per
+    class per train slide, keeping the slide table (slide_index / slide_ids / slide_labels) for MIL.
+    """
     from histodd_fed.distill import distill
     from histodd_fed.distill.config import DistillConfig
 
     overrides = dict(preset.distill_overrides)
     overrides.update(ipc=int(ipc), seed=int(seed))
+    if per_slide:
+        overrides.update(ipc=int(preset.slide_ipc), per_slide=True, slide_outer_steps=int(preset.slide_outer_steps))
     dcfg = DistillConfig.from_yaml(_distill_config_path(preset), **overrides)
     h = config_hash({"distill": dcfg, "real": prepared.config_hash})
     out = cfg.work_dir / "synthetic" / h[:16]
     if (out / "patchset.json").exists():
         return DistilResult(PatchSet.load(out), h, True, 0.0)
+    _threads()
     t0 = time.perf_counter()
     syn = distill(prepared.train, dcfg, work_dir=cfg.work_dir / "distill-work" / h[:16], progress=False)
     syn.save(out)
@@ -231,15 +250,44 @@ def distil_cached(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *
     return DistilResult(syn, h, False, round(time.perf_counter() - t0, 2))
 
 
+# ---------------------------------------------------------------------------- privacy gate
+def gate_report(ps: PatchSet, prepared: Prepared) -> tuple[bool, dict[str, Any], str]:
+    """Run the export gate on ``ps`` against this centre's real train patches.
+
+    Returns ``(blocked, privacy_report, message)``; the report is what gets sealed into the
+    manifest. Nothing is raised for a blocked set: the caller reports it and does not send it.
+    """
+    from histodd_fed.privacy.gate import check_export
+
+    _threads()
+    decision = check_export(synthetic=ps, real=prepared.train, accept_risk=False, require_audit=True,
+                            raise_on_block=False)
+    summary = decision.to_dict()
+    return decision.blocked, summary, decision.message()
+
+
+def full_privacy_report(prepared: Prepared) -> dict[str, Any]:
+    """Privacy report for the "Full" comparison: real patches, risk accepted by definition."""
+    from histodd_fed.privacy.gate import GateDecision
+
+    reason = "Full comparison: the source's real train patches (real data by definition)"
+    return GateDecision(passed=False, accepted_risk=True, reasons=[reason],
+                        summary={"audited": False, "kind": "real", "n_real": len(prepared.train)},
+                        audited=False, override_requested=True).to_dict()
+
+
 # ---------------------------------------------------------------------------- bundles
-def seal_for(cfg: CentreConfig, ps: PatchSet, recipients: list[str], label: str) -> bytes:
+def seal_for(cfg: CentreConfig, ps: PatchSet, recipients: list[str], label: str,
+             privacy_report: dict[str, Any] | None = None) -> bytes:
     """Seal ``ps`` from this centre to ``recipients`` (all must be in its trust store)."""
     from histodd_fed.bundle import seal
     from histodd_fed.bundle.trust import TrustStore
 
     ident = load_or_create_identity(cfg)
     trust = TrustStore.load(cfg.key_dir)
-    return seal(ps, ident, trust.recipients(recipients))
+    return seal(ps, ident, trust.recipients(recipients), privacy_report=privacy_report,
+                extra_manifest={"transfer": label,
+                                "accepted_privacy_risk": bool((privacy_report or {}).get("accepted_risk"))})
 
 
 def open_received(cfg: CentreConfig, data: bytes) -> PatchSet:
@@ -257,48 +305,58 @@ def open_received(cfg: CentreConfig, data: bytes) -> PatchSet:
 def evaluate_baseline(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared) -> dict[str, Any]:
     """The "no transfer" row: the centre's own models before fine-tuning."""
     b = prepared.info.get("baseline", {})
-    return {"name": "none", "mode": "none", "ipc": None, "source": None, "ok": True,
-            "patch_accuracy": b.get("patch_accuracy"), "slide_accuracy": b.get("slide_accuracy"),
+    return {"name": "none", "mode": "none", "ipc": None, "source": None, "ok": True, **b,
             "fine_tune_seconds": 0.0, "epochs": 0, "images": 0, "bytes": 0}
 
 
-def fine_tune_on_bundle(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, data: bytes,
-                        *, epochs: int) -> dict[str, Any]:
-    """Open ``data``, fine-tune copies of the pre-trained models on it, evaluate on the test split."""
-    sha = hashlib.sha256(data).hexdigest()
+def fine_tune_on_bundles(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *,
+                         patch: bytes | None, slides: bytes | None, epochs: int) -> dict[str, Any]:
+    """Open the row's bundles; fine-tune copies of the pre-trained models; evaluate on the test split.
+
+    ``patch``: the set the patch classifier is fine-tuned on. ``slides``: the set (with a slide
+    table) whose bags fine-tune the pre-trained CLAM head; the same bytes for "Full".
+    """
+    blobs = [b for b in (patch, slides) if b is not None]
+    if not blobs:
+        raise InputError("nothing to fine-tune on: no bundle in this row")
+    sha = hashlib.sha256(b"".join(hashlib.sha256(b).digest() for b in (patch or b"", slides or b""))).hexdigest()
     cache = cfg.work_dir / "received" / f"{sha[:32]}-{prepared.config_hash[:8]}-e{epochs}.json"
     if cache.exists():
         out = json.loads(cache.read_text())
         out["cached"] = True
         return out
-    import torch
+    from histodd_fed.federation import slide_level
+    from histodd_fed.training import fine_tune, load_model
 
-    from histodd_fed.training import evaluate_classifier, fine_tune, load_model
-
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
-    received = open_received(cfg, data)
-    if list(received.class_names) != list(prepared.train.class_names):
-        raise InputError(f"received classes {received.class_names} differ from ours {prepared.train.class_names}")
-    received = resize_patchset(received, preset.image_size)
-    model = load_model(prepared.classifier_dir)
+    _threads()
+    opened: dict[int, PatchSet] = {}
+    for b in blobs:
+        if id(b) not in opened:
+            ps = open_received(cfg, b)
+            if list(ps.class_names) != list(prepared.train.class_names):
+                raise InputError(f"received classes {ps.class_names} differ from ours {prepared.train.class_names}")
+            opened[id(b)] = ps
+    out: dict[str, Any] = {"epochs": epochs}
     t0 = time.perf_counter()
-    fine_tune(model, received, epochs=epochs, lr=preset.fine_tune_lr * 10, batch_size=preset.batch_size,
-              seed=cfg.seed, device="cpu", progress=False)
-    patch_seconds = time.perf_counter() - t0
-    out: dict[str, Any] = {"patch_accuracy": evaluate_classifier(model, prepared.test, device="cpu").accuracy,
-                           "images": len(received), "epochs": epochs, "kind": received.kind}
-    if prepared.mil_path is not None:
-        from safetensors.torch import load_file
-
-        from histodd_fed.federation import slide_level
-
-        init = load_file(str(prepared.mil_path))
-        _, slide_acc = slide_level.train_and_evaluate(model, prepared.train, prepared.test, preset, cfg.seed,
-                                                      init=init, epochs=epochs)
-        out["slide_accuracy"] = slide_acc
+    if patch is not None:
+        received = resize_patchset(opened[id(patch)], preset.image_size)
+        model = load_model(prepared.classifier_dir)
+        tp = time.perf_counter()
+        fine_tune(model, received, epochs=epochs, lr=preset.fine_tune_lr * 10, batch_size=preset.batch_size,
+                  seed=cfg.seed, device="cpu", progress=False)
+        out["patch_fine_tune_seconds"] = round(time.perf_counter() - tp, 2)
+        out.update(patch_metrics(model, prepared.test))
+        out.update(images=len(received), kind=received.kind)
+    if slides is not None and prepared.has_mil:
+        received = opened[id(slides)]
+        if slide_level.has_slides(received):
+            ts = time.perf_counter()
+            out.update(slide_level.fine_tune(load_model(prepared.classifier_dir), received, prepared.root, preset,
+                                             cfg.seed, epochs=epochs))
+            out["slide_fine_tune_seconds"] = round(time.perf_counter() - ts, 2)
+        else:
+            out["slide_note"] = "received set has no slide table"
     out["fine_tune_seconds"] = round(time.perf_counter() - t0, 2)
-    out["patch_fine_tune_seconds"] = round(patch_seconds, 2)
     atomic_write_json(cache, out)
     out["cached"] = False
     return out
-

@@ -22,13 +22,18 @@ class CentrePreset:
     mpp: float = 2.0
     tissue_threshold: float = 0.5
     classifier: str = "resnet18"
+    classifier_kwargs: tuple[tuple[str, Any], ...] = (("small_stem", False),)  # ImageNet stem: ~6x cheaper at 32 px
     pretrain_epochs: int = 3
     fine_tune_epochs: int = 5
     batch_size: int = 32
     lr: float = 1e-3
     fine_tune_lr: float = 5e-4
     mil_model: str = "clam"
-    mil_epochs: int = 10
+    mil_epochs: int = 10             # CLAM pre-training epochs on the centre's own train bags
+    mil_lr: float = 1e-3
+    mil_fine_tune_lr: float = 2e-4
+    slide_ipc: int = 2               # m: per-slide synthetic images per class per slide (slide-level transfer)
+    slide_outer_steps: int = 5       # distillation outer steps per slide in per-slide mode
     distill_config: str = "configs/distill-cpu.yaml"
     distill_overrides: tuple[tuple[str, Any], ...] = ()
     max_train_patches: int = 0       # 0 = all; caps pre-training cost on small machines
@@ -37,6 +42,7 @@ class CentrePreset:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["distill_overrides"] = dict(self.distill_overrides)
+        d["classifier_kwargs"] = dict(self.classifier_kwargs)
         return d
 
 
@@ -47,16 +53,17 @@ PRESETS: dict[str, CentrePreset] = {
         distill_overrides=(("image_size", 16), ("outer_steps", 2), ("inner_steps", 1), ("pool_size", 1),
                            ("pool_epochs", 1), ("batch_real", 16), ("model_kwargs", {"width": 16, "depth": 2}),
                            ("checkpoint_every", 0)),
-        max_train_patches=64, demo_slides=4,
+        max_train_patches=64, demo_slides=4, slide_ipc=1, slide_outer_steps=1,
     ),
     "cpu": CentrePreset(
         name="cpu", image_size=32, patch_size=64, mpp=1.0, pretrain_epochs=3, fine_tune_epochs=5,
         batch_size=32, mil_epochs=10, distill_config="configs/distill-cpu.yaml",
-        max_train_patches=600, demo_slides=8,
+        max_train_patches=600, demo_slides=8, slide_ipc=2, slide_outer_steps=5,
     ),
     "paper": CentrePreset(
         name="paper", image_size=64, patch_size=256, mpp=1.0, pretrain_epochs=20, fine_tune_epochs=5,
         batch_size=64, mil_epochs=50, distill_config="configs/distill-cpu.yaml", demo_slides=20,
+        classifier_kwargs=(), slide_ipc=10, slide_outer_steps=50,
     ),
 }
 

@@ -1,68 +1,74 @@
-"""Slide-level accuracy: a CLAM head on bags of patch features from the centre's classifier.
+"""Slide-level models of a centre, through :mod:`histodd_fed.mil`.
 
-One bag per slide (its patches encoded by the classifier's ``features``). The head is trained on
-the train split's bags (or fine-tuned from ``init``) and evaluated on the test split's bags.
+A centre's slide encoder is its own pre-trained patch classifier (frozen, ``features()``): every bag
+(one per slide) is encoded with it, so the real test bags are encoded once at prepare time and
+saved, and a received set only needs its own patches encoded.
+
+- :func:`pretrain`    CLAM on the centre's own real train bags; saves head + test bags
+- :func:`fine_tune`   copy of the pre-trained head fine-tuned on bags built from a RECEIVED patch set
+  (per-slide synthetic set, or the source's real train patches for "Full"); evaluated on the
+  centre's real test bags
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from histodd_fed.federation.presets import CentrePreset
 from histodd_fed.patchset import PatchSet
 
+log = logging.getLogger(__name__)
 
-def bags(model, ps: PatchSet) -> list[tuple["torch.Tensor", int]]:  # noqa: F821
-    """(features (N, D), slide label) for every labelled slide of ``ps`` with patches."""
+MIL_DIR = "mil"
+TEST_BAGS_DIR = "test_bags"
+
+
+def has_slides(ps: PatchSet) -> bool:
+    """True when ``ps`` has a slide table with labels (so MIL bags can be built)."""
+    return bool(ps.slide_labels) and bool((ps.slide_index >= 0).any())
+
+
+def encoder_for(model, preset: CentrePreset):
+    """The centre's patch encoder: its classifier's ``features`` at the preset's input size."""
     from histodd_fed.mil.features import PatchEncoder
 
-    enc = PatchEncoder(model, batch_size=256, device="cpu")
-    out = []
-    for j, sid in enumerate(ps.slide_ids):
-        if sid not in ps.slide_labels:
-            continue
-        idx = np.flatnonzero(ps.slide_index == j)
-        if len(idx) == 0:
-            continue
-        out.append((enc.encode(np.ascontiguousarray(ps.images[idx])), int(ps.slide_labels[sid])))
+    return PatchEncoder(model, batch_size=256, device="cpu", input_size=preset.image_size)
+
+
+def metrics_dict(m) -> dict[str, float]:
+    """Slide accuracy / AUC / balanced accuracy of a :class:`MilMetrics`."""
+    return {"slide_accuracy": float(m.accuracy), "slide_auc": float(m.auc),
+            "slide_balanced_accuracy": float(m.balanced_accuracy)}
+
+
+def pretrain(model, train: PatchSet, test: PatchSet, preset: CentrePreset, seed: int, root: Path) -> dict[str, Any]:
+    """Train CLAM on own train bags, save it and the encoded test bags under ``root``; test metrics."""
+    from histodd_fed.mil.bags import bags_from_patchset, save_bags
+    from histodd_fed.mil.train import evaluate_mil, save_mil, train_mil
+
+    enc = encoder_for(model, preset)
+    train_bags = bags_from_patchset(train, enc, progress=False)
+    test_bags = bags_from_patchset(test, enc, progress=False)
+    res = train_mil(train_bags, preset.mil_model, epochs=preset.mil_epochs, lr=preset.mil_lr, seed=seed,
+                    progress=False, num_classes=max(2, train.num_classes))
+    save_mil(res.model, root / MIL_DIR, extra={"epochs": preset.mil_epochs, "train_slides": len(train_bags)})
+    save_bags(test_bags, root / TEST_BAGS_DIR)
+    return metrics_dict(evaluate_mil(res.model, test_bags))
+
+
+def fine_tune(encoder_model, received: PatchSet, root: Path, preset: CentrePreset, seed: int, *,
+              epochs: int) -> dict[str, Any]:
+    """Fine-tune the pre-trained CLAM on bags of ``received``; metrics on the saved real test bags."""
+    from histodd_fed.mil.bags import bags_from_patchset, load_bags
+    from histodd_fed.mil.train import evaluate_mil, load_mil, train_mil
+
+    head, _ = load_mil(root / MIL_DIR)
+    test_bags = load_bags(root / TEST_BAGS_DIR)
+    bags = bags_from_patchset(received, encoder_for(encoder_model, preset), progress=False)
+    res = train_mil(bags, preset.mil_model, epochs=epochs, lr=preset.mil_fine_tune_lr, seed=seed,
+                    model=head, progress=False)
+    out = metrics_dict(evaluate_mil(res.model, test_bags))
+    out.update(slide_bags=len(bags), slide_images=len(received))
     return out
-
-
-def train_and_evaluate(model, train: PatchSet, test: PatchSet, preset: CentrePreset, seed: int, *,
-                       init: dict[str, Any] | None = None, epochs: int | None = None):
-    """Train (or fine-tune from ``init``) CLAM on ``train`` bags; return (head, test slide accuracy)."""
-    import torch
-
-    from histodd_fed.mil import create_mil
-
-    train_bags, test_bags = bags(model, train), bags(model, test)
-    if not train_bags or not test_bags:
-        return None, None
-    dim = int(train_bags[0][0].shape[1])
-    torch.manual_seed(seed)  # head initialisation; explicit seed, never the clock
-    head = create_mil(preset.mil_model, in_dim=dim, num_classes=max(train.num_classes, 2))
-    if init is not None:
-        head.load_state_dict(init)
-    opt = torch.optim.Adam(head.parameters(), lr=2e-4 if init is not None else 1e-3, weight_decay=1e-5)
-    gen = torch.Generator().manual_seed(seed)
-    n_epochs = preset.mil_epochs if epochs is None else epochs
-    for _ in range(n_epochs):
-        head.train()
-        for i in torch.randperm(len(train_bags), generator=gen).tolist():
-            feats, label = train_bags[i]
-            out = head(feats)
-            loss = head.loss(out, torch.tensor(label)) if hasattr(head, "loss") else \
-                torch.nn.functional.cross_entropy(out["logits"], torch.tensor([label]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    head.eval()
-    correct = 0
-    with torch.no_grad():
-        for feats, label in test_bags:
-            out = head(feats)
-            logits = out["logits"] if isinstance(out, dict) else out
-            correct += int(int(logits.argmax(-1).view(-1)[0]) == label)
-    return head, correct / len(test_bags)
