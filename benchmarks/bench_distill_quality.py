@@ -58,20 +58,35 @@ def train_and_eval(x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch
     return float((pred == yv).float().mean())
 
 
-def load_split(args, split: str, per_class: int, seed: int, size: int):
-    """A PatchSet of ``split`` at ``size`` px: from ``--data`` (exported PatchSets) or the PCam folder."""
-    from histodd_fed.patchset import PatchSet
+def _subset(ps, per_class: int, seed: int, exclude: np.ndarray | None = None):
+    """Seeded ``per_class`` patches per class of ``ps``, avoiding indices in ``exclude``."""
+    rng = np.random.default_rng(seed)
+    idx = []
+    for c in range(ps.num_classes):
+        pool = np.flatnonzero(ps.labels == c)
+        if exclude is not None:
+            pool = np.setdiff1d(pool, exclude)
+        idx.append(np.sort(rng.choice(pool, min(per_class, len(pool)), replace=False)))
+    return np.concatenate(idx)
 
-    if args.data is not None:
-        ps = PatchSet.load(args.data / split)
-        rng = np.random.default_rng(seed)
-        idx = np.concatenate([np.sort(rng.choice(np.flatnonzero(ps.labels == c), min(per_class, int((ps.labels == c).sum())),
-                                                 replace=False)) for c in range(ps.num_classes)])
-        ps = ps.subset(idx)
-    else:
-        ps = load_image_folder(DATA / split, size=None, limit_per_class=per_class, seed=seed)
+
+_CACHE: dict = {}
+
+
+def load_split(args, split: str, per_class: int, seed: int, size: int, exclude: np.ndarray | None = None):
+    """(PatchSet at ``size`` px, chosen indices) of ``split``: from ``--data`` (exported PatchSets)
+    or the PCam folder, optionally centre-cropped (``--crop-center``) before resizing."""
+    from histodd_fed.patchset import PatchSet
+    from histodd_fed.training.data import center_crop_patchset
+
+    if split not in _CACHE:
+        full = PatchSet.load(args.data / split) if args.data is not None else load_image_folder(DATA / split, size=None)
+        _CACHE[split] = full
+    full = _CACHE[split]
+    idx = _subset(full, per_class, seed, exclude)
+    ps = center_crop_patchset(full.subset(idx), args.crop_center)
     ps.images = resize_images(ps.images, size)
-    return ps
+    return ps, idx
 
 
 def main() -> None:
@@ -81,6 +96,10 @@ def main() -> None:
     ap.add_argument("--variants", default=None,
                     help='JSON {"name": {overrides}, ...}: several distillation variants per seed')
     ap.add_argument("--data", type=Path, default=None, help="folder with train/ and valid/ PatchSets (pre-resized)")
+    ap.add_argument("--crop-center", type=int, default=None,
+                    help="keep the central N px of each patch before resizing (PCam's label region: 32)")
+    ap.add_argument("--tune", action="store_true",
+                    help="evaluate on a held-out split of train (disjoint from the training subsets) instead of valid")
     ap.add_argument("--train-per-class", type=int, default=500)
     ap.add_argument("--valid-per-class", type=int, default=500)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -102,7 +121,11 @@ def main() -> None:
     size = base.image_size
     dev = torch.device("cuda" if (base.device == "auto" and torch.cuda.is_available()) else
                        (base.device if base.device != "auto" else "cpu"))
-    valid = load_split(args, "valid", args.valid_per_class, 123, size)
+    if args.tune:  # tuning split: train patches never used for training in any seed below
+        used = np.unique(np.concatenate([load_split(args, "train", args.train_per_class, s, size)[1] for s in args.seeds]))
+        valid, _ = load_split(args, "train", args.valid_per_class, 123, size, exclude=used)
+    else:
+        valid, _ = load_split(args, "valid", args.valid_per_class, 123, size)
     xv, yv = to_tensor(valid.images).to(dev), torch.from_numpy(valid.labels).to(dev)
 
     def evaluate(images, labels, seed):
@@ -111,7 +134,7 @@ def main() -> None:
 
     rows = []
     for seed in args.seeds:
-        train = load_split(args, "train", args.train_per_class, seed, size)
+        train, _ = load_split(args, "train", args.train_per_class, seed, size)
         rng = np.random.default_rng(50_000 + seed)
         rand_idx = np.concatenate([rng.choice(np.flatnonzero(train.labels == c), base.ipc, replace=False)
                                    for c in range(train.num_classes)])

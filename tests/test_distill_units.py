@@ -59,6 +59,7 @@ def test_distances():
     b = torch.tensor([[0.0, 0.0], [0.0, -2.0]])
     assert layer_distance(a, b, "l1").item() == pytest.approx(5.0)
     assert layer_distance(a, b, "mse").item() == pytest.approx(17.0)
+    assert layer_distance(a, b, "l1_mean").item() == pytest.approx(5.0 / 4)  # normalised by the layer size
     assert layer_distance(a, a, "cosine").item() == pytest.approx(0.0, abs=1e-5)
     assert layer_distance(a, -a, "cosine").item() == pytest.approx(4.0, abs=1e-5)  # two rows x (1 - (-1))
     assert layer_distance(a, 3 * a, "cosine").item() == pytest.approx(0.0, abs=1e-5)  # scale-invariant

@@ -13,7 +13,22 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PCAM = DATA / "pcam-ai4all"
 
 
-def _centres(root: Path, faults=None):
+def _with_slides(ps):
+    """Give real PCam patches a slide table: 8 slides (odd ones tumour), slides 6-7 held out."""
+    import numpy as np
+
+    tumour = ps.labels == ps.class_names.index("tumour")
+    slide = np.zeros(len(ps), dtype=np.int64)
+    slide[tumour] = 1 + 2 * (np.arange(tumour.sum()) % 4)      # tumour patches on odd slides
+    slide[~tumour] = np.arange((~tumour).sum()) % 8            # normal tissue on every slide
+    ps.slide_index = slide.astype(ps.slide_index.dtype)
+    ps.slide_ids = [f"s{j}" for j in range(8)]
+    ps.slide_labels = {f"s{j}": j % 2 for j in range(8)}
+    ps.meta["slide_splits"] = {f"s{j}": "test" if j >= 6 else "train" for j in range(8)}
+    return ps
+
+
+def _centres(root: Path, faults=None, slides: bool = False):
     if not PCAM.exists():
         pytest.skip(f"real PCam patches not found at {PCAM}")
     from histodd_fed.federation.enrol import enrol
@@ -22,7 +37,8 @@ def _centres(root: Path, faults=None):
     for cid, split, seed in (("C1", "train", 1), ("C2", "valid", 2)):
         d = root / "data" / cid
         if not d.exists():
-            load_image_folder(PCAM / split, limit_per_class=24, seed=seed).save(d)
+            ps = load_image_folder(PCAM / split, limit_per_class=24, seed=seed)
+            (_with_slides(ps) if slides else ps).save(d)
     return enrol(root, {"C1": root / "data/C1", "C2": root / "data/C2"}, preset="tiny", faults=faults)
 
 
@@ -61,22 +77,36 @@ def test_study_full_transfer_then_restart_reuses_bundles(tmp_path):
     from histodd_fed.federation.coordinator import LocalTransport, run_transfer_study
     from histodd_fed.federation.study import write_report
 
-    cfgs, trust = _centres(tmp_path)
+    cfgs, trust = _centres(tmp_path, slides=True)
     nodes = {10 + i: CentreNode(c) for i, c in enumerate(cfgs)}
-    cfg = _study(tmp_path, trust)
+    cfg = _study(tmp_path, trust, ipcs=[1])
     out = run_transfer_study(LocalTransport(nodes), cfg)
-    assert not out.faults, [f.line() for f in out.faults]
-    kinds = sorted(r["mode"] for r in out.rows)
-    assert kinds == ["full", "none"]
+    # a distilled set may be refused by the source's export gate: then it is a "blocked" fault
+    assert all(f.kind == "blocked" and f.centre == "C1" for f in out.faults), [f.line() for f in out.faults]
+    blocked = {f.detail.split(":")[0] for f in out.faults}
+    modes = sorted(r["mode"] for r in out.rows)
+    assert modes == ["full", "none"] + ([] if blocked >= {"ipc1", "ipc1-slides"} else ["synthetic"])
+    base = next(r for r in out.rows if r["mode"] == "none")
+    assert {"patch_balanced_accuracy", "patch_auc", "slide_accuracy", "slide_auc"} <= set(base)
     full = next(r for r in out.rows if r["mode"] == "full")
-    assert full["images"] == out.centres["C1"]["n_train"] and full["bytes"] > 10_000 and 0 <= full["patch_accuracy"] <= 1
+    n_train = out.centres["C1"]["n_train"]
+    assert full["images"] == n_train and full["bytes"] > 10_000 and 0 <= full["patch_balanced_accuracy"] <= 1
+    # the received real train set (with its slide table) reached the MIL model: 6 train slides -> 6 bags
+    assert full["slide_bags"] == 6 and full["slide_images"] == n_train and 0 <= full["slide_accuracy"] <= 1
+    syn = [r for r in out.rows if r["mode"] == "synthetic"]
+    if syn and "ipc1-slides" not in blocked:  # m=1 per class per slide: one bag per source train slide
+        assert syn[0]["slide_bags"] == 6 and syn[0]["slide_images"] == syn[0]["slide_bags"] + 3
+    if syn and "ipc1" not in blocked:
+        assert syn[0]["images"] == 2
     paths = write_report(cfg, out)
-    assert "| C1 | C2 | Full |" in paths["markdown"].read_text()
+    md = paths["markdown"].read_text()
+    assert "| C1 | C2 | Full |" in md and "patch_bal_acc" in md and "slide_auc" in md
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
     # restart: the verified bundle is reused, the source is not asked again
     out2 = run_transfer_study(LocalTransport(nodes), cfg)
-    assert "distil" not in out2.messages and not out2.faults
+    assert "distil" not in out2.messages
     assert next(r for r in out2.rows if r["mode"] == "full")["patch_accuracy"] == full["patch_accuracy"]
+    assert [f.line() for f in out2.faults] == [f.line() for f in out.faults]
 
 
 def test_tampered_bundle_is_reported_and_excluded(tmp_path):
@@ -95,7 +125,7 @@ def test_silent_centre_is_reported_and_study_goes_on(tmp_path):
     from histodd_fed.federation.coordinator import LocalTransport, run_transfer_study
 
     cfgs, trust = _centres(tmp_path, faults={"C2": "hang:train:90"})
-    cfg = _study(tmp_path, trust, both_directions=True, reply_timeout=15)
+    cfg = _study(tmp_path, trust, both_directions=True, reply_timeout=8)
     t0 = time.monotonic()
     out = run_transfer_study(LocalTransport({1: CentreNode(cfgs[0]), 2: CentreNode(cfgs[1])}), cfg)
     assert time.monotonic() - t0 < 85  # did not wait for the silent centre

@@ -41,8 +41,10 @@ def test_train_evaluate_features_cli(tmp_path):
 
     store = store_with_splits(tmp_path)
     torch.manual_seed(0)
-    enc = create_model("resnet18", num_classes=2, image_size=16)
-    save_patch_model(enc, tmp_path / "enc", arch="resnet18", num_classes=2, image_size=16)
+    kw = {"width": 8, "depth": 2}  # a small ConvNet keeps the test light; the CLI path is the same as ResNet18's
+    enc = create_model("convnet", num_classes=2, image_size=16, **kw)
+    save_patch_model(enc, tmp_path / "enc", arch="convnet", num_classes=2, image_size=16, arch_kwargs=kw)
+    dim = enc.feature_dim
     runner = CliRunner()
     r = runner.invoke(app, ["-q", "mil", "train", "--bags", "real", "--patches", str(store), "--arch", "abmil",
                             "--encoder", str(tmp_path / "enc"), "--out", str(tmp_path / "run"), "--seeds", "2",
@@ -58,11 +60,17 @@ def test_train_evaluate_features_cli(tmp_path):
     r = runner.invoke(app, ["-q", "mil", "evaluate", "--model", str(tmp_path / "run"), "--test-slides", str(store)])
     assert r.exit_code == 0, r.output
     assert "seed_0:" in r.output and "mean ± std over 2" in r.output
+    assert "features: 0 patches encoded" in r.output  # test-slide features come from train's cache
+
+    r = runner.invoke(app, ["-q", "mil", "evaluate", "--model", str(tmp_path / "run" / "seed_1"),
+                            "--test-slides", str(store)])
+    assert r.exit_code == 0, r.output  # a seed folder finds the cache in its parent train folder
+    assert "seed_1:" in r.output and "features: 0 patches encoded" in r.output and "on 2 slides" in r.output
 
     r = runner.invoke(app, ["-q", "mil", "features", "--patches", str(store), "--encoder", str(tmp_path / "enc"),
                             "--out", str(tmp_path / "bags")])
     assert r.exit_code == 0, r.output
-    assert "8 bags (40 patches, dim 512)" in r.output
+    assert f"8 bags (40 patches, dim {dim})" in r.output
 
     r = runner.invoke(app, ["-q", "mil", "train", "--bags", "synthetic", "--patches", str(store), "--out",
                             str(tmp_path / "x"), "--encoder", str(tmp_path / "enc")])

@@ -85,3 +85,18 @@ def test_mean_std():
     assert all(math.isnan(v) for v in mean_std([]))
     assert format_mean_std([0.5, 0.7, 0.9], scale=100) == "70.0 ± 20.0"
     np.testing.assert_allclose(mean_std([1.0, float("nan"), 3.0]), (2.0, math.sqrt(2)))
+
+
+def test_balance_classes_oversamples_minority():
+    import numpy as np
+
+    from histodd_fed.mil.study import balance_classes
+    from histodd_fed.patchset import PatchSet
+
+    labels = np.array([0] * 9 + [1] * 3)
+    ps = PatchSet(images=np.arange(12, dtype=np.uint8)[:, None, None, None].repeat(2, 1).repeat(2, 2).repeat(3, 3),
+                  labels=labels, class_names=["normal", "tumour"])
+    b = balance_classes(ps, seed=0)
+    assert np.bincount(b.labels).tolist() == [9, 9]
+    assert set(b.images[b.labels == 1][:, 0, 0, 0].tolist()) == {9, 10, 11}  # only real tumour rows, repeated
+    assert np.array_equal(balance_classes(ps, seed=0).images, b.images)

@@ -7,7 +7,6 @@ parses options and calls :mod:`histodd_fed.bundle`; failures raise its typed err
 
 from __future__ import annotations
 
-import inspect as pyinspect
 import json
 import os
 from pathlib import Path
@@ -98,32 +97,30 @@ def trust_remove(
     typer.echo(f"revoked: {centre} sign key {pub.sign_key_id}")
 
 
-def _privacy_gate(ps, synthetic: Path, accept_risk: bool) -> Optional[dict]:
-    """PRIVACY EXPORT GATE HOOK: call ``histodd_fed.privacy.gate.check_export`` if it exists.
+def _privacy_gate(ps, synthetic: Path, accept_risk: bool, patches: Optional[Path],
+                  holdout: Optional[Path]) -> dict:
+    """Run the export gate (:func:`histodd_fed.privacy.gate.check_export`) with an audit required.
 
-    The gate (written elsewhere) may raise to block the export; whatever dict it returns is
-    sealed into the manifest as the privacy report. Only the keyword arguments its signature
-    accepts are passed.
+    ``patches`` (the centre's real patches) become the gate's ``real_dir`` and ``holdout`` its
+    held-out set. With no real patches found (``--patches``, the privacy config's
+    ``real_patches``, or the set's recorded source) the gate refuses unless ``accept_risk``; a
+    fired rule refuses likewise. The returned decision summary is sealed into the manifest.
     """
-    try:
-        from histodd_fed.privacy import gate  # noqa: PLC0415 - optional module
-    except ImportError:
-        return None
-    check = getattr(gate, "check_export", None)
-    if check is None:
-        return None
-    offered = {"patchset": ps, "synthetic_dir": synthetic, "accept_risk": accept_risk,
-               "accept_privacy_risk": accept_risk}
-    params = pyinspect.signature(check).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        kwargs = offered
-    else:
-        kwargs = {k: v for k, v in offered.items() if k in params}
-    report = check(**kwargs)
-    if report is None or isinstance(report, dict):
-        return report
-    to_dict = getattr(report, "to_dict", None)
-    return to_dict() if callable(to_dict) else {"report": str(report)}
+    from histodd_fed.errors import InputError
+    from histodd_fed.patchset import PatchSet, load_image_folder
+    from histodd_fed.privacy.gate import check_export
+
+    for opt, path in (("--patches", patches), ("--holdout", holdout)):
+        if path is not None and not path.is_dir():
+            raise InputError(f"{opt} {path}: not a patch-set directory or image folder")
+    hold = None
+    if holdout is not None:
+        hold = PatchSet.load(holdout) if (holdout / "patchset.json").exists() else \
+            load_image_folder(holdout, size=ps.image_size)
+    decision = check_export(synthetic=ps, synthetic_dir=synthetic, accept_risk=accept_risk, real_dir=patches,
+                            holdout=hold, require_audit=True)
+    typer.echo(decision.message())
+    return decision.to_dict()
 
 
 def export(
@@ -131,12 +128,22 @@ def export(
     to: str = typer.Option(..., "--to", help="Recipient centre id(s), comma-separated, from the trust store."),
     keys: Path = typer.Option(..., "--keys", help="This centre's key directory."),
     out: Path = typer.Option(..., "--out", help="Bundle file to write."),
+    patches: Optional[Path] = typer.Option(None, "--patches",
+                                           help="This centre's real patches (patch set or CLASS/*.jpg folder) "
+                                                "the privacy gate audits the set against."),
+    holdout: Optional[Path] = typer.Option(None, "--holdout",
+                                           help="Held-out real patches (enables the gate's membership attack)."),
     accept_privacy_risk: bool = typer.Option(False, "--accept-privacy-risk",
-                                             help="Export even if the privacy gate flags a risk."),
+                                             help="Export even if the privacy gate flags a risk or cannot audit "
+                                                  "(no real patches found); recorded in the manifest."),
     passphrase_env: Optional[str] = typer.Option(None, "--passphrase-env", help=PASSPHRASE_HELP),
     chunk_size: int = typer.Option(1 << 20, "--chunk-size", help="Plaintext bytes per encrypted chunk."),
 ) -> None:
-    """Seal a synthetic patch set for the given centres (encrypted for them, signed by this centre)."""
+    """Seal a synthetic patch set for the given centres (encrypted for them, signed by this centre).
+
+    The privacy gate audits the set against real patches first and blocks risky or unaudited
+    exports unless ``--accept-privacy-risk``.
+    """
     from histodd_fed.bundle import inspect as bundle_inspect
     from histodd_fed.bundle import load_identity, seal
     from histodd_fed.bundle.trust import TrustStore
@@ -147,7 +154,7 @@ def export(
     store = TrustStore.load(keys)
     names = [c.strip() for c in to.split(",") if c.strip()]
     recipients = store.recipients(names)
-    report = _privacy_gate(ps, synthetic, accept_privacy_risk)
+    report = _privacy_gate(ps, synthetic, accept_privacy_risk, patches, holdout)
     path = seal(ps, sender, recipients, out=out, privacy_report=report,
                 extra_manifest={"synthetic_dir": str(synthetic), "accepted_privacy_risk": accept_privacy_risk},
                 chunk_size=chunk_size)

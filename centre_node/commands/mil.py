@@ -71,8 +71,8 @@ def train(
     encoder: Optional[Path] = typer.Option(None, "--encoder", help="Patch encoder; default: train a ResNet18 on the store's train split."),
     out: Path = typer.Option(..., "--out", help="Output folder (one MIL model per seed, metrics.json)."),
     seeds: int = typer.Option(1, "--seeds", help="Number of seeds (0..N-1)."),
-    epochs: int = typer.Option(20, "--epochs"),
-    lr: float = typer.Option(5e-4, "--lr"),
+    epochs: int = typer.Option(40, "--epochs"),
+    lr: float = typer.Option(1e-3, "--lr"),
     hidden: int = typer.Option(64, "--hidden", help="MIL hidden width."),
     preset: str = typer.Option("cpu", "--preset", help="Encoder-training preset when no --encoder (tiny|cpu|gpu)."),
 ) -> None:
@@ -141,6 +141,9 @@ def evaluate(
     if not dirs:
         raise InputError(f"{model}: no mil_model.json and no seed_* model folders")
     ps = _split_or_all(PatchSet.load(test_slides, mmap=True), split)
+    # reuse the feature cache `mil train` wrote (in the train --out folder, the parent of seed_*)
+    train_dir = model if not (model / "mil_model.json").exists() else model.parent
+    cache_dir = train_dir / "feature_cache" if (train_dir / "feature_cache").is_dir() else model / "feature_cache"
     metrics, cache_enc = [], {}
     for d in dirs:
         m, meta = load_mil(d)
@@ -149,7 +152,8 @@ def evaluate(
             raise InputError(f"{d}: no encoder recorded; pass --encoder")
         if str(enc_spec) not in cache_enc:
             enc = load_encoder(Path(enc_spec), image_size=ps.image_size)
-            cache_enc[str(enc_spec)] = bags_from_patchset(ps, enc, model / "feature_cache", progress=progress_enabled())
+            cache_enc[str(enc_spec)] = bags_from_patchset(ps, enc, cache_dir, progress=progress_enabled())
+            typer.echo(f"features: {enc.images_encoded} patches encoded, the rest from {cache_dir}")
         r = evaluate_mil(m, cache_enc[str(enc_spec)])
         metrics.append(r)
         typer.echo(f"{d.name}: accuracy {100 * r.accuracy:.1f} %, AUC {100 * r.auc:.1f} % on {r.n} slides")

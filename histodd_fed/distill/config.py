@@ -8,7 +8,7 @@ from typing import Any
 
 from histodd_fed.errors import ConfigError, InputError
 
-DISTANCES = ("l1", "cosine", "mse")
+DISTANCES = ("l1", "l1_mean", "cosine", "mse")
 INITS = ("real", "noise")
 #: Fields that do not change the result (left out of the resume / checkpoint key).
 NON_RESULT_FIELDS = ("device", "checkpoint_every")
@@ -33,7 +33,7 @@ class DistillConfig:
     lr_img: float = 0.5                           #: synthetic-image learning rate (5e-3 for large patches)
     momentum_img: float = 0.5
     batch_real: int = 128                         #: real images per class per matching step
-    distance: str = "l1"                          #: l1 (paper) | cosine (DC layer-wise) | mse
+    distance: str = "l1"                          #: l1 (summed) | l1_mean (per-layer mean) | cosine (DC) | mse
     # model pool and model augmentation
     pool_size: int = 5                            #: |S|: pre-trained models
     pool_epochs: int = 5

@@ -195,8 +195,10 @@ def run_transfer_study(transport: Transport, cfg: StudyConfig,
         key = _bundle_key(cfg, out, src, tgt)
         cached = _load_cached_bundles(cache_dir, key)
         if cached is not None:
+            cached, blocked = cached
             say(f"{src}->{tgt}: reusing {len(cached)} cached verified bundle(s)")
             bundles[(src, tgt)] = cached
+            out.faults.extend(Fault(src, "distil", "blocked", f"{b.get('name')}: {b.get('error')}") for b in blocked)
             continue
         body = {"recipients": [tgt], "ipcs": cfg.ipcs, "full": cfg.full, "seed": cfg.seed}
         ask.append((node_of[src], ACTION_DISTIL, Envelope(body=body)))
@@ -232,7 +234,8 @@ def run_transfer_study(transport: Transport, cfg: StudyConfig,
             bundles[(src, tgt)] = good
             say(f"{src}->{tgt}: {len(good)} bundle(s) verified")
             if len(good) == len([i for i in rep.body.get("bundles", []) if not i.get("blocked")]) and good:
-                _store_cached_bundles(cache_dir, _bundle_key(cfg, out, src, tgt), good)
+                _store_cached_bundles(cache_dir, _bundle_key(cfg, out, src, tgt), good,
+                                      [i for i in rep.body.get("bundles", []) if i.get("blocked")])
 
     # 3. relay to targets, collect metrics -----------------------------------------------
     ask = []
@@ -309,23 +312,25 @@ def _load_cached_bundles(cache_dir: Path, key: dict[str, Any]):
     if not index.exists():
         return None
     try:
-        items = json.loads(index.read_text())["bundles"]
+        index_data = json.loads(index.read_text())
+        items = index_data["bundles"]
         out = []
         for item in items:
             data = (d / f"{item['name']}.bundle").read_bytes()
             if hashlib.sha256(data).hexdigest() != item["sha256"]:
                 return None
             out.append((item, data))
-        return out
+        return out, list(index_data.get("blocked", []))
     except (OSError, KeyError, json.JSONDecodeError):
         return None
 
 
-def _store_cached_bundles(cache_dir: Path, key: dict[str, Any], items: list[tuple[dict[str, Any], bytes]]) -> None:
+def _store_cached_bundles(cache_dir: Path, key: dict[str, Any], items: list[tuple[dict[str, Any], bytes]],
+                          blocked: list[dict[str, Any]] | None = None) -> None:
     d = _cache_path(cache_dir, key)
     for item, data in items:
         atomic_write_bytes(d / f"{item['name']}.bundle", data)
-    atomic_write_json(d / "index.json", {"key": key, "bundles": [i for i, _ in items]})
+    atomic_write_json(d / "index.json", {"key": key, "bundles": [i for i, _ in items], "blocked": blocked or []})
 
 
 class LocalTransport:

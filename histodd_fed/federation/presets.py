@@ -58,7 +58,8 @@ PRESETS: dict[str, CentrePreset] = {
     "cpu": CentrePreset(
         name="cpu", image_size=32, patch_size=64, mpp=1.0, pretrain_epochs=3, fine_tune_epochs=5,
         batch_size=32, mil_epochs=10, distill_config="configs/distill-cpu.yaml",
-        max_train_patches=600, demo_slides=8, slide_ipc=2, slide_outer_steps=5,
+        distill_overrides=(("outer_steps", 10), ("checkpoint_every", 0)),
+        max_train_patches=600, demo_slides=8, slide_ipc=2, slide_outer_steps=2,
     ),
     "paper": CentrePreset(
         name="paper", image_size=64, patch_size=256, mpp=1.0, pretrain_epochs=20, fine_tune_epochs=5,

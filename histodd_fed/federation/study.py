@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,16 @@ from histodd_fed.atomic import atomic_write_bytes, atomic_write_json, atomic_wri
 from histodd_fed.federation.coordinator import StudyConfig, StudyOutcome
 from histodd_fed.runconfig import to_jsonable, write_run_config
 
-COLUMNS = ["source", "target", "transfer", "images", "patch_acc", "slide_acc", "fine_tune_s", "epochs", "bytes"]
+COLUMNS = ["source", "target", "transfer", "images", "patch_bal_acc", "patch_auc", "slide_acc", "slide_auc",
+           "fine_tune_s", "epochs", "bytes", "time_vs_full", "bytes_vs_full"]
+#: extra CSV columns (not in the printed table)
+CSV_EXTRA = ["patch_acc", "slide_bal_acc", "slide_images", "train_total"]
+METRICS = [("patch_bal_acc", "patch balanced acc."), ("patch_auc", "patch AUC"),
+           ("slide_acc", "slide accuracy"), ("slide_auc", "slide AUC")]
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if isinstance(v, float):
         return f"{v:.{digits}f}"
@@ -23,7 +29,11 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def table_rows(outcome: StudyOutcome) -> list[dict[str, Any]]:
-    """One flat row per (target, transfer kind): baseline first, then ipc ascending, then full."""
+    """One flat row per (target, transfer kind): baseline first, then ipc ascending, then full.
+
+    ``time_vs_full`` / ``bytes_vs_full``: fine-tuning time and bytes relative to the Full row of
+    the same direction.
+    """
     def order(r: dict[str, Any]) -> tuple:
         mode = r.get("mode")
         return (r.get("target") or "", r.get("source") or "", {"none": 0, "synthetic": 1, "full": 2}.get(mode, 3),
@@ -35,43 +45,85 @@ def table_rows(outcome: StudyOutcome) -> list[dict[str, Any]]:
         transfer = "no transfer" if mode == "none" else ("Full" if mode == "full" else f"ipc {r.get('ipc')}")
         rows.append({"source": r.get("source") or "-", "target": r.get("target"), "transfer": transfer,
                      "images": r.get("images", 0), "patch_acc": r.get("patch_accuracy"),
-                     "slide_acc": r.get("slide_accuracy"), "fine_tune_s": r.get("fine_tune_seconds"),
-                     "epochs": r.get("epochs"), "bytes": r.get("bytes", 0)})
+                     "patch_bal_acc": r.get("patch_balanced_accuracy"), "patch_auc": r.get("patch_auc"),
+                     "slide_acc": r.get("slide_accuracy"), "slide_auc": r.get("slide_auc"),
+                     "slide_bal_acc": r.get("slide_balanced_accuracy"), "slide_images": r.get("slide_images"),
+                     "fine_tune_s": r.get("fine_tune_seconds"), "epochs": r.get("epochs"),
+                     "bytes": r.get("bytes", 0), "train_total": r.get("train_total"),
+                     "time_vs_full": None, "bytes_vs_full": None})
+    fulls = {(r["source"], r["target"]): r for r in rows if r["transfer"] == "Full"}
+    for r in rows:
+        f = fulls.get((r["source"], r["target"]))
+        if f is None or r["transfer"] == "no transfer":
+            continue
+        if f.get("fine_tune_s"):
+            r["time_vs_full"] = round(float(r["fine_tune_s"] or 0) / float(f["fine_tune_s"]), 3)
+        if f.get("bytes"):
+            r["bytes_vs_full"] = round(float(r["bytes"] or 0) / float(f["bytes"]), 4)
     return rows
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = "| " + " | ".join(COLUMNS) + " |\n|" + "|".join("---" for _ in COLUMNS) + "|\n"
     body = "".join("| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |\n" for r in rows)
-    return head + body
+    notes = [f"Full {r['source']}->{r['target']}: {r['images']} of the source's {r['train_total']} real train "
+             f"patches (capped by the preset's max_train_patches)"
+             for r in rows if r["transfer"] == "Full" and r.get("train_total") and r["train_total"] > r["images"]]
+    return head + body + "".join(f"\nNote: {n}." for n in notes) + ("\n" if notes else "")
 
 
 def csv_text(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS)
+    fields = COLUMNS + CSV_EXTRA
+    w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
     for r in rows:
-        w.writerow({c: ("" if r[c] is None else r[c]) for c in COLUMNS})
+        w.writerow({c: ("" if r.get(c) is None else r[c]) for c in fields})
     return buf.getvalue()
 
 
 def plot_png(rows: list[dict[str, Any]]) -> bytes:
-    """Bar chart of patch and slide accuracy per transfer kind (one group per direction)."""
+    """Left: the four metrics per transfer kind; right: fine-tune time and bytes relative to Full."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+
+    def val(v: Any) -> float:
+        return float("nan") if v is None else float(v)
 
     labels = [f"{r['source']}->{r['target']}\n{r['transfer']}" if r["source"] != "-" else f"{r['target']}\n{r['transfer']}"
               for r in rows]
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(rows)), 3.6), dpi=100)
-    xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [r["patch_acc"] or 0 for r in rows], 0.4, label="patch accuracy")
-    ax.bar([x + 0.2 for x in xs], [r["slide_acc"] or 0 for r in rows], 0.4, label="slide accuracy")
-    ax.set_xticks(list(xs), labels, fontsize=7)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy on target test split")
-    ax.legend(fontsize=7)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(9, 2.2 * len(rows) + 3), 3.8), dpi=100,
+                                  gridspec_kw={"width_ratios": [3, 2]})
+    xs = np.arange(len(rows))
+    w = 0.8 / len(METRICS)
+    for k, (key, name) in enumerate(METRICS):
+        ys = [val(r.get(key)) for r in rows]
+        bars = ax.bar(xs + (k - (len(METRICS) - 1) / 2) * w, np.nan_to_num(ys, nan=0.0), w, label=name)
+        for bar, y in zip(bars, ys):
+            ax.text(bar.get_x() + bar.get_width() / 2, (0 if np.isnan(y) else y) + 0.01,
+                    "-" if np.isnan(y) else f"{y:.2f}", ha="center", va="bottom", fontsize=6, rotation=90)
+    ax.axhline(0.5, color="grey", lw=0.6, ls=":")
+    ax.set_xticks(xs, labels, fontsize=7)
+    ax.set_ylim(0, 1.18)
+    ax.set_ylabel("on the target's real test split")
+    ax.set_title("accuracy (chance = 0.5 for balanced acc. / AUC)", fontsize=8)
+    ax.legend(fontsize=6, ncol=4, loc="upper center")
+    rel = [r for r in rows if r["transfer"] != "no transfer"]
+    rx = np.arange(len(rel))
+    t = [val(r.get("time_vs_full")) for r in rel]
+    b = [val(r.get("bytes_vs_full")) for r in rel]
+    ax2.bar(rx - 0.2, np.nan_to_num(t, nan=0.0), 0.4, label="fine-tune time / Full")
+    ax2.bar(rx + 0.2, np.nan_to_num(b, nan=0.0), 0.4, label="bytes sent / Full")
+    for x, y in list(zip(rx - 0.2, t)) + list(zip(rx + 0.2, b)):
+        if not np.isnan(y) and y > 0:
+            ax2.text(x, y * 1.1, f"{y:.2g}", ha="center", va="bottom", fontsize=6)
+    ax2.set_yscale("log")
+    ax2.set_xticks(rx, [f"{r['transfer']}\n{r['images']} img" for r in rel], fontsize=7)
+    ax2.set_title("cost relative to Full (log)", fontsize=8)
+    ax2.legend(fontsize=6)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

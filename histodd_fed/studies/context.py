@@ -31,9 +31,11 @@ def fingerprint(ps: PatchSet) -> str:
 def load_study_data(patches: str | Path | PatchSet, test: str | Path | PatchSet, preset: StudyPreset) -> StudyData:
     """Load (resize, cap per class) the training and test sets of a study."""
     train = patches if isinstance(patches, PatchSet) else load_patches(
-        patches, image_size=preset.image_size, limit=preset.limit_per_class, seed=preset.seed)
+        patches, image_size=preset.image_size, limit=preset.limit_per_class, seed=preset.seed,
+        crop_center=preset.crop_center)
     tst = test if isinstance(test, PatchSet) else load_patches(
-        test, image_size=preset.image_size, limit=preset.test_limit_per_class, seed=preset.seed + 1)
+        test, image_size=preset.image_size, limit=preset.test_limit_per_class, seed=preset.seed + 1,
+        crop_center=preset.crop_center)
     log.info("study data: %d train %s, %d test %s, %d px", len(train), train.class_counts(), len(tst),
              tst.class_counts(), train.image_size)
     return StudyData(train=train, test=tst, fingerprint=fingerprint(train))

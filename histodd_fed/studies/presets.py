@@ -32,6 +32,7 @@ class StudyPreset:
 
     name: str = "cpu"
     image_size: int = 32
+    crop_center: int | None = None           #: keep the central N px of each patch before resizing (PCam: 32)
     limit_per_class: int | None = None       #: cap on training patches per class (seeded)
     test_limit_per_class: int | None = None  #: cap on test patches per class (seeded)
     seed: int = 0                            #: data subsets, coresets and distillation
