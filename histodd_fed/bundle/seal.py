@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from histodd_fed import __version__
-from histodd_fed.atomic import atomic_directory, atomic_write_json
+from histodd_fed.atomic import atomic_directory, atomic_write_json, atomic_writer
 from histodd_fed.bundle.errors import (DecryptionError, FormatError, ManifestHashError, NotARecipientError,
                                        OutputExistsError, SemanticError, SignatureError)
 from histodd_fed.bundle.format import (ALGORITHMS, DEFAULT_CHUNK_SIZE, ENC_SIZE, MIN_CHUNK_SIZE,
@@ -192,18 +192,8 @@ def seal(patchset: PatchSet, sender: Identity, recipients: list[PublicIdentity],
         _write_bundle(buf, sender, uniq, manifest, parts, bundle_id, created, chunk_size)
         return buf.getvalue()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            _write_bundle(fh, sender, uniq, manifest, parts, bundle_id, created, chunk_size)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_writer(out) as fh:
+        _write_bundle(fh, sender, uniq, manifest, parts, bundle_id, created, chunk_size)
     log.info("sealed bundle %s for %s -> %s", bundle_id, [r.centre_id for r in uniq], out)
     return out
 
