@@ -162,13 +162,20 @@ def demo(
     p = get_preset(preset)
     out = out.resolve()
     data = {}
+    per_centre = settings.get("per_centre") or {}
     for i, cid in enumerate(settings.get("centres", ["C1", "C2"])):
         d = out / cid / "slides"
         manifest = d / "slides.csv"
+        opts = {"n_slides": int(settings.get("slides", p.demo_slides)), "test_fraction": 0.3,
+                "tumour_contrast": float(settings.get("tumour_contrast", 1.0))}
+        extra = per_centre.get(cid) or {}
+        bad = set(extra) - {"slides", "test_fraction", "tumour_contrast"}
+        if bad:
+            raise ConfigError(f"{config}: per_centre.{cid}: unknown key(s) {sorted(bad)}")
+        opts.update({("n_slides" if k == "slides" else k): v for k, v in extra.items()})
         if not manifest.exists():
             typer.echo(f"making demo slides for {cid} in {d}")
-            manifest = make_demo_centre(d, centre=cid, n_slides=int(settings.get("slides", p.demo_slides)),
-                                        seed=int(settings.get("seed", 0)) + i)
+            manifest = make_demo_centre(d, centre=cid, seed=int(settings.get("seed", 0)) + i, **opts)
         data[cid] = manifest
     cfgs, trust = enrol(out, data, preset=preset, seed=int(settings.get("seed", 0)))
     node_cfgs = [c.to_node_config() for c in cfgs]

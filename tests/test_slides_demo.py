@@ -67,6 +67,20 @@ def test_tumour_regions_darker_and_labels(tmp_path):
     assert grey[tum].mean() < grey[s.tissue & ~tum].mean() - 20
 
 
+def test_tumour_contrast_makes_tumour_subtler():
+    """Lower ``tumour_contrast``: same tissue and polygons, tumour closer to normal tissue in grey level."""
+    gaps = []
+    for c in (1.0, 0.3):
+        s = render_demo_slide(np.random.default_rng(1), "t", "tumour", get_preset("C1"), 512, 384, tumour_contrast=c)
+        tum = rasterise(s.polygons, (512, 384), 1.0)
+        grey = s.rgb.mean(-1)
+        gaps.append(grey[s.tissue & ~tum].mean() - grey[tum].mean())
+    assert gaps[1] < 0.6 * gaps[0], gaps
+    assert gaps[1] > 0, gaps  # still darker: subtle, not absent
+    with pytest.raises(Exception, match="tumour_contrast"):
+        make_demo_centre("/nonexistent/never", "C1", n_slides=1, tumour_contrast=0.0)
+
+
 def test_annotation_files_parse_back_to_written_polygons(centre):
     rows = list(csv.DictReader(open(centre)))
     tumour_ids = [r["slide_id"] for r in rows if r["label"] == "tumour"]

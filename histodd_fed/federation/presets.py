@@ -58,8 +58,16 @@ PRESETS: dict[str, CentrePreset] = {
     "cpu": CentrePreset(
         name="cpu", image_size=32, patch_size=64, mpp=1.0, pretrain_epochs=3, fine_tune_epochs=5,
         batch_size=32, mil_epochs=10, distill_config="configs/distill-cpu.yaml",
-        distill_overrides=(("outer_steps", 10), ("checkpoint_every", 0)),
-        max_train_patches=600, demo_slides=8, slide_ipc=2, slide_outer_steps=2,
+        # pinned here (not inherited from distill-cpu.yaml) so the demo's export gate outcome does not
+        # drift with that config: init from real patches, then move them far enough that no synthetic
+        # patch stays a near copy (gate: SSIM < 0.95 and L2 above the real-real 1st percentile).
+        # Chosen on a validation replicate (C1 seed 0 -> C2 seed 101, not the demo's test split):
+        # lr_img 0.03 / 0.1 / 0.3 were blocked (7/20, 10/20, 8/20 patches too close); 1.0 passed
+        # (closest normalised L2 0.177 vs p1 0.098) and gave the best validation fine-tune; noise
+        # init passed but hurt the target (patch AUC 0.08). See docs/results.md.
+        distill_overrides=(("init", "real"), ("lr_img", 1.0), ("distance", "l1"), ("outer_steps", 30),
+                           ("inner_steps", 5), ("checkpoint_every", 0)),
+        max_train_patches=600, demo_slides=8, slide_ipc=2, slide_outer_steps=10,
     ),
     "paper": CentrePreset(
         name="paper", image_size=64, patch_size=256, mpp=1.0, pretrain_epochs=20, fine_tune_epochs=5,

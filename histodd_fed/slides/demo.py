@@ -56,6 +56,7 @@ class DemoConfig:
     quality: int = 90
     test_fraction: float = 0.3
     stain: StainPreset | None = None  # None: the centre's preset
+    tumour_contrast: float = 1.0  # 1: the textbook tumour look; towards 0: tumour morphology fades into normal
 
     def validate(self) -> None:
         if self.n_slides < 1:
@@ -66,6 +67,8 @@ class DemoConfig:
             raise ConfigError(f"mpp must be in (0, 100], got {self.mpp}")
         if not (0 <= self.test_fraction < 1):
             raise ConfigError(f"test_fraction must be in [0, 1), got {self.test_fraction}")
+        if not (0 < self.tumour_contrast <= 1.5):
+            raise ConfigError(f"tumour_contrast must be in (0, 1.5], got {self.tumour_contrast}")
 
 
 @dataclass
@@ -152,8 +155,19 @@ def _sample_in(mask: np.ndarray, rng: np.random.Generator, n_expected: float) ->
 
 # --------------------------------------------------------------------------- one slide
 def render_demo_slide(rng: np.random.Generator, slide_id: str, label: str, preset: StainPreset,
-                      width: int = 2048, height: int = 1536, mpp: float = 0.5) -> DemoSlide:
-    """Render one H&E-like slide at level 0 (``label`` is ``normal`` or ``tumour``)."""
+                      width: int = 2048, height: int = 1536, mpp: float = 0.5,
+                      tumour_contrast: float = 1.0) -> DemoSlide:
+    """Render one H&E-like slide at level 0 (``label`` is ``normal`` or ``tumour``).
+
+    ``tumour_contrast`` scales every way tumour differs from normal tissue (eosin loss, basophilic
+    cytoplasm, nuclear density, size, irregularity and darkness): 1 is the default, clearly visible
+    tumour; 0.3 makes tumour a subtle shift of the normal nuclei (a harder task at 32 px).
+    """
+    c = float(tumour_contrast)
+
+    def towards(normal: float, tumour: float) -> float:
+        """``tumour`` at contrast 1 (exactly), else the normal value moved ``c`` of the way."""
+        return tumour if c == 1.0 else normal + c * (tumour - normal)
     from scipy.ndimage import distance_transform_edt
 
     if label not in ("normal", "tumour"):
@@ -195,8 +209,8 @@ def render_demo_slide(rng: np.random.Generator, slide_id: str, label: str, prese
     e = tissue_soft * (0.42 + 0.16 * fibres * (patch > -0.4)) * (0.9 + 0.15 * patch)
     hb = tissue_soft * 0.07
     if label == "tumour":
-        e = np.where(tumour, e * 0.55, e)
-        hb = hb + tumour * 0.22
+        e = np.where(tumour, e * towards(1.0, 0.55), e)
+        hb = hb + tumour * towards(0.0, 0.22)
 
     # ---- nuclei
     normal_area = tissue & ~tumour
@@ -210,12 +224,15 @@ def render_demo_slide(rng: np.random.Generator, slide_id: str, label: str, prese
                         rng.uniform(0.0, 0.06, n).astype(np.float32),
                         rng.normal(1.0, 0.12, n).clip(0.6).astype(np.float32))
     if label == "tumour":
-        xs, ys = _sample_in(tumour, rng, tumour.sum() / (8.5 * um) ** 2)
+        xs, ys = _sample_in(tumour, rng, tumour.sum() / (towards(11.0, 8.5) * um) ** 2)
         n = len(xs)
-        nuc += _stamp_nuclei((h, w), rng, xs, ys, (rng.normal(3.5, 0.6, n).clip(2.2) * um).astype(np.float32),
-                             rng.uniform(1.0, 1.6, n).astype(np.float32),
-                             rng.uniform(0.05, 0.2, n).astype(np.float32),
-                             rng.normal(1.45, 0.18, n).clip(0.9).astype(np.float32))
+        nuc += _stamp_nuclei((h, w), rng, xs, ys,
+                             (rng.normal(towards(2.3, 3.5), towards(0.35, 0.6), n).clip(towards(1.0, 2.2))
+                              * um).astype(np.float32),
+                             rng.uniform(1.0, towards(1.35, 1.6), n).astype(np.float32),
+                             rng.uniform(towards(0.0, 0.05), towards(0.06, 0.2), n).astype(np.float32),
+                             rng.normal(towards(1.0, 1.45), towards(0.12, 0.18), n).clip(towards(0.6, 0.9))
+                             .astype(np.float32))
     hmap = hb + np.minimum(nuc.reshape(h, w), 2.4).astype(np.float32)
     e = e * (1.0 - 0.6 * np.minimum(nuc.reshape(h, w), 1.0)).astype(np.float32)
 
@@ -257,7 +274,7 @@ def make_demo_centre(out_dir: str | Path, centre: str = "C1", n_slides: int = 10
                      width: int = 2048, height: int = 1536, mpp: float = 0.5,
                      downsamples: tuple[int, ...] = (1, 4, 16), tile: int = 256,
                      compression: str = "jpeg", quality: int = 90, test_fraction: float = 0.3,
-                     stain: StainPreset | None = None) -> Path:
+                     stain: StainPreset | None = None, tumour_contrast: float = 1.0) -> Path:
     """Write a simulated centre's demo slides to ``out_dir`` and return the ``slides.csv`` path.
 
     The directory is written atomically (temp + rename); an existing non-empty ``out_dir``
@@ -268,7 +285,7 @@ def make_demo_centre(out_dir: str | Path, centre: str = "C1", n_slides: int = 10
 
     cfg = DemoConfig(centre=centre, n_slides=n_slides, seed=seed, width=width, height=height, mpp=mpp,
                      downsamples=tuple(downsamples), tile=tile, compression=compression, quality=quality,
-                     test_fraction=test_fraction, stain=stain)
+                     test_fraction=test_fraction, stain=stain, tumour_contrast=tumour_contrast)
     cfg.validate()
     preset = stain or get_preset(centre)
     out_dir = Path(out_dir)
@@ -279,7 +296,7 @@ def make_demo_centre(out_dir: str | Path, centre: str = "C1", n_slides: int = 10
     with atomic_directory(out_dir) as tmp:
         for i, row in enumerate(progress(rows, desc=f"demo slides {centre}", unit="slide")):
             rng = np.random.default_rng([seed, centre_key, i])
-            s = render_demo_slide(rng, row["slide_id"], row["label"], preset, width, height, mpp)
+            s = render_demo_slide(rng, row["slide_id"], row["label"], preset, width, height, mpp, tumour_contrast)
             desc = f"histodd-fed demo slide {s.slide_id} centre={centre} label={s.label} mpp={mpp}"
             write_pyramid_tiff(tmp / "slides" / f"{s.slide_id}.tiff", s.rgb, mpp, downsamples, tile,
                                compression, quality, description=desc)
