@@ -68,10 +68,11 @@ def main() -> None:
                                                                       init="real", seed=args.seed), out / "distill-work"),
         "histodd-noise": lambda: distill(real, DistillConfig.from_yaml(REPO / "configs" / "distill-cpu.yaml", ipc=args.ipc,
                                                                        init="noise", seed=args.seed), out / "distill-work"),
-        # Histo-DD from real patches with a 50x smaller image learning rate and 5 steps: images stay
-        # near their starting patches - a lightly edited copy the gate should catch.
+        # Histo-DD from real patches with a 10x smaller image learning rate than distill-cpu.yaml's
+        # (0.01) and 5 steps: images stay near their starting patches - a lightly edited copy the
+        # gate should catch.
         "histodd-real-lowlr": lambda: distill(real, DistillConfig.from_yaml(
-            REPO / "configs" / "distill-cpu.yaml", ipc=args.ipc, init="real", seed=args.seed, lr_img=0.01, outer_steps=5),
+            REPO / "configs" / "distill-cpu.yaml", ipc=args.ipc, init="real", seed=args.seed, lr_img=0.001, outer_steps=5),
             out / "distill-work"),
     }
     rows = {}

@@ -34,32 +34,41 @@ def make_demo_slides(
 
 
 def tile(
-    slides: Path = typer.Option(..., "--slides", help="A slide folder, one slide file, or a slides.csv manifest."),
+    slides: Optional[Path] = typer.Option(None, "--slides", help="A slide folder, one slide file, or a slides.csv manifest."),
+    patches: Optional[Path] = typer.Option(None, "--patches", help="Instead of slides: an already-tiled folder CLASS/*.png|jpg (PCam layout)."),
     out: Path = typer.Option(..., "--out", help="Patch store (PatchSet folder) to write."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="slides.csv with slide_id,path,label,centre,split."),
     annotations: Optional[Path] = typer.Option(None, "--annotations", help="Folder of <slide_id>.xml|.geojson tumour annotations."),
-    patch_size: int = typer.Option(256, "--patch-size", help="Patch side in pixels at the target resolution."),
+    patch_size: Optional[int] = typer.Option(None, "--patch-size", help="Patch side in pixels at the target resolution (slides: default 256; --patches: default keep, else resize)."),
     mpp: float = typer.Option(2.0, "--mpp", help="Target microns per pixel."),
     magnification: Optional[float] = typer.Option(None, "--magnification", help="Target magnification (overrides --mpp)."),
     tissue_threshold: float = typer.Option(0.5, "--tissue-threshold", help="Minimum tissue fraction of a kept patch."),
     tumour_fraction: float = typer.Option(0.5, "--tumour-fraction", help="Minimum annotated-tumour fraction of a tumour patch."),
     workers: int = typer.Option(1, "--workers", help="Worker processes."),
     slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp", help="Level-0 microns per pixel for slides without (or with wrong) metadata."),
-    max_patches_per_slide: Optional[int] = typer.Option(None, "--max-patches-per-slide", help="Seeded random subsample per slide."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the per-slide subsample."),
+    max_patches_per_slide: Optional[int] = typer.Option(None, "--max-patches-per-slide", help="Seeded random subsample per slide (--patches: per class)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the subsample."),
+    strict: bool = typer.Option(False, "--strict", help="Fail (exit 2, store not written) if any slide is skipped."),
 ) -> None:
-    """Tile whole-slide images into one patch store (tissue mask, annotations -> labels, thumbnails)."""
-    from histodd_fed.slides.tiling import tile_slides
+    """Tile whole-slide images (or import a tiled patch folder) into one patch store; prints a summary table.
 
-    rep = tile_slides(slides, out, labels_csv=labels, annotations_dir=annotations, patch_size=patch_size, mpp=mpp,
-                      magnification=magnification, tissue_threshold=tissue_threshold, workers=workers,
-                      slide_mpp=slide_mpp, tumour_fraction=tumour_fraction, seed=seed,
-                      max_patches_per_slide=max_patches_per_slide)
-    counts = ", ".join(f"{k} {v}" for k, v in rep.class_counts.items())
-    typer.echo(f"{rep.n_patches} patches ({counts}) from {len(rep.tiled) + len(rep.reused)} slides "
-               f"({len(rep.reused)} reused, {len(rep.skipped)} skipped) -> {rep.store}")
-    for s in rep.skipped:
-        typer.echo(f"skipped: {s['error']}", err=True)
+    Bad slides are reported one line each and skipped; the exit status is non-zero only when no
+    slide could be tiled, or with --strict when any was skipped.
+    """
+    from histodd_fed.errors import InputError
+    from histodd_fed.slides.tiling import format_summary, tile_patches, tile_slides
+
+    if (slides is None) == (patches is None):
+        raise InputError("give exactly one of --slides (whole-slide images) or --patches (a CLASS/*.png folder)")
+    if patches is not None:
+        rep = tile_patches(patches, out, patch_size=patch_size, limit_per_class=max_patches_per_slide, seed=seed)
+    else:
+        rep = tile_slides(slides, out, labels_csv=labels, annotations_dir=annotations,
+                          patch_size=256 if patch_size is None else patch_size, mpp=mpp,
+                          magnification=magnification, tissue_threshold=tissue_threshold, workers=workers,
+                          slide_mpp=slide_mpp, tumour_fraction=tumour_fraction, seed=seed,
+                          max_patches_per_slide=max_patches_per_slide, strict=strict)
+    typer.echo(format_summary(rep))
 
 
 def slide_info(

@@ -53,7 +53,7 @@ PRESETS: dict[str, MilStudyPreset] = {
         pool_epochs=1, batch_real=32, batch_net=32, lr_img=0.01, augmentation="color_crop_flip")),
     # ResNet18 with its ImageNet stem (stride 2 + max-pool) at 32 px: 16x cheaper than the small stem
     # (3x3 stride 1), which made the encoder alone take > 8 min on the shared CPU.
-    # <= 10 min on two CPU cores for ~24 slides of ~50 patches, 3 ipcs, 4 heads, 3 seeds
+    # ~15 min on the loaded 2-core CPU for 24 slides of ~50 patches, ipcs 2,5, 4 heads, 3 seeds
     "cpu": MilStudyPreset(encoder_epochs=4, encoder_image_size=32, encoder_kwargs={"small_stem": False}, mil_epochs=40, mil_hidden=64, distill=dict(
         model="convnet", image_size=32, outer_steps=5, slide_outer_steps=5, inner_steps=2, pool_size=2,
         pool_epochs=2, batch_real=64, batch_net=64, lr_img=0.01, augmentation="color_crop_flip")),

@@ -47,8 +47,14 @@ def normalise_label(value: str | None, where: str) -> str | None:
         raise InputError(f"{where}: unknown label {value!r} (expected normal or tumour)") from None
 
 
-def read_manifest(path: str | Path) -> list[SlideRecord]:
-    """Parse ``slides.csv``; paths are resolved against the manifest's folder."""
+def read_manifest(path: str | Path, problems: list[dict] | None = None) -> list[SlideRecord]:
+    """Parse ``slides.csv``; paths are resolved against the manifest's folder.
+
+    A file-level problem (unreadable, no rows, missing columns) always raises :class:`InputError`.
+    A bad row (empty id or path, duplicate id, unknown label or split) raises too, unless a
+    ``problems`` list is given: then the row is left out and ``{"slide_id", "path", "error"}``
+    (the error naming ``manifest:line``) is appended to it, so a batch can go on without it.
+    """
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
@@ -65,19 +71,25 @@ def read_manifest(path: str | Path) -> list[SlideRecord]:
     for i, r in enumerate(rows, start=2):
         where = f"{path}:{i}"
         sid = (r.get("slide_id") or "").strip()
-        if not sid:
-            raise InputError(f"{where}: empty slide_id")
-        if sid in seen:
-            raise InputError(f"{where}: duplicate slide_id {sid!r}")
+        try:
+            if not sid:
+                raise InputError(f"{where}: empty slide_id")
+            if sid in seen:
+                raise InputError(f"{where}: duplicate slide_id {sid!r}")
+            p = Path((r.get("path") or "").strip())
+            if not str(r.get("path") or "").strip():
+                raise InputError(f"{where}: slide {sid!r} has an empty path")
+            split = (r.get("split") or "").strip().lower() or "train"
+            if split not in SPLITS:
+                raise InputError(f"{where}: slide {sid!r} has unknown split {split!r} (expected train or test)")
+            label = normalise_label(r.get("label"), f"{where}: slide {sid!r}")
+        except InputError as exc:
+            if problems is None:
+                raise
+            problems.append({"slide_id": sid or f"<line {i}>", "path": str(r.get("path") or ""), "error": str(exc)})
+            continue
         seen.add(sid)
-        p = Path((r.get("path") or "").strip())
-        if not str(p):
-            raise InputError(f"{where}: empty path")
-        split = (r.get("split") or "").strip().lower() or "train"
-        if split not in SPLITS:
-            raise InputError(f"{where}: unknown split {split!r} (expected train or test)")
-        out.append(SlideRecord(sid, p if p.is_absolute() else path.parent / p,
-                               normalise_label(r.get("label"), where),
+        out.append(SlideRecord(sid, p if p.is_absolute() else path.parent / p, label,
                                (r.get("centre") or "").strip() or None, split))
     return out
 

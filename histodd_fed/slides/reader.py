@@ -54,9 +54,11 @@ class OpenedSlide:
     def dimensions(self) -> tuple[int, int]:
         return tuple(self.handle.dimensions)
 
-    def require_mpp(self) -> float:
+    def require_mpp(self, asked: str = "") -> float:
+        """Level-0 MPP, or an :class:`InputError` naming the file (``asked`` says what needed it)."""
         if self.mpp is None:
-            raise InputError(f"{self.path}: slide has no microns-per-pixel metadata; pass --slide-mpp "
+            why = f" (needed for {asked})" if asked else ""
+            raise InputError(f"{self.path}: slide has no microns-per-pixel metadata{why}; pass --slide-mpp "
                              f"(e.g. 0.25 for 40x, 0.5 for 20x) - the resolution is never guessed")
         return self.mpp
 
@@ -69,10 +71,10 @@ class OpenedSlide:
         if (mpp is None) == (magnification is None):
             raise InputError("give exactly one of mpp or magnification")
         if mpp is not None:
-            return mpp / self.require_mpp()
+            return mpp / self.require_mpp(f"--mpp {mpp:g}")
         if self.objective_power and self.mpp_source == "metadata":
             return self.objective_power / magnification
-        return (10.0 / magnification) / self.require_mpp()
+        return (10.0 / magnification) / self.require_mpp(f"--magnification {magnification:g}")
 
     def read_rgb(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
         """RGB uint8 (h, w, 3) of ``size=(w, h)`` at ``level``; (x0, y0) in level-0 pixels.
@@ -84,20 +86,41 @@ class OpenedSlide:
         except Exception as exc:  # openslide.OpenSlideError and friends
             raise InputError(f"{self.path}: read failed at ({x0},{y0}) level {level} ({exc})") from exc
         a = np.asarray(im, dtype=np.uint8)
+        if a.ndim == 3 and a.shape[-1] == 4 and a[..., 3].min(initial=255) == 255:
+            return np.ascontiguousarray(a[..., :3])  # fully opaque (the usual case): no compositing
         rgb, alpha = a[..., :3].astype(np.uint32), a[..., 3:4].astype(np.uint32)
         # openslide-python returns straight (not premultiplied) RGBA: composite over white
         return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
 
-    def thumbnail(self, downsample: float) -> tuple[np.ndarray, float]:
-        """An RGB image of the whole slide at about ``downsample`` (actual x-downsample returned)."""
+    def thumbnail(self, downsample: float, max_strip_bytes: int = 16 << 20) -> tuple[np.ndarray, float]:
+        """An RGB image of the whole slide at about ``downsample`` (actual x-downsample returned).
+
+        Memory-bounded: reads the level with the largest downsample not above ``downsample`` in
+        horizontal strips of at most ``max_strip_bytes`` (RGBA) and box-filters each strip down,
+        so a slide without a pyramid is never held whole in memory (unlike
+        ``openslide.get_thumbnail``, which reads the whole level at once).
+        """
+        from PIL import Image
+
         w, h = self.dimensions
-        size = (max(1, int(round(w / downsample))), max(1, int(round(h / downsample))))
-        try:
-            im = self.handle.get_thumbnail(size).convert("RGB")
-        except Exception as exc:
-            raise InputError(f"{self.path}: thumbnail failed ({exc})") from exc
-        a = np.asarray(im, dtype=np.uint8)
-        return a, w / a.shape[1]
+        tw, th = max(1, int(round(w / downsample))), max(1, int(round(h / downsample)))
+        level = select_level(self.level_downsamples, max(1.0, w / tw))
+        lw, lh = self.level_dimensions[level]
+        lds = self.level_downsamples[level]
+        sy = lh / th  # level rows per thumbnail row
+        rows_per_strip = max(1, int(max_strip_bytes // max(1, lw * 4) / max(sy, 1e-9)))
+        out = np.empty((th, tw, 3), dtype=np.uint8)
+        r0 = 0
+        while r0 < th:
+            r1 = min(th, r0 + rows_per_strip)
+            a = int(np.floor(r0 * sy))
+            b = min(lh, max(a + 1, int(np.ceil(r1 * sy))))
+            strip = self.read_rgb(0, int(round(a * lds)), level, (lw, b - a))
+            im = Image.fromarray(strip).resize((tw, r1 - r0), Image.Resampling.BOX,
+                                               box=(0.0, r0 * sy - a, float(lw), min(r1 * sy, lh) - a))
+            out[r0:r1] = np.asarray(im, dtype=np.uint8)
+            r0 = r1
+        return out, w / tw
 
     def close(self) -> None:
         try:
@@ -133,10 +156,31 @@ def open_slide(path: str | Path, slide_mpp: float | None = None) -> OpenedSlide:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such slide file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file (0 bytes), not a slide")
     if slide_mpp is not None and not (0 < slide_mpp < 1000):
         raise InputError(f"{path}: --slide-mpp must be a positive number, got {slide_mpp}")
     try:
-        handle = openslide.open_slide(str(path))
+        native = openslide.OpenSlide.detect_format(str(path)) is not None
+    except (openslide.OpenSlideError, OSError, ValueError):
+        native = False
+    try:
+        if native:
+            handle = openslide.OpenSlide(str(path))
+        else:
+            # plain image (PNG/JPEG/untiled TIFF): decode it fully now, so that a truncated or
+            # corrupt file fails here with a clear message, not later as "no MPP" or a read error
+            with open(path, "rb") as fh:
+                magic = fh.read(4)
+            img = Image.open(path)
+            try:
+                img.load()
+            except (OSError, ValueError) as exc:
+                kind = "TIFF" if magic[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+") else img.format or "image"
+                raise InputError(f"{path}: truncated or corrupt {kind} ({exc})") from exc
+            handle = openslide.ImageSlide(img)
+    except InputError:
+        raise
     except (openslide.OpenSlideError, UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise InputError(f"{path}: not a readable slide ({type(exc).__name__}: {exc})") from exc
     props = handle.properties
