@@ -236,6 +236,10 @@ def study_figure(synthetic: Path = typer.Option(..., "--synthetic", help="Synthe
 
 def register(app: typer.Typer) -> None:
     """Add ``coreset``, ``evaluate`` and the ``study`` group to ``app``."""
+    from centre_node.commands.mil import study as mil_study
+
+    # `centre-node study mil` is the same command as `centre-node mil study` (Table 4).
+    study_app.command("mil", help="Table 4: MIL heads on distilled per-slide bags vs full bags.")(mil_study)
     app.command("coreset")(coreset)
     app.command("evaluate")(evaluate)
     app.add_typer(study_app, name="study")
