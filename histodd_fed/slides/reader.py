@@ -76,10 +76,11 @@ class OpenedSlide:
             return self.objective_power / magnification
         return (10.0 / magnification) / self.require_mpp(f"--magnification {magnification:g}")
 
-    def read_rgb(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
+    def read_rgb(self, x0: int, y0: int, level: int, size: tuple[int, int], contiguous: bool = True) -> np.ndarray:
         """RGB uint8 (h, w, 3) of ``size=(w, h)`` at ``level``; (x0, y0) in level-0 pixels.
 
-        Transparent pixels (outside the scanned area) become white.
+        Transparent pixels (outside the scanned area) become white. ``contiguous=False`` may
+        return a strided view of the RGBA buffer (saves a copy when the caller copies anyway).
         """
         try:
             im = self.handle.read_region((int(x0), int(y0)), int(level), (int(size[0]), int(size[1])))
@@ -87,7 +88,7 @@ class OpenedSlide:
             raise InputError(f"{self.path}: read failed at ({x0},{y0}) level {level} ({exc})") from exc
         a = np.asarray(im, dtype=np.uint8)
         if a.ndim == 3 and a.shape[-1] == 4 and a[..., 3].min(initial=255) == 255:
-            return np.ascontiguousarray(a[..., :3])  # fully opaque (the usual case): no compositing
+            return np.ascontiguousarray(a[..., :3]) if contiguous else a[..., :3]  # fully opaque (the usual case): no compositing
         rgb, alpha = a[..., :3].astype(np.uint32), a[..., 3:4].astype(np.uint32)
         # openslide-python returns straight (not premultiplied) RGBA: composite over white
         return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)

@@ -234,7 +234,7 @@ def _resize(a: np.ndarray, size: int) -> np.ndarray:
         return a
     from PIL import Image
 
-    im = Image.fromarray(a)
+    im = Image.fromarray(np.ascontiguousarray(a))
     method = Image.Resampling.BOX if a.shape[0] > size else Image.Resampling.BILINEAR
     return np.asarray(im.resize((size, size), method), dtype=np.uint8)
 
@@ -305,7 +305,7 @@ def tile_one_slide(record: SlideRecord, cfg: TileConfig, ann_dirs: list[Path],
             x_first = int(xs[idx[k]])
             y_row = int(ys[idx[k]])
             width_l = int(np.ceil((xs[idx[e - 1]] - x_first) / level_ds)) + read_px
-            strip = sl.read_rgb(x_first, y_row, level, (width_l, read_px))
+            strip = sl.read_rgb(x_first, y_row, level, (width_l, read_px), contiguous=False)
             for j in range(k, e):
                 off = int(round((xs[idx[j]] - x_first) / level_ds))
                 images[j] = _resize(strip[:, off:off + read_px], cfg.patch_size)
@@ -526,6 +526,15 @@ def _assemble(work: Path, tiled: list[SlideRecord], patch_size: int, meta: dict)
             coords.append(z["coords"].reshape(-1, 2))
         sidx.append(np.full(len(labels[-1]), j, dtype=np.int32))
     n = int(sum(len(x) for x in labels))
+    if len(tiled) == 1:  # one slide: its shard already is the image array
+        images = np.load(_shard_paths(work, tiled[0].slide_id)[0], mmap_mode="r", allow_pickle=False)
+        if images.shape != (n, patch_size, patch_size, 3):
+            raise InputError(f"{work}: shard of {tiled[0].slide_id} holds {images.shape}, expected {n} patches; "
+                             f"delete the folder and re-run")
+        return PatchSet(images=images, labels=labels[0], class_names=list(CLASS_NAMES), slide_index=sidx[0],
+                        slide_ids=[tiled[0].slide_id],
+                        slide_labels={r.slide_id: r.label_index for r in tiled if r.label_index is not None},
+                        coords=coords[0].astype(np.int64), kind="real", meta=meta)
     images = np.lib.format.open_memmap(work / STAGING, mode="w+", dtype=np.uint8,
                                        shape=(n, patch_size, patch_size, 3))
     k = 0
