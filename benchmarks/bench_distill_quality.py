@@ -4,8 +4,11 @@ For each seed: distil the training subset with the given config, draw a random r
 ``ipc`` images per class, train a fresh ConvNet on each (same recipe, same augmentation) and
 evaluate accuracy on a ``valid`` subset. Prints a Markdown table and writes JSON.
 
-    timeout 3000 .venv/bin/python benchmarks/bench_distill_quality.py --config configs/distill-cpu.yaml \
-        --train-per-class 500 --valid-per-class 500 --seeds 0 1 2 --json results/distill_quality.json
+    timeout 900 .venv/bin/python benchmarks/bench_distill_quality.py --config configs/distill-cpu.yaml \
+        --crop-center 32 --train-per-class 500 --valid-per-class 500 --seeds 0 1 2 --eval-epochs 200 \
+        --eval-width 32 --json results/distill_quality.json
+
+Tune with ``--tune`` (evaluates on train patches disjoint from every training subset), report on valid.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ class Prepared:
 
 def _prepare_key(cfg: CentreConfig, preset: CentrePreset) -> dict[str, Any]:
     return {"centre": cfg.centre_id, "data": str(cfg.data.resolve()), "seed": cfg.seed,
-            "preset": preset.to_dict(), "version": 2}
+            "preset": preset.prepare_dict(), "version": 2}
 
 
 def _threads() -> None:
@@ -301,12 +301,154 @@ def open_received(cfg: CentreConfig, data: bytes) -> PatchSet:
     return opened.patchset
 
 
+# ---------------------------------------------------------------------------- receive: stain + mix
+def set_stains(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """One Macenko stain description of a whole patch set: ``(matrix (3, 2), max_conc (2,), n_est, template)``.
+
+    Per-image estimates (:func:`histodd_fed.stain.macenko.estimate_stains`) of the images with enough
+    tissue are pooled by their median (columns renormalised to unit length); ``template`` is
+    :func:`~histodd_fed.stain.macenko.choose_template`'s image, whose estimate is used when no image
+    has enough tissue (and the reference H&E stains when even that one has none).
+    """
+    from histodd_fed.stain import macenko
+
+    t = macenko.choose_template(images)
+    mats, maxc, ok = macenko.estimate_stains(images)
+    if not ok.any():
+        return mats[t].astype(np.float64), maxc[t].astype(np.float64), 0, t
+    m = np.median(mats[ok].astype(np.float64), axis=0)
+    m = m / np.maximum(np.linalg.norm(m, axis=0, keepdims=True), 1e-6)
+    return m, np.median(maxc[ok].astype(np.float64), axis=0), int(ok.sum()), t
+
+
+def stain_normalise_to(received: PatchSet, own: PatchSet) -> tuple[PatchSet, dict[str, Any]]:
+    """``received`` Macenko-normalised into the colour space of ``own`` (the target's train patches).
+
+    Set-level mapping: the received set's pooled stain matrix and max concentrations
+    (:func:`set_stains`) -> the target's pooled ones. Every received image's concentrations under the
+    SOURCE matrix are scaled by ``max_target / max_source`` (one factor per stain for the whole set, so
+    relative darkness between images - a tumour cue - is kept, unlike per-image max scaling) and
+    recomposed with the TARGET matrix. Images without tissue (background) are left unchanged.
+    """
+    from histodd_fed.stain import macenko
+
+    tm, tmax, t_n, t_idx = set_stains(own.images)
+    sm, smax, s_n, _ = set_stains(received.images)
+    _, _, ok = macenko.estimate_stains(received.images)
+    out = received.images.copy()
+    h, w = received.images.shape[1:3]
+    scale = tmax / np.maximum(smax, 1e-3)
+    for i in np.flatnonzero(ok):
+        conc = macenko.concentrations(received.images[i], sm) * scale
+        out[i] = np.round(macenko.od_to_rgb(conc @ tm.T)).reshape(h, w, 3).astype(np.uint8)
+    res = received.subset(np.arange(len(received)))
+    res.images = out
+    res.meta = dict(received.meta, stain_normalised_to="target")
+    info = {"received_stain": "macenko->target", "stain_target_images": t_n, "stain_template_index": int(t_idx),
+            "stain_normalised_images": int(ok.sum()), "stain_unchanged_images": int((~ok).sum()),
+            "stain_scale": [round(float(v), 4) for v in scale]}
+    return res, info
+
+
+def _balanced_indices(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
+    """``per_class`` indices of every class present (without replacement when the class is big enough)."""
+    out = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        out.append(idx if per_class == len(idx) else rng.choice(idx, per_class, replace=per_class > len(idx)))
+    return np.concatenate(out)
+
+
+def mixed_training_set(own: PatchSet, received: PatchSet | None, *, share: float, seed: int) -> PatchSet:
+    """The fine-tuning set of the "union" protocol (one fixed epoch; the trainer reshuffles it).
+
+    Own part: every own class drawn to the size of the largest own class (minority oversampled, so
+    all own patches appear). Received part (when given): class-balanced, oversampled to ``share`` of
+    the epoch: ``n_recv = share / (1 - share) * n_own``. Images only (no slide tables).
+    """
+    rng = np.random.default_rng(seed)
+    counts = np.bincount(own.labels, minlength=own.num_classes)
+    own_idx = _balanced_indices(own.labels, int(counts.max()), rng)
+    images, labels = [own.images[own_idx]], [own.labels[own_idx]]
+    if received is not None and len(received):
+        n_cls = len(np.unique(received.labels))
+        n_recv = int(round(share / (1.0 - share) * len(own_idx)))
+        rec_idx = _balanced_indices(received.labels, max(1, n_recv // n_cls), rng)
+        images.append(received.images[rec_idx])
+        labels.append(received.labels[rec_idx])
+    return PatchSet(images=np.concatenate(images), labels=np.concatenate(labels).astype(np.int64),
+                    class_names=list(own.class_names), kind="real" if received is None else received.kind,
+                    meta={"n_own": int(len(own_idx)), "n_received_draws": int(sum(len(x) for x in labels[1:]))})
+
+
+def _protocol_key(preset: CentrePreset) -> str:
+    return config_hash({"protocol": preset.receive_protocol(), "version": 3})[:8]
+
+
+def _fine_tune_classifier(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, *, epochs: int,
+                          seed: int):
+    """Copy of the pre-trained classifier fine-tuned per the preset's protocol; (model, info)."""
+    from histodd_fed.training import fine_tune, load_model
+
+    model = load_model(prepared.classifier_dir)
+    lr = preset.fine_tune_lr * preset.fine_tune_lr_scale
+    if preset.fine_tune_protocol == "union":
+        train = mixed_training_set(prepared.train, received, share=preset.received_share, seed=seed)
+    else:
+        if received is None:
+            return model, {"fine_tune_protocol": "received", "fine_tune_lr": lr, "fine_tune_set": 0}
+        train = received
+    if epochs > 0:
+        fine_tune(model, train, epochs=epochs, lr=lr, batch_size=preset.batch_size, seed=seed, device="cpu",
+                  progress=False)
+    return model, {"fine_tune_protocol": preset.fine_tune_protocol, "fine_tune_lr": lr,
+                   "received_share": preset.received_share if received is not None else 0.0,
+                   "fine_tune_set": len(train)}
+
+
+def prepare_received(received: PatchSet, prepared: Prepared, preset: CentrePreset) -> tuple[PatchSet, dict[str, Any]]:
+    """Received set at the model input size, stain-normalised to the target when the preset says so."""
+    received = resize_patchset(received, preset.image_size)
+    if preset.stain_normalise_received:
+        return stain_normalise_to(received, prepared.train)
+    return received, {"received_stain": "as received"}
+
+
 # ---------------------------------------------------------------------------- fine-tune
-def evaluate_baseline(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared) -> dict[str, Any]:
-    """The "no transfer" row: the centre's own models before fine-tuning."""
-    b = prepared.info.get("baseline", {})
-    return {"name": "none", "mode": "none", "ipc": None, "source": None, "ok": True, **b,
-            "fine_tune_seconds": 0.0, "epochs": 0, "images": 0, "bytes": 0}
+def evaluate_baseline(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *,
+                      epochs: int | None = None) -> dict[str, Any]:
+    """The "no transfer" row: the centre's own models fine-tuned on its OWN data only, same protocol.
+
+    Same epochs, lr, class balancing and MIL fine-tune as the transfer rows, without any received
+    data, so a transfer row's difference from this row is the received data's effect. The models
+    before any fine-tuning (zero epochs) are reported as ``pretrained_*``. With the "received"
+    protocol the row is the pre-trained models themselves (the earlier behaviour).
+    """
+    b = dict(prepared.info.get("baseline", {}))
+    epochs = preset.fine_tune_epochs if epochs is None else int(epochs)
+    row: dict[str, Any] = {"name": "none", "mode": "none", "ipc": None, "source": None, "ok": True,
+                           "images": 0, "bytes": 0}
+    row.update({f"pretrained_{k}": v for k, v in b.items()})
+    if preset.fine_tune_protocol != "union" or epochs == 0:
+        return {**row, **b, "fine_tune_seconds": 0.0, "epochs": 0}
+    cache = cfg.work_dir / "received" / f"own-{prepared.config_hash[:8]}-{_protocol_key(preset)}-e{epochs}.json"
+    if cache.exists():
+        return {**json.loads(cache.read_text()), "cached": True}
+    from histodd_fed.federation import slide_level
+
+    _threads()
+    t0 = time.perf_counter()
+    model, info = _fine_tune_classifier(prepared, preset, None, epochs=epochs, seed=cfg.seed)
+    row.update(info)
+    row.update(patch_metrics(model, prepared.test))
+    if prepared.has_mil:
+        from histodd_fed.training import load_model
+
+        row.update(slide_level.fine_tune(load_model(prepared.classifier_dir), None, prepared.train, prepared.root,
+                                         preset, cfg.seed, epochs=epochs))
+    row.update(fine_tune_seconds=round(time.perf_counter() - t0, 2), epochs=epochs, own_data_only=True)
+    atomic_write_json(cache, row)
+    return {**row, "cached": False}
 
 
 def fine_tune_on_bundles(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *,
@@ -314,19 +456,21 @@ def fine_tune_on_bundles(cfg: CentreConfig, preset: CentrePreset, prepared: Prep
     """Open the row's bundles; fine-tune copies of the pre-trained models; evaluate on the test split.
 
     ``patch``: the set the patch classifier is fine-tuned on. ``slides``: the set (with a slide
-    table) whose bags fine-tune the pre-trained CLAM head; the same bytes for "Full".
+    table) whose bags fine-tune the pre-trained CLAM head; the same bytes for "Full". Received
+    images are first stain-normalised to this centre's own template, then used per the preset's
+    protocol (``union``: with the centre's own train data, received at a fixed share).
     """
     blobs = [b for b in (patch, slides) if b is not None]
     if not blobs:
         raise InputError("nothing to fine-tune on: no bundle in this row")
     sha = hashlib.sha256(b"".join(hashlib.sha256(b).digest() for b in (patch or b"", slides or b""))).hexdigest()
-    cache = cfg.work_dir / "received" / f"{sha[:32]}-{prepared.config_hash[:8]}-e{epochs}.json"
+    cache = cfg.work_dir / "received" / f"{sha[:32]}-{prepared.config_hash[:8]}-{_protocol_key(preset)}-e{epochs}.json"
     if cache.exists():
         out = json.loads(cache.read_text())
         out["cached"] = True
         return out
     from histodd_fed.federation import slide_level
-    from histodd_fed.training import fine_tune, load_model
+    from histodd_fed.training import load_model
 
     _threads()
     opened: dict[int, PatchSet] = {}
@@ -339,20 +483,23 @@ def fine_tune_on_bundles(cfg: CentreConfig, preset: CentrePreset, prepared: Prep
     out: dict[str, Any] = {"epochs": epochs}
     t0 = time.perf_counter()
     if patch is not None:
-        received = resize_patchset(opened[id(patch)], preset.image_size)
-        model = load_model(prepared.classifier_dir)
+        received, stain_info = prepare_received(opened[id(patch)], prepared, preset)
+        out.update(stain_info)
         tp = time.perf_counter()
-        fine_tune(model, received, epochs=epochs, lr=preset.fine_tune_lr * 10, batch_size=preset.batch_size,
-                  seed=cfg.seed, device="cpu", progress=False)
+        model, info = _fine_tune_classifier(prepared, preset, received, epochs=epochs, seed=cfg.seed)
+        out.update(info)
         out["patch_fine_tune_seconds"] = round(time.perf_counter() - tp, 2)
         out.update(patch_metrics(model, prepared.test))
         out.update(images=len(received), kind=received.kind)
     if slides is not None and prepared.has_mil:
         received = opened[id(slides)]
         if slide_level.has_slides(received):
+            received, stain_info = prepare_received(received, prepared, preset)
+            out.setdefault("received_stain", stain_info["received_stain"])
             ts = time.perf_counter()
-            out.update(slide_level.fine_tune(load_model(prepared.classifier_dir), received, prepared.root, preset,
-                                             cfg.seed, epochs=epochs))
+            own = prepared.train if preset.fine_tune_protocol == "union" else None
+            out.update(slide_level.fine_tune(load_model(prepared.classifier_dir), received, own, prepared.root,
+                                             preset, cfg.seed, epochs=epochs))
             out["slide_fine_tune_seconds"] = round(time.perf_counter() - ts, 2)
         else:
             out["slide_note"] = "received set has no slide table"

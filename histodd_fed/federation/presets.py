@@ -38,6 +38,36 @@ class CentrePreset:
     distill_overrides: tuple[tuple[str, Any], ...] = ()
     max_train_patches: int = 0       # 0 = all; caps pre-training cost on small machines
     demo_slides: int = 10
+    # --- how a target uses received data (docs/federation.md "Fine-tuning protocol") ---
+    # "union": fine-tune on its own train patches + the received set, class-balanced, received
+    # oversampled to ``received_share`` of each epoch; "no transfer" is the same fine-tune on own
+    # data only. "received": the received set alone (the earlier protocol, kept for comparison).
+    fine_tune_protocol: str = "union"
+    received_share: float = 0.5      # fraction of each fine-tuning epoch drawn from the received set
+    fine_tune_lr_scale: float = 1.0  # classifier fine-tuning lr = fine_tune_lr * this
+    stain_normalise_received: bool = True  # Macenko-map received images to the target's own template
+
+    #: fields that only affect how a target fine-tunes on received data (not preparation)
+    RECEIVE_FIELDS = ("fine_tune_protocol", "received_share", "fine_tune_lr_scale", "stain_normalise_received")
+
+    def __post_init__(self) -> None:
+        if self.fine_tune_protocol not in ("union", "received"):
+            raise ConfigError(f"preset {self.name!r}: fine_tune_protocol must be 'union' or 'received', "
+                              f"got {self.fine_tune_protocol!r}")
+        if not 0.0 < self.received_share < 1.0:
+            raise ConfigError(f"preset {self.name!r}: received_share must be in (0, 1), got {self.received_share}")
+
+    def receive_protocol(self) -> dict[str, Any]:
+        """The receive-side settings (part of every fine-tuning cache key and row)."""
+        return {k: getattr(self, k) for k in self.RECEIVE_FIELDS} | {
+            "fine_tune_lr": self.fine_tune_lr, "mil_fine_tune_lr": self.mil_fine_tune_lr}
+
+    def prepare_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the receive-side fields (so they do not invalidate preparation)."""
+        d = self.to_dict()
+        for k in self.RECEIVE_FIELDS:
+            d.pop(k, None)
+        return d
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -5,7 +5,7 @@ A centre's slide encoder is its own pre-trained patch classifier (frozen, ``feat
 saved, and a received set only needs its own patches encoded.
 
 - :func:`pretrain`    CLAM on the centre's own real train bags; saves head + test bags
-- :func:`fine_tune`   copy of the pre-trained head fine-tuned on bags built from a RECEIVED patch set
+- :func:`fine_tune`   copy of the pre-trained head fine-tuned on bags of a RECEIVED patch set (plus own bags)
   (per-slide synthetic set, or the source's real train patches for "Full"); evaluated on the
   centre's real test bags
 """
@@ -58,17 +58,40 @@ def pretrain(model, train: PatchSet, test: PatchSet, preset: CentrePreset, seed:
     return metrics_dict(evaluate_mil(res.model, test_bags))
 
 
-def fine_tune(encoder_model, received: PatchSet, root: Path, preset: CentrePreset, seed: int, *,
-              epochs: int) -> dict[str, Any]:
-    """Fine-tune the pre-trained CLAM on bags of ``received``; metrics on the saved real test bags."""
+def _oversample(bags: list, n: int) -> list:
+    """``bags`` repeated (cyclically) to ``n`` entries (at least once each)."""
+    if not bags:
+        return []
+    return [bags[i % len(bags)] for i in range(max(n, len(bags)))]
+
+
+def fine_tune(encoder_model, received: PatchSet | None, own_train: PatchSet | None, root: Path,
+              preset: CentrePreset, seed: int, *, epochs: int) -> dict[str, Any]:
+    """Fine-tune the pre-trained CLAM; metrics on the saved real test bags.
+
+    Bags come from ``received`` (already stain-normalised by the caller) and, when ``own_train`` is
+    given (the "union" protocol), also from the centre's own train slides. Own bags are repeated so
+    received bags make up about ``preset.received_share`` of each epoch (never fewer than one pass
+    over the own bags). ``received=None`` fine-tunes on own bags only ("no transfer").
+    ``encoder_model`` must be the centre's frozen pre-trained classifier (the test bags' encoder).
+    """
     from histodd_fed.mil.bags import bags_from_patchset, load_bags
     from histodd_fed.mil.train import evaluate_mil, load_mil, train_mil
 
+    if received is None and own_train is None:
+        raise ValueError("fine_tune needs received and/or own bags")
     head, _ = load_mil(root / MIL_DIR)
     test_bags = load_bags(root / TEST_BAGS_DIR)
-    bags = bags_from_patchset(received, encoder_for(encoder_model, preset), progress=False)
+    enc = encoder_for(encoder_model, preset)
+    rec_bags = list(bags_from_patchset(received, enc, progress=False)) if received is not None else []
+    own_bags = list(bags_from_patchset(own_train, enc, progress=False)) if own_train is not None else []
+    if rec_bags and own_bags:
+        share = preset.received_share
+        own_bags = _oversample(own_bags, int(round(len(rec_bags) * (1.0 - share) / share)))
+    bags = own_bags + rec_bags
     res = train_mil(bags, preset.mil_model, epochs=epochs, lr=preset.mil_fine_tune_lr, seed=seed,
                     model=head, progress=False)
     out = metrics_dict(evaluate_mil(res.model, test_bags))
-    out.update(slide_bags=len(bags), slide_images=len(received))
+    out.update(slide_bags=len(rec_bags), slide_own_bags=len(own_bags),
+               slide_images=len(received) if received is not None else 0)
     return out
