@@ -14,6 +14,8 @@ Nothing is pickled; loading uses ``allow_pickle=False``. Writes are atomic (temp
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -124,11 +126,36 @@ class PatchSet:
         return int(self.images.nbytes + self.labels.nbytes + self.slide_index.nbytes)
 
     # ------------------------------------------------------------------ io
-    def save(self, path: str | Path, overwrite: bool = True) -> Path:
-        """Write atomically to directory ``path``."""
+    def save(self, path: str | Path, overwrite: bool = True, *, adopt_images: str | Path | None = None) -> Path:
+        """Write atomically to directory ``path``.
+
+        ``adopt_images``: an existing ``.npy`` file that already holds exactly ``self.images``
+        (e.g. the memory-mapped file they were written to). It is moved (renamed) into the store
+        as ``images.npy`` instead of being written again, so a large store costs no second copy;
+        its header must match the images' shape and dtype (checked; the pixels are not re-read).
+        The file is consumed even if the save then fails; pass a hard link to keep the original.
+        """
         path = Path(path)
+        if adopt_images is not None:
+            adopt_images = Path(adopt_images)
+            try:
+                head = np.load(adopt_images, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise InputError(f"{adopt_images}: cannot adopt as images.npy ({exc})") from exc
+            desc = f"{head.dtype} {head.shape}"
+            ok = head.shape == self.images.shape and head.dtype == np.uint8
+            del head
+            if not ok:
+                raise InputError(f"{adopt_images}: holds {desc}, "
+                                 f"not the {self.images.dtype} {self.images.shape} images being saved")
         with atomic_directory(path, overwrite=overwrite) as tmp:
-            np.save(tmp / "images.npy", np.ascontiguousarray(self.images))
+            if adopt_images is not None:
+                try:
+                    os.replace(adopt_images, tmp / "images.npy")
+                except OSError:  # another file system: move by copying
+                    shutil.move(str(adopt_images), str(tmp / "images.npy"))
+            else:
+                np.save(tmp / "images.npy", np.ascontiguousarray(self.images))
             np.save(tmp / "labels.npy", self.labels)
             np.save(tmp / "slide_index.npy", self.slide_index)
             if self.coords is not None:

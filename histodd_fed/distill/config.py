@@ -10,6 +10,7 @@ from histodd_fed.errors import ConfigError, InputError
 
 DISTANCES = ("l1", "l1_mean", "cosine", "mse")
 INITS = ("real", "noise")
+MATCHING = ("fast", "reference")
 #: Fields that do not change the result (left out of the resume / checkpoint key).
 NON_RESULT_FIELDS = ("device", "checkpoint_every")
 
@@ -46,6 +47,10 @@ class DistillConfig:
     batch_net: int = 128
     # augmentation (DSA strategy string, see histodd_fed.augment)
     augmentation: str = "color_crop_cutout_flip_scale_rotate_stain"
+    #: fast: one augmentation call for all classes, class-stacked gradients (torch.func vmap on GPU, a
+    #: class loop on CPU), no second-order network gradients; same random draws as ``reference`` (the
+    #: plain per-class loop), equal to float rounding. Batch-norm networks always use ``reference``.
+    matching: str = "fast"
     # run
     seed: int = 0
     device: str = "auto"                          #: auto | cpu | cuda | cuda:N
@@ -69,6 +74,8 @@ class DistillConfig:
             positive("slide_outer_steps")
         if self.distance not in DISTANCES:
             raise ConfigError(f"distill config: distance must be one of {DISTANCES}, got {self.distance!r}")
+        if self.matching not in MATCHING:
+            raise ConfigError(f"distill config: matching must be one of {MATCHING}, got {self.matching!r}")
         if self.init not in INITS:
             raise ConfigError(f"distill config: init must be one of {INITS}, got {self.init!r}")
         from histodd_fed.augment import parse_strategy

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from histodd_fed.atomic import atomic_write_bytes
 from histodd_fed.augment import build_augmentation
 from histodd_fed.distill.config import DistillConfig
-from histodd_fed.distill.matching import class_matching_loss
+from histodd_fed.distill.matching import batched_matching_loss, class_matching_loss, supports_batched_matching
 from histodd_fed.distill.model_aug import augment_model, matched_weights
 from histodd_fed.distill.pool import build_model, get_pool
 from histodd_fed.errors import InputError
@@ -89,8 +89,13 @@ def _plan(real: PatchSet, config: DistillConfig, rng: np.random.Generator) -> li
         stage = []
         for c in range(real.num_classes):
             idx = np.flatnonzero(real.labels == c)
-            if len(idx):
-                stage.append(group(c, -1, idx))
+            if len(idx) == 0:
+                raise InputError(f"distill: class {real.class_names[c]!r} has no patches in the real set "
+                                 f"(class counts {real.class_counts()})")
+            if len(idx) < config.ipc:
+                raise InputError(f"distill: ipc={config.ipc} is larger than class {real.class_names[c]!r} "
+                                 f"({len(idx)} patches); lower --ipc")
+            stage.append(group(c, -1, idx))
         return [stage]
     if not real.slide_ids or (real.slide_index < 0).all():
         raise InputError("per-slide distillation: the patch set has no slide ids (slide_index is all -1)")
@@ -123,6 +128,43 @@ def _load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         return blob["tensors"], json.loads(blob["info_json"])
     except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
         raise InputError(f"{path}: unreadable distillation checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
+def _fast_step_loss(net, weights, stage: list[Group], x_syn: torch.Tensor, syn_st: ImageStains | None,
+                    offsets: np.ndarray, y_syn: list[torch.Tensor], x_real: torch.Tensor, y_real: torch.Tensor,
+                    real_stains: ImageStains | None, aug, config: DistillConfig, rng: np.random.Generator,
+                    gen: torch.Generator, per_class: str) -> torch.Tensor:
+    """One inner step's matching loss over all classes of a stage, batched.
+
+    Draws exactly what the reference loop draws, in the same order (per class: the real batch from
+    ``rng``, then one siamese augmentation draw from ``gen``), then augments every class's real and
+    synthetic images in ONE call (each image gets its class's draw) and matches class-stacked gradients.
+    """
+    k, b, m = len(stage), config.batch_real, config.ipc
+    ridx_np, draws = [], []
+    for g in stage:
+        ridx_np.append(_sample(g.real_idx, b, rng))
+        if aug.ops:
+            draws.append(aug.sample(1, gen, siamese=True))
+    ridx = torch.from_numpy(np.concatenate(ridx_np)).to(x_real.device)
+    xr, xs = x_real[ridx], x_syn[offsets[0]:offsets[-1]]
+    if aug.ops:
+        from histodd_fed.augment.dsa import AugDraw
+
+        vals = {}
+        for key in draws[0].values:
+            per = torch.cat([d.values[key] for d in draws])                      # (K, ...)
+            vals[key] = torch.cat([per.repeat_interleave(b, dim=0), per.repeat_interleave(m, dim=0)])
+        stains = None
+        if real_stains is not None:
+            rs = real_stains.index(ridx)
+            ss = syn_st.index(slice(offsets[0], offsets[-1]))
+            stains = ImageStains(torch.cat([rs.matrices, ss.matrices]), torch.cat([rs.max_conc, ss.max_conc]))
+        both = aug.apply(torch.cat([xr, xs]), AugDraw(vals, siamese=False), stains)
+        xr, xs = both[:k * b], both[k * b:]
+    shape = xr.shape[1:]
+    return batched_matching_loss(net, weights, xr.reshape(k, b, *shape), y_real[ridx].reshape(k, b),
+                                 xs.reshape(k, m, *shape), torch.stack(y_syn), config.distance, per_class)
 
 
 @dataclass
@@ -216,6 +258,10 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
 
     # ---------------------------------------------------------------- outer loop
     net_template = build_model(config, real.num_classes).to(device)
+    fast = config.matching == "fast" and supports_batched_matching(net_template)
+    if config.matching == "fast" and not fast:
+        log.info("distill: %s has batch norm; using the per-class reference matching", config.model)
+    per_class = "vmap" if device.type == "cuda" else "loop"
     t_loop = time.perf_counter()
     ran = 0
     bar = progress_bar(total=total_steps, initial=done, desc="distill", disable=not progress)
@@ -247,19 +293,25 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
             net_opt = torch.optim.SGD(net.parameters(), lr=config.lr_net, momentum=0.5)
             step_losses = []
             for u in range(config.inner_steps):
-                loss = torch.zeros((), device=device)
-                for k, g in enumerate(stage):
-                    ridx = torch.from_numpy(_sample(g.real_idx, config.batch_real, rng)).to(device)
-                    xr = x_real[ridx]
-                    xs = x_syn[offsets[k]:offsets[k + 1]]
-                    if aug.ops:
-                        draw = aug.sample(1, gen, siamese=True)
-                        xr = aug.apply(xr, draw, None if real_stains is None else real_stains.index(ridx))
-                        st = syn_stains[s_i]
-                        xs = aug.apply(xs, draw, None if st is None else st.index(slice(offsets[k], offsets[k + 1])))
-                    loss = loss + class_matching_loss(net, weights, xr, y_real[ridx], xs, y_syn[k], config.distance)
-                opt_img.zero_grad(set_to_none=True)
-                loss.backward()
+                if fast:
+                    loss = _fast_step_loss(net, weights, stage, x_syn, syn_stains[s_i], offsets, y_syn, x_real, y_real,
+                                           real_stains, aug, config, rng, gen, per_class)
+                    opt_img.zero_grad(set_to_none=True)
+                    x_syn.grad = torch.autograd.grad(loss, x_syn)[0]
+                else:
+                    loss = torch.zeros((), device=device)
+                    for k, g in enumerate(stage):
+                        ridx = torch.from_numpy(_sample(g.real_idx, config.batch_real, rng)).to(device)
+                        xr = x_real[ridx]
+                        xs = x_syn[offsets[k]:offsets[k + 1]]
+                        if aug.ops:
+                            draw = aug.sample(1, gen, siamese=True)
+                            xr = aug.apply(xr, draw, None if real_stains is None else real_stains.index(ridx))
+                            st = syn_stains[s_i]
+                            xs = aug.apply(xs, draw, None if st is None else st.index(slice(offsets[k], offsets[k + 1])))
+                        loss = loss + class_matching_loss(net, weights, xr, y_real[ridx], xs, y_syn[k], config.distance)
+                    opt_img.zero_grad(set_to_none=True)
+                    loss.backward()
                 opt_img.step()
                 with torch.no_grad():
                     x_syn.clamp_(0.0, 1.0)

@@ -491,8 +491,10 @@ def tile_slides(slides: str | Path | Sequence[str | Path | SlideRecord], out: st
     from histodd_fed.runconfig import write_run_config
 
     try:
+        if len(tiled) == 1:  # the single shard is the store's images.npy: hard-link it into place
+            _stage_single_shard(_shard_paths(work, tiled[0].slide_id)[0], work / STAGING, link=not keep_work)
         with atomic_directory(out) as tmp:
-            ps.save(tmp)
+            ps.save(tmp, adopt_images=work / STAGING)  # moved into the store, not copied
             (tmp / "thumbnails").mkdir()
             for r in tiled:
                 shutil.copyfile(_shard_paths(work, r.slide_id)[2], tmp / "thumbnails" / f"{r.slide_id}.png")
@@ -514,9 +516,29 @@ def tile_slides(slides: str | Path | Sequence[str | Path | SlideRecord], out: st
 STAGING = "store-images.npy"
 
 
+def _stage_single_shard(shard: Path, staging: Path, link: bool) -> None:
+    """Put a single slide's shard at ``staging`` for :meth:`PatchSet.save` to adopt.
+
+    A hard link costs no copy and leaves the shard in place for a resumed run (shards are only
+    ever replaced by rename, never written in place); with ``link=False`` (``keep_work``: the
+    work folder outlives the store, so the two must not share one file) or where linking is
+    impossible, the shard is copied.
+    """
+    staging.unlink(missing_ok=True)
+    if link:
+        try:
+            os.link(shard, staging)
+            return
+        except OSError:
+            pass
+    shutil.copyfile(shard, staging)
+
+
 def _assemble(work: Path, tiled: list[SlideRecord], patch_size: int, meta: dict):
     """One PatchSet from the shards of ``tiled``; its images are a memory map staged in ``work``
-    (filled slide by slide), so the store is written without holding all patches in RAM."""
+    (filled slide by slide) at ``STAGING``, which the store then adopts (renamed, not copied), so
+    the store is written without holding all patches in RAM. With one slide the images are the
+    shard's own memory map (the caller stages it by hard link)."""
     from histodd_fed.patchset import PatchSet
 
     labels, coords, sidx, counts = [], [], [], []
