@@ -51,15 +51,18 @@ def main() -> None:
     ap.add_argument("--batch-real", type=int, default=128)
     ap.add_argument("--ipc", type=int, default=10)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--matching", nargs="+", default=["reference", "fast"],
+                    help="matching paths to time on the same data and network (ratio printed when both)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
     for model in args.models:
-        for size in args.sizes:
+      for size in args.sizes:
+        for matching in args.matching:
             real = texture_patches(max(args.batch_real, 64), size)
-            cfg = DistillConfig(model=model, model_kwargs={}, image_size=size, ipc=args.ipc,
+            cfg = DistillConfig(model=model, model_kwargs={}, image_size=size, ipc=args.ipc, matching=matching,
                                 outer_steps=args.outer_steps + 1, inner_steps=args.inner_steps,
                                 batch_real=args.batch_real, batch_net=args.batch_real, pool_size=1, pool_epochs=0,
                                 device=args.device, checkpoint_every=0, lr_img=0.01)
@@ -68,7 +71,7 @@ def main() -> None:
             wall = time.perf_counter() - t0
             secs = [r["seconds"] for r in res.patchset.meta["loss_curve"]]
             step = statistics.median(secs[1:]) if len(secs) > 1 else secs[0]
-            row = {"model": model, "image_size": size, "outer_step_s": round(step, 4),
+            row = {"model": model, "image_size": size, "matching": matching, "outer_step_s": round(step, 4),
                    "inner_step_s": round(step / args.inner_steps, 5), "warmup_step_s": round(secs[0], 4),
                    "device": res.patchset.meta["device"], "wall_s": round(wall, 2)}
             rows.append(row)
@@ -77,9 +80,14 @@ def main() -> None:
     name = torch.cuda.get_device_name(0) if dev.startswith("cuda") else platform.processor() or platform.machine()
     print(f"\nHisto-DD outer step (U={args.inner_steps}, 2 classes, batch_real={args.batch_real}, "
           f"ipc={args.ipc}) on {dev} ({name}), torch {torch.__version__}\n")
-    print("| model | px | s / outer step | s / inner step |\n|---|---|---|---|")
+    print("| model | px | matching | s / outer step | s / inner step | reference / fast |\n|---|---|---|---|---|---|")
+    ref = {(r["model"], r["image_size"]): r["outer_step_s"] for r in rows if r["matching"] == "reference"}
     for r in rows:
-        print(f"| {r['model']} | {r['image_size']} | {r['outer_step_s']:.3f} | {r['inner_step_s']:.4f} |")
+        key = (r["model"], r["image_size"])
+        ratio = f"{ref[key] / r['outer_step_s']:.2f}x" if r["matching"] == "fast" and key in ref else ""
+        r["speedup_vs_reference"] = ratio
+        print(f"| {r['model']} | {r['image_size']} | {r['matching']} | {r['outer_step_s']:.3f} | "
+              f"{r['inner_step_s']:.4f} | {ratio} |")
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps({"device": dev, "device_name": name, "torch": torch.__version__,
                                          "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
