@@ -30,6 +30,7 @@ def progress(iterable=None, **kwargs):
     """A tqdm progress bar that honours ``--quiet``."""
     from tqdm.auto import tqdm
 
-    kwargs.setdefault("disable", not progress_enabled())
+    # --quiet (or HISTODD_NO_PROGRESS=1) wins over a caller that asked for a bar.
+    kwargs["disable"] = bool(kwargs.get("disable", False)) or not progress_enabled()
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)

@@ -89,6 +89,11 @@ def test_resume_equals_uninterrupted_and_pool_is_cached(tmp_path):
     assert resumed.meta["timings"]["outer_steps_this_call"] == cfg.outer_steps - 1
     assert np.array_equal(resumed.images, full.images)
     assert [r["mean"] for r in resumed.meta["loss_curve"]] == [r["mean"] for r in full.meta["loss_curve"]]
+    # --no-resume discards the checkpoint and redoes every step, with the same result
+    distill(real, cfg, work_dir=tmp_path / "c", progress=False, stop_after_steps=1)
+    fresh = distill(real, cfg, work_dir=tmp_path / "c", progress=False, resume=False)
+    assert fresh.meta["timings"]["outer_steps_this_call"] == cfg.outer_steps
+    assert np.array_equal(fresh.images, full.images)
     # a different seed is a different run: no resume, different images
     other_cfg = DistillConfig.from_dict(cfg.to_dict(), seed=1)
     other = distill(real, other_cfg, work_dir=tmp_path / "b", progress=False, stop_after_steps=1)

@@ -42,6 +42,9 @@ def distill_command(
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda."),
     split: str = typer.Option("train", "--split", help="Slide split to distil when the store has one."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Pool cache + checkpoints (default: OUT.work)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume",
+                                help="Continue from the checkpoint of the same data + config in the work dir "
+                                     "(after a kill, no work lost); --no-resume starts from step 0."),
 ) -> None:
     """Distil real patches into a few synthetic patches per class (Histo-DD)."""
     from histodd_fed.errors import InputError
@@ -80,7 +83,7 @@ def distill_command(
         raise InputError(f"{patches}: no patches to distil (split {split!r})")
     log.info("distilling %d patches %s with %s ipc=%d K=%d U=%d", len(real), real.class_counts(), cfg.model,
              cfg.ipc, cfg.outer_steps, cfg.inner_steps)
-    res = run_distillation(real, cfg, work_dir=work)
+    res = run_distillation(real, cfg, work_dir=work, resume=resume)
     syn = res.patchset
     syn.meta["source"] = str(patches)
     syn.meta["split"] = split

@@ -176,18 +176,20 @@ class DistillResult:
 
 
 def distill(real: PatchSet, config: DistillConfig, work_dir: Path | None = None, progress: bool = True, *,
-            stop_after_steps: int | None = None) -> PatchSet:
+            stop_after_steps: int | None = None, resume: bool = True) -> PatchSet:
     """Distil ``real`` into a synthetic PatchSet (kind ``synthetic``, uint8); see :func:`run_distillation`."""
-    return run_distillation(real, config, work_dir, progress, stop_after_steps=stop_after_steps).patchset
+    return run_distillation(real, config, work_dir, progress, stop_after_steps=stop_after_steps,
+                            resume=resume).patchset
 
 
 def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | None = None, progress: bool = True, *,
-                     stop_after_steps: int | None = None) -> DistillResult:
+                     stop_after_steps: int | None = None, resume: bool = True) -> DistillResult:
     """Distil ``real`` into a synthetic PatchSet (``ipc`` per class, or per class per slide).
 
     ``work_dir`` holds the model-pool cache and the checkpoints (None: nothing cached, no resume).
     ``stop_after_steps`` ends this call after that many outer steps (checkpointed first) for
     time-boxed runs; the returned set then has ``meta["complete"] = False`` and a later call resumes.
+    ``resume=False`` discards a checkpoint of this data and config and starts from step 0.
     """
     t_start = time.perf_counter()
     config.validate()
@@ -243,6 +245,9 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
     # ---------------------------------------------------------------- resume
     ckpt = None if work_dir is None else work_dir / "checkpoints" / f"{run_key}.pt"
     done, loss_curve, opt_state = 0, [], None
+    if ckpt is not None and ckpt.exists() and not resume:
+        log.info("distill: --no-resume: discarding checkpoint %s", ckpt)
+        ckpt.unlink()
     if ckpt is not None and ckpt.exists():
         tensors, info = _load_checkpoint(ckpt)
         if info.get("run_key") != run_key or len(info.get("stage_sizes", [])) != len(syn):
