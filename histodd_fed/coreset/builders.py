@@ -46,18 +46,9 @@ class CoresetConfig:
 
 def extract_features(model, images: np.ndarray, *, batch_size: int = 512, device: str = "auto") -> np.ndarray:
     """``model.features`` of uint8 NHWC ``images`` as a float32 (N, D) array."""
-    import torch
+    from histodd_fed.training.evaluation import map_batches
 
-    from histodd_fed.training.device import resolve_device
-
-    dev = resolve_device(device)
-    model = model.to(dev).eval()
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).to(dev)
-            out.append(model.features(x.permute(0, 3, 1, 2).float().div_(255.0)).float().cpu().numpy())
-    return np.concatenate(out).astype(np.float32)
+    return map_batches(model, images, lambda m, x: m.features(x), batch_size=batch_size, device=device)
 
 
 def _train_net(real: PatchSet, cfg: CoresetConfig, epochs: int, on_batch=None, progress: bool = True, desc: str = ""):

@@ -17,8 +17,9 @@ from histodd_fed.training.metrics import Metrics, compute_metrics
 log = logging.getLogger(__name__)
 
 
-def predict_probs(model, images: np.ndarray, *, batch_size: int = 512, device: str = "auto") -> np.ndarray:
-    """Softmax probabilities (N, C) of ``model`` on uint8 NHWC ``images``."""
+def map_batches(model, images: np.ndarray, fn: Callable, *, batch_size: int = 512, device: str = "auto") -> np.ndarray:
+    """``fn(model, x)`` over uint8 NHWC ``images`` in batches (x: float NCHW in [0, 1]), eval mode, no
+    gradient; the outputs concatenated as a float32 numpy array (empty input: shape (0, 0))."""
     import torch
 
     dev = resolve_device(device)
@@ -27,11 +28,16 @@ def predict_probs(model, images: np.ndarray, *, batch_size: int = 512, device: s
     with torch.no_grad():
         for s in range(0, len(images), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).to(dev)
-            x = x.permute(0, 3, 1, 2).float().div_(255.0)
-            out.append(torch.softmax(model(x).float(), dim=1).cpu().numpy())
-    if not out:
-        return np.zeros((0, 0))
-    return np.concatenate(out)
+            out.append(fn(model, x.permute(0, 3, 1, 2).float().div_(255.0)).float().cpu().numpy())
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def predict_probs(model, images: np.ndarray, *, batch_size: int = 512, device: str = "auto") -> np.ndarray:
+    """Softmax probabilities (N, C) of ``model`` on uint8 NHWC ``images``."""
+    import torch
+
+    return map_batches(model, images, lambda m, x: torch.softmax(m(x).float(), dim=1), batch_size=batch_size,
+                       device=device)
 
 
 def evaluate_classifier(model, test: PatchSet, *, batch_size: int = 512, device: str = "auto") -> Metrics:
