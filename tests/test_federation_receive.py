@@ -65,7 +65,7 @@ def test_union_set_is_class_balanced_and_gives_received_its_share():
 
 def test_receive_protocol_settings_are_validated_and_do_not_touch_preparation():
     p = get_preset("tiny")
-    assert p.fine_tune_protocol == "union" and p.stain_normalise_received
+    assert p.fine_tune_protocol == "union" and not p.stain_normalise_received  # off: validation said so
     assert get_preset("tiny", received_share=0.25).prepare_dict() == p.prepare_dict()
     with pytest.raises(ConfigError):
         get_preset("tiny", received_share=1.0)
