@@ -145,6 +145,8 @@ def demo(
     preset: str = typer.Option("cpu", "--preset", help="tiny | cpu"),
     config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help="Demo settings (YAML)."),
     runtime: str = typer.Option("simulation", "--runtime"),
+    ipc: Optional[str] = typer.Option(None, "--ipc", help="Comma-separated images per class to transfer "
+                                      "(default: the config's ipcs; use 2 with --preset tiny)."),
 ) -> None:
     """Two centres with differently stained demo slides, keys and trust, then the transfer study."""
     import json
@@ -181,7 +183,7 @@ def demo(
     node_cfgs = [c.to_node_config() for c in cfgs]
     (out / "nodes.json").write_text(json.dumps(node_cfgs, indent=2) + "\n")
     cfg = StudyConfig(source=settings.get("source", "C1"), target=settings.get("target", "C2"),
-                      ipcs=[int(i) for i in settings.get("ipcs", [10])], full=bool(settings.get("full", True)),
+                      ipcs=[int(i) for i in (ipc.split(",") if ipc else settings.get("ipcs", [10]))], full=bool(settings.get("full", True)),
                       both_directions=bool(settings.get("both_directions", False)),
                       fine_tune_epochs=int(settings.get("fine_tune_epochs", p.fine_tune_epochs)),
                       seed=int(settings.get("seed", 0)), preset=preset, study_dir=out / "results" / f"transfer-{preset}",

@@ -71,7 +71,7 @@ def study_config_from_run_config(rc: dict[str, Any]) -> StudyConfig:
 
 
 def _run(grid: Grid, cfg: StudyConfig) -> StudyOutcome:
-    outcome = run_transfer_study(GridTransport(grid), cfg, on_event=lambda m: log.warning("[study] %s", m))
+    outcome = run_transfer_study(GridTransport(grid), cfg, on_event=lambda m: log.info("[study] %s", m))
     write_report(cfg, outcome, command=f"coordinator transfer ({cfg.runtime})")
     return outcome
 

@@ -18,6 +18,9 @@ def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
     except ImportError:  # pragma: no cover
         handler = logging.StreamHandler()
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    # The handler filters too: libraries that lower their own logger's level (Flower sets "flwr" to
+    # DEBUG) still print nothing below ours unless --verbose.
+    handler.setLevel(level)
     logging.basicConfig(level=level, format=fmt, handlers=[handler], force=True)
 
 
