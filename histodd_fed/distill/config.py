@@ -9,7 +9,9 @@ from typing import Any
 from histodd_fed.errors import ConfigError, InputError
 
 DISTANCES = ("l1", "l1_mean", "cosine", "mse")
-INITS = ("real", "noise")
+INITS = ("real", "noise", "herding")
+#: Coreset options an ``init: herding`` run may set in ``init_coreset`` (histodd_fed.coreset.CoresetConfig).
+INIT_CORESET_KEYS = ("arch", "arch_kwargs", "feature_epochs", "lr", "batch_size")
 MATCHING = ("fast", "reference")
 #: Fields that do not change the result (left out of the resume / checkpoint key).
 NON_RESULT_FIELDS = ("device", "checkpoint_every")
@@ -25,7 +27,10 @@ class DistillConfig:
     image_size: int = 64                          #: patches are resized to this many pixels
     # synthetic set
     ipc: int = 10                                 #: m: synthetic images per class (per slide if per_slide)
-    init: str = "real"                            #: real | noise
+    init: str = "real"                            #: real (the paper's) | noise | herding (extra option)
+    #: init herding: CoresetConfig options of the herding feature net (keys INIT_CORESET_KEYS); unset
+    #: arch/arch_kwargs default to ``model``/``model_kwargs``. Ignored (and left out of result keys) otherwise.
+    init_coreset: dict[str, Any] = field(default_factory=dict)
     per_slide: bool = False                       #: m per class for every slide (for MIL)
     # outer / inner loops
     outer_steps: int = 200                        #: K
@@ -78,6 +83,13 @@ class DistillConfig:
             raise ConfigError(f"distill config: matching must be one of {MATCHING}, got {self.matching!r}")
         if self.init not in INITS:
             raise ConfigError(f"distill config: init must be one of {INITS}, got {self.init!r}")
+        if not isinstance(self.init_coreset, dict):
+            raise ConfigError(f"distill config: init_coreset must be a mapping, got {self.init_coreset!r}")
+        bad = sorted(set(self.init_coreset) - set(INIT_CORESET_KEYS))
+        if bad:
+            raise ConfigError(f"distill config: unknown init_coreset option(s) {bad}; known: {INIT_CORESET_KEYS}")
+        if self.init == "herding" and self.per_slide:
+            raise ConfigError("distill config: init herding is for patch-level runs only (per_slide is set)")
         from histodd_fed.augment import parse_strategy
 
         parse_strategy(self.augmentation)
@@ -91,7 +103,16 @@ class DistillConfig:
         d = self.to_dict()
         for k in NON_RESULT_FIELDS:
             d.pop(k, None)
+        if self.init != "herding":  # keeps the keys of real / noise runs as they were before init_coreset
+            d.pop("init_coreset", None)
         return d
+
+    def herding_coreset_config(self):
+        """The ``CoresetConfig`` that picks the initial images of an ``init: herding`` run."""
+        from histodd_fed.coreset import CoresetConfig
+
+        opts = {"arch": self.model, "arch_kwargs": dict(self.model_kwargs), **self.init_coreset}
+        return CoresetConfig(method="herding", ipc=self.ipc, seed=self.seed, device=self.device, **opts)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config", **overrides: Any) -> "DistillConfig":

@@ -111,6 +111,27 @@ def _plan(real: PatchSet, config: DistillConfig, rng: np.random.Generator) -> li
     return stages
 
 
+def _herding_init(stages: list[list[Group]], images: np.ndarray, real: PatchSet, config: DistillConfig,
+                  progress: bool) -> dict:
+    """``init: herding``: replace each class's initial indices with its herding coreset picks.
+
+    The picks are ``histodd_fed.coreset.build_coreset`` (method herding) on the resized real images,
+    with ``config.herding_coreset_config()``; the random draws of ``_plan`` are kept (the rng stream
+    of the matching steps is the same as for ``init: real``). Returns what the meta records.
+    """
+    from histodd_fed.coreset import build_coreset
+
+    ccfg = config.herding_coreset_config()
+    t0 = time.perf_counter()
+    core = build_coreset(PatchSet(images=images, labels=real.labels, class_names=list(real.class_names)), ccfg,
+                         progress=progress)
+    picks = np.asarray(core.meta["source_indices"], dtype=np.int64).reshape(real.num_classes, config.ipc)
+    for g in stages[0]:
+        g.init_idx = picks[g.label].copy()
+    return {"coreset_config": dict(core.meta["config"]), "source_indices": picks.reshape(-1).tolist(),
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
 def _sample(idx: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     return rng.choice(idx, size=n, replace=len(idx) < n)
 
@@ -223,11 +244,14 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
 
     # ---------------------------------------------------------------- synthetic initialisation
     stages = _plan(real, config, rng)
+    herding_meta = None
+    if config.init == "herding":
+        herding_meta = _herding_init(stages, images, real, config, progress)
     syn: list[torch.Tensor] = []
     syn_stains: list[ImageStains | None] = []
     for stage in stages:
         init = np.concatenate([g.init_idx for g in stage])
-        if config.init == "real":
+        if config.init in ("real", "herding"):
             x0 = x_real[torch.from_numpy(init).to(device)].clone()
             st = None if real_stains is None else real_stains.index(torch.from_numpy(init).to(device))
         else:
@@ -377,6 +401,8 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
         "device": str(device),
         "pool": {"key": pool.key, "reused": pool.reused, "train_seconds": round(pool.seconds, 3)},
         "stain_template": None if stain_ctx is None else stain_ctx.to_dict(),
+        "init": config.init,
+        "init_herding": herding_meta,
         "init_source_indices": [int(i) for stage in stages for g in stage for i in g.init_idx],
         "timings": {"stains_s": round(t_stains, 3), "pool_s": round(pool.seconds, 3),
                     "matching_s": round(t_loop, 3), "total_s": round(time.perf_counter() - t_start, 3),

@@ -17,10 +17,12 @@ from histodd_fed.studies.presets import StudyPreset
 
 log = logging.getLogger(__name__)
 
-COMPRESSED_METHODS = ("random", "herding", "forgetting", "histodd")
+COMPRESSED_METHODS = ("random", "herding", "forgetting", "histodd", "histodd_herding")
 ALL_METHODS = COMPRESSED_METHODS + ("full",)
+#: ``histodd_herding`` is an extra option, not the paper's: Histo-DD started from the herding coreset
+#: (the same feature net and options as the Herding row) instead of random real patches.
 METHOD_LABELS = {"random": "Random", "herding": "Herding", "forgetting": "Forgetting", "histodd": "Histo-DD",
-                 "full": "Full"}
+                 "histodd_herding": "Histo-DD (herding init)", "full": "Full"}
 
 
 @dataclass
@@ -38,8 +40,12 @@ def check_methods(methods: list[str]) -> None:
         raise ConfigError(f"unknown method(s) {bad}; known: {', '.join(ALL_METHODS)}")
 
 
-def distill_config(preset: StudyPreset, ipc: int, augmentation: str | None = None):
-    """The ``DistillConfig`` of the preset for ``ipc`` (and an optional augmentation strategy)."""
+def distill_config(preset: StudyPreset, ipc: int, augmentation: str | None = None, herding_init: bool = False):
+    """The ``DistillConfig`` of the preset for ``ipc`` (and an optional augmentation strategy).
+
+    ``herding_init``: start from the herding coreset, picked with the preset's coreset options and
+    batch size (so the initial images are the Herding row's set).
+    """
     try:
         from histodd_fed.distill.config import DistillConfig
     except ImportError as exc:  # pragma: no cover - distill is part of the package
@@ -47,6 +53,13 @@ def distill_config(preset: StudyPreset, ipc: int, augmentation: str | None = Non
     overrides = {"ipc": ipc, "image_size": preset.image_size, "seed": preset.seed, "device": preset.device}
     if augmentation is not None:
         overrides["augmentation"] = augmentation
+    if herding_init:
+        from histodd_fed.coreset import CoresetConfig
+        from histodd_fed.distill.config import INIT_CORESET_KEYS
+
+        herding_row = CoresetConfig(**{"batch_size": preset.eval.batch_size, **preset.coreset})
+        overrides["init"] = "herding"
+        overrides["init_coreset"] = {k: getattr(herding_row, k) for k in INIT_CORESET_KEYS}
     return DistillConfig.from_dict(dict(preset.distill), where=f"preset {preset.name} distill", **overrides)
 
 
@@ -60,8 +73,8 @@ def build_set(method: str, ipc: int, data: StudyData, preset: StudyPreset, out_d
     check_methods([method])
     if method == "full":
         return data.train
-    if method == "histodd":
-        cfg = distill_config(preset, ipc, augmentation)
+    if method in ("histodd", "histodd_herding"):
+        cfg = distill_config(preset, ipc, augmentation, herding_init=method == "histodd_herding")
         options = cfg.result_dict()
     else:
         from histodd_fed.coreset import CoresetConfig
@@ -77,7 +90,7 @@ def build_set(method: str, ipc: int, data: StudyData, preset: StudyPreset, out_d
         if cached.meta.get("study_key") == key:
             log.info("reusing %s", set_dir)
             return cached
-    if method == "histodd":
+    if method in ("histodd", "histodd_herding"):
         from histodd_fed.distill import run_distillation
 
         res = run_distillation(data.train, cfg, work_dir=out_dir / "distill-work", progress=progress)
