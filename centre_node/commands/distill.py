@@ -37,7 +37,7 @@ def distill_command(
     model: Optional[str] = typer.Option(None, "--model", help="convnet | resnetap10."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize patches to this size."),
     per_slide: Optional[bool] = typer.Option(None, "--per-slide/--per-class", help="Slide-level mode (for MIL)."),
-    init: Optional[str] = typer.Option(None, "--init", help="real | noise."),
+    init: Optional[str] = typer.Option(None, "--init", help="real (paper) | noise | herding (start from the herding coreset)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda."),
     split: str = typer.Option("train", "--split", help="Slide split to distil when the store has one."),
