@@ -16,8 +16,6 @@ This module parses and validates the fixed part (magic, version, header schema, 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import io
 import json
@@ -29,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Union
 
+from histodd_fed.bundle.encoding import b64decode_exact
 from histodd_fed.bundle.errors import (FormatError, SizeLimitError, UnsupportedAlgorithmError,
                                        VersionError)
 
@@ -239,15 +238,7 @@ class BundleSource:
 
 # ---------------------------------------------------------------------- parsing
 def _b64(s: object, n: int, where: str) -> bytes:
-    if not isinstance(s, str):
-        raise FormatError(f"{where}: expected base64 text")
-    try:
-        raw = base64.b64decode(s, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise FormatError(f"{where}: invalid base64") from exc
-    if len(raw) != n:
-        raise FormatError(f"{where}: expected {n} bytes, got {len(raw)}")
-    return raw
+    return b64decode_exact(s, n, where, FormatError)
 
 
 def _int(d: dict, key: str, where: str) -> int:

@@ -13,8 +13,6 @@ never leave the directory.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import os
@@ -27,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
 from histodd_fed.atomic import atomic_write_bytes, atomic_write_json
+from histodd_fed.bundle.encoding import b64decode_exact, b64encode
 from histodd_fed.bundle.errors import KeyFileError
 
 SIGNING_KEY_FILE = "signing_key.pem"
@@ -48,19 +47,11 @@ def check_centre_id(centre_id: str, where: str = "centre id") -> str:
 
 
 def _b64(b: bytes) -> str:
-    return base64.b64encode(b).decode("ascii")
+    return b64encode(b)
 
 
 def _unb64(s: object, n: int, where: str) -> bytes:
-    if not isinstance(s, str):
-        raise KeyFileError(f"{where}: expected a base64 string")
-    try:
-        raw = base64.b64decode(s, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise KeyFileError(f"{where}: invalid base64 ({exc})") from exc
-    if len(raw) != n:
-        raise KeyFileError(f"{where}: expected {n} bytes, got {len(raw)}")
-    return raw
+    return b64decode_exact(s, n, where, KeyFileError)
 
 
 @dataclass(frozen=True)
