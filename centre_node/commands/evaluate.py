@@ -146,6 +146,11 @@ _DEVICE = typer.Option(None, "--device", help="auto | cpu | cuda (overrides the 
 _THREADS = typer.Option(None, "--threads", help="torch CPU threads.")
 
 
+def _print_results(run) -> None:
+    typer.echo((run.out_dir / "results.md").read_text())
+    typer.echo(f"results in {run.out_dir}")
+
+
 @study_app.command("coreset")
 def study_coreset(patches: Path = _PATCHES, test: Path = _TEST, preset: str = _PRESET, out: Optional[Path] = _OUT,
                   limit_per_class: Optional[int] = _LIMIT, test_limit_per_class: Optional[int] = _TLIMIT,
@@ -159,8 +164,7 @@ def study_coreset(patches: Path = _PATCHES, test: Path = _TEST, preset: str = _P
     run = _study("coreset", patches, test, preset, out, limit_per_class, test_limit_per_class, seeds, epochs, device,
                  threads, methods=methods, ipcs=ipcs)
     run_coreset_study(run, _words(methods), _ints(ipcs))
-    typer.echo((run.out_dir / "results.md").read_text())
-    typer.echo(f"results in {run.out_dir}")
+    _print_results(run)
 
 
 @study_app.command("ablation")
@@ -175,8 +179,7 @@ def study_ablation(patches: Path = _PATCHES, test: Path = _TEST, preset: str = _
     run = _study("ablation", patches, test, preset, out, limit_per_class, test_limit_per_class, seeds, epochs, device,
                  threads, ipc=ipc)
     run_ablation_study(run, ipc=ipc)
-    typer.echo((run.out_dir / "results.md").read_text())
-    typer.echo(f"results in {run.out_dir}")
+    _print_results(run)
 
 
 @study_app.command("cross-arch")
@@ -192,8 +195,7 @@ def study_cross_arch(patches: Path = _PATCHES, test: Path = _TEST, preset: str =
     run = _study("cross-arch", patches, test, preset, out, limit_per_class, test_limit_per_class, seeds, epochs,
                  device, threads, ipc=ipc, method=method)
     run_cross_arch_study(run, ipc=ipc, method=method)
-    typer.echo((run.out_dir / "results.md").read_text())
-    typer.echo(f"results in {run.out_dir}")
+    _print_results(run)
 
 
 @study_app.command("ipc")
@@ -209,8 +211,7 @@ def study_ipc(patches: Path = _PATCHES, test: Path = _TEST, preset: str = _PRESE
     run = _study("ipc", patches, test, preset, out, limit_per_class, test_limit_per_class, seeds, epochs, device,
                  threads, methods=methods, ipcs=ipcs)
     run_ipc_study(run, _words(methods), _ints(ipcs))
-    typer.echo((run.out_dir / "results.md").read_text())
-    typer.echo(f"results in {run.out_dir}")
+    _print_results(run)
 
 
 @study_app.command("figure")

@@ -136,6 +136,15 @@ def _get(obj: Any, key: str) -> Any:
     return getattr(obj, key, None)
 
 
+def _reply_fault(centre: str, action: str, rep: Any, timeout: float) -> Fault | None:
+    """The fault a reply represents (none, a timeout, or an error reply), or None when it is good."""
+    if rep is None:
+        return Fault(centre, action, "timeout", f"no reply within {timeout:g}s")
+    if isinstance(rep, str) or not rep.body.get("ok", False):
+        return Fault(centre, action, "error", rep if isinstance(rep, str) else str(rep.body.get("error")))
+    return None
+
+
 def run_transfer_study(transport: Transport, cfg: StudyConfig,
                        on_event: Callable[[str], None] | None = None) -> StudyOutcome:
     """Run the study over ``transport``; never raises for a misbehaving centre (faults instead)."""
@@ -210,11 +219,9 @@ def run_transfer_study(transport: Transport, cfg: StudyConfig,
         out.messages["distil"] = len(ask)
         for n, (src, tgt) in ask_dir.items():
             rep = replies.get(n)
-            if rep is None:
-                out.faults.append(Fault(src, "distil", "timeout", f"no reply within {cfg.reply_timeout:g}s"))
-                continue
-            if isinstance(rep, str) or not rep.body.get("ok", False):
-                out.faults.append(Fault(src, "distil", "error", rep if isinstance(rep, str) else str(rep.body.get("error"))))
+            fault = _reply_fault(src, "distil", rep, cfg.reply_timeout)
+            if fault is not None:
+                out.faults.append(fault)
                 continue
             good = []
             for item in rep.body.get("bundles", []):
@@ -262,11 +269,9 @@ def run_transfer_study(transport: Transport, cfg: StudyConfig,
         tgt_of = {n: pairs[0][1] for n, pairs in ask_tgt.items()}
         for n, tgt in tgt_of.items():
             rep = replies.get(n)
-            if rep is None:
-                out.faults.append(Fault(tgt, "train", "timeout", f"no reply within {cfg.reply_timeout:g}s"))
-                continue
-            if isinstance(rep, str) or not rep.body.get("ok", False):
-                out.faults.append(Fault(tgt, "train", "error", rep if isinstance(rep, str) else str(rep.body.get("error"))))
+            fault = _reply_fault(tgt, "train", rep, cfg.reply_timeout)
+            if fault is not None:
+                out.faults.append(fault)
                 continue
             for row in rep.body.get("rows", []):
                 row = dict(row, target=tgt)
