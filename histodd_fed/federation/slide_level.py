@@ -37,16 +37,41 @@ def encoder_for(model, preset: CentrePreset):
     return PatchEncoder(model, batch_size=256, device="cpu", input_size=preset.image_size)
 
 
-def metrics_dict(m) -> dict[str, float]:
-    """Slide accuracy / AUC / balanced accuracy of a :class:`MilMetrics`."""
-    return {"slide_accuracy": float(m.accuracy), "slide_auc": float(m.auc),
-            "slide_balanced_accuracy": float(m.balanced_accuracy)}
+def slide_metrics(head, test_bags: list, calibration_bags: list) -> dict[str, float]:
+    """Slide AUC, and accuracy / balanced accuracy at a threshold calibrated on ``calibration_bags``.
+
+    The calibration bags are the centre's own real train bags (never the received ones, never the
+    test bags): :func:`histodd_fed.training.calibration.fit_threshold` re-chooses the tumour-score
+    threshold on them, which undoes the logit shift tiny synthetic bags cause (AUC 1 but every
+    slide called one class). ``*_argmax`` keep the uncalibrated (0.5) numbers. More than two
+    classes: argmax only.
+    """
+    import numpy as np
+
+    from histodd_fed.mil.train import evaluate_mil, predict_mil
+    from histodd_fed.training.calibration import DEFAULT_THRESHOLD, fit_threshold, metrics_at_threshold
+
+    m = evaluate_mil(head, test_bags)
+    out = {"slide_auc": float(m.auc), "slide_accuracy_argmax": float(m.accuracy),
+           "slide_balanced_accuracy_argmax": float(m.balanced_accuracy)}
+    probs = predict_mil(head, test_bags)
+    if probs.shape[1] != 2:
+        out.update(slide_accuracy=float(m.accuracy), slide_balanced_accuracy=float(m.balanced_accuracy))
+        return out
+    threshold = DEFAULT_THRESHOLD
+    if calibration_bags:
+        cal = predict_mil(head, calibration_bags)[:, 1]
+        threshold = fit_threshold(cal, np.array([b.label for b in calibration_bags]))
+    tm = metrics_at_threshold(probs[:, 1], np.array([b.label for b in test_bags]), threshold)
+    out.update(slide_accuracy=tm.accuracy, slide_balanced_accuracy=tm.balanced_accuracy,
+               slide_threshold=round(threshold, 6), slide_calibration_bags=len(calibration_bags))
+    return out
 
 
 def pretrain(model, train: PatchSet, test: PatchSet, preset: CentrePreset, seed: int, root: Path) -> dict[str, Any]:
     """Train CLAM on own train bags, save it and the encoded test bags under ``root``; test metrics."""
     from histodd_fed.mil.bags import bags_from_patchset, save_bags
-    from histodd_fed.mil.train import evaluate_mil, save_mil, train_mil
+    from histodd_fed.mil.train import save_mil, train_mil
 
     enc = encoder_for(model, preset)
     train_bags = bags_from_patchset(train, enc, progress=False)
@@ -55,7 +80,7 @@ def pretrain(model, train: PatchSet, test: PatchSet, preset: CentrePreset, seed:
                     progress=False, num_classes=max(2, train.num_classes))
     save_mil(res.model, root / MIL_DIR, extra={"epochs": preset.mil_epochs, "train_slides": len(train_bags)})
     save_bags(test_bags, root / TEST_BAGS_DIR)
-    return metrics_dict(evaluate_mil(res.model, test_bags))
+    return slide_metrics(res.model, list(test_bags), list(train_bags))
 
 
 def _oversample(bags: list, n: int) -> list:
@@ -72,11 +97,12 @@ def fine_tune(encoder_model, received: PatchSet | None, own_train: PatchSet | No
     Bags come from ``received`` (already stain-normalised by the caller) and, when ``own_train`` is
     given (the "union" protocol), also from the centre's own train slides. Own bags are repeated so
     received bags make up about ``preset.received_share`` of each epoch (never fewer than one pass
-    over the own bags). ``received=None`` fine-tunes on own bags only ("no transfer").
+    over the own bags). ``received=None`` fine-tunes on own bags only ("no transfer"). Slide
+    accuracy is taken at a threshold calibrated on the own bags (:func:`slide_metrics`).
     ``encoder_model`` must be the centre's frozen pre-trained classifier (the test bags' encoder).
     """
     from histodd_fed.mil.bags import bags_from_patchset, load_bags
-    from histodd_fed.mil.train import evaluate_mil, load_mil, train_mil
+    from histodd_fed.mil.train import load_mil, train_mil
 
     if received is None and own_train is None:
         raise ValueError("fine_tune needs received and/or own bags")
@@ -85,13 +111,14 @@ def fine_tune(encoder_model, received: PatchSet | None, own_train: PatchSet | No
     enc = encoder_for(encoder_model, preset)
     rec_bags = list(bags_from_patchset(received, enc, progress=False)) if received is not None else []
     own_bags = list(bags_from_patchset(own_train, enc, progress=False)) if own_train is not None else []
+    calibration = list(own_bags)
     if rec_bags and own_bags:
         share = preset.received_share
         own_bags = _oversample(own_bags, int(round(len(rec_bags) * (1.0 - share) / share)))
     bags = own_bags + rec_bags
     res = train_mil(bags, preset.mil_model, epochs=epochs, lr=preset.mil_fine_tune_lr, seed=seed,
                     model=head, progress=False)
-    out = metrics_dict(evaluate_mil(res.model, test_bags))
+    out = slide_metrics(res.model, list(test_bags), calibration)
     out.update(slide_bags=len(rec_bags), slide_own_bags=len(own_bags),
                slide_images=len(received) if received is not None else 0)
     return out

@@ -15,7 +15,7 @@ from histodd_fed.runconfig import to_jsonable, write_run_config
 COLUMNS = ["source", "target", "transfer", "images", "patch_bal_acc", "patch_auc", "slide_acc", "slide_auc",
            "fine_tune_s", "epochs", "bytes", "time_vs_full", "bytes_vs_full"]
 #: extra CSV columns (not in the printed table)
-CSV_EXTRA = ["patch_acc", "slide_bal_acc", "slide_images", "train_total"]
+CSV_EXTRA = ["patch_acc", "slide_bal_acc", "slide_acc_argmax", "slide_threshold", "slide_images", "train_total"]
 METRICS = [("patch_bal_acc", "patch balanced acc."), ("patch_auc", "patch AUC"),
            ("slide_acc", "slide accuracy"), ("slide_auc", "slide AUC")]
 
@@ -48,6 +48,7 @@ def table_rows(outcome: StudyOutcome) -> list[dict[str, Any]]:
                      "patch_bal_acc": r.get("patch_balanced_accuracy"), "patch_auc": r.get("patch_auc"),
                      "slide_acc": r.get("slide_accuracy"), "slide_auc": r.get("slide_auc"),
                      "slide_bal_acc": r.get("slide_balanced_accuracy"), "slide_images": r.get("slide_images"),
+                     "slide_acc_argmax": r.get("slide_accuracy_argmax"), "slide_threshold": r.get("slide_threshold"),
                      "fine_tune_s": r.get("fine_tune_seconds"), "epochs": r.get("epochs"),
                      "bytes": r.get("bytes", 0), "train_total": r.get("train_total"),
                      "time_vs_full": None, "bytes_vs_full": None})
@@ -69,6 +70,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     notes = [f"Full {r['source']}->{r['target']}: {r['images']} of the source's {r['train_total']} real train "
              f"patches (capped by the preset's max_train_patches)"
              for r in rows if r["transfer"] == "Full" and r.get("train_total") and r["train_total"] > r["images"]]
+    if any(r.get("slide_threshold") is not None for r in rows):
+        shifted = [f"{r['transfer']} {_fmt(r['slide_acc_argmax'])} at 0.5 (threshold {_fmt(r['slide_threshold'])})"
+                   for r in rows if r.get("slide_threshold") is not None and abs(float(r["slide_threshold"]) - 0.5) > 1e-9]
+        notes.append("slide_acc: tumour threshold calibrated on the target's own train slides, the same way for "
+                     "every row" + (f"; uncalibrated: {', '.join(shifted)}" if shifted else " (0.5 kept everywhere)"))
     return head + body + "".join(f"\nNote: {n}." for n in notes) + ("\n" if notes else "")
 
 
