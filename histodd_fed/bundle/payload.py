@@ -4,17 +4,22 @@ Part ``tensors`` is a standard safetensors file holding ``images`` uint8 (N,H,W,
 int64 (N,), ``slide_index`` int32 (N,) and, when present, ``coords`` int64 (N,2), little-endian,
 in that order. It is written here piece by piece (8-byte little-endian header length, JSON header
 padded with spaces to a multiple of 8, raw tensor bytes) so a large or memory-mapped patch set is
-streamed, never copied whole; it is read back with the ``safetensors`` library. Part ``slides``
-is canonical JSON ``{"slide_ids": [...], "slide_labels": {...}}``. Nothing is pickled.
+streamed, never copied whole. Part ``slides`` is canonical JSON ``{"slide_ids": [...],
+"slide_labels": {...}}``. Nothing is pickled.
+
+Reading (:func:`decode_payload`) works on the decrypted payload held in memory: the safetensors
+header is parsed here, strictly (exactly the expected tensor names and dtypes, shapes that match
+their byte spans, spans contiguous from 0 to the end of the part, no duplicate keys, no
+``__metadata__``), and ``images`` is returned as a view into the payload buffer, not a copy.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -23,15 +28,21 @@ from histodd_fed.bundle.errors import SemanticError
 from histodd_fed.bundle.format import canonical_json
 from histodd_fed.patchset import KINDS, PatchSet
 
-PIECE = 1 << 20
 _DTYPES = {"images": ("U8", np.dtype("u1")), "labels": ("I64", np.dtype("<i8")),
            "slide_index": ("I32", np.dtype("<i4")), "coords": ("I64", np.dtype("<i8"))}
-MAX_SLIDES_JSON = 64 * 1024 * 1024
+_NDIM = {"images": 4, "labels": 1, "slide_index": 1, "coords": 2}
+_REQUIRED = ("images", "labels", "slide_index")
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+MAX_TENSORS_HEADER = 1 << 20  # a valid header for four tensors is a few hundred bytes
 
 
 @dataclass
 class PayloadPart:
-    """One named part of the payload: its size and a way to stream its bytes."""
+    """One named part of the payload: its size and a way to stream its bytes.
+
+    ``pieces()`` yields the part as a few large contiguous byte views (the safetensors header,
+    then each array whole), so a chunker can slice them without copying.
+    """
 
     name: str
     format: str
@@ -49,6 +60,11 @@ def _arrays(ps: PatchSet) -> list[tuple[str, np.ndarray]]:
     return out
 
 
+def _byte_view(a: np.ndarray) -> memoryview:
+    """A flat unsigned-byte view of a C-contiguous array (no copy)."""
+    return memoryview(a.reshape(-1).view(np.uint8)) if a.size else memoryview(b"")
+
+
 def _tensor_part(ps: PatchSet) -> PayloadPart:
     arrays = _arrays(ps)
     header: dict = {}
@@ -63,9 +79,7 @@ def _tensor_part(ps: PatchSet) -> PayloadPart:
     def pieces() -> Iterator[memoryview]:
         yield memoryview(head)
         for _, a in arrays:
-            mv = memoryview(a.reshape(-1).view(np.uint8)) if a.size else memoryview(b"")
-            for i in range(0, mv.nbytes, PIECE):
-                yield mv[i:i + PIECE]
+            yield _byte_view(a)
 
     return PayloadPart("tensors", "safetensors", len(head) + off, pieces)
 
@@ -87,34 +101,96 @@ def payload_parts(ps: PatchSet) -> list[PayloadPart]:
     return parts
 
 
-def read_payload(tensors_file: Path, slides_file: Path, manifest: dict, where: str) -> PatchSet:
-    """Rebuild a PatchSet from the decrypted, hash-checked parts; every mismatch is a SemanticError."""
-    from safetensors import SafetensorError, safe_open
+# ---------------------------------------------------------------------- reading
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise ValueError("duplicate key in JSON object")
+    return d
 
+
+def _nonneg_int(v: object) -> bool:
+    return type(v) is int and v >= 0
+
+
+def parse_tensors(buf: memoryview, where: str) -> dict[str, np.ndarray]:
+    """Parse the ``tensors`` part (a safetensors file in memory) strictly; arrays are views of ``buf``.
+
+    Raises :class:`SemanticError` for anything but exactly ``images``, ``labels``,
+    ``slide_index`` and optionally ``coords`` with their version-1 dtypes, shapes consistent with
+    their byte spans, and spans that tile the data area contiguously.
+    """
+    if buf.nbytes < 8:
+        raise SemanticError(f"{where}: tensors part of {buf.nbytes} bytes is too short for a safetensors header")
+    (hlen,) = struct.unpack_from("<Q", buf, 0)
+    if hlen > buf.nbytes - 8 or hlen > MAX_TENSORS_HEADER:
+        raise SemanticError(f"{where}: tensors header length {hlen} does not fit the {buf.nbytes}-byte part")
     try:
-        with safe_open(str(tensors_file), framework="numpy") as f:
-            names = set(f.keys())
-            need = {"images", "labels", "slide_index"}
-            if not need <= names or not names <= need | {"coords"}:
-                raise SemanticError(f"{where}: tensors {sorted(names)} are not {sorted(need)} (+ coords)")
-            arrays = {k: f.get_tensor(k) for k in sorted(names)}
-    except SafetensorError as exc:
-        raise SemanticError(f"{where}: tensors part is not a valid safetensors file ({exc})") from exc
-    except (ValueError, TypeError, OSError) as exc:
-        raise SemanticError(f"{where}: tensors part unreadable ({exc})") from exc
-    for k, a in arrays.items():
-        if a.dtype != _DTYPES[k][1]:
-            raise SemanticError(f"{where}: tensor {k} has dtype {a.dtype}, expected {_DTYPES[k][1]}")
-    im, lab, si = arrays["images"], arrays["labels"], arrays["slide_index"]
-    if im.ndim != 4 or im.shape[-1] != 3:
+        header = json.loads(bytes(buf[8:8 + hlen]).decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise SemanticError(f"{where}: tensors header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise SemanticError(f"{where}: tensors header is not a JSON object")
+    names = set(header)
+    if not set(_REQUIRED) <= names or not names <= set(_DTYPES):
+        raise SemanticError(f"{where}: tensors {sorted(names)} are not {sorted(_REQUIRED)} (+ coords)")
+    data = buf[8 + hlen:]
+    spans = []
+    for name, ent in header.items():
+        if not isinstance(ent, dict) or set(ent) != _ENTRY_KEYS:
+            raise SemanticError(f"{where}: tensor {name} entry must hold exactly {sorted(_ENTRY_KEYS)}")
+        code, dtype = _DTYPES[name]
+        if ent["dtype"] != code:
+            raise SemanticError(f"{where}: tensor {name} has dtype {ent['dtype']!r}, expected {code!r}")
+        shape, offs = ent["shape"], ent["data_offsets"]
+        if not isinstance(shape, list) or len(shape) != _NDIM[name] or not all(_nonneg_int(s) for s in shape):
+            raise SemanticError(f"{where}: tensor {name} shape {shape!r} is not {_NDIM[name]} non-negative ints")
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(_nonneg_int(o) for o in offs)
+                or offs[0] > offs[1] or offs[1] > data.nbytes):
+            raise SemanticError(f"{where}: tensor {name} data_offsets {offs!r} outside 0..{data.nbytes}")
+        if offs[1] - offs[0] != math.prod(shape) * dtype.itemsize:
+            raise SemanticError(f"{where}: tensor {name} spans {offs[1] - offs[0]} bytes, shape {shape} needs "
+                                f"{math.prod(shape) * dtype.itemsize}")
+        spans.append((offs[0], offs[1], name))
+    spans.sort()
+    pos = 0
+    for a, b, name in spans:
+        if a != pos:
+            raise SemanticError(f"{where}: tensor {name} starts at {a}, expected {pos} (overlap or gap)")
+        pos = b
+    if pos != data.nbytes:
+        raise SemanticError(f"{where}: tensors cover {pos} of {data.nbytes} data bytes")
+    out = {}
+    for a, b, name in spans:
+        dtype = _DTYPES[name][1]
+        shape = header[name]["shape"]
+        out[name] = np.frombuffer(data, dtype=dtype, count=(b - a) // dtype.itemsize, offset=a).reshape(shape)
+    return out
+
+
+def decode_payload(payload: memoryview, manifest: dict, where: str) -> PatchSet:
+    """Rebuild a PatchSet from the decrypted, hash-checked payload; every mismatch is a SemanticError.
+
+    ``manifest["payload_parts"]`` (already checked: [tensors, slides], contiguous from 0) says
+    where the parts lie. ``images`` stays a view into ``payload``; the small arrays are copied.
+    """
+    tpart, spart = manifest["payload_parts"]
+    t_end = tpart["size"]
+    arrays = parse_tensors(payload[:t_end], where)
+    im = arrays["images"]
+    lab = arrays["labels"].copy()  # small; a copy is aligned and owns its memory
+    si = arrays["slide_index"].copy()
+    coords = arrays["coords"].copy() if "coords" in arrays else None
+    if im.shape[-1] != 3:
         raise SemanticError(f"{where}: images have shape {im.shape}, expected (N,H,W,3)")
     n = im.shape[0]
     if lab.shape != (n,) or si.shape != (n,):
         raise SemanticError(f"{where}: labels {lab.shape} / slide_index {si.shape} do not match {n} images")
-    if "coords" in arrays and arrays["coords"].shape != (n, 2):
-        raise SemanticError(f"{where}: coords shape {arrays['coords'].shape} is not ({n}, 2)")
+    if coords is not None and coords.shape != (n, 2):
+        raise SemanticError(f"{where}: coords shape {coords.shape} is not ({n}, 2)")
     try:
-        slides = json.loads(slides_file.read_bytes().decode("utf-8"))
+        slides = json.loads(bytes(payload[t_end:t_end + spart["size"]]).decode("utf-8"),
+                            object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise SemanticError(f"{where}: slides part is not valid JSON") from exc
     if not isinstance(slides, dict) or set(slides) != {"slide_ids", "slide_labels"}:
@@ -144,7 +220,7 @@ def read_payload(tensors_file: Path, slides_file: Path, manifest: dict, where: s
         raise SemanticError(f"{where}: kind {manifest['kind']!r} is not one of {KINDS}")
     try:
         return PatchSet(images=im, labels=lab, class_names=list(classes), slide_index=si, slide_ids=sids,
-                        slide_labels={k: int(v) for k, v in slabels.items()}, coords=arrays.get("coords"),
+                        slide_labels={k: int(v) for k, v in slabels.items()}, coords=coords,
                         kind=manifest["kind"], meta=manifest["distillation_config"])
     except Exception as exc:  # PatchSet.validate raises InputError; anything else is also semantic
         raise SemanticError(f"{where}: payload is not a valid patch set ({exc})") from exc

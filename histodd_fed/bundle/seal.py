@@ -6,40 +6,49 @@ against a trust store without decrypting: what the coordinator that relays bundl
 ``open_bundle`` runs every check, in order, each with its own exception class (see
 :mod:`histodd_fed.bundle.errors`), and writes the patch set atomically; a failed open leaves
 nothing behind.
+
+Both directions stream: sealing cuts chunks from the patch set's arrays without copying and
+encrypts them into reused buffers; opening reads the file once, hashing the ciphertext for the
+signature and decrypting into the final payload buffer at the same time, and acts on nothing it
+decrypted until the signature is verified (``docs/bundle-format.md``, "One pass over the file").
+SHA-256 runs on worker threads (hashlib releases the GIL) for payloads of ``THREAD_MIN_BYTES``
+and more.
 """
 
 from __future__ import annotations
 
 import base64
+import bisect
 import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
-import shutil
 import struct
-import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
+import numpy as np
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from histodd_fed import __version__
 from histodd_fed.atomic import atomic_directory, atomic_write_json, atomic_writer
-from histodd_fed.bundle.errors import (DecryptionError, FormatError, ManifestHashError, NotARecipientError,
-                                       OutputExistsError, SemanticError, SignatureError)
+from histodd_fed.bundle.errors import (BundleError, DecryptionError, FormatError, ManifestHashError,
+                                       NotARecipientError, OutputExistsError, SemanticError, SignatureError,
+                                       SizeLimitError)
 from histodd_fed.bundle.format import (ALGORITHMS, DEFAULT_CHUNK_SIZE, ENC_SIZE, MIN_CHUNK_SIZE,
                                        SIGNATURE_SIZE, TAG_SIZE, BundleHeader, BundleSource, Limits, Source,
                                        canonical_json, chunk_count, encode_prefix, parse_header,
                                        signed_message, wrap_info)
 from histodd_fed.bundle.identity import Identity, PublicIdentity
 from histodd_fed.bundle.ledger import Ledger
-from histodd_fed.bundle.payload import PayloadPart, payload_parts, read_payload
+from histodd_fed.bundle.payload import PayloadPart, decode_payload, payload_parts
 from histodd_fed.bundle.trust import TrustStore
 from histodd_fed.logging_setup import progress
 from histodd_fed.patchset import PatchSet
@@ -52,6 +61,9 @@ MANIFEST_AAD = b"histodd-bundle/v1/manifest\x00"
 CHUNK_AAD = b"histodd-bundle/v1/chunk\x00"
 MANIFEST_NONCE = b"\x00\x00\x00\x01" + bytes(8)
 RECEIPT_FILE = "bundle_receipt.json"
+THREAD_MIN_BYTES = 4 << 20   # payloads from this size hash on worker threads; smaller ones inline
+SNAPSHOT_BYTES = 4 << 20     # open keeps the plaintext SHA-256 state about every this many bytes
+PREFAULT_CHUNKS = 8          # open faults in the payload buffer this many chunks ahead, on a worker
 MANIFEST_KEYS = {"format", "format_version", "bundle_id", "source_centre", "created", "kind", "class_names",
                  "class_counts", "num_images", "ipc", "mode", "image_shape", "distillation_config",
                  "distillation_config_sha256", "code_version", "payload_parts", "privacy_report", "extra"}
@@ -76,15 +88,75 @@ class OpenedBundle:
 
 
 # ====================================================================== sealing
-def _rechunk(pieces: Iterable[memoryview], size: int) -> Iterator[bytes]:
-    """Regroup a stream of byte pieces into blocks of exactly ``size`` (the last may be shorter)."""
-    buf = bytearray()
+def _chunks(pieces: Iterable[memoryview], size: int) -> Iterator[memoryview]:
+    """Cut a stream of byte pieces into blocks of exactly ``size`` bytes (the last one shorter).
+
+    Blocks inside one piece are zero-copy slices of it; only a block that spans pieces is
+    assembled in a staging buffer, which is reused, so the consumer must be done with a block
+    before asking for the next. An empty stream gives one empty block; a stream whose length is
+    a multiple of ``size`` gives no trailing empty block.
+    """
+    stage = memoryview(np.empty(size, dtype=np.uint8))  # no zero-fill: only written bytes are read
+    fill = 0
+    emitted = False
     for p in pieces:
-        buf += p
-        while len(buf) >= size:
-            yield bytes(buf[:size])
-            del buf[:size]
-    yield bytes(buf)
+        p = p.cast("B") if p.format != "B" or p.ndim != 1 else p
+        n, pos = p.nbytes, 0
+        if fill:
+            take = min(size - fill, n)
+            stage[fill:fill + take] = p[:take]
+            fill += take
+            pos = take
+            if fill < size:
+                continue
+            emitted = True
+            yield stage
+            fill = 0
+        while n - pos >= size:
+            emitted = True
+            yield p[pos:pos + size]
+            pos += size
+        if pos < n:
+            stage[:n - pos] = p[pos:]
+            fill = n - pos
+    if fill or not emitted:
+        yield stage[:fill]
+
+
+class _Lane:
+    """Runs submitted calls in submission order on one worker thread, or inline when not threaded.
+
+    Used to overlap SHA-256 (which releases the GIL on large buffers) with AES-GCM and I/O.
+    """
+
+    def __init__(self, threaded: bool):
+        self._ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bundle-hash") if threaded else None
+        self._last: Future | None = None
+
+    def submit(self, fn: Callable[..., object], *args: object) -> Future | None:
+        """Queue ``fn(*args)``; returns its future (None when run inline, already done)."""
+        if self._ex is None:
+            fn(*args)
+            return None
+        self._last = self._ex.submit(fn, *args)
+        return self._last
+
+    def drain(self) -> None:
+        """Wait until everything submitted so far has run (re-raising its error)."""
+        if self._last is not None:
+            self._last.result()
+
+    def __enter__(self) -> "_Lane":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ex is not None:
+            self._ex.shutdown(wait=True)
+
+
+def _wait(f: Future | None) -> None:
+    if f is not None:
+        f.result()
 
 
 def _manifest(ps: PatchSet, bundle_id: str, sender: Identity, created: str, parts: list[PayloadPart],
@@ -113,7 +185,11 @@ def _manifest(ps: PatchSet, bundle_id: str, sender: Identity, created: str, part
 
 def _write_bundle(out: BinaryIO, sender: Identity, recipients: list[PublicIdentity], manifest: dict,
                   parts: list[PayloadPart], bundle_id: str, created: str, chunk_size: int) -> None:
-    """Encrypt and sign ``manifest`` + ``parts`` into ``out`` (the low-level writer)."""
+    """Encrypt and sign ``manifest`` + ``parts`` into ``out`` (the low-level writer).
+
+    Each chunk is encrypted (``encrypt_into``) into one of two reused buffers, written with one
+    ``write``, and hashed for the signature on a worker thread while the next chunk is encrypted.
+    """
     try:
         manifest_raw = canonical_json(manifest)
     except (TypeError, ValueError) as exc:
@@ -139,21 +215,35 @@ def _write_bundle(out: BinaryIO, sender: Identity, recipients: list[PublicIdenti
     hh = hashlib.sha256(header_raw).digest()
     aead = AESGCM(content_key)
     digest = hashlib.sha256()
-
-    def emit(b: bytes) -> None:
-        digest.update(b)
-        out.write(b)
-
-    emit(encode_prefix(header_raw) + header_raw)
-    emit(aead.encrypt(MANIFEST_NONCE, manifest_raw, MANIFEST_AAD + hh))
+    lead = (encode_prefix(header_raw) + header_raw
+            + aead.encrypt(MANIFEST_NONCE, manifest_raw, MANIFEST_AAD + hh))
+    digest.update(lead)
+    out.write(lead)
+    threaded = payload_size >= THREAD_MIN_BYTES
+    nbuf = 2 if threaded else 1
+    bufs = [memoryview(np.empty(min(chunk_size, payload_size) + TAG_SIZE, dtype=np.uint8)) for _ in range(nbuf)]
+    busy: list[Future | None] = [None] * nbuf
     pieces = (piece for p in parts for piece in p.pieces())
+    written = total = 0
     bar = progress(total=nchunks, desc="seal", unit="chunk", **_quiet_if_small(nchunks))
-    for i, block in enumerate(_rechunk(pieces, chunk_size)):
-        emit(aead.encrypt(chunk_nonce(i), block, chunk_aad(hh, i, i == nchunks - 1)))
-        bar.update(1)
-    bar.close()
-    if i != nchunks - 1:  # noqa: F821 - the loop always runs at least once
-        raise FormatError(f"bundle {bundle_id}: wrote {i + 1} chunks, planned {nchunks}")
+    with bar, _Lane(threaded) as hasher:
+        for i, block in enumerate(_chunks(pieces, chunk_size)):
+            if i >= nchunks or total + block.nbytes > payload_size:
+                raise FormatError(f"bundle {bundle_id}: payload parts hold more than the {payload_size} "
+                                  "bytes they declare")
+            slot = i % nbuf
+            _wait(busy[slot])  # the worker is done hashing what this buffer held
+            ct = bufs[slot][:block.nbytes + TAG_SIZE]
+            aead.encrypt_into(chunk_nonce(i), block, chunk_aad(hh, i, i == nchunks - 1), ct)
+            busy[slot] = hasher.submit(digest.update, ct)
+            out.write(ct)
+            written += 1
+            total += block.nbytes
+            bar.update(1)
+        hasher.drain()
+    if written != nchunks or total != payload_size:
+        raise FormatError(f"bundle {bundle_id}: wrote {written} chunks / {total} bytes, "
+                          f"planned {nchunks} / {payload_size}")
     out.write(sender.sign(signed_message(digest.digest())))
 
 
@@ -205,23 +295,127 @@ def inspect(data_or_path: Source, limits: Limits = Limits()) -> BundleHeader:
         return parse_header(src, limits)
 
 
-def _check_signature(src: BundleSource, header: BundleHeader, trust: TrustStore) -> bytes:
-    signer = trust.signer(header.source_centre, header.sign_key_id)
-    digest = src.hash_range(0, header.signature_offset)
+@dataclass
+class _Pass:
+    """What one streaming pass over a bundle produced (see :func:`_stream_bundle`)."""
+
+    digest: bytes                    # SHA-256 of every byte before the signature (header as parsed)
+    manifest_ct: bytes
+    payload: np.ndarray | None       # decrypted payload (uint8); None when no key was available
+    bad_chunk: int | None            # first payload chunk that failed authentication
+    snapshots: list[tuple[int, "hashlib._Hash"]]  # (offset, SHA-256 state of payload[:offset])
+
+
+def _readinto_exact(fh: BinaryIO, buf: memoryview) -> int:
+    got = 0
+    while got < buf.nbytes:
+        n = fh.readinto(buf[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _plain_step(h: "hashlib._Hash", data: memoryview, snapshots: list, end: int, snap: bool) -> None:
+    h.update(data)
+    if snap:
+        snapshots.append((end, h.copy()))
+
+
+def _stream_bundle(src: BundleSource, header: BundleHeader, aead: AESGCM | None, desc: str,
+                   blob: bytes | None = None) -> _Pass:
+    """Read the bundle once: hash the ciphertext for the signature and, with a key, decrypt.
+
+    The header bytes hashed are the ones :func:`parse_header` validated (not re-read), so the
+    digest, the AAD and the parsed header all describe the same bytes. Each payload chunk is read
+    once into one of two reused buffers; SHA-256 of it runs on a worker thread while the main
+    thread decrypts it (``decrypt_into``) straight into the payload buffer, and a second worker
+    hashes the plaintext (keeping the hash state every few MiB so each manifest part's SHA-256
+    can be finished after the signature is verified). A third worker faults in the fresh
+    payload pages a few chunks ahead of the decryption (first-touch page faults cost as much as
+    the decryption itself on the VMs measured), always finishing a range before it is decrypted. After a chunk fails authentication the
+    rest is only hashed. Nothing decrypted here is parsed, returned or written by this function.
+    ``blob``: the bundle itself when the caller passed an (immutable) ``bytes`` object, which is
+    then sliced instead of copied into the chunk buffers.
+    """
+    n, cs, psize = header.num_chunks, header.chunk_size, header.fields["payload_size"]
+    hh = header.header_sha256
+    ct_hash = hashlib.sha256(encode_prefix(header.raw) + header.raw)
+    manifest_ct = src.read_at(header.manifest_offset, header.fields["manifest_ciphertext_size"])
+    ct_hash.update(manifest_ct)
+    # np.empty, not bytearray(n): no zero-fill pass, and numpy asks for huge pages on large buffers
+    payload = np.empty(psize, dtype=np.uint8) if aead is not None else None
+    pview = memoryview(payload) if payload is not None else None
+    pt_hash = hashlib.sha256()
+    snapshots: list = [(0, pt_hash.copy())]
+    stride = max(1, SNAPSHOT_BYTES // cs)
+    threaded = psize >= THREAD_MIN_BYTES
+    nbuf = 2 if threaded else 1
+    bufs = [memoryview(np.empty(min(cs, psize) + TAG_SIZE, dtype=np.uint8))
+            for _ in range(nbuf if blob is None else 0)]
+    busy: list[Future | None] = [None] * nbuf
+    bad: int | None = None
+    whole = memoryview(blob) if blob is not None else None
+    src.fh.seek(header.payload_offset)
+    bar = progress(total=n, desc=desc, unit="chunk", **_quiet_if_small(n))
+    prefault = PREFAULT_CHUNKS > 0 and threaded and payload is not None
+    faulted: dict[int, Future | None] = {}  # chunk index -> its pages are being faulted in
+    with bar, _Lane(threaded) as ct_lane, _Lane(threaded) as pt_lane, _Lane(prefault) as pf_lane:
+        for i in range(n):
+            off, length = header.chunk_span(i)
+            slot = i % nbuf
+            if prefault and bad is None:  # keep PREFAULT_CHUNKS chunks of the payload faulted in ahead
+                for j in range(i, min(n, i + PREFAULT_CHUNKS + 1)):
+                    if j not in faulted:
+                        faulted[j] = pf_lane.submit(_touch_pages, payload, j * cs, min(psize, (j + 1) * cs))
+                _wait(faulted.pop(i))  # never decrypt into a range the toucher may still write
+            _wait(busy[slot])  # the worker is done hashing what this buffer held
+            if blob is not None:
+                buf = whole[off:off + length]
+                got = buf.nbytes
+            else:
+                buf = bufs[slot][:length]
+                got = _readinto_exact(src.fh, buf)
+            if got != length:
+                raise SizeLimitError(f"{src.name}: file ended at byte {off + got} while reading chunk {i} "
+                                     "(truncated or changed while reading)")
+            busy[slot] = ct_lane.submit(ct_hash.update, buf)
+            if pview is not None and bad is None:
+                start = i * cs
+                dst = pview[start:start + length - TAG_SIZE]
+                try:
+                    aead.decrypt_into(chunk_nonce(i), buf, chunk_aad(hh, i, i == n - 1), dst)
+                except InvalidTag:
+                    bad = i
+                else:
+                    pt_lane.submit(_plain_step, pt_hash, dst, snapshots, start + dst.nbytes, (i + 1) % stride == 0)
+            bar.update(1)
+        ct_lane.drain()
+        pt_lane.drain()
+    return _Pass(ct_hash.digest(), manifest_ct, payload, bad, snapshots)
+
+
+def _touch_pages(a: np.ndarray, start: int, end: int) -> None:
+    """Fault in the pages of ``a[start:end]`` by writing a zero to each (before anything else writes there)."""
+    a[start:end:4096] = 0
+
+
+def _verify_signature(src: BundleSource, header: BundleHeader, signer: PublicIdentity, digest: bytes) -> None:
     sig = src.read_at(header.signature_offset, SIGNATURE_SIZE)
     try:
         signer.verify_key().verify(sig, signed_message(digest))
     except InvalidSignature as exc:
         raise SignatureError(f"{src.name}: signature does not match (bundle altered or corrupted; "
                              f"claimed signer {header.source_centre})") from exc
-    return digest
 
 
 def verify(data_or_path: Source, trust: TrustStore, limits: Limits = Limits()) -> BundleHeader:
     """Check format, sizes, signer trust and signature; decrypts nothing (the coordinator's check)."""
     with BundleSource(data_or_path) as src:
         header = parse_header(src, limits)
-        _check_signature(src, header, trust)
+        signer = trust.signer(header.source_centre, header.sign_key_id)
+        done = _stream_bundle(src, header, None, "verify", data_or_path if type(data_or_path) is bytes else None)
+        _verify_signature(src, header, signer, done.digest)
         return header
 
 
@@ -275,42 +469,16 @@ def _check_manifest(m: object, header: BundleHeader) -> dict:
     return m
 
 
-def _decrypt_payload(src: BundleSource, header: BundleHeader, aead: AESGCM, parts: list[dict],
-                     tmp: Path, digest: bytes) -> dict[str, Path]:
-    """Decrypt chunks into one file per part, hashing each part and re-hashing the ciphertext."""
-    hh = header.header_sha256
-    files = {p["name"]: tmp / f"{p['name']}.part" for p in parts}
-    hashers = {p["name"]: hashlib.sha256() for p in parts}
-    whole = hashlib.sha256()
-    whole.update(src.read_at(0, header.payload_offset))
-    pos = 0
-    n = header.num_chunks
-    with contextlib.ExitStack() as stack:
-        fhs = {k: stack.enter_context(open(f, "wb")) for k, f in files.items()}
-        bar = progress(range(n), desc="open", unit="chunk", **_quiet_if_small(n))
-        for i in bar:
-            off, length = header.chunk_span(i)
-            ct = src.read_at(off, length)
-            whole.update(ct)
-            try:
-                pt = aead.decrypt(chunk_nonce(i), ct, chunk_aad(hh, i, i == n - 1))
-            except InvalidTag as exc:
-                raise DecryptionError(f"{header.name}: chunk {i} of {n} failed authentication "
-                                      "(reordered, truncated or altered)") from exc
-            end = pos + len(pt)
-            for p in parts:  # route the plaintext to the part(s) it overlaps
-                a, b = max(pos, p["offset"]), min(end, p["offset"] + p["size"])
-                if a < b:
-                    piece = pt[a - pos:b - pos]
-                    hashers[p["name"]].update(piece)
-                    fhs[p["name"]].write(piece)
-            pos = end
-    if whole.digest() != digest:
-        raise SignatureError(f"{header.name}: bundle bytes changed while being opened")
-    for p in parts:
-        if hashers[p["name"]].hexdigest() != p["sha256"]:
-            raise ManifestHashError(f"{header.name}: payload part {p['name']} does not match its manifest SHA-256")
-    return files
+def _part_sha256(done: _Pass, start: int, end: int) -> str:
+    """SHA-256 (hex) of ``payload[start:end]``; a prefix resumes from the pass's hash states."""
+    view = memoryview(done.payload)
+    if start != 0:
+        return hashlib.sha256(view[start:end]).hexdigest()
+    k = bisect.bisect_right([off for off, _ in done.snapshots], end) - 1
+    off, state = done.snapshots[k]
+    h = state.copy()
+    h.update(view[off:end])
+    return h.hexdigest()
 
 
 def open_bundle(data_or_path: Source, identity: Identity, trust: TrustStore, ledger: Ledger | None = None,
@@ -322,47 +490,58 @@ def open_bundle(data_or_path: Source, identity: Identity, trust: TrustStore, led
     signature (:class:`SignatureError`), recipient (:class:`NotARecipientError`), decryption
     (:class:`DecryptionError`), manifest hashes (:class:`ManifestHashError`), replay
     (:class:`ReplayError`), semantics (:class:`SemanticError`).
+
+    The file is read once (:func:`_stream_bundle`); the errors of later steps found during that
+    pass (not a recipient, a failed unwrap or chunk) are held until the signature is verified,
+    so the order above holds, and no decrypted byte is parsed or written before it is.
     """
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None and out_dir.exists():
         raise OutputExistsError(f"{out_dir}: output already exists (choose a new directory)")
     with BundleSource(data_or_path) as src:
         header = parse_header(src, limits)
-        digest = _check_signature(src, header, trust)
-        key = _unwrap_key(header, identity)
-        aead = AESGCM(key)
-        mct = src.read_at(header.manifest_offset, header.fields["manifest_ciphertext_size"])
+        signer = trust.signer(header.source_centre, header.sign_key_id)
+        key_error: BundleError | None = None
         try:
-            mraw = aead.decrypt(MANIFEST_NONCE, mct, MANIFEST_AAD + header.header_sha256)
-        except InvalidTag as exc:
-            raise DecryptionError(f"{header.name}: manifest failed authentication") from exc
-        try:
-            manifest = json.loads(mraw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise SemanticError(f"{header.name}: manifest is not valid JSON") from exc
-        manifest = _check_manifest(manifest, header)
-        tmp_parent = out_dir.parent if out_dir is not None and out_dir.parent.is_dir() else None
-        tmp = Path(tempfile.mkdtemp(prefix=".bundle-open.", dir=tmp_parent))
-        try:
-            files = _decrypt_payload(src, header, aead, manifest["payload_parts"], tmp, digest)
-            if config_hash(manifest["distillation_config"]) != manifest["distillation_config_sha256"]:
-                raise ManifestHashError(f"{header.name}: distillation config does not match its manifest SHA-256")
-            if ledger is not None:
-                ledger.check(header.bundle_id, where=header.name)
-            ps = read_payload(files["tensors"], files["slides"], manifest, header.name)
-            receipt = {"header": header.summary(), "manifest": manifest, "opened_by": identity.centre_id,
-                       "signature": {"verified": True, "signer": header.source_centre,
-                                     "sign_key_id": header.sign_key_id},
-                       "limits": limits.__dict__}
-            claim = (ledger.claim(header.bundle_id, {"source": header.source_centre, "created": header.created},
-                                  where=header.name) if ledger is not None else contextlib.nullcontext())
-            with claim:
-                if out_dir is not None:
-                    with atomic_directory(out_dir, overwrite=False) as d:
-                        ps.save(d)
-                        atomic_write_json(d / RECEIPT_FILE, receipt)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            aead: AESGCM | None = AESGCM(_unwrap_key(header, identity))
+        except (NotARecipientError, DecryptionError) as exc:
+            aead, key_error = None, exc
+        blob = data_or_path if type(data_or_path) is bytes else None
+        done = _stream_bundle(src, header, aead, "open", blob)
+        _verify_signature(src, header, signer, done.digest)
+    # ---- signature verified: the bytes below are the sender's
+    if key_error is not None:
+        raise key_error
+    try:
+        mraw = aead.decrypt(MANIFEST_NONCE, done.manifest_ct, MANIFEST_AAD + header.header_sha256)
+    except InvalidTag as exc:
+        raise DecryptionError(f"{header.name}: manifest failed authentication") from exc
+    if done.bad_chunk is not None:
+        raise DecryptionError(f"{header.name}: chunk {done.bad_chunk} of {header.num_chunks} failed authentication "
+                              "(reordered, truncated or altered)")
+    try:
+        manifest = json.loads(mraw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise SemanticError(f"{header.name}: manifest is not valid JSON") from exc
+    manifest = _check_manifest(manifest, header)
+    for p in manifest["payload_parts"]:
+        if _part_sha256(done, p["offset"], p["offset"] + p["size"]) != p["sha256"]:
+            raise ManifestHashError(f"{header.name}: payload part {p['name']} does not match its manifest SHA-256")
+    if config_hash(manifest["distillation_config"]) != manifest["distillation_config_sha256"]:
+        raise ManifestHashError(f"{header.name}: distillation config does not match its manifest SHA-256")
+    if ledger is not None:
+        ledger.check(header.bundle_id, where=header.name)
+    ps = decode_payload(memoryview(done.payload), manifest, header.name)
+    del done
+    receipt = {"header": header.summary(), "manifest": manifest, "opened_by": identity.centre_id,
+               "signature": {"verified": True, "signer": header.source_centre, "sign_key_id": header.sign_key_id},
+               "limits": limits.__dict__}
+    claim = (ledger.claim(header.bundle_id, {"source": header.source_centre, "created": header.created},
+                          where=header.name) if ledger is not None else contextlib.nullcontext())
+    with claim:
+        if out_dir is not None:
+            with atomic_directory(out_dir, overwrite=False) as d:
+                ps.save(d)
+                atomic_write_json(d / RECEIPT_FILE, receipt)
     log.info("opened bundle %s from %s (%d patches)", header.bundle_id, header.source_centre, len(ps))
     return OpenedBundle(patchset=ps, manifest=manifest, header=header, out_dir=out_dir)
-
