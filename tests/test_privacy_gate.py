@@ -72,9 +72,27 @@ def test_noise_passes_the_gate_with_the_attack(real):
 
 def test_auc_rule_fires(real):
     core = real.subset(np.arange(20), kind="coreset")
-    d = check_export(core, real, tiny_config(ssim_block=None, l2_block_percentile=None, auc_block=0.0),
+    d = check_export(core, real, tiny_config(ssim_block=None, l2_block_percentile=None, structure_block_percentile=None,
+                                             auc_block=0.0),
                      accept_risk=True, holdout=textured(40, 1))
     assert len(d.reasons) == 1 and "membership inference" in d.reasons[0] and "> limit 0.0" in d.reasons[0]
+
+
+def test_structure_rule_catches_a_noisy_recoloured_copy(real):
+    # real patches + strong pixel noise + a colour cast: far in L2, low SSIM, same layout
+    rng = np.random.default_rng(3)
+    src = real.images[:10].astype(np.float32) / 255
+    noisy = np.clip(src * np.array([0.8, 1.1, 0.9]) + rng.normal(0, 0.3, src.shape), 0, 1)
+    fake = PatchSet(images=(noisy * 255).round().astype(np.uint8), labels=real.labels[:10],
+                    class_names=real.class_names, kind="synthetic")
+    only_old = check_export(fake, real, tiny_config(structure_block_percentile=None, auc_block=None), accept_risk=True)
+    assert only_old.passed, only_old.reasons            # SSIM and L2 miss it
+    d = check_export(fake, real, tiny_config(auc_block=None), accept_risk=True)
+    assert len(d.reasons) == 1 and "keeps the layout of real patch" in d.reasons[0], d.reasons
+    # the unrelated images of another seed do not fire the rule
+    other = textured(10, 11)
+    fresh = PatchSet(images=other.images, labels=other.labels, class_names=other.class_names, kind="synthetic")
+    assert check_export(fresh, real, tiny_config(auc_block=None), accept_risk=True).passed
 
 
 def test_bundle_style_call_uses_the_source_recorded_in_meta(real, tmp_path):

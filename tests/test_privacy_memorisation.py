@@ -49,7 +49,8 @@ def test_coreset_of_real_patches_is_flagged_as_memorised():
     np.testing.assert_array_equal(res.init_indices, [3, 10, 57, 90])  # the init column: a coreset patch's source
     assert np.allclose(res.metrics["l2"].init_value, 0.0, atol=1e-6)
     risks = find_risks(res, None, GateThresholds())
-    assert len(risks) == 2 and "SSIM 1.000 >= threshold 0.95" in risks[0] and "real-real p1" in risks[1]
+    assert len(risks) == 3 and "SSIM 1.000 >= threshold 0.95" in risks[0] and "real-real p1" in risks[1]
+    assert "keeps the layout" in risks[2] and "structure correlation 1.000" in risks[2]
 
 
 def test_noise_images_are_not_flagged():

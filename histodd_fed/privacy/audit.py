@@ -106,8 +106,12 @@ class AuditConfig:
         if self.membership.max_per_side < 1 or not all(0 < f < 1 for f in self.membership.fprs):
             raise ConfigError(f"{where}: membership.max_per_side must be >= 1 and fprs in (0, 1)")
         g = self.gate
-        if g.l2_block_percentile is not None and not 0 < g.l2_block_percentile < 100:
-            raise ConfigError(f"{where}: gate.l2_block_percentile must be in (0, 100)")
+        for name in ("l2_block_percentile", "structure_block_percentile"):
+            v = getattr(g, name)
+            if v is not None and not 0 < v < 100:
+                raise ConfigError(f"{where}: gate.{name} must be in (0, 100)")
+        if m.structure_pool < 1:
+            raise ConfigError(f"{where}: memorisation.structure_pool must be >= 1")
         for spec, name in ((m.encoder, "memorisation.encoder"), (self.membership.target, "membership.target")):
             if spec.epochs < 0 or spec.lr <= 0 or spec.batch_size < 1:
                 raise ConfigError(f"{where}: {name} needs epochs >= 0, lr > 0, batch_size >= 1")
@@ -180,6 +184,8 @@ class AuditReport:
         g = cfg.gate
         rules = [f"SSIM >= {g.ssim_block}" if g.ssim_block is not None else "",
                  f"normalised L2 below the real-real p{g.l2_block_percentile:g}" if g.l2_block_percentile is not None else "",
+                 f"structure correlation above the real-real p{100 - g.structure_block_percentile:g}"
+                 if g.structure_block_percentile is not None else "",
                  f"attack AUC > {g.auc_block}" if g.auc_block is not None else ""]
         lines += ["", "Rules: " + ("; ".join(r for r in rules if r) or "none (all disabled)") + ".", ""]
         lines += ["## Memorisation (nearest real patch of each synthetic patch)", "",

@@ -5,6 +5,8 @@ For every synthetic patch we find its nearest real training patch under three me
 - ``ssim``   structural similarity (gaussian window), higher = closer;
 - ``l2``     normalised L2 (RMS pixel difference in [0, 1]), lower = closer;
 - ``cosine`` cosine distance in an encoder's feature space, lower = closer;
+- ``structure`` Pearson correlation of the low-passed grey images, higher = closer (catches a
+  real patch under added noise or a colour shift, which keeps its layout of nuclei);
 
 and put that distance in context: the *real-to-real* nearest-neighbour distribution (each of up
 to ``reference_size`` real patches against all the other real patches) says how close two
@@ -31,12 +33,13 @@ from torch import nn
 from histodd_fed.logging_setup import progress
 from histodd_fed.patchset import PatchSet
 from histodd_fed.privacy.classifier import TrainSpec, extract_features, train_model
-from histodd_fed.privacy.similarity import SSIMIndex, cosine_distance_matrix, normalised_l2_matrix
+from histodd_fed.privacy.similarity import (SSIMIndex, cosine_distance_matrix, normalised_l2_matrix,
+                                           structure_correlation_matrix)
 
 log = logging.getLogger(__name__)
 
-METRICS = ("ssim", "l2", "cosine")
-HIGHER_IS_CLOSER = {"ssim": True, "l2": False, "cosine": False}
+METRICS = ("ssim", "l2", "structure", "cosine")
+HIGHER_IS_CLOSER = {"ssim": True, "l2": False, "structure": True, "cosine": False}
 
 
 @dataclass
@@ -48,6 +51,8 @@ class MemorisationConfig:
     ssim_candidates: int = 64
     ssim_exact_max_pairs: int = 2_000_000
     reference_size: int = 1000
+    structure_metric: bool = True
+    structure_pool: int = 2           #: average-pool factor (low pass) before the structure correlation
     feature_metric: bool = True
     encoder: TrainSpec = field(default_factory=lambda: TrainSpec(model="convnet", model_kwargs={"width": 32}, epochs=2,
                                                                  lr=0.01, batch_size=64))
@@ -257,6 +262,18 @@ def analyse_memorisation(synthetic: PatchSet, real: PatchSet, config: Memorisati
         init_ssim = np.array([float(index.against(xs[s], torch.tensor([i]))[0]) if i >= 0 else np.nan
                               for s, i in enumerate(init_idx)])
     metrics["ssim"] = _metric("ssim", ssim_val, ssim_idx, ssim_ref, init_ssim)
+
+    # ---- structure: correlation of low-passed grey images, exact everywhere
+    if cfg.structure_metric:
+        c_sr = structure_correlation_matrix(xs, xr, cfg.structure_pool)
+        c_qr = structure_correlation_matrix(xr[ref_t], xr, cfg.structure_pool)
+        c_qr[torch.arange(nq), ref_t] = -float("inf")
+        st_val, st_idx = c_sr.max(1)
+        init_st = None
+        if init_idx is not None:
+            init_st = np.array([float(c_sr[s, i]) if i >= 0 else np.nan for s, i in enumerate(init_idx)])
+        metrics["structure"] = _metric("structure", st_val.numpy().astype(np.float64), st_idx.numpy(),
+                                       c_qr.max(1).values.numpy().astype(np.float64), init_st)
 
     # ---- feature cosine distance
     enc_name = "none"
