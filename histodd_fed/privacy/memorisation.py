@@ -224,6 +224,24 @@ def _metric(name: str, syn_val: np.ndarray, syn_idx: np.ndarray, ref_val: np.nda
     return MetricResult(name, hic, syn_val, syn_idx, ref_val, pct, init_val)
 
 
+def _matrix_metric(name: str, m_sr: torch.Tensor, m_qr: torch.Tensor, ref_t: torch.Tensor,
+                   init_idx: np.ndarray | None) -> MetricResult:
+    """Nearest-neighbour result from all-pairs matrices: synthetic x real and reference x real.
+
+    ``m_qr`` row ``q`` is reference patch ``ref_t[q]`` against every real patch; its own column is
+    excluded (a real patch is not its own neighbour).
+    """
+    hic = HIGHER_IS_CLOSER[name]
+    m_qr = m_qr.clone()
+    m_qr[torch.arange(len(ref_t)), ref_t] = -float("inf") if hic else float("inf")
+    val, idx = m_sr.max(1) if hic else m_sr.min(1)
+    ref = m_qr.max(1).values if hic else m_qr.min(1).values
+    init = None
+    if init_idx is not None:
+        init = np.array([float(m_sr[s, i]) if i >= 0 else np.nan for s, i in enumerate(init_idx)])
+    return _metric(name, val.numpy().astype(np.float64), idx.numpy(), ref.numpy().astype(np.float64), init)
+
+
 def analyse_memorisation(synthetic: PatchSet, real: PatchSet, config: MemorisationConfig | None = None, *,
                          encoder: nn.Module | None = None, seed: int = 0) -> MemorisationResult:
     """Nearest real patch of every synthetic patch, in context of the real-real NN distribution."""
@@ -265,15 +283,9 @@ def analyse_memorisation(synthetic: PatchSet, real: PatchSet, config: Memorisati
 
     # ---- structure: correlation of low-passed grey images, exact everywhere
     if cfg.structure_metric:
-        c_sr = structure_correlation_matrix(xs, xr, cfg.structure_pool)
-        c_qr = structure_correlation_matrix(xr[ref_t], xr, cfg.structure_pool)
-        c_qr[torch.arange(nq), ref_t] = -float("inf")
-        st_val, st_idx = c_sr.max(1)
-        init_st = None
-        if init_idx is not None:
-            init_st = np.array([float(c_sr[s, i]) if i >= 0 else np.nan for s, i in enumerate(init_idx)])
-        metrics["structure"] = _metric("structure", st_val.numpy().astype(np.float64), st_idx.numpy(),
-                                       c_qr.max(1).values.numpy().astype(np.float64), init_st)
+        metrics["structure"] = _matrix_metric("structure", structure_correlation_matrix(xs, xr, cfg.structure_pool),
+                                              structure_correlation_matrix(xr[ref_t], xr, cfg.structure_pool),
+                                              ref_t, init_idx)
 
     # ---- feature cosine distance
     enc_name = "none"
@@ -286,15 +298,8 @@ def analyse_memorisation(synthetic: PatchSet, real: PatchSet, config: Memorisati
             enc_name = f"given {type(encoder).__name__}"
         fr = extract_features(encoder, xr)
         fs = extract_features(encoder, xs)
-        c_sr = cosine_distance_matrix(fs, fr)
-        c_qr = cosine_distance_matrix(fr[ref_t], fr)
-        c_qr[torch.arange(nq), ref_t] = float("inf")
-        c_val, c_idx = c_sr.min(1)
-        init_c = None
-        if init_idx is not None:
-            init_c = np.array([float(c_sr[s, i]) if i >= 0 else np.nan for s, i in enumerate(init_idx)])
-        metrics["cosine"] = _metric("cosine", c_val.numpy().astype(np.float64), c_idx.numpy(),
-                                    c_qr.min(1).values.numpy().astype(np.float64), init_c)
+        metrics["cosine"] = _matrix_metric("cosine", cosine_distance_matrix(fs, fr), cosine_distance_matrix(fr[ref_t], fr),
+                                           ref_t, init_idx)
 
     return MemorisationResult(metrics=metrics, n_synthetic=len(synthetic), n_real=len(real),
                               reference_indices=ref_idx, init_indices=init_idx, encoder=enc_name)
