@@ -60,6 +60,9 @@ VARIANTS: dict[str, dict] = {
     "nocolor_long_lr003": {"augmentation": NO_COLOUR, "lr_img": 0.003, "outer_steps": 40, "inner_steps": 10},
     "nocolor_pool3": {"augmentation": NO_COLOUR, "pool_size": 3},
     "flip_rotate": {"augmentation": "flip_rotate"},
+    # session 2: stain normalisation during matching, Macenko (per-image max rescaling) vs matrix only
+    "nocolor_stain": {"augmentation": NO_COLOUR + "_stain"},
+    "nocolor_stainmatrix": {"augmentation": NO_COLOUR + "_stainmatrix"},
     "flip_rotate_cos": {"augmentation": "flip_rotate", "distance": "cosine", "lr_img": 0.1},
     "fr_lr03": {"augmentation": "flip_rotate", "lr_img": 0.03},
     "fr_l1mean": {"augmentation": "flip_rotate", "distance": "l1_mean", "lr_img": 10.0},

@@ -65,3 +65,23 @@ def test_strategy_parsing():
         parse_strategy("color_blur")
     x = batch(2)
     assert torch.equal(build_augmentation("none")(x, torch.Generator()), x)
+
+
+def test_stainmatrix_keeps_relative_darkness_that_stain_equalises():
+    from histodd_fed.stain.normalize import ImageStains, StainContext, normalize_stain, od_to_rgb, rgb_to_od
+
+    ref = StainContext.reference()
+    g = torch.Generator().manual_seed(0)
+    conc = torch.rand(1, 2, 32 * 32, generator=g) * torch.tensor([[0.6], [0.3]])
+    light = od_to_rgb(ref.template_matrix[None] @ conc).reshape(1, 3, 32, 32)
+    dark = od_to_rgb(ref.template_matrix[None] @ (conc * 2.0)).reshape(1, 3, 32, 32)
+    x = torch.cat([light, dark])
+    st = ImageStains.from_tensor(x)
+    od = lambda t: rgb_to_od(t).mean().item()  # noqa: E731
+    full = normalize_stain(x, st, ref)
+    kept = normalize_stain(x, st, ref, rescale=False)
+    assert od(x[1:]) / od(x[:1]) > 1.8
+    assert od(full[1:]) / od(full[:1]) < 1.2          # Macenko's per-image max rescaling equalises darkness
+    assert od(kept[1:]) / od(kept[:1]) > 1.7          # stainmatrix keeps it
+    aug = build_augmentation("stainmatrix")
+    assert torch.allclose(aug(x, torch.Generator(), stains=st), normalize_stain(x, st, aug.stain, rescale=False))

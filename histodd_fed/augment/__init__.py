@@ -16,10 +16,10 @@ def build_augmentation(strategy: str | None = DEFAULT_STRATEGY, stain: StainCont
                        params: DSAParams = DSAParams()) -> Augmentation:
     """An augmentation for ``strategy`` (e.g. ``"color_crop_cutout_flip_scale_rotate_stain"``).
 
-    A ``stain`` op without a ``stain`` context uses the reference H&E template.
+    A ``stain`` / ``stainmatrix`` op without a ``stain`` context uses the reference H&E template.
     """
     ops = parse_strategy(strategy)
-    if "stain" in ops and stain is None:
+    if ("stain" in ops or "stainmatrix" in ops) and stain is None:
         stain = StainContext.reference()
     return Augmentation(strategy, stain=stain, params=params)
 

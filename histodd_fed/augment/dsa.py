@@ -9,6 +9,8 @@ batches, as in DSA; with ``siamese=False`` each image gets its own draw (classif
 Operations (names used in strategy strings, joined by ``_``):
 
 - ``stain``: normalise toward the template stains (Macenko, matrix products only), deterministic
+- ``stainmatrix``: swap each image's stain vectors for the template's but keep its concentrations
+  (no per-image max-concentration rescaling, so darker nuclei stay darker), deterministic
 - ``stainjitter``: multiply/shift the H and E concentrations by small random factors
 - ``color``: brightness, saturation and contrast
 - ``crop``: random translation (zero-padded crop) of up to 1/8 of the size
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from histodd_fed.errors import ConfigError
 from histodd_fed.stain.normalize import ImageStains, StainContext, jitter_stain, normalize_stain
 
-ORDER = ("stain", "stainjitter", "color", "crop", "cutout", "flip", "scale", "rotate")
+ORDER = ("stain", "stainmatrix", "stainjitter", "color", "crop", "cutout", "flip", "scale", "rotate")
 
 
 @dataclass(frozen=True)
@@ -80,12 +82,13 @@ class Augmentation:
         self.strategy = "_".join(self.ops) if self.ops else "none"
         self.params = params
         self.stain = stain
-        if "stain" in self.ops and stain is None:
-            raise ConfigError(f"augmentation {strategy!r}: 'stain' needs a StainContext (template)")
+        for op in ("stain", "stainmatrix"):
+            if op in self.ops and stain is None:
+                raise ConfigError(f"augmentation {strategy!r}: {op!r} needs a StainContext (template)")
 
     @property
     def uses_stains(self) -> bool:
-        return "stain" in self.ops or "stainjitter" in self.ops
+        return any(op in self.ops for op in ("stain", "stainmatrix", "stainjitter"))
 
     def __repr__(self) -> str:
         return f"Augmentation({self.strategy!r})"
@@ -128,11 +131,11 @@ class Augmentation:
         if self.uses_stains and stains is None:
             stains = ImageStains.from_tensor(x)
         for op in self.ops:
-            if op == "stain":
-                x = normalize_stain(x, stains, self.stain)
+            if op in ("stain", "stainmatrix"):
+                x = normalize_stain(x, stains, self.stain, rescale=op == "stain")
             elif op == "stainjitter":
-                x = jitter_stain(x, stains if "stain" not in self.ops else _template_stains(self.stain, x),
-                                 v["sj_alpha"], v["sj_beta"])
+                normalised = "stain" in self.ops or "stainmatrix" in self.ops
+                x = jitter_stain(x, _template_stains(self.stain, x) if normalised else stains, v["sj_alpha"], v["sj_beta"])
             elif op == "color":
                 x = x + v["brightness"].view(-1, 1, 1, 1)
                 m = x.mean(dim=1, keepdim=True)

@@ -95,12 +95,19 @@ def _compose(conc: torch.Tensor, matrix: torch.Tensor, shape) -> torch.Tensor:
     return od_to_rgb(od).reshape(shape)
 
 
-def normalize_stain(x: torch.Tensor, stains: ImageStains, ctx: StainContext) -> torch.Tensor:
-    """Map images ``x`` (B, 3, H, W) in [0, 1] with stains ``stains`` onto the template's stains."""
+def normalize_stain(x: torch.Tensor, stains: ImageStains, ctx: StainContext, rescale: bool = True) -> torch.Tensor:
+    """Map images ``x`` (B, 3, H, W) in [0, 1] with stains ``stains`` onto the template's stains.
+
+    ``rescale=True`` (Macenko): each image's concentrations are scaled so its 99th-percentile
+    concentration matches the template's, which also equalises how dark the darkest nuclei are
+    across images. ``rescale=False``: only the stain vectors are swapped for the template's and the
+    concentrations are kept, so relative darkness between images survives.
+    """
     conc = _concentrations(x, stains)
-    scale = (ctx.template_max_conc.to(x) / stains.max_conc.to(x).clamp(min=1e-3)).unsqueeze(-1)
+    if rescale:
+        conc = conc * (ctx.template_max_conc.to(x) / stains.max_conc.to(x).clamp(min=1e-3)).unsqueeze(-1)
     tm = ctx.template_matrix.to(x).expand(x.shape[0], 3, 2)
-    return _compose(conc * scale, tm, x.shape).clamp(0.0, 1.0)
+    return _compose(conc, tm, x.shape).clamp(0.0, 1.0)
 
 
 def jitter_stain(x: torch.Tensor, stains: ImageStains, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
