@@ -22,11 +22,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from histodd_fed.bundle import (BundleError, DecryptionError, FormatError, NotARecipientError, SemanticError,
                                 SignatureError, TrustStore, generate_identity, open_bundle, seal, verify)
-from histodd_fed.bundle.format import (ALGORITHMS, ENC_SIZE, SIGNATURE_SIZE, TAG_SIZE, BundleSource, canonical_json,
-                                       chunk_count, encode_prefix, parse_header, signed_message, wrap_info)
+from histodd_fed.bundle.format import (SIGNATURE_SIZE, TAG_SIZE, BundleSource, canonical_json, chunk_count,
+                                       encode_prefix, parse_header, signed_message)
 from histodd_fed.bundle.payload import PayloadPart, payload_parts
-from histodd_fed.bundle.seal import (CHUNK_AAD, HPKE_SUITE, MANIFEST_AAD, MANIFEST_NONCE, THREAD_MIN_BYTES, _b64,
-                                     _chunks, _manifest, _unwrap_key, _write_bundle, chunk_aad, chunk_nonce)
+from histodd_fed.bundle.seal import (CHUNK_AAD, MANIFEST_AAD, MANIFEST_NONCE, THREAD_MIN_BYTES,
+                                     _chunks, _manifest, _sealed_header, _unwrap_key, _write_bundle, chunk_aad,
+                                     chunk_nonce)
 from histodd_fed.patchset import PatchSet
 
 
@@ -76,22 +77,8 @@ def _old_write_bundle(out, sender, recipients, manifest, parts, bundle_id, creat
     manifest_raw = canonical_json(manifest)
     payload_size = sum(p.size for p in parts)
     nchunks = chunk_count(payload_size, chunk_size)
-    fields = {
-        "format": "histodd-bundle", "bundle_id": bundle_id, "created": created,
-        "source": {"centre": sender.centre_id, "sign_key_id": sender.public.sign_key_id},
-        "algorithms": dict(ALGORITHMS), "chunk_size": chunk_size, "num_chunks": nchunks,
-        "manifest_size": len(manifest_raw), "manifest_ciphertext_size": len(manifest_raw) + TAG_SIZE,
-        "payload_size": payload_size, "payload_ciphertext_size": payload_size + TAG_SIZE * nchunks,
-    }
-    fixed = {**fields, "format_version": 1}
-    content_key = os.urandom(32)
-    rlist = []
-    for r in recipients:
-        wrapped = HPKE_SUITE.encrypt(content_key, r.kem_key(), info=wrap_info(fixed, r.centre_id, r.kem_key_id))
-        rlist.append({"centre": r.centre_id, "kem_key_id": r.kem_key_id,
-                      "enc": _b64(wrapped[:ENC_SIZE]), "wrapped_key": _b64(wrapped[ENC_SIZE:])})
-    fields["recipients"] = rlist
-    header_raw = canonical_json(fields)
+    header_raw, content_key = _sealed_header(sender, recipients, manifest_raw, payload_size, bundle_id, created,
+                                             chunk_size)  # the header layout is unchanged by the fast path
     hh = hashlib.sha256(header_raw).digest()
     aead = AESGCM(content_key)
     digest = hashlib.sha256()

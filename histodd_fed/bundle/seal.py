@@ -183,18 +183,9 @@ def _manifest(ps: PatchSet, bundle_id: str, sender: Identity, created: str, part
     }
 
 
-def _write_bundle(out: BinaryIO, sender: Identity, recipients: list[PublicIdentity], manifest: dict,
-                  parts: list[PayloadPart], bundle_id: str, created: str, chunk_size: int) -> None:
-    """Encrypt and sign ``manifest`` + ``parts`` into ``out`` (the low-level writer).
-
-    Each chunk is encrypted (``encrypt_into``) into one of two reused buffers, written with one
-    ``write``, and hashed for the signature on a worker thread while the next chunk is encrypted.
-    """
-    try:
-        manifest_raw = canonical_json(manifest)
-    except (TypeError, ValueError) as exc:
-        raise FormatError(f"bundle {bundle_id}: manifest is not JSON-serialisable ({exc})") from exc
-    payload_size = sum(p.size for p in parts)
+def _sealed_header(sender: Identity, recipients: list[PublicIdentity], manifest_raw: bytes, payload_size: int,
+                   bundle_id: str, created: str, chunk_size: int) -> tuple[bytes, bytes]:
+    """The canonical header bytes (one HPKE key wrap of a fresh content key per recipient) and that key."""
     nchunks = chunk_count(payload_size, chunk_size)
     fields = {
         "format": "histodd-bundle", "bundle_id": bundle_id, "created": created,
@@ -211,7 +202,24 @@ def _write_bundle(out: BinaryIO, sender: Identity, recipients: list[PublicIdenti
         rlist.append({"centre": r.centre_id, "kem_key_id": r.kem_key_id,
                       "enc": _b64(wrapped[:ENC_SIZE]), "wrapped_key": _b64(wrapped[ENC_SIZE:])})
     fields["recipients"] = rlist
-    header_raw = canonical_json(fields)
+    return canonical_json(fields), content_key
+
+
+def _write_bundle(out: BinaryIO, sender: Identity, recipients: list[PublicIdentity], manifest: dict,
+                  parts: list[PayloadPart], bundle_id: str, created: str, chunk_size: int) -> None:
+    """Encrypt and sign ``manifest`` + ``parts`` into ``out`` (the low-level writer).
+
+    Each chunk is encrypted (``encrypt_into``) into one of two reused buffers, written with one
+    ``write``, and hashed for the signature on a worker thread while the next chunk is encrypted.
+    """
+    try:
+        manifest_raw = canonical_json(manifest)
+    except (TypeError, ValueError) as exc:
+        raise FormatError(f"bundle {bundle_id}: manifest is not JSON-serialisable ({exc})") from exc
+    payload_size = sum(p.size for p in parts)
+    nchunks = chunk_count(payload_size, chunk_size)
+    header_raw, content_key = _sealed_header(sender, recipients, manifest_raw, payload_size, bundle_id, created,
+                                             chunk_size)
     hh = hashlib.sha256(header_raw).digest()
     aead = AESGCM(content_key)
     digest = hashlib.sha256()

@@ -48,13 +48,17 @@ def slide_metrics(head, test_bags: list, calibration_bags: list) -> dict[str, fl
     """
     import numpy as np
 
-    from histodd_fed.mil.train import evaluate_mil, predict_mil
+    from histodd_fed.mil.train import predict_mil
     from histodd_fed.training.calibration import DEFAULT_THRESHOLD, fit_threshold, metrics_at_threshold
+    from histodd_fed.training.metrics import compute_metrics
 
-    m = evaluate_mil(head, test_bags)
+    if not test_bags:
+        raise ValueError("slide_metrics: no test bags")
+    probs = predict_mil(head, test_bags)
+    labels = np.array([b.label for b in test_bags], dtype=np.int64)
+    m = compute_metrics(probs, labels, num_classes=probs.shape[1])
     out = {"slide_auc": float(m.auc), "slide_accuracy_argmax": float(m.accuracy),
            "slide_balanced_accuracy_argmax": float(m.balanced_accuracy)}
-    probs = predict_mil(head, test_bags)
     if probs.shape[1] != 2:
         out.update(slide_accuracy=float(m.accuracy), slide_balanced_accuracy=float(m.balanced_accuracy))
         return out
@@ -62,7 +66,7 @@ def slide_metrics(head, test_bags: list, calibration_bags: list) -> dict[str, fl
     if calibration_bags:
         cal = predict_mil(head, calibration_bags)[:, 1]
         threshold = fit_threshold(cal, np.array([b.label for b in calibration_bags]))
-    tm = metrics_at_threshold(probs[:, 1], np.array([b.label for b in test_bags]), threshold)
+    tm = metrics_at_threshold(probs[:, 1], labels, threshold)
     out.update(slide_accuracy=tm.accuracy, slide_balanced_accuracy=tm.balanced_accuracy,
                slide_threshold=round(threshold, 6), slide_calibration_bags=len(calibration_bags))
     return out

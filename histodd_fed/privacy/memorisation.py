@@ -33,8 +33,7 @@ from torch import nn
 from histodd_fed.logging_setup import progress
 from histodd_fed.patchset import PatchSet
 from histodd_fed.privacy.classifier import TrainSpec, extract_features, train_model
-from histodd_fed.privacy.similarity import (SSIMIndex, cosine_distance_matrix, normalised_l2_matrix,
-                                           structure_correlation_matrix)
+from histodd_fed.privacy.similarity import SSIMIndex, cosine_distance_matrix, normalised_l2_matrix, structure_vectors
 
 log = logging.getLogger(__name__)
 
@@ -283,8 +282,9 @@ def analyse_memorisation(synthetic: PatchSet, real: PatchSet, config: Memorisati
 
     # ---- structure: correlation of low-passed grey images, exact everywhere
     if cfg.structure_metric:
-        metrics["structure"] = _matrix_metric("structure", structure_correlation_matrix(xs, xr, cfg.structure_pool),
-                                              structure_correlation_matrix(xr[ref_t], xr, cfg.structure_pool),
+        vr = structure_vectors(xr, cfg.structure_pool)   # once for both matrices
+        vs = structure_vectors(xs, cfg.structure_pool)
+        metrics["structure"] = _matrix_metric("structure", (vs @ vr.T).float(), (vr[ref_t] @ vr.T).float(),
                                               ref_t, init_idx)
 
     # ---- feature cosine distance

@@ -127,18 +127,14 @@ def normalised_l2_matrix(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) ->
 
 
 def structure_vectors(x: torch.Tensor, pool: int) -> torch.Tensor:
-    """Zero-mean, unit-norm rows of the low-passed grey images (what :func:`structure_correlation_matrix` compares)."""
+    """Zero-mean, unit-norm rows of the low-passed grey images: ``structure_vectors(a) @ structure_vectors(b).T``
+    is the all-pairs structure correlation (flat images score 0)."""
     grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1).double()
     if pool > 1 and min(grey.shape[-2:]) >= 2 * pool:
         grey = F.avg_pool2d(grey, pool)
     g = grey.flatten(1)
     g = g - g.mean(1, keepdim=True)
     return g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def structure_correlation_matrix(a: torch.Tensor, b: torch.Tensor, pool: int = 2) -> torch.Tensor:
-    """All-pairs Pearson correlation of low-passed grey images, shape (len(a), len(b)); flat images score 0."""
-    return (structure_vectors(a, pool) @ structure_vectors(b, pool).T).float()
 
 
 def cosine_distance_matrix(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
