@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from centre_node.commands import bundle, distill, evaluate, mil, privacy, slides
+from centre_node.commands import benchmark_data, bundle, distill, evaluate, mil, privacy, slides
 from histodd_fed.errors import HistoddError
 from histodd_fed.logging_setup import configure_logging
 
@@ -36,7 +36,7 @@ def _root(
     configure_logging(verbose=verbose, quiet=quiet)
 
 
-for _module in (slides, distill, bundle, evaluate, mil, privacy):
+for _module in (slides, distill, bundle, evaluate, mil, privacy, benchmark_data):
     _module.register(app)
 
 

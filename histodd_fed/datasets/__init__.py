@@ -1,0 +1,1 @@
+"""Benchmark data sets built from the shared real data (``../shared/data``)."""

@@ -1,0 +1,198 @@
+"""PCam x Camelyon17: two centres of real tissue with a real inter-hospital stain shift.
+
+- **C1** (source, data-rich): PCam ``train`` as it is (one PatchSet, ``DIR/C1``).
+- **C2** (target, data-poor): PCam ``valid`` re-stained into one Camelyon17 centre's stains
+  (:mod:`histodd_fed.stain.restain`: per-image Macenko separation, the target centre's stain matrix
+  and concentration level from its five tiles, per-patch jitter drawn from the spread across those
+  tiles); ``target_train_per_class`` labelled patches per class in ``DIR/C2/train``, the rest in
+  ``DIR/C2/test``. A centre folder with ``train/`` and ``test/`` patch sets is read as that split by
+  the federation (:func:`histodd_fed.federation.local_work.load_real_splits`).
+
+C1 and C2 are patch-disjoint by construction (PCam ``train`` vs ``valid``); every patch keeps its
+PCam file name in ``meta["files"]``. ``DIR/manifest.json`` records counts, both stain profiles and
+the settings; ``DIR/centres.png`` shows the target centre's real tiles beside re-stained C2 patches,
+the same patches before re-staining, and C1 patches.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histodd_fed.atomic import atomic_write_json
+from histodd_fed.errors import ConfigError, InputError
+from histodd_fed.patchset import IMAGE_SUFFIXES, PatchSet
+from histodd_fed.runconfig import write_run_config
+from histodd_fed.stain.restain import StainProfile, load_rgb, restain, set_profile, stain_distance
+
+log = logging.getLogger(__name__)
+TILE_RE = re.compile(r"^domain_(\d+)_(\d+)\.png$")
+BENCHMARK = "pcam-c17"
+
+
+def domain_tiles(stains: Path) -> dict[int, list[Path]]:
+    """Camelyon17 stain tiles by domain (``domain_<d>_<id>.png``)."""
+    stains = Path(stains)
+    if not stains.is_dir():
+        raise InputError(f"{stains}: stain tile folder not found")
+    out: dict[int, list[Path]] = {}
+    for p in sorted(stains.iterdir()):
+        m = TILE_RE.match(p.name)
+        if m:
+            out.setdefault(int(m.group(1)), []).append(p)
+    if not out:
+        raise InputError(f"{stains}: no domain_<centre>_<id>.png tiles")
+    return out
+
+
+def domain_profile(stains: Path, domain: int) -> tuple[StainProfile, list[np.ndarray]]:
+    """The stain profile of Camelyon17 domain ``domain`` and its tiles."""
+    tiles = domain_tiles(stains)
+    if domain not in tiles:
+        raise ConfigError(f"{stains}: unknown domain {domain} (have {', '.join(str(d) for d in sorted(tiles))})")
+    images = [load_rgb(p) for p in tiles[domain]]
+    return StainProfile.from_images(images, name=f"camelyon17-domain-{domain}"), images
+
+
+def load_folder(root: Path, limit_per_class: int | None, seed: int) -> tuple[PatchSet, list[str]]:
+    """``root/CLASS/*.jpg`` as a real PatchSet and its file names (``CLASS/name``), seeded subset per class."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: PCam split folder not found")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise InputError(f"{root}: no class sub-folders (expected {root}/CLASS/*.jpg)")
+    rng = np.random.default_rng(seed)
+    images, labels, names = [], [], []
+    for ci, c in enumerate(classes):
+        files = sorted(p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if limit_per_class is not None and len(files) > limit_per_class:
+            files = [files[i] for i in sorted(rng.choice(len(files), limit_per_class, replace=False))]
+        for f in files:
+            a = load_rgb(f)
+            if images and a.shape != images[0].shape:
+                raise InputError(f"{f}: size {a.shape[:2]} differs from {images[0].shape[:2]}")
+            images.append(a)
+            labels.append(ci)
+            names.append(f"{c}/{f.name}")
+    if not images:
+        raise InputError(f"{root}: no images under {classes}")
+    return PatchSet(np.stack(images), np.asarray(labels), classes, kind="real"), names
+
+
+def split_per_class(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Boolean train mask: ``per_class`` seeded random patches of every class."""
+    rng = np.random.default_rng(seed)
+    train = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if per_class >= len(idx):
+            raise ConfigError(f"--target-train-per-class {per_class}: class {c} has only {len(idx)} patches "
+                              "(some must remain for the test set)")
+        train[rng.choice(idx, per_class, replace=False)] = True
+    return train
+
+
+def make_pcam_centres(pcam: Path, stains: Path, out: Path, *, target_domain: int = 2,
+                      target_train_per_class: int = 50, seed: int = 0, limit_per_class: int | None = None,
+                      jitter: bool = True, figure: bool = True) -> dict[str, Any]:
+    """Write ``out/C1``, ``out/C2/{train,test}``, ``manifest.json``, ``run_config.json``, ``centres.png``."""
+    pcam, stains, out = Path(pcam), Path(stains), Path(out)
+    if not pcam.is_dir():
+        raise InputError(f"{pcam}: PCam folder not found")
+    if target_train_per_class < 1:
+        raise ConfigError(f"--target-train-per-class must be >= 1, got {target_train_per_class}")
+    t0 = time.perf_counter()
+    target, tiles = domain_profile(stains, target_domain)
+    c1, c1_files = load_folder(pcam / "train", limit_per_class, seed)
+    valid, valid_files = load_folder(pcam / "valid", limit_per_class, seed)
+    if list(valid.class_names) != list(c1.class_names):
+        raise InputError(f"{pcam}: train classes {c1.class_names} differ from valid classes {valid.class_names}")
+    source = set_profile(valid.images, name="pcam-valid", seed=seed)
+    c1_profile = set_profile(c1.images, name="pcam-train (C1)", seed=seed)
+    restained, info = restain(valid.images, source, target, seed=seed, jitter=jitter)
+    is_train = split_per_class(valid.labels, target_train_per_class, seed)
+    common = {"benchmark": BENCHMARK, "target_domain": int(target_domain), "seed": int(seed)}
+    c1.meta = dict(common, centre="C1", source=str(pcam / "train"), files=c1_files, stain="PCam as is")
+    c2 = PatchSet(restained, valid.labels, list(valid.class_names), kind="real",
+                  meta=dict(common, centre="C2", source=str(pcam / "valid"),
+                            stain=f"re-stained to Camelyon17 domain {target_domain}"))
+    out.mkdir(parents=True, exist_ok=True)
+    c1.save(out / "C1")
+    for name, mask in (("train", is_train), ("test", ~is_train)):
+        idx = np.flatnonzero(mask)
+        part = c2.subset(idx)
+        part.meta = dict(c2.meta, split=name, files=[valid_files[i] for i in idx])
+        part.save(out / "C2" / name)
+    c2_profile = set_profile(restained, name="C2 re-stained", seed=seed)
+    manifest = {
+        "benchmark": BENCHMARK, "pcam": str(pcam), "stains": str(stains), "target_domain": int(target_domain),
+        "target_train_per_class": int(target_train_per_class), "seed": int(seed),
+        "limit_per_class": limit_per_class, "jitter": bool(jitter),
+        "centres": {
+            "C1": {"path": "C1", "role": "source", "patches": len(c1), "class_counts": c1.class_counts(),
+                   "from": "PCam train, as is"},
+            "C2": {"path": "C2", "role": "target", "train": "C2/train", "test": "C2/test",
+                   "train_class_counts": c2.subset(np.flatnonzero(is_train)).class_counts(),
+                   "test_class_counts": c2.subset(np.flatnonzero(~is_train)).class_counts(),
+                   "from": f"PCam valid, re-stained to Camelyon17 domain {target_domain}"},
+        },
+        "restain": info,
+        "profiles": {"target": target.to_dict(), "pcam_valid": source.to_dict(), "C1": c1_profile.to_dict(),
+                     "C2": c2_profile.to_dict()},
+        "stain_angle_deg": {"C2_to_target": round(stain_distance(c2_profile.matrix, target.matrix), 3),
+                            "C2_to_C1": round(stain_distance(c2_profile.matrix, c1_profile.matrix), 3),
+                            "C1_to_target": round(stain_distance(c1_profile.matrix, target.matrix), 3)},
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    atomic_write_json(out / "manifest.json", manifest)
+    write_run_config(out, "centre-node make-pcam-centres", {k: v for k, v in manifest.items()
+                                                              if k not in ("profiles", "centres")})
+    if figure:
+        centres_figure(out / "centres.png", tiles, restained, valid.images, c1.images, valid.labels, c1.labels,
+                       target_domain, seed)
+    log.info("pcam-c17: C1 %d, C2 %d train / %d test patches in %.1fs", len(c1), int(is_train.sum()),
+             int((~is_train).sum()), manifest["seconds"])
+    return manifest
+
+
+def centres_figure(path: Path, tiles: list[np.ndarray], c2: np.ndarray, c2_before: np.ndarray, c1: np.ndarray,
+                   c2_labels: np.ndarray, c1_labels: np.ndarray, domain: int, seed: int, n: int = 8) -> Path:
+    """Rows: the domain's real tiles; C2 re-stained patches; the same patches before; C1 patches."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(seed)
+
+    def pick(labels: np.ndarray) -> np.ndarray:
+        per = [rng.choice(np.flatnonzero(labels == c), min(n // 2, int((labels == c).sum())), replace=False)
+               for c in np.unique(labels)]
+        return np.concatenate(per)[:n]
+
+    i2, i1 = pick(c2_labels), pick(c1_labels)
+    rows = [("Camelyon17 domain %d\n(real tiles)" % domain, list(tiles)),
+            ("C2: PCam valid\nre-stained", [c2[i] for i in i2]),
+            ("same patches\nbefore re-staining", [c2_before[i] for i in i2]),
+            ("C1: PCam train\n(as is)", [c1[i] for i in i1])]
+    cols = max(len(r[1]) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.6 * cols + 1.2, 1.7 * len(rows)))
+    for r, (title, ims) in enumerate(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(ims):
+                ax.imshow(ims[c])
+        axes[r, 0].set_title(title, fontsize=8, loc="left")
+    fig.suptitle(f"pcam-c17: target stain = Camelyon17 domain {domain}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

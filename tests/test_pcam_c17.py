@@ -1,0 +1,90 @@
+"""PCam x Camelyon17 benchmark centres (make-pcam-centres): stain shift, labels and morphology kept."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from histodd_fed.patchset import PatchSet
+
+
+@pytest.fixture(scope="module")
+def centres(tmp_path_factory):
+    from tests.conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "pcam-ai4all").is_dir() or not (SHARED_DATA / "camelyon17-stain-tiles").is_dir():
+        pytest.skip(f"{SHARED_DATA}/pcam-ai4all or camelyon17-stain-tiles absent: needs ../shared/data")
+    out = tmp_path_factory.mktemp("pc17") / "centres"
+    r = subprocess.run([sys.executable, "-m", "centre_node.cli", "-q", "make-pcam-centres",
+                        "--pcam", str(SHARED_DATA / "pcam-ai4all"), "--stains",
+                        str(SHARED_DATA / "camelyon17-stain-tiles"), "--out", str(out), "--limit", "30",
+                        "--target-train-per-class", "5", "--target-domain", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return out, SHARED_DATA
+
+
+def test_layout_and_counts(centres):
+    out, _ = centres
+    m = json.loads((out / "manifest.json").read_text())
+    assert (out / "run_config.json").exists() and (out / "centres.png").stat().st_size > 10_000
+    c1 = PatchSet.load(out / "C1")
+    tr, te = PatchSet.load(out / "C2" / "train"), PatchSet.load(out / "C2" / "test")
+    assert c1.class_counts() == {"normal": 30, "tumour": 30}
+    assert tr.class_counts() == {"normal": 5, "tumour": 5} and te.class_counts() == {"normal": 25, "tumour": 25}
+    assert m["centres"]["C2"]["train_class_counts"] == tr.class_counts()
+    # patch-disjoint: C1 from PCam train, C2 from PCam valid, no file in both splits of C2
+    assert not set(tr.meta["files"]) & set(te.meta["files"])
+    assert c1.meta["source"].endswith("train") and tr.meta["source"].endswith("valid")
+
+
+def test_stain_closer_to_target_than_to_c1(centres):
+    from histodd_fed.stain.restain import set_profile, stain_distance
+
+    out, _ = centres
+    m = json.loads((out / "manifest.json").read_text())
+    target = np.asarray(m["profiles"]["target"]["matrix"])
+    c1 = set_profile(PatchSet.load(out / "C1").images).matrix
+    c2 = set_profile(np.concatenate([PatchSet.load(out / "C2" / s).images for s in ("train", "test")])).matrix
+    assert stain_distance(c2, target) < stain_distance(c2, c1)
+    assert stain_distance(c2, target) < stain_distance(c1, target)
+
+
+def test_labels_and_morphology_kept(centres):
+    from histodd_fed.privacy.similarity import structure_vectors
+    from histodd_fed.stain.restain import load_rgb
+
+    out, shared = centres
+    te = PatchSet.load(out / "C2" / "test")
+    classes = list(te.class_names)
+    orig = np.stack([load_rgb(shared / "pcam-ai4all" / "valid" / f) for f in te.meta["files"]])
+    labels = np.asarray([classes.index(f.split("/")[0]) for f in te.meta["files"]])
+    assert (labels == te.labels).all()
+    x = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255.0  # noqa: E731
+    corr = (structure_vectors(x(te.images), 2) @ structure_vectors(x(orig), 2).T).numpy()
+    same = np.diag(corr)
+    other = corr[~np.eye(len(corr), dtype=bool)]
+    assert np.median(same) > 0.9, np.median(same)
+    assert (same > np.percentile(other, 99)).mean() > 0.95
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--pcam", "/nonexistent/pcam"], "PCam folder not found"),
+    (["--target-domain", "7"], "unknown domain 7"),
+])
+def test_bad_inputs_one_line(centres, tmp_path, args, msg):
+    _, shared = centres
+    base = {"--pcam": str(shared / "pcam-ai4all"), "--stains": str(shared / "camelyon17-stain-tiles"),
+            "--out": str(tmp_path / "o"), "--limit": "4", "--target-train-per-class": "1"}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    r = subprocess.run([sys.executable, "-m", "centre_node.cli", "make-pcam-centres",
+                        *[t for kv in base.items() for t in kv]], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and msg in lines[0], r.stderr
