@@ -49,7 +49,7 @@ def handle(msg: Message, context: Context) -> Message:
     except (ConfigError, ProtocolError) as exc:
         reply = Envelope(body={"ok": False, "error": f"{type(exc).__name__}: {exc}"})
     else:
-        reply = node.handle(action, request)
+        reply = node.handle(action, request, run_id=context.run_id, node_id=context.node_id)
     return Message(envelope_to_recorddict(reply), reply_to=msg)
 
 

@@ -179,7 +179,11 @@ def demo(
             typer.echo(f"making demo slides for {cid} in {d}")
             manifest = make_demo_centre(d, centre=cid, seed=int(settings.get("seed", 0)) + i, **opts)
         data[cid] = manifest
-    cfgs, trust = enrol(out, data, preset=preset, seed=int(settings.get("seed", 0)))
+    from histodd_fed.federation.enrol import policy_from_settings
+
+    # each centre's own export policy (the "Full" row needs the source's explicit export_real)
+    policies = {cid: policy_from_settings(p) for cid, p in (settings.get("centre_policy") or {}).items()}
+    cfgs, trust = enrol(out, data, preset=preset, seed=int(settings.get("seed", 0)), policies=policies)
     node_cfgs = [c.to_node_config() for c in cfgs]
     (out / "nodes.json").write_text(json.dumps(node_cfgs, indent=2) + "\n")
     cfg = StudyConfig(source=settings.get("source", "C1"), target=settings.get("target", "C2"),

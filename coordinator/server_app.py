@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 class GridTransport:
     """:class:`~histodd_fed.federation.coordinator.Transport` over a Flower Grid."""
 
-    def __init__(self, grid: Grid):
+    def __init__(self, grid: Grid, run_id: int | None = None):
         self.grid = grid
         self.round = 0
+        self.run_id = int(run_id if run_id is not None else getattr(getattr(grid, "run", None), "run_id", 0) or 0)
 
     def node_ids(self) -> list[int]:
         return sorted(int(n) for n in self.grid.get_node_ids())
@@ -70,8 +71,8 @@ def study_config_from_run_config(rc: dict[str, Any]) -> StudyConfig:
     )
 
 
-def _run(grid: Grid, cfg: StudyConfig) -> StudyOutcome:
-    outcome = run_transfer_study(GridTransport(grid), cfg, on_event=lambda m: log.info("[study] %s", m))
+def _run(grid: Grid, cfg: StudyConfig, run_id: int | None = None) -> StudyOutcome:
+    outcome = run_transfer_study(GridTransport(grid, run_id), cfg, on_event=lambda m: log.info("[study] %s", m))
     write_report(cfg, outcome, command=f"coordinator transfer ({cfg.runtime})")
     return outcome
 
@@ -82,7 +83,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Deployment entry: the study described by the run config."""
-    _run(grid, study_config_from_run_config(dict(context.run_config)))
+    _run(grid, study_config_from_run_config(dict(context.run_config)), context.run_id)
 
 
 def run_simulation_study(cfg: StudyConfig, node_configs: list[dict[str, Any]], *,
@@ -104,7 +105,7 @@ def run_simulation_study(cfg: StudyConfig, node_configs: list[dict[str, Any]], *
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        result["outcome"] = _run(grid, cfg)
+        result["outcome"] = _run(grid, cfg, context.run_id)
 
     t0 = time.perf_counter()
     run_simulation(server_app=server, client_app=client_app, num_supernodes=len(node_configs),

@@ -39,7 +39,12 @@ def _centres(root: Path, faults=None, slides: bool = False):
         if not d.exists():
             ps = load_image_folder(PCAM / split, limit_per_class=24, seed=seed)
             (_with_slides(ps) if slides else ps).save(d)
-    return enrol(root, {"C1": root / "data/C1", "C2": root / "data/C2"}, preset="tiny", faults=faults)
+    from histodd_fed.federation.centre import ExportPolicy
+
+    # both centres' own policies allow the "Full" comparison (real patches) to each other
+    policies = {c: ExportPolicy(real=True) for c in ("C1", "C2")}
+    return enrol(root, {"C1": root / "data/C1", "C2": root / "data/C2"}, preset="tiny", faults=faults,
+                 policies=policies)
 
 
 def _study(root: Path, trust, **kw):
@@ -60,7 +65,7 @@ def test_clientapp_answers_identity_through_flower_messages(tmp_path):
     cfgs, _ = _centres(tmp_path)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     ctx = Context(run_id=1, node_id=7, node_config=cfgs[0].to_node_config(), state=RecordDict(), run_config={})
-    msg = Message(envelope_to_recorddict(Envelope(body={"prepare": False})), dst_node_id=7,
+    msg = Message(envelope_to_recorddict(Envelope(body={"prepare": False, "nonce": "ab" * 32})), dst_node_id=7,
                   message_type="query.identity")
     rep = recorddict_to_envelope(handle(msg, ctx).content)
     assert rep.body["ok"] and rep.body["centre_id"] == "C1"

@@ -24,6 +24,7 @@ Every handler returns an :class:`Envelope`; a :class:`HistoddError` becomes a re
 from __future__ import annotations
 
 import logging
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -35,14 +36,104 @@ from histodd_fed.federation.envelope import (
     ACTION_DISTIL,
     ACTION_IDENTITY,
     ACTION_TRAIN,
+    PROOF_IDENTITY,
+    PROOF_REPLY,
     PROTOCOL_VERSION,
     Envelope,
     ProtocolError,
+    digest,
+    sign_statement,
+    statement,
 )
 from histodd_fed.federation.faults import FaultInjection
 from histodd_fed.federation.presets import CentrePreset, get_preset
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_IPC = 50
+
+
+class PolicyError(HistoddError):
+    """A request the centre's own export policy does not allow."""
+
+
+def _as_bool(v: Any, key: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    s = str(v).strip().lower()
+    if s in ("true", "on", "yes", "1"):
+        return True
+    if s in ("false", "off", "no", "0", ""):
+        return False
+    raise ConfigError(f"node config {key!r}: expected true/false, got {v!r}")
+
+
+@dataclass(frozen=True)
+class ExportPolicy:
+    """What this centre lets leave it: set by the centre (node config), never widened by a request.
+
+    ``recipients``: centres a bundle may be sealed to (empty tuple: any centre in this centre's own
+    trust store). ``max_ipc``: the largest images-per-class a request may ask for. ``real``:
+    whether real patches (the "Full" comparison) may ever leave; off by default. ``gate``: the
+    privacy export gate on synthetic sets (on by default; off is recorded in every manifest).
+    """
+
+    recipients: tuple[str, ...] = ()
+    max_ipc: int = DEFAULT_MAX_IPC
+    real: bool = False
+    gate: bool = True
+
+    @classmethod
+    def from_node_config(cls, get) -> "ExportPolicy":
+        rec = get("export-recipients", "")
+        if isinstance(rec, (list, tuple)):
+            recipients = tuple(str(r).strip() for r in rec if str(r).strip())
+        else:
+            recipients = tuple(r.strip() for r in str(rec or "").split(",") if r.strip())
+        try:
+            max_ipc = int(get("export-max-ipc", DEFAULT_MAX_IPC))
+        except (TypeError, ValueError):
+            raise ConfigError(f"node config 'export-max-ipc': expected an integer, got "
+                              f"{get('export-max-ipc')!r}") from None
+        if max_ipc < 0:
+            raise ConfigError(f"node config 'export-max-ipc' must be >= 0, got {max_ipc}")
+        return cls(recipients=recipients, max_ipc=max_ipc,
+                   real=_as_bool(get("export-real", False), "export-real"),
+                   gate=_as_bool(get("export-gate", True), "export-gate"))
+
+    def to_node_config(self) -> dict[str, str | int]:
+        out: dict[str, str | int] = {"export-max-ipc": int(self.max_ipc),
+                                     "export-real": "true" if self.real else "false",
+                                     "export-gate": "on" if self.gate else "off"}
+        if self.recipients:
+            out["export-recipients"] = ",".join(self.recipients)
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """What the coordinator (and every manifest) is told of the policy."""
+        return {"recipients": list(self.recipients) or "trust-store", "max_ipc": self.max_ipc,
+                "real": self.real, "gate": self.gate}
+
+    def check(self, centre_id: str, recipients: list[str], ipcs: list[int], full: bool,
+              trusted: set[str]) -> None:
+        """Refuse a distil request this policy does not allow (before any work is done)."""
+        if not recipients:
+            raise PolicyError(f"{centre_id}: the request names no recipient")
+        allowed = set(self.recipients) if self.recipients else trusted
+        for r in recipients:
+            if r == centre_id:
+                raise PolicyError(f"{centre_id}: export policy refuses sealing to itself")
+            if r not in allowed:
+                why = ("export-recipients " + ",".join(self.recipients)) if self.recipients \
+                    else "its trust store"
+                raise PolicyError(f"{centre_id}: export policy refuses recipient {r!r} (not in {why})")
+        for i in ipcs:
+            if i <= 0 or i > self.max_ipc:
+                raise PolicyError(f"{centre_id}: export policy refuses ipc {i} (export-max-ipc {self.max_ipc})")
+        if full and not self.real:
+            raise PolicyError(f"{centre_id}: export policy refuses real patches (export-real is off)")
 
 
 @dataclass
@@ -58,6 +149,7 @@ class CentreConfig:
     fault: str = ""                  # fault injection for drills (see faults.py)
     labels_csv: Path | None = None
     preset_overrides: dict[str, Any] = field(default_factory=dict)
+    policy: ExportPolicy = field(default_factory=ExportPolicy)
 
     @classmethod
     def from_node_config(cls, cfg: Mapping[str, Any]) -> "CentreConfig":
@@ -80,6 +172,7 @@ class CentreConfig:
             seed=int(get("seed", 0)),
             fault=str(get("fault", "") or ""),
             labels_csv=Path(str(labels)) if labels else None,
+            policy=ExportPolicy.from_node_config(get),
         )
 
     def to_node_config(self) -> dict[str, str | int]:
@@ -91,6 +184,7 @@ class CentreConfig:
             out["fault"] = self.fault
         if self.labels_csv:
             out["labels-csv"] = str(self.labels_csv)
+        out.update(self.policy.to_node_config())
         return out
 
     def node_config_string(self) -> str:
@@ -99,6 +193,26 @@ class CentreConfig:
         for k, v in self.to_node_config().items():
             parts.append(f'{k}={v}' if isinstance(v, int) else f'{k}="{v}"')
         return " ".join(parts)
+
+
+_PATH_RE = re.compile(r"(?<![\w<>.-])(?:~|\.{1,2})?/[^\s'\",;()\[\]{}]+")
+
+
+def scrub(text: str, cfg: "CentreConfig") -> str:
+    """``text`` without this centre's local paths (error replies go to the coordinator)."""
+    out = str(text)
+    named = [(cfg.work_dir, "<work-dir>"), (cfg.key_dir, "<key-dir>"), (cfg.data, "<data>")]
+    if cfg.labels_csv:
+        named.append((cfg.labels_csv, "<labels-csv>"))
+    pairs = []
+    for path, label in named:
+        for form in {str(path), str(Path(path).resolve())}:
+            if form and form not in (".", "/"):
+                pairs.append((form, label))
+    for form, label in sorted(pairs, key=lambda x: -len(x[0])):
+        out = out.replace(form, label)
+    out = _PATH_RE.sub("<path>", out)
+    return " ".join(out.split())[:500]
 
 
 class CentreNode:
@@ -110,8 +224,14 @@ class CentreNode:
         self.faults = FaultInjection.parse(config.fault)
 
     # ------------------------------------------------------------------ dispatch
-    def handle(self, action: str, request: Envelope) -> Envelope:
-        """Run ``action``; errors become ``{"ok": False, "error": ...}`` replies."""
+    def handle(self, action: str, request: Envelope, *, run_id: Any = 0, node_id: Any = 0) -> Envelope:
+        """Run ``action``; errors become ``{"ok": False, "error": ...}`` replies.
+
+        ``run_id`` / ``node_id``: the Flower run and node this message reached (the ClientApp's
+        Context). When the request carries a ``nonce``, the reply is signed over them
+        (:func:`~histodd_fed.federation.envelope.sign_statement`): identity replies prove the
+        centre id, every other reply is attributable to this centre's key.
+        """
         t0 = time.perf_counter()
         try:
             self.faults.before_reply(action)
@@ -126,37 +246,69 @@ class CentreNode:
             reply.body.setdefault("ok", True)
         except HistoddError as exc:
             log.warning("%s: %s failed: %s", self.config.centre_id, action, exc)
-            reply = Envelope(body={"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            reply = Envelope(body={"ok": False, "error": scrub(f"{type(exc).__name__}: {exc}", self.config)})
         except Exception as exc:  # noqa: BLE001 - report, never crash the node
             log.error("%s: %s crashed:\n%s", self.config.centre_id, action, traceback.format_exc())
-            reply = Envelope(body={"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            reply = Envelope(body={"ok": False, "error": scrub(f"{type(exc).__name__}: {exc}", self.config)})
         reply.body["centre_id"] = self.config.centre_id
         reply.body["protocol"] = PROTOCOL_VERSION
         reply.body["seconds"] = round(time.perf_counter() - t0, 3)
+        self._sign(action, request, reply, run_id, node_id)
         return reply
+
+    def _sign(self, action: str, request: Envelope, reply: Envelope, run_id: Any, node_id: Any) -> None:
+        nonce = request.body.get("nonce")
+        if not nonce:
+            return
+        from histodd_fed.federation import local_work
+
+        try:
+            ident = local_work.load_or_create_identity(self.config)
+        except HistoddError as exc:  # cannot prove anything: the coordinator will refuse the reply
+            log.warning("%s: cannot sign the %s reply: %s", self.config.centre_id, action, exc)
+            return
+        purpose = PROOF_IDENTITY if action == ACTION_IDENTITY else PROOF_REPLY
+        st = statement(purpose, str(nonce), self.config.centre_id, run_id, node_id, ident.public.sign_key_id,
+                       reply_digest(reply.body))
+        reply.body["proof"] = sign_statement(ident, st)
 
     # ------------------------------------------------------------------ actions
     def identity(self, request: Envelope) -> Envelope:
         from histodd_fed.federation import local_work
 
+        nonce = str(request.body.get("nonce", ""))
+        if len(nonce) < 32:
+            raise ProtocolError("identity request lacks a fresh nonce (at least 128 bits)")
         ident = local_work.load_or_create_identity(self.config)
-        body: dict[str, Any] = {"identity": ident.public.to_dict(), "preset": self.preset.name}
+        body: dict[str, Any] = {"identity": ident.public.to_dict(), "preset": self.preset.name,
+                                "export_policy": self.config.policy.summary()}
         if request.body.get("prepare", True):
             prepared = local_work.prepare(self.config, self.preset)
             body.update(prepared.summary())
         return Envelope(body=body)
 
     def distil(self, request: Envelope) -> Envelope:
+        from histodd_fed.bundle.trust import TrustStore
         from histodd_fed.federation import local_work, slide_level
 
-        recipients = [str(r) for r in request.require("recipients")]
-        ipcs = [int(i) for i in request.body.get("ipcs", [])]
-        full = bool(request.body.get("full", False))
+        raw = request.require("recipients")
+        if not isinstance(raw, list):
+            raise ProtocolError("distil: 'recipients' must be a list of centre ids")
+        recipients = [str(r) for r in raw]
+        try:
+            ipcs = [int(i) for i in request.body.get("ipcs", [])]
+        except (TypeError, ValueError):
+            raise ProtocolError("distil: 'ipcs' must be a list of integers") from None
+        full = request.body.get("full", False) is not False
+        policy = self.config.policy
+        # the centre's own policy decides; a request can only ask for less (checked before any work)
+        policy.check(self.config.centre_id, recipients, ipcs, full, set(TrustStore.load(self.config.key_dir).centres))
         seed = int(request.body.get("seed", self.config.seed))
         prepared = local_work.prepare(self.config, self.preset)
         with_slides = slide_level.has_slides(prepared.train)
         blobs: dict[str, bytes] = {}
         items: list[dict[str, Any]] = []
+        decided = {"export_policy": policy.summary(), "decided_by": f"centre {self.config.centre_id}"}
         for ipc in ipcs:
             parts = [("patch", f"ipc{ipc}", False)] + ([("slides", f"ipc{ipc}-slides", True)] if with_slides else [])
             for part, name, per_slide in parts:
@@ -165,27 +317,47 @@ class CentreNode:
                 item = {"name": name, "row": f"ipc{ipc}", "part": part, "ipc": ipc, "mode": "synthetic",
                         "images": len(res.patchset), "config_hash": res.config_hash, "cached": res.cached,
                         "distil_seconds": res.seconds}
+                extra = {"row": f"ipc{ipc}", "part": part, "ipc": ipc, **decided}
                 if per_slide:
-                    item["m_per_slide"] = self.preset.slide_ipc
+                    item["m_per_slide"] = extra["m_per_slide"] = self.preset.slide_ipc
                 blocked, report, message = local_work.gate_report(res.patchset, prepared)
                 item["privacy"] = report.get("gate", {})
-                if blocked:  # never sealed, never sent; the coordinator reports it for this row
-                    items.append(dict(item, blocked=True, error=message, bytes=0))
+                if blocked and policy.gate:  # never sealed, never sent; the coordinator reports it
+                    items.append(dict(item, blocked=True, error=scrub(message, self.config), bytes=0))
                     continue
-                data = local_work.seal_for(self.config, res.patchset, recipients, label=name, privacy_report=report)
+                if blocked:  # gate off by the centre's own policy: sealed, the decision recorded
+                    report = dict(report, accepted_risk=True,
+                                  accepted_by=f"centre {self.config.centre_id} policy export-gate=off")
+                data = local_work.seal_for(self.config, res.patchset, recipients, label=name, privacy_report=report,
+                                           extra=extra)
                 blobs[name] = self.faults.on_bundle(data)
                 items.append(dict(item, bytes=len(data)))
+        if request.body.get("extras"):  # benchmark extras: coreset baselines, distillation variants
+            from histodd_fed.federation.extras import distil_extras
+
+            more, more_blobs = distil_extras(self, request.body["extras"], prepared, recipients, seed, decided)
+            items += more
+            blobs.update({k: self.faults.on_bundle(v) for k, v in more_blobs.items()})
         if full:
-            report = local_work.full_privacy_report(prepared)
-            data = local_work.seal_for(self.config, prepared.train, recipients, label="full", privacy_report=report)
+            report = dict(local_work.full_privacy_report(prepared),
+                          accepted_by=f"centre {self.config.centre_id} policy export-real=true")
+            total = prepared.summary()["n_train_total"]
+            data = local_work.seal_for(self.config, prepared.train, recipients, label="full", privacy_report=report,
+                                       extra={"row": "full", "part": "both", "train_total": total, **decided})
             blobs["full"] = self.faults.on_bundle(data)
             items.append({"name": "full", "row": "full", "part": "both", "ipc": None, "mode": "full",
-                          "images": len(prepared.train), "train_total": prepared.summary()["n_train_total"],
+                          "images": len(prepared.train), "train_total": total,
                           "config_hash": prepared.config_hash, "cached": True, "distil_seconds": 0.0,
                           "bytes": len(data), "privacy": report.get("gate", {})})
         return Envelope(body={"bundles": items, "recipients": recipients}, blobs=blobs)
 
     def train(self, request: Envelope) -> Envelope:
+        """Fine-tune per row; every row's labels come from the opened, verified manifests.
+
+        The coordinator's listing only groups blobs into rows; source, mode, ipc and the row name
+        are read from what the bundles' signers sealed, and a listing that disagrees with them is
+        refused for that row.
+        """
         from histodd_fed.federation import local_work
 
         epochs = int(request.body.get("epochs", self.preset.fine_tune_epochs))
@@ -200,22 +372,53 @@ class CentreNode:
                 raise ProtocolError(f"train request names bundle {name!r} but does not carry it")
             groups.setdefault(str(item.get("row") or name), []).append(item)
         for row_name, items in groups.items():
-            first = items[0]
-            row = {"name": row_name, "source": first.get("source"), "ipc": first.get("ipc"),
-                   "mode": first.get("mode"), "bytes": sum(len(request.blobs[str(i["name"])]) for i in items),
-                   "bundles": [str(i["name"]) for i in items]}
-            for k in ("train_total", "m_per_slide"):
-                for i in items:
-                    if i.get(k) is not None:
-                        row[k] = i[k]
+            row: dict[str, Any] = {"name": row_name, "bytes": sum(len(request.blobs[str(i["name"])]) for i in items),
+                                   "bundles": [str(i["name"]) for i in items]}
             by_part = {str(i.get("part") or "both"): request.blobs[str(i["name"])] for i in items}
             patch = by_part.get("patch", by_part.get("both"))
             slides = by_part.get("slides", by_part.get("both"))
             try:
-                row.update(local_work.fine_tune_on_bundles(self.config, self.preset, prepared, patch=patch,
-                                                           slides=slides, epochs=epochs))
+                res = local_work.fine_tune_on_bundles(self.config, self.preset, prepared, patch=patch,
+                                                      slides=slides, epochs=epochs)
+                row.update(res)
+                row.update(_labels_from_manifests(res.get("received_from") or [], patch, slides))
                 row["ok"] = True
             except HistoddError as exc:
-                row.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+                row.update(ok=False, error=scrub(f"{type(exc).__name__}: {exc}", self.config))
             rows.append(row)
         return Envelope(body={"rows": rows, "epochs": epochs})
+
+
+def reply_digest(body: dict[str, Any]) -> str:
+    """Digest of a reply body as signed (everything except the proof itself)."""
+    return digest({k: v for k, v in body.items() if k != "proof"})
+
+
+def _labels_from_manifests(received: list[dict[str, Any]], patch: bytes | None,
+                           slides: bytes | None) -> dict[str, Any]:
+    """Row labels (source, mode, ipc, name) from the opened manifests; ProtocolError when they disagree."""
+    if not received:
+        raise ProtocolError("row has no opened bundle to take its labels from")
+    sources = {r.get("source") for r in received}
+    rows = {r.get("row") or r.get("transfer") for r in received}
+    if len(sources) != 1 or len(rows) != 1:
+        raise ProtocolError(f"one row mixes bundles of {sorted(map(str, sources))} / rows {sorted(map(str, rows))}")
+    src, sealed_row = sources.pop(), rows.pop()
+    # received_from follows the blobs in order (patch, then slides when a different blob)
+    roles = ([("patch", ("patch", "both"))] if patch is not None else []) + \
+        ([("slides", ("slides", "both"))] if slides is not None and slides is not patch else [])
+    for (role, ok), r in zip(roles, received):
+        if r.get("part") is not None and r["part"] not in ok:
+            raise ProtocolError(f"coordinator relayed {src}'s {r['part']!r} bundle as the {role} part")
+    kinds = {r.get("kind") for r in received}
+    mode = "full" if "real" in kinds else ("coreset" if "coreset" in kinds else "synthetic")
+    patch_like = [r for r in received if r.get("part") in ("patch", "both", None)]
+    out: dict[str, Any] = {"source": src, "mode": mode, "name": f"{src}-{sealed_row}",
+                           "ipc": None if mode == "full" else (patch_like or received)[0].get("ipc"),
+                           "sign_key_ids": sorted({str(r.get("sign_key_id")) for r in received}),
+                           "bundle_ids": [r.get("bundle_id") for r in received]}
+    for k in ("train_total", "m_per_slide"):
+        for r in received:
+            if r.get(k) is not None:
+                out[k] = r[k]
+    return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,15 +25,21 @@ from typing import Any, Callable, Protocol
 
 from histodd_fed.atomic import atomic_write_bytes, atomic_write_json
 from histodd_fed.errors import ConfigError, HistoddError
-from histodd_fed.federation.envelope import ACTION_DISTIL, ACTION_IDENTITY, ACTION_TRAIN, Envelope
+from histodd_fed.federation.envelope import (ACTION_DISTIL, ACTION_IDENTITY, ACTION_TRAIN, PROOF_IDENTITY,
+                                             PROOF_REPLY, Envelope, check_proof, digest, new_nonce, statement)
 from histodd_fed.federation.faults import Fault
 from histodd_fed.runconfig import config_hash
 
 log = logging.getLogger(__name__)
 
 
+BUNDLE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
 class Transport(Protocol):
-    """How the coordinator reaches centres."""
+    """How the coordinator reaches centres (``run_id``: the Flower run, bound into every proof)."""
+
+    run_id: int
 
     def node_ids(self) -> list[int]: ...
 
@@ -62,6 +69,10 @@ class StudyConfig:
     study_dir: Path = Path("results/transfer/latest")
     trust: Path | None = None          # coordinator trust store (public identities only)
     runtime: str = "simulation"
+    #: extra sets a source sends (benchmark studies): ``{"name", "kind": "coreset", "method", "ipc"}`` (real
+    #: patches, only under the source's explicit real-data policy) or ``{"name", "kind": "variant", "ipc",
+    #: "overrides"}`` (Histo-DD with distillation config overrides); see federation/extras.py
+    extras: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.study_dir = Path(self.study_dir)
@@ -79,8 +90,11 @@ class StudyConfig:
         return d
 
     def cache_key(self, src: str, tgt: str) -> dict[str, Any]:
-        return {"source": src, "target": tgt, "ipcs": self.ipcs, "full": self.full, "seed": self.seed,
-                "preset": self.preset}
+        key = {"source": src, "target": tgt, "ipcs": self.ipcs, "full": self.full, "seed": self.seed,
+               "preset": self.preset}
+        if self.extras:
+            key["extras"] = self.extras
+        return key
 
 
 @dataclass
@@ -92,6 +106,7 @@ class StudyOutcome:
     centres: dict[str, dict[str, Any]] = field(default_factory=dict)
     messages: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    attestations: list[dict[str, Any]] = field(default_factory=list)   # signed replies, for the report
 
 
 def _check_identity(centre: str, ident: Any, trust) -> str | None:
@@ -136,12 +151,38 @@ def _get(obj: Any, key: str) -> Any:
     return getattr(obj, key, None)
 
 
-def _reply_fault(centre: str, action: str, rep: Any, timeout: float) -> Fault | None:
-    """The fault a reply represents (none, a timeout, or an error reply), or None when it is good."""
+def _check_reply_proof(purpose: str, rep: Envelope, centre: str, nonce: str, run_id: Any, node_id: Any,
+                       trust) -> str | None:
+    """None when ``rep`` is signed by ``centre``'s pinned key over (nonce, centre, run, node, body)."""
+    from histodd_fed.federation.centre import reply_digest
+
+    pinned = trust.centres.get(centre) if trust is not None else None
+    if pinned is None:
+        return f"centre {centre!r} is not in the coordinator's trust store"
+    if pinned.sign_key_id in trust.revoked_key_ids():
+        return f"key {pinned.sign_key_id} of {centre} was revoked"
+    want = statement(purpose, nonce, centre, run_id, node_id, pinned.sign_key_id, reply_digest(rep.body))
+    return check_proof(rep.body.get("proof"), want, pinned)
+
+
+def _reply_fault(centre: str, action: str, rep: Any, timeout: float, *, nonce: str = "", run_id: Any = 0,
+                 node_id: Any = 0, trust=None, out: "StudyOutcome | None" = None) -> Fault | None:
+    """The fault a reply represents (a timeout, an error reply, an unattributable reply), or None.
+
+    A good reply must carry the centre's signature over the request's nonce, the run, the node and
+    the reply body; it is then kept in ``out.attestations`` so the report's rows are attributable.
+    """
     if rep is None:
         return Fault(centre, action, "timeout", f"no reply within {timeout:g}s")
     if isinstance(rep, str) or not rep.body.get("ok", False):
-        return Fault(centre, action, "error", rep if isinstance(rep, str) else str(rep.body.get("error")))
+        return Fault(centre, action, "error", rep if isinstance(rep, str) else str(rep.body.get("error"))[:500])
+    if rep.body.get("centre_id") != centre:
+        return Fault(centre, action, "untrusted", f"reply names centre {str(rep.body.get('centre_id'))[:64]!r}")
+    why = _check_reply_proof(PROOF_REPLY, rep, centre, nonce, run_id, node_id, trust)
+    if why:
+        return Fault(centre, action, "untrusted", why)
+    if out is not None:
+        out.attestations.append({"centre": centre, "action": action, "proof": rep.body["proof"]})
     return None
 
 
@@ -166,7 +207,9 @@ def run_transfer_study(transport: Transport, cfg: StudyConfig,
         time.sleep(1.0)
         nodes = list(transport.node_ids())
     say(f"{len(nodes)} node(s) connected; asking for identities")
-    replies = transport.exchange([(n, ACTION_IDENTITY, Envelope(body={"prepare": True}))
+    run_id = getattr(transport, "run_id", 0)
+    nonces = {n: new_nonce() for n in nodes}
+    replies = transport.exchange([(n, ACTION_IDENTITY, Envelope(body={"prepare": True, "nonce": nonces[n]}))
                                   for n in nodes], cfg.identity_timeout)
     out.messages["identity"] = len(nodes)
     node_of: dict[str, int] = {}
@@ -178,18 +221,30 @@ def run_transfer_study(transport: Transport, cfg: StudyConfig,
         if isinstance(rep, str) or not rep.body.get("ok", False):
             err = rep if isinstance(rep, str) else rep.body.get("error")
             cid = "?" if isinstance(rep, str) else rep.body.get("centre_id", "?")
-            out.faults.append(Fault(f"{cid} (node {n})", "identity", "error", str(err)))
+            out.faults.append(Fault(f"{cid} (node {n})", "identity", "error", str(err)[:500]))
             continue
-        cid = str(rep.body.get("centre_id"))
-        why = _check_identity(cid, rep.body.get("identity"), trust)
+        cid = str(rep.body.get("centre_id"))[:64]
+        # the claimed id must come with a signature by that centre's pinned key over this run's
+        # fresh nonce and this node's id: a node holding another key cannot pose as cid
+        why = _check_identity(cid, rep.body.get("identity"), trust) or \
+            _check_reply_proof(PROOF_IDENTITY, rep, cid, nonces[n], run_id, n, trust)
         if why:
-            out.faults.append(Fault(cid, "identity", "untrusted", why))
+            out.faults.append(Fault(cid, "identity", "untrusted", f"node {n}: {why}"))
+            continue
+        if cid in node_of:
+            out.faults.append(Fault(cid, "identity", "untrusted",
+                                    f"node {n}: a second node (also node {node_of[cid]}) proved centre {cid}; "
+                                    "both excluded"))
+            out.centres.pop(cid, None)
+            node_of[cid] = -1
             continue
         node_of[cid] = n
+        out.attestations.append({"centre": cid, "action": "identity", "proof": rep.body["proof"]})
         out.centres[cid] = {k: rep.body.get(k) for k in ("class_counts", "n_train", "n_test", "preset",
-                                                         "baseline", "seconds", "prepared_hash")}
+                                                         "baseline", "seconds", "prepared_hash", "export_policy")}
         out.centres[cid]["sign_key_id"] = (rep.body.get("identity") or {}).get("sign_key_id")
         say(f"{cid}: trusted identity, {rep.body.get('n_train')} train / {rep.body.get('n_test')} test patches")
+    node_of = {c: n for c, n in node_of.items() if n >= 0}
 
     # 2. bundles from sources (cached) ------------------------------------------------
     bundles: dict[tuple[str, str], list[tuple[dict[str, Any], bytes]]] = {}
@@ -209,7 +264,21 @@ def run_transfer_study(transport: Transport, cfg: StudyConfig,
             bundles[(src, tgt)] = cached
             out.faults.extend(Fault(src, "distil", "blocked", f"{b.get('name')}: {b.get('error')}") for b in blocked)
             continue
-        body = {"recipients": [tgt], "ipcs": cfg.ipcs, "full": cfg.full, "seed": cfg.seed}
+        # ask only for what the source's own policy allows: "Full" needs its explicit export-real
+        policy = out.centres[src].get("export_policy") or {}
+        full = bool(cfg.full and policy.get("real") is True)
+        if cfg.full and not full:
+            out.faults.append(Fault(src, "distil", "policy", "no Full row: the centre's export policy keeps "
+                                    "real patches home (export-real is off)"))
+        ipcs = [i for i in cfg.ipcs if i <= int(policy.get("max_ipc", max(cfg.ipcs or [0])))]
+        for i in sorted(set(cfg.ipcs) - set(ipcs)):
+            out.faults.append(Fault(src, "distil", "policy", f"no ipc{i} row: above the centre's export-max-ipc "
+                                    f"{policy.get('max_ipc')}"))
+        if not ipcs and not full:
+            continue
+        body = {"recipients": [tgt], "ipcs": ipcs, "full": full, "seed": cfg.seed, "nonce": new_nonce()}
+        if cfg.extras:
+            body["extras"] = cfg.extras
         ask.append((node_of[src], ACTION_DISTIL, Envelope(body=body)))
         ask_dir[node_of[src]] = (src, tgt)
     # one distil message per source node (both directions run in parallel)
@@ -217,14 +286,22 @@ def run_transfer_study(transport: Transport, cfg: StudyConfig,
         say(f"asking {len(ask)} source(s) to distil and seal: ipc {cfg.ipcs}{' + full' if cfg.full else ''}")
         replies = _exchange_grouped(transport, ask, cfg.reply_timeout)
         out.messages["distil"] = len(ask)
+        nonce_of = {n: env.body["nonce"] for n, _, env in ask}
         for n, (src, tgt) in ask_dir.items():
             rep = replies.get(n)
-            fault = _reply_fault(src, "distil", rep, cfg.reply_timeout)
+            fault = _reply_fault(src, "distil", rep, cfg.reply_timeout, nonce=nonce_of[n], run_id=run_id, node_id=n,
+                                 trust=trust, out=out)
             if fault is not None:
                 out.faults.append(fault)
                 continue
             good = []
             for item in rep.body.get("bundles", []):
+                if not isinstance(item, dict) or not BUNDLE_NAME_RE.match(str(item.get("name", ""))):
+                    # a source-chosen name becomes a file name in the cache and a blob key: refuse
+                    bad = str(item.get("name") if isinstance(item, dict) else item)[:80]
+                    out.faults.append(Fault(src, "distil", "bad_bundle", f"refused bundle name {bad!r} "
+                                            "(allowed: letters, digits, . _ -; at most 64)"))
+                    continue
                 if item.get("blocked"):  # the source's export gate refused it: reported, never sent
                     out.faults.append(Fault(src, "distil", "blocked", f"{item.get('name')}: {item.get('error')}"))
                     continue
@@ -240,7 +317,8 @@ def run_transfer_study(transport: Transport, cfg: StudyConfig,
                 good.append((item, data))
             bundles[(src, tgt)] = good
             say(f"{src}->{tgt}: {len(good)} bundle(s) verified")
-            if len(good) == len([i for i in rep.body.get("bundles", []) if not i.get("blocked")]) and good:
+            if len(good) == len([i for i in rep.body.get("bundles", []) if not i.get("blocked")]) and good \
+                    and not any(f.centre == src and f.kind == "bad_bundle" for f in out.faults):
                 _store_cached_bundles(cache_dir, _bundle_key(cfg, out, src, tgt), good,
                                       [i for i in rep.body.get("bundles", []) if i.get("blocked")])
 
@@ -261,20 +339,22 @@ def run_transfer_study(transport: Transport, cfg: StudyConfig,
                                "row": f"{src}-{item.get('row') or item['name']}", "part": item.get("part"),
                                "train_total": item.get("train_total"), "m_per_slide": item.get("m_per_slide")})
         ask.append((n, ACTION_TRAIN, Envelope(body={"bundles": listed, "epochs": cfg.fine_tune_epochs,
-                                                    "baseline": True}, blobs=blobs)))
+                                                    "baseline": True, "nonce": new_nonce()}, blobs=blobs)))
     if ask:
         say(f"relaying bundles to {len(ask)} target(s) for fine-tuning ({cfg.fine_tune_epochs} epochs)")
         replies = transport.exchange(ask, cfg.reply_timeout)
         out.messages["train"] = len(ask)
         tgt_of = {n: pairs[0][1] for n, pairs in ask_tgt.items()}
+        nonce_of = {n: env.body["nonce"] for n, _, env in ask}
         for n, tgt in tgt_of.items():
             rep = replies.get(n)
-            fault = _reply_fault(tgt, "train", rep, cfg.reply_timeout)
+            fault = _reply_fault(tgt, "train", rep, cfg.reply_timeout, nonce=nonce_of[n], run_id=run_id, node_id=n,
+                                 trust=trust, out=out)
             if fault is not None:
                 out.faults.append(fault)
                 continue
             for row in rep.body.get("rows", []):
-                row = dict(row, target=tgt)
+                row = dict(row, target=tgt, attested_by=out.attestations[-1]["proof"]["statement"]["sign_key_id"])
                 if not row.get("ok", True):
                     out.faults.append(Fault(tgt, "train", "bad_bundle", f"{row.get('name')}: {row.get('error')}"))
                     continue
@@ -288,7 +368,7 @@ def _bundle_key(cfg: StudyConfig, out: StudyOutcome, src: str, tgt: str) -> dict
     key = cfg.cache_key(src, tgt)
     for who in (src, tgt):
         info = out.centres.get(who, {})
-        key[f"{who}_state"] = [info.get("prepared_hash"), info.get("sign_key_id")]
+        key[f"{who}_state"] = [info.get("prepared_hash"), info.get("sign_key_id"), info.get("export_policy")]
     return key
 
 
@@ -321,8 +401,11 @@ def _load_cached_bundles(cache_dir: Path, key: dict[str, Any]):
         items = index_data["bundles"]
         out = []
         for item in items:
-            data = (d / f"{item['name']}.bundle").read_bytes()
-            if hashlib.sha256(data).hexdigest() != item["sha256"]:
+            sha = str(item["sha256"])
+            if not re.fullmatch(r"[0-9a-f]{64}", sha) or not BUNDLE_NAME_RE.match(str(item.get("name", ""))):
+                return None
+            data = (d / f"{sha}.bundle").read_bytes()
+            if hashlib.sha256(data).hexdigest() != sha:
                 return None
             out.append((item, data))
         return out, list(index_data.get("blocked", []))
@@ -333,8 +416,8 @@ def _load_cached_bundles(cache_dir: Path, key: dict[str, Any]):
 def _store_cached_bundles(cache_dir: Path, key: dict[str, Any], items: list[tuple[dict[str, Any], bytes]],
                           blocked: list[dict[str, Any]] | None = None) -> None:
     d = _cache_path(cache_dir, key)
-    for item, data in items:
-        atomic_write_bytes(d / f"{item['name']}.bundle", data)
+    for item, data in items:  # files named by digest: nothing a source chose reaches a path
+        atomic_write_bytes(d / f"{hashlib.sha256(data).hexdigest()}.bundle", data)
     atomic_write_json(d / "index.json", {"key": key, "bundles": [i for i, _ in items], "blocked": blocked or []})
 
 
@@ -345,8 +428,9 @@ class LocalTransport:
     missing from the replies, as with Flower.
     """
 
-    def __init__(self, nodes: dict[int, Any]):
+    def __init__(self, nodes: dict[int, Any], run_id: int = 1):
         self.nodes = nodes
+        self.run_id = run_id
 
     def node_ids(self) -> list[int]:
         return sorted(self.nodes)
@@ -356,7 +440,7 @@ class LocalTransport:
         threads = []
 
         def work(n: int, action: str, env: Envelope) -> None:
-            results[n] = self.nodes[n].handle(action, env)
+            results[n] = self.nodes[n].handle(action, env, run_id=self.run_id, node_id=n)
 
         for n, action, env in requests:
             th = threading.Thread(target=work, args=(n, action, env), daemon=True)

@@ -9,12 +9,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from histodd_fed.federation.centre import CentreConfig
+from histodd_fed.federation.centre import CentreConfig, ExportPolicy
+
+
+def policy_from_settings(d: dict | None) -> ExportPolicy:
+    """An :class:`ExportPolicy` from YAML-style settings (``export_real``, ``max_ipc``, ``recipients``, ``gate``)."""
+    from histodd_fed.errors import ConfigError
+
+    d = dict(d or {})
+    bad = set(d) - {"export_real", "max_ipc", "recipients", "gate"}
+    if bad:
+        raise ConfigError(f"centre policy: unknown key(s) {sorted(bad)} (export_real, max_ipc, recipients, gate)")
+    vals = {"export-real": d.get("export_real", False), "export-max-ipc": d.get("max_ipc", ExportPolicy.max_ipc),
+            "export-recipients": d.get("recipients", ""), "export-gate": d.get("gate", True)}
+    return ExportPolicy.from_node_config(lambda k, default=None: vals.get(k, default))
 
 
 def enrol(root: str | Path, data: dict[str, Path], *, preset: str = "cpu", seed: int = 0,
-          faults: dict[str, str] | None = None) -> tuple[list[CentreConfig], Path]:
-    """Identities + mutual trust for ``data`` (centre id -> data path); returns (configs, coordinator trust)."""
+          faults: dict[str, str] | None = None,
+          policies: dict[str, ExportPolicy] | None = None) -> tuple[list[CentreConfig], Path]:
+    """Identities + mutual trust for ``data`` (centre id -> data path); returns (configs, coordinator trust).
+
+    ``policies``: each centre's own export policy (default: synthetic only, real patches stay home).
+    """
     from histodd_fed.bundle.identity import IDENTITY_FILE, generate_identity, load_identity
     from histodd_fed.bundle.trust import TrustStore
 
@@ -28,7 +45,8 @@ def enrol(root: str | Path, data: dict[str, Path], *, preset: str = "cpu", seed:
         pubs[cid] = load_identity(key_dir).public
         configs.append(CentreConfig(centre_id=cid, data=Path(path).resolve(), key_dir=key_dir,
                                     work_dir=root / cid / "work", preset=preset, seed=seed,
-                                    fault=(faults or {}).get(cid, "")))
+                                    fault=(faults or {}).get(cid, ""),
+                                    policy=(policies or {}).get(cid, ExportPolicy())))
     for cfg in configs:
         store = TrustStore.load(cfg.key_dir)
         changed = False

@@ -46,3 +46,67 @@ class Envelope:
         if key not in self.body:
             raise ProtocolError(f"message body lacks field {key!r}")
         return self.body[key]
+
+
+# ---------------------------------------------------------------------------- attestations
+# A centre proves who it is (and that a reply is its own) by signing a statement with its Ed25519
+# bundle-signing key: the coordinator's fresh nonce, the centre id, the Flower run id and the Flower
+# node id the message reached. A node cannot answer for another centre (it lacks that key), nor
+# relay another node's proof (the node id would differ), nor replay an old one (the nonce would).
+PROOF_IDENTITY = "histodd-identity-proof-v1"
+PROOF_REPLY = "histodd-reply-proof-v1"
+NONCE_HEX = 64
+
+
+def canonical(obj: Any) -> bytes:
+    """Canonical JSON bytes (sorted keys, no spaces) of a JSON-able value."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def digest(obj: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(canonical(obj)).hexdigest()
+
+
+def new_nonce() -> str:
+    import os
+
+    return os.urandom(NONCE_HEX // 2).hex()
+
+
+def statement(purpose: str, nonce: str, centre_id: str, run_id: Any, node_id: Any,
+              sign_key_id: str, content: str = "") -> dict[str, Any]:
+    """The signed statement; ``content`` is the digest of the reply's payload (rows), if any."""
+    return {"purpose": purpose, "nonce": str(nonce), "centre_id": str(centre_id), "run_id": str(run_id),
+            "node_id": str(node_id), "sign_key_id": str(sign_key_id), "content_sha256": str(content)}
+
+
+def sign_statement(identity: Any, st: dict[str, Any]) -> dict[str, Any]:
+    """``{"statement": st, "signature": base64}`` signed with ``identity``'s Ed25519 key."""
+    import base64
+
+    return {"statement": st, "signature": base64.b64encode(identity.sign(canonical(st))).decode()}
+
+
+def check_proof(proof: Any, expected: dict[str, Any], pub: Any) -> str | None:
+    """None when ``proof`` is ``expected`` signed by ``pub`` (a PublicIdentity); else why not."""
+    import base64
+    import binascii
+
+    from cryptography.exceptions import InvalidSignature
+
+    if not isinstance(proof, dict) or not isinstance(proof.get("statement"), dict):
+        return "no signed proof in the reply"
+    st = proof["statement"]
+    for k, v in expected.items():
+        if st.get(k) != v:
+            return f"proof {k} is {str(st.get(k))[:80]!r}, expected {str(v)[:80]!r}"
+    if set(st) != set(expected):
+        return "proof statement has unexpected fields"
+    try:
+        sig = base64.b64decode(str(proof.get("signature", "")), validate=True)
+        pub.verify_key().verify(sig, canonical(st))
+    except (binascii.Error, ValueError, InvalidSignature):
+        return f"proof signature does not verify with the pinned key {pub.sign_key_id} of {pub.centre_id}"
+    return None

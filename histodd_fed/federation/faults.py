@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from histodd_fed.errors import ConfigError, HistoddError
 
-FAULT_KINDS = ("timeout", "error", "untrusted", "bad_bundle", "missing", "blocked")
+FAULT_KINDS = ("timeout", "error", "untrusted", "bad_bundle", "missing", "blocked", "policy")
 
 
 @dataclass
@@ -26,7 +26,8 @@ class Fault:
 
     centre: str
     stage: str        # identity | distil | train
-    kind: str         # one of FAULT_KINDS (``blocked``: the source's privacy gate refused the set)
+    kind: str         # one of FAULT_KINDS (``blocked``: the source's privacy gate refused the set;
+                      # ``policy``: the source's own export policy does not allow that row)
     detail: str
 
     def line(self) -> str:

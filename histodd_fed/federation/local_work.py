@@ -27,6 +27,7 @@ from histodd_fed.errors import ConfigError, InputError
 from histodd_fed.federation.centre import CentreConfig
 from histodd_fed.federation.presets import CentrePreset
 from histodd_fed.patchset import PatchSet
+from histodd_fed.preprocess import resize_to
 from histodd_fed.runconfig import config_hash, write_run_config
 
 log = logging.getLogger(__name__)
@@ -48,23 +49,6 @@ def load_or_create_identity(cfg: CentreConfig):
 
 
 # ---------------------------------------------------------------------------- data
-def resize_patchset(ps: PatchSet, size: int) -> PatchSet:
-    """``ps`` with images resized (area/antialiased bilinear) to ``size`` x ``size``."""
-    if ps.image_size == size and ps.images.shape[2] == size:
-        return ps
-    import torch
-    from torch.nn import functional as F
-
-    out = np.empty((len(ps), size, size, 3), dtype=np.uint8)
-    for s in range(0, len(ps), 256):
-        x = torch.from_numpy(np.ascontiguousarray(ps.images[s:s + 256])).permute(0, 3, 1, 2).float()
-        y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out[s:s + 256] = y.round().clamp_(0, 255).byte().permute(0, 2, 3, 1).numpy()
-    res = ps.subset(np.arange(len(ps)))
-    res.images = out
-    return res
-
-
 def _split(ps: PatchSet, seed: int) -> tuple[PatchSet, PatchSet]:
     """(train, test): the slide splits in ``meta`` when present, else 80/20 by slide or patch."""
     if ps.meta.get("slide_splits"):
@@ -101,6 +85,45 @@ def load_real_patches(cfg: CentreConfig, preset: CentrePreset) -> PatchSet:
         tile_slides(data, tiles, labels_csv=cfg.labels_csv, patch_size=preset.patch_size, mpp=preset.mpp,
                     tissue_threshold=preset.tissue_threshold, workers=1, seed=cfg.seed)
     return PatchSet.load(tiles)
+
+
+def load_real_splits(data: Path) -> tuple[PatchSet, PatchSet] | None:
+    """A centre folder holding ``train/`` and ``test/`` patch sets (e.g. ``make-pcam-centres``'s C2):
+    that split as given; None for any other data."""
+    data = Path(data)
+    if data.is_dir() and all((data / s / "patchset.json").exists() for s in ("train", "test")):
+        return PatchSet.load(data / "train"), PatchSet.load(data / "test")
+    return None
+
+
+def _centre_view(ps: PatchSet, preset: CentrePreset) -> PatchSet:
+    """``ps`` at the model input size; first its central ``preset.crop_center`` px when the preset says so."""
+    from histodd_fed.preprocess import prepare as view
+
+    crop = preset.crop_center if preset.crop_center and ps.image_size > preset.crop_center else None
+    return view(ps, crop=crop, size=preset.image_size) if crop else resize_to(ps, preset.image_size)
+
+
+def normalise_to_reference(ps: PatchSet, stats_from: PatchSet) -> tuple[PatchSet, dict[str, Any]]:
+    """``ps`` mapped to the reference H&E stains, set-level: concentrations under the pooled stain
+    matrix of ``stats_from`` (:func:`set_stains`; the centre's own train patches for its own data, the
+    received set itself for received data) scaled by one factor per stain (reference / pooled 99th
+    percentile) and recomposed with the reference matrix. Background images are left unchanged."""
+    from histodd_fed.stain import macenko
+
+    sm, smax, _, _ = set_stains(stats_from.images)
+    _, _, ok = macenko.estimate_stains(ps.images)
+    scale = macenko.REFERENCE_MAX_CONC / np.maximum(smax, 1e-3)
+    out = ps.images.copy()
+    h, w = ps.images.shape[1:3]
+    for i in np.flatnonzero(ok):
+        conc = macenko.concentrations(ps.images[i], sm) * scale
+        out[i] = np.round(macenko.od_to_rgb(conc @ macenko.REFERENCE_STAINS.T)).reshape(h, w, 3).astype(np.uint8)
+    res = ps.subset(np.arange(len(ps)))
+    res.images = out
+    res.meta = dict(ps.meta, stain_normalised_to="reference")
+    return res, {"input_stain": "macenko->reference", "stain_scale": [round(float(v), 4) for v in scale],
+                 "stain_normalised_images": int(ok.sum())}
 
 
 def _is_image_folder(d: Path) -> bool:
@@ -162,14 +185,16 @@ def prepare(cfg: CentreConfig, preset: CentrePreset) -> Prepared:
                         (root / slide_level.MIL_DIR).exists(), h, info)
     _threads()
     t0 = time.perf_counter()
-    real = load_real_patches(cfg, preset)
-    train, test = _split(real, cfg.seed)
+    given = load_real_splits(cfg.data)  # a folder with train/ and test/ patch sets: that split
+    train, test = given if given is not None else _split(load_real_patches(cfg, preset), cfg.seed)
     n_total = len(train)
     if preset.max_train_patches and len(train) > preset.max_train_patches:
         idx = np.sort(np.random.default_rng(cfg.seed).choice(len(train), preset.max_train_patches, replace=False))
         train = train.subset(idx)
-    train = resize_patchset(train, preset.image_size)
-    test = resize_patchset(test, preset.image_size)
+    train = _centre_view(train, preset)
+    test = _centre_view(test, preset)
+    if preset.stain_normalise_inputs:  # evaluation-side stain ablation: own data to the reference stains
+        train, test = normalise_to_reference(train, train)[0], normalise_to_reference(test, train)[0]
     if len(train) == 0 or len(test) == 0:
         raise InputError(f"{cfg.data}: too little data (train {len(train)}, test {len(test)} patches)")
     root.mkdir(parents=True, exist_ok=True)
@@ -224,7 +249,7 @@ def _distill_config_path(preset: CentrePreset) -> Path:
 
 
 def distil_cached(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *, ipc: int, seed: int,
-                  per_slide: bool = False) -> DistilResult:
+                  per_slide: bool = False, extra_overrides: dict[str, Any] | None = None) -> DistilResult:
     """Histo-DD synthetic set from the train split (cached by hash).
 
     ``per_slide=False``: ``ipc`` images per class. ``per_slide=True``: ``preset.slide_ipc`` images per
@@ -235,6 +260,7 @@ def distil_cached(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *
 
     overrides = dict(preset.distill_overrides)
     overrides.update(ipc=int(ipc), seed=int(seed))
+    overrides.update(extra_overrides or {})  # a study variant (e.g. another matching augmentation)
     if per_slide:
         overrides.update(ipc=int(preset.slide_ipc), per_slide=True, slide_outer_steps=int(preset.slide_outer_steps))
     dcfg = DistillConfig.from_yaml(_distill_config_path(preset), **overrides)
@@ -248,6 +274,29 @@ def distil_cached(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *
     syn.save(out)
     write_run_config(out, "federation.distil", {"distill": dcfg, "real": prepared.config_hash})
     return DistilResult(syn, h, False, round(time.perf_counter() - t0, 2))
+
+
+def coreset_cached(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *, method: str, ipc: int,
+                   seed: int) -> DistilResult:
+    """A coreset (REAL patches: random / herding / forgetting) of the train split, cached by hash.
+
+    Features / forgetting statistics from a ConvNet-3 w32 as in the PCam studies (configs/study-cpu.yaml).
+    """
+    from histodd_fed.coreset import CoresetConfig, build_coreset
+
+    ccfg = CoresetConfig(method=method, ipc=int(ipc), seed=int(seed), arch="convnet",
+                         arch_kwargs={"width": 32, "depth": 3}, feature_epochs=3, forgetting_epochs=6, device="cpu")
+    key = {"coreset": ccfg, "real": prepared.config_hash}
+    h = config_hash(key)
+    out = cfg.work_dir / "coresets" / h[:16]
+    if (out / "patchset.json").exists():
+        return DistilResult(PatchSet.load(out), h, True, 0.0)
+    _threads()
+    t0 = time.perf_counter()
+    ps = build_coreset(prepared.train, ccfg, progress=False)
+    ps.save(out)
+    write_run_config(out, "federation.coreset", key)
+    return DistilResult(ps, h, False, round(time.perf_counter() - t0, 2))
 
 
 # ---------------------------------------------------------------------------- privacy gate
@@ -278,7 +327,7 @@ def full_privacy_report(prepared: Prepared) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- bundles
 def seal_for(cfg: CentreConfig, ps: PatchSet, recipients: list[str], label: str,
-             privacy_report: dict[str, Any] | None = None) -> bytes:
+             privacy_report: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> bytes:
     """Seal ``ps`` from this centre to ``recipients`` (all must be in its trust store)."""
     from histodd_fed.bundle import seal
     from histodd_fed.bundle.trust import TrustStore
@@ -287,18 +336,44 @@ def seal_for(cfg: CentreConfig, ps: PatchSet, recipients: list[str], label: str,
     trust = TrustStore.load(cfg.key_dir)
     return seal(ps, ident, trust.recipients(recipients), privacy_report=privacy_report,
                 extra_manifest={"transfer": label,
-                                "accepted_privacy_risk": bool((privacy_report or {}).get("accepted_risk"))})
+                                "accepted_privacy_risk": bool((privacy_report or {}).get("accepted_risk")),
+                                **(extra or {})})
 
 
-def open_received(cfg: CentreConfig, data: bytes) -> PatchSet:
-    """Verify and open a bundle addressed to this centre (replay-checked by its ledger)."""
+def open_received_bundle(cfg: CentreConfig, data: bytes):
+    """Verify and open a bundle addressed to this centre (replay-checked by its ledger): OpenedBundle."""
     from histodd_fed.bundle import open_bundle
     from histodd_fed.bundle.ledger import Ledger
     from histodd_fed.bundle.trust import TrustStore
 
     ident = load_or_create_identity(cfg)
-    opened = open_bundle(data, ident, TrustStore.load(cfg.key_dir), Ledger.in_key_dir(cfg.key_dir))
-    return opened.patchset
+    return open_bundle(data, ident, TrustStore.load(cfg.key_dir), Ledger.in_key_dir(cfg.key_dir))
+
+
+def open_received(cfg: CentreConfig, data: bytes) -> PatchSet:
+    """Verify and open a bundle addressed to this centre (replay-checked by its ledger)."""
+    return open_received_bundle(cfg, data).patchset
+
+
+def provenance(opened) -> dict[str, Any]:
+    """What a target knows of a received bundle from its opened, verified manifest (not the relay)."""
+    m = opened.manifest
+    extra = m.get("extra") or {}
+    return {"source": opened.header.source_centre, "sign_key_id": opened.header.sign_key_id,
+            "bundle_id": opened.header.bundle_id, "transfer": str(extra.get("transfer", "")),
+            "kind": m.get("kind"), "ipc": extra.get("ipc", m.get("ipc")), "num_images": m.get("num_images"),
+            "row": extra.get("row"), "part": extra.get("part"), "train_total": extra.get("train_total"),
+            "m_per_slide": extra.get("m_per_slide"), "export_policy": extra.get("export_policy")}
+
+
+def recheck_senders(cfg: CentreConfig, blobs: list[bytes]) -> None:
+    """Re-verify bundles against the CURRENT trust store (a revoked sender's cached rows are refused)."""
+    from histodd_fed.bundle import verify
+    from histodd_fed.bundle.trust import TrustStore
+
+    trust = TrustStore.load(cfg.key_dir)
+    for b in blobs:
+        verify(b, trust)
 
 
 # ---------------------------------------------------------------------------- receive: stain + mix
@@ -408,7 +483,9 @@ def _fine_tune_classifier(prepared: Prepared, preset: CentrePreset, received: Pa
 
 def prepare_received(received: PatchSet, prepared: Prepared, preset: CentrePreset) -> tuple[PatchSet, dict[str, Any]]:
     """Received set at the model input size, stain-normalised to the target when the preset says so."""
-    received = resize_patchset(received, preset.image_size)
+    received = resize_to(received, preset.image_size)
+    if preset.stain_normalise_inputs:  # every input to the reference stains (evaluation-side ablation)
+        return normalise_to_reference(received, received)
     if preset.stain_normalise_received:
         return stain_normalise_to(received, prepared.train)
     return received, {"received_stain": "as received"}
@@ -466,6 +543,7 @@ def fine_tune_on_bundles(cfg: CentreConfig, preset: CentrePreset, prepared: Prep
     sha = hashlib.sha256(b"".join(hashlib.sha256(b).digest() for b in (patch or b"", slides or b""))).hexdigest()
     cache = cfg.work_dir / "received" / f"{sha[:32]}-{prepared.config_hash[:8]}-{_protocol_key(preset)}-e{epochs}.json"
     if cache.exists():
+        recheck_senders(cfg, blobs)  # a sender revoked since: its cached metrics are not served
         out = json.loads(cache.read_text())
         out["cached"] = True
         return out
@@ -474,13 +552,16 @@ def fine_tune_on_bundles(cfg: CentreConfig, preset: CentrePreset, prepared: Prep
 
     _threads()
     opened: dict[int, PatchSet] = {}
+    received_from: list[dict[str, Any]] = []
     for b in blobs:
         if id(b) not in opened:
-            ps = open_received(cfg, b)
+            ob = open_received_bundle(cfg, b)
+            ps = ob.patchset
             if list(ps.class_names) != list(prepared.train.class_names):
                 raise InputError(f"received classes {ps.class_names} differ from ours {prepared.train.class_names}")
             opened[id(b)] = ps
-    out: dict[str, Any] = {"epochs": epochs}
+            received_from.append(provenance(ob))
+    out: dict[str, Any] = {"epochs": epochs, "received_from": received_from}
     t0 = time.perf_counter()
     if patch is not None:
         received, stain_info = prepare_received(opened[id(patch)], prepared, preset)

@@ -36,13 +36,18 @@ def table_rows(outcome: StudyOutcome) -> list[dict[str, Any]]:
     """
     def order(r: dict[str, Any]) -> tuple:
         mode = r.get("mode")
-        return (r.get("target") or "", r.get("source") or "", {"none": 0, "synthetic": 1, "full": 2}.get(mode, 3),
-                r.get("ipc") or 0)
+        return (r.get("target") or "", r.get("source") or "",
+                {"none": 0, "synthetic": 1, "coreset": 2, "full": 3}.get(mode, 4), r.get("ipc") or 0, r.get("name") or "")
 
     rows = []
     for r in sorted(outcome.rows, key=order):
         mode = r.get("mode")
         transfer = "no transfer" if mode == "none" else ("Full" if mode == "full" else f"ipc {r.get('ipc')}")
+        short = str(r.get("name") or "").split("-", 1)[-1]
+        if mode == "coreset":  # real patches (a coreset), sent under the source's real-data policy
+            transfer = f"{short} (real patches)"
+        elif mode == "synthetic" and short not in ("", f"ipc{r.get('ipc')}"):  # a distillation variant
+            transfer = short
         rows.append({"source": r.get("source") or "-", "target": r.get("target"), "transfer": transfer,
                      "images": r.get("images", 0), "patch_acc": r.get("patch_accuracy"),
                      "patch_bal_acc": r.get("patch_balanced_accuracy"), "patch_auc": r.get("patch_auc"),
@@ -156,6 +161,9 @@ def write_report(cfg: StudyConfig, outcome: StudyOutcome, command: str = "coordi
     atomic_write_json(paths["json"], {"config": to_jsonable(cfg), "rows": rows, "raw_rows": outcome.rows,
                                       "faults": [to_jsonable(f) for f in outcome.faults],
                                       "centres": outcome.centres, "messages": outcome.messages,
-                                      "seconds": outcome.seconds})
+                                      "seconds": outcome.seconds,
+                                      # each centre's signed statements (nonce, centre, run, node, reply
+                                      # digest): who answered what, checkable with its public key
+                                      "attestations": getattr(outcome, "attestations", [])})
     write_run_config(out, command, cfg)
     return paths
