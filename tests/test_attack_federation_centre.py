@@ -1,0 +1,114 @@
+"""Attacks on a centre by a hostile coordinator (issue 14 items 2 and 10), performed as it would:
+crafted requests to the centre's message handlers (``CentreNode.handle``, what the ClientApp runs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from histodd_fed.federation.envelope import Envelope
+from test_federation_study import _centres
+
+NONCE = "ab" * 32
+
+
+def _node(cfg, **node_config):
+    """A CentreNode built the way the ClientApp builds it: from the node config (dash-case keys)."""
+    from histodd_fed.federation.centre import CentreConfig, CentreNode
+
+    nc = {k: v for k, v in cfg.to_node_config().items() if not k.startswith("export-")}
+    nc.update(node_config)
+    return CentreNode(CentreConfig.from_node_config(nc))
+
+
+def _files(d: Path) -> set[Path]:
+    return {p for p in Path(d).rglob("*") if p.is_file()} if Path(d).exists() else set()
+
+
+@pytest.mark.parametrize("body,node_config,expect", [
+    ({"recipients": ["C2"], "ipcs": [], "full": True}, {}, "export-real is off"),           # real patches
+    ({"recipients": ["C3"], "ipcs": [1]}, {"export-recipients": "C2"}, "recipient 'C3'"),   # unlisted recipient
+    ({"recipients": ["C2"], "ipcs": [2]}, {"export-max-ipc": 1}, "ipc 2"),                  # above max ipc
+    ({"recipients": ["C2"], "ipcs": [1], "full": "yes"}, {"export-real": "false"}, "export-real is off"),
+])
+def test_attack_coordinator_widens_the_export(tmp_path, body, node_config, expect):
+    """The request asks for more than the centre's own policy allows: refused, nothing sealed or computed."""
+    from histodd_fed.bundle.identity import generate_identity
+    from histodd_fed.bundle.trust import TrustStore
+
+    cfgs, _ = _centres(tmp_path)
+    c1 = cfgs[0]
+    store = TrustStore.load(c1.key_dir)  # C3 is a centre C1 trusts, but not one its policy exports to
+    store.add(generate_identity("C3", tmp_path / "C3" / "keys").public)
+    store.save()
+    node = _node(c1, **node_config)
+    before = _files(c1.work_dir)
+    rep = node.handle("distil", Envelope(body={**body, "nonce": NONCE}))
+    assert rep.body["ok"] is False and not rep.blobs, rep.body
+    assert "PolicyError" in rep.body["error"] and expect in rep.body["error"], rep.body["error"]
+    assert "\n" not in rep.body["error"]
+    assert _files(c1.work_dir) == before  # refused before any work: nothing distilled, sealed or cached
+
+
+def test_real_export_when_the_centre_allows_it_is_recorded_as_its_decision(tmp_path):
+    from histodd_fed.bundle import Ledger, load_identity, open_bundle
+    from histodd_fed.bundle.trust import TrustStore
+
+    cfgs, _ = _centres(tmp_path)
+    node = _node(cfgs[0], **{"export-real": "true", "export-recipients": "C2"})
+    rep = node.handle("distil", Envelope(body={"recipients": ["C2"], "ipcs": [], "full": True, "nonce": NONCE}))
+    assert rep.body["ok"], rep.body
+    c2 = cfgs[1]
+    opened = open_bundle(rep.blobs["full"], load_identity(c2.key_dir), TrustStore.load(c2.key_dir),
+                         Ledger.in_key_dir(c2.key_dir))
+    extra = opened.manifest["extra"]
+    assert extra["export_policy"]["real"] is True and extra["decided_by"] == "centre C1"
+    assert "export-real=true" in opened.manifest["privacy_report"]["accepted_by"]
+
+
+def test_attack_error_replies_leak_local_paths(tmp_path):
+    """A coordinator provoking errors must not learn the centre's file system layout."""
+    cfgs, _ = _centres(tmp_path)
+    c1, c2 = cfgs
+    wrong_keys = _node(c1, **{"key-dir": str(c2.key_dir)})          # holds C2's identity
+    no_data = _node(c1, **{"data": str(tmp_path / "secret-ward-7" / "slides.csv"), "export-real": "true"})
+    for node, action, body in ((wrong_keys, "identity", {"prepare": False}),
+                               (no_data, "distil", {"recipients": ["C2"], "ipcs": [], "full": True})):
+        rep = node.handle(action, Envelope(body={**body, "nonce": NONCE}))
+        assert rep.body["ok"] is False
+        err = rep.body["error"]
+        assert str(tmp_path) not in err and "secret-ward-7" not in err and "/" not in err.replace("</", ""), err
+
+
+def test_attack_relabelled_rows_and_revoked_sender(tmp_path):
+    """A coordinator relabels C1's synthetic ipc bundle as "Full" from C9; the target reports what the
+    signed manifest says. After the target revokes C1, a replay is refused, not served from cache."""
+    import numpy as np
+
+    from histodd_fed.bundle.trust import TrustStore
+    from histodd_fed.federation import local_work
+    from histodd_fed.patchset import PatchSet
+
+    cfgs, _ = _centres(tmp_path)
+    c1, c2 = cfgs
+    real = PatchSet.load(c1.data)
+    syn = real.subset(np.arange(4), kind="synthetic")
+    data = local_work.seal_for(c1, syn, ["C2"], label="ipc1", extra={"row": "ipc1", "part": "patch", "ipc": 2})
+    lie = {"bundles": [{"name": "x", "row": "C9-full", "source": "C9", "mode": "full", "ipc": None,
+                        "part": "patch", "train_total": 10**6}], "epochs": 1, "baseline": False, "nonce": NONCE}
+    node = _node(c2)
+    rep = node.handle("train", Envelope(body=lie, blobs={"x": data}))
+    assert rep.body["ok"], rep.body
+    (row,) = rep.body["rows"]
+    assert row["ok"], row
+    assert (row["source"], row["mode"], row["ipc"], row["name"]) == ("C1", "synthetic", 2, "C1-ipc1"), row
+    assert "train_total" not in row
+    # C2 revokes C1; the coordinator replays the same request: cached metrics must not be served
+    store = TrustStore.load(c2.key_dir)
+    store.remove("C1")
+    store.save()
+    rep = node.handle("train", Envelope(body=lie, blobs={"x": data}))
+    (row,) = rep.body["rows"]
+    assert row["ok"] is False and "Revoked" in row["error"] and "cached" not in row, row
