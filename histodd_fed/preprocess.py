@@ -32,6 +32,12 @@ class ViewSpec:
     interpolation: str = "bilinear_aa"
 
     def __post_init__(self) -> None:
+        # canonical form (so equal views compare equal): a crop of the whole patch is no crop, a
+        # resize to the size the patch already has is no resize
+        if self.crop is not None and self.crop == self.source_size:
+            object.__setattr__(self, "crop", None)
+        if self.size is not None and self.size == (self.crop or self.source_size):
+            object.__setattr__(self, "size", None)
         if self.interpolation not in INTERPOLATIONS:
             raise InputError(f"view: interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
         if self.crop is not None and not (1 <= self.crop <= self.source_size):
@@ -46,7 +52,13 @@ class ViewSpec:
 
     @property
     def is_identity(self) -> bool:
-        return self.out_size == self.source_size and self.crop in (None, self.source_size)
+        return self.crop is None and self.size is None
+
+    @property
+    def slug(self) -> str:
+        """A short file-name-safe name: ``96px``, ``96px-crop32``, ``96px-crop48-to32``, ``96px-to32``."""
+        return f"{self.source_size}px" + (f"-crop{self.crop}" if self.crop else "") + (
+            f"-to{self.size}" if self.size else "")
 
     def with_size(self, size: int) -> "ViewSpec":
         """This view, resized to ``size`` px at the end."""
@@ -77,6 +89,12 @@ class ViewSpec:
                        interpolation=str(data.get("interpolation", "bilinear_aa")))
         except (TypeError, ValueError) as exc:
             raise InputError(f"{where}: bad view {data!r} ({exc})") from exc
+
+    @classmethod
+    def make(cls, source_size: int, crop: int | None = None, size: int | None = None) -> "ViewSpec":
+        """``source_size`` px patches, optional centre ``crop``, optional final ``size``."""
+        return cls(source_size=int(source_size), crop=None if crop is None else int(crop),
+                   size=None if size is None else int(size))
 
     @classmethod
     def resize(cls, source_size: int, size: int) -> "ViewSpec":
@@ -130,6 +148,41 @@ def recorded_view(ps: PatchSet) -> ViewSpec | None:
     return None if v is None else ViewSpec.from_dict(v, where="patch set meta")
 
 
+def current_view(ps: PatchSet) -> ViewSpec:
+    """The view ``ps`` is in: the one it records, else none at all (its own size, as it sits on disk)."""
+    return recorded_view(ps) or ViewSpec(source_size=ps.image_size)
+
+
+def resize_to(ps: PatchSet, size: int) -> PatchSet:
+    """``ps`` resized to ``size`` px (unchanged when already so); the recorded view gains the resize.
+
+    For patch sets already in a view (a synthetic set, a cropped store) the images are resampled
+    once more; the recorded view says what a raw patch goes through to look like them.
+    """
+    if ps.image_size == size and ps.images.shape[2] == size:
+        return ps
+    out = ps.subset(np.arange(len(ps)))
+    out.images = resize_images(ps.images, size) if len(ps) else np.zeros((0, size, size, 3), np.uint8)
+    out.meta = {**out.meta, META_KEY: current_view(ps).with_size(size).to_dict()}
+    out.validate()
+    return out
+
+
+def prepare(ps: PatchSet, *, view: ViewSpec | None = None, crop: int | None = None, size: int | None = None,
+            where: str = "patches") -> PatchSet:
+    """What every loader does: put ``ps`` in ``view`` (see :func:`to_view`), or centre-crop it to ``crop``
+    px and resize it to ``size`` px; then resize to ``size`` px if it is not that size yet."""
+    if view is not None:
+        ps = to_view(ps, view, where=where)
+    elif crop is not None:
+        have = recorded_view(ps)
+        if have is not None and not have.is_identity:
+            raise InputError(f"{where}: patches are already in view {have.describe()}; a centre crop applies to "
+                             f"raw patches")
+        ps = apply_view(ps, ViewSpec.make(ps.image_size, crop, size))
+    return resize_to(ps, size) if size else ps
+
+
 def apply_view(ps: PatchSet, spec: ViewSpec) -> PatchSet:
     """A copy of raw ``ps`` (patches of ``spec.source_size`` px) in view ``spec``, recorded in its meta."""
     if recorded_view(ps) is not None and not recorded_view(ps).is_identity:
@@ -147,8 +200,7 @@ def to_view(ps: PatchSet, spec: ViewSpec, where: str = "patches") -> PatchSet:
     ``spec.source_size`` px; otherwise an :class:`InputError` naming ``where`` and both views."""
     have = recorded_view(ps)
     if have is not None and not have.is_identity:
-        if have == spec or (have.source_size == spec.source_size and have.crop == spec.crop
-                            and have.out_size == spec.out_size):
+        if (have.source_size, have.crop, have.out_size) == (spec.source_size, spec.crop, spec.out_size):
             return ps
         raise InputError(f"{where}: patches are in view {have.describe()}, the set needs {spec.describe()}; "
                          f"give the raw {spec.source_size}-px patches")

@@ -100,15 +100,17 @@ def test_evaluate_classifier_rejects_empty():
         evaluate_classifier(m, make_toy_patchset(1, 16).subset([]))
 
 
-def test_center_crop_keeps_the_central_region():
+def test_center_crop_keeps_the_central_region(tmp_path):
     from histodd_fed.patchset import PatchSet
-    from histodd_fed.training.data import center_crop_patchset
+    from histodd_fed.preprocess import recorded_view
+    from histodd_fed.training.data import load_patches
 
     imgs = np.zeros((2, 96, 96, 3), np.uint8)
     imgs[:, 32:64, 32:64] = 200  # PCam: the label is defined by the central 32 x 32 px
     ps = PatchSet(images=imgs, labels=np.array([0, 1]), class_names=["a", "b"])
-    out = center_crop_patchset(ps, 32)
+    ps.save(tmp_path / "ps")
+    out = load_patches(tmp_path / "ps", crop_center=32)
     assert out.images.shape == (2, 32, 32, 3) and (out.images == 200).all()
-    assert center_crop_patchset(ps, None) is ps
+    assert recorded_view(out).describe() == "96 px -> centre crop 32"
     with pytest.raises(InputError, match="centre crop"):
-        center_crop_patchset(ps, 128)
+        load_patches(tmp_path / "ps", crop_center=128)

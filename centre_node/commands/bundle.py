@@ -115,8 +115,7 @@ def _privacy_gate(ps, synthetic: Path, accept_risk: bool, patches: Optional[Path
             raise InputError(f"{opt} {path}: not a patch-set directory or image folder")
     hold = None
     if holdout is not None:
-        hold = PatchSet.load(holdout) if (holdout / "patchset.json").exists() else \
-            load_image_folder(holdout, size=ps.image_size)
+        hold = PatchSet.load(holdout) if (holdout / "patchset.json").exists() else load_image_folder(holdout)
     decision = check_export(synthetic=ps, synthetic_dir=synthetic, accept_risk=accept_risk, real_dir=patches,
                             holdout=hold, require_audit=True)
     typer.echo(decision.message())
@@ -130,7 +129,8 @@ def export(
     out: Path = typer.Option(..., "--out", help="Bundle file to write."),
     patches: Optional[Path] = typer.Option(None, "--patches",
                                            help="This centre's real patches (patch set or CLASS/*.jpg folder) "
-                                                "the privacy gate audits the set against."),
+                                                "the privacy gate audits the set against, as they sit on "
+                                                "disk (raw: the set's recorded view is applied)."),
     holdout: Optional[Path] = typer.Option(None, "--holdout",
                                            help="Held-out real patches (enables the gate's membership attack)."),
     accept_privacy_risk: bool = typer.Option(False, "--accept-privacy-risk",
@@ -142,7 +142,10 @@ def export(
     """Seal a synthetic patch set for the given centres (encrypted for them, signed by this centre).
 
     The privacy gate audits the set against real patches first and blocks risky or unaudited
-    exports unless ``--accept-privacy-risk``.
+    exports unless ``--accept-privacy-risk``. It applies the set's recorded preprocessing
+    (meta "view", e.g. the centre 32 px of 96-px patches) to the --patches as they sit on disk, and
+    also audits the other plausible view (resize only / centre crop); the worst view decides. No
+    --preset is needed: the view comes from the set.
     """
     from histodd_fed.bundle import inspect as bundle_inspect
     from histodd_fed.bundle import load_identity, seal

@@ -8,13 +8,14 @@ from typing import Optional
 import typer
 
 
-def _load(path: Path, size: Optional[int], limit_per_class: Optional[int], seed: int):
-    """A patch-set directory, or an image folder (``CLASS/*.jpg``, e.g. PCam) resized/subsampled."""
+def _load(path: Path, limit_per_class: Optional[int], seed: int):
+    """A patch-set directory, or an image folder (``CLASS/*.jpg``, e.g. PCam) as it sits on disk,
+    subsampled (the audit applies the set's view)."""
     from histodd_fed.patchset import PatchSet, load_image_folder
 
     if (path / "patchset.json").exists() or not path.is_dir():
         return PatchSet.load(path)
-    return load_image_folder(path, size=size, limit_per_class=limit_per_class, seed=seed)
+    return load_image_folder(path, limit_per_class=limit_per_class, seed=seed)
 
 
 def audit(
@@ -29,8 +30,6 @@ def audit(
                                           "when present, else built-in defaults)."),
     encoder: Optional[Path] = typer.Option(None, "--encoder", help="The centre's patch classifier (saved model dir) "
                                            "whose features give the feature metric; default: train a ConvNet briefly."),
-    size: Optional[int] = typer.Option(None, "--size", help="Resize image-folder patches to this many px "
-                                       "(default: the synthetic set's size)."),
     limit_per_class: Optional[int] = typer.Option(None, "--limit-per-class", help="Seeded subset per class of "
                                                   "image-folder patches."),
     holdout_limit_per_class: Optional[int] = typer.Option(None, "--holdout-limit-per-class",
@@ -39,15 +38,20 @@ def audit(
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads during the audit."),
     fail_on_risk: bool = typer.Option(False, "--fail-on-risk", help="Exit 3 when a gate rule fires."),
 ) -> None:
-    """Audit a synthetic set for memorisation and membership leakage; write a Markdown + JSON + PNG report."""
+    """Audit a synthetic set for memorisation and membership leakage; write a Markdown + JSON + PNG report.
+
+    Real and held-out patches are read as they sit on disk and put in the set's recorded view
+    (meta "view": the crop / resize it was made from) and in the other plausible view of its size;
+    the worst view decides (per-view rows in audit.md / audit.json). Patches that cannot be put in
+    that view are refused with one line.
+    """
     from histodd_fed.patchset import PatchSet
 
     syn = PatchSet.load(synthetic)  # bad input fails here, before torch is imported
-    px = size or syn.image_size
-    real = _load(patches, px, limit_per_class, seed)
-    hold = None if holdout is None else _load(holdout, px, holdout_limit_per_class, seed)
+    real = _load(patches, limit_per_class, seed)
+    hold = None if holdout is None else _load(holdout, holdout_limit_per_class, seed)
 
-    from histodd_fed.privacy.audit import AuditConfig, run_audit
+    from histodd_fed.privacy.audit import AuditConfig, run_view_audits
     from histodd_fed.privacy.gate import DEFAULT_CONFIG
 
     if config is not None:
@@ -65,7 +69,7 @@ def audit(
         from histodd_fed.training import load_model
 
         enc = load_model(encoder)
-    report = run_audit(syn, real, hold, cfg, out_dir=out, encoder=enc,
+    report = run_view_audits(syn, real, hold, cfg, out_dir=out, encoder=enc,
                        paths={"synthetic": str(synthetic), "real": str(patches),
                               "holdout": None if holdout is None else str(holdout)})
     s = report.summary()
@@ -74,6 +78,8 @@ def audit(
     if s["membership"]:
         line += f", attack AUC {s['membership']['max_auc']:.3f}"
     typer.echo(line)
+    for v in s.get("views") or []:
+        typer.echo(f"  view {v['view_text']}: {'FLAGGED' if v['flagged'] else 'passes'} (max SSIM {v['ssim']:.3f})")
     typer.echo(("FLAGGED: " + "; ".join(report.risks)) if report.flagged else "passes the gate rules")
     typer.echo(f"report: {out / 'audit.md'}")
     if fail_on_risk and report.flagged:

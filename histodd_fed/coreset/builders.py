@@ -110,4 +110,6 @@ def build_coreset(real: PatchSet, config: CoresetConfig | None = None, progress:
         idx = forgetting_indices(real, cfg, progress)
     meta = {"method": cfg.method, "ipc": cfg.ipc, "seed": cfg.seed, "source_indices": idx.tolist(),
             "source_size": len(real), "source": real.meta.get("source"), "config": asdict(cfg)}
+    if real.meta.get("view") is not None:  # the preprocessing the patches went through (histodd_fed.preprocess)
+        meta["view"] = real.meta["view"]
     return real.subset(idx, kind="coreset", meta=meta)

@@ -120,7 +120,7 @@ def train_patch_encoder(train: PatchSet, out_dir: Path, preset: MilStudyPreset, 
     size = preset.encoder_image_size or train.image_size
     data = balance_classes(train, seed) if preset.encoder_balance else train
     if size != train.image_size:
-        from histodd_fed.distill.engine import resize_images
+        from histodd_fed.preprocess import resize_images
 
         data = PatchSet(images=resize_images(np.asarray(data.images), size), labels=data.labels,
                         class_names=data.class_names)

@@ -27,6 +27,7 @@ import numpy as np
 from histodd_fed.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from histodd_fed.errors import ConfigError, InputError
 from histodd_fed.patchset import PatchSet
+from histodd_fed.preprocess import ViewSpec, apply_view, audit_views, recorded_view, resize_to
 from histodd_fed.privacy.classifier import TrainSpec
 from histodd_fed.privacy.membership import MembershipConfig, MembershipResult, membership_audit
 from histodd_fed.privacy.memorisation import MemorisationConfig, MemorisationResult, analyse_memorisation
@@ -130,10 +131,26 @@ class AuditReport:
     risks: list[str]
     files: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    #: the view of the real patches this report audited against (None: as given)
+    view: dict[str, Any] | None = None
+    #: with :func:`run_view_audits`: one summary per audited view (this report is the worst one)
+    views: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def flagged(self) -> bool:
         return bool(self.risks)
+
+    def view_summary(self) -> dict[str, Any]:
+        """One line of the per-view table: the view, the verdict and the gate's statistics."""
+        mem = self.memorisation
+        out: dict[str, Any] = {"view": self.view, "view_text": (ViewSpec.from_dict(self.view).describe()
+                                                                if self.view else "as given"),
+                               "flagged": self.flagged, "risks": list(self.risks)}
+        for name in ("ssim", "l2", "structure"):
+            if name in mem.metrics:
+                out[name] = round(float(mem.metrics[name].summary()["closest_value"]), 6)
+        out["membership_auc"] = None if self.membership is None else round(self.membership.max_auc, 4)
+        return out
 
     def summary(self) -> dict[str, Any]:
         """Headline numbers only (a few hundred bytes of JSON)."""
@@ -155,6 +172,9 @@ class AuditReport:
                                  **{n: {k: round(v, 4) for k, v in a.summary().items()} for n, a in m.attacks.items()}}
         else:
             out["membership"] = None
+        out["view"] = self.view
+        if self.views:
+            out["views"] = list(self.views)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -181,6 +201,17 @@ class AuditReport:
         verdict = "**FLAGGED**" if self.flagged else "**passes**"
         lines += [f"## Verdict: {verdict}", ""]
         lines += [f"- {r}" for r in self.risks] or ["- no rule fired"]
+        if self.views:
+            lines += ["", "Real patches audited in every plausible view of the set (the worst decides; this "
+                      "report details the worst):", "", "| view | verdict | max SSIM | min L2 | max structure | "
+                      "attack AUC |", "|---|---|---|---|---|---|"]
+            for v in self.views:
+                def f(x):
+                    return "-" if x is None else f"{x:.4f}"
+                lines.append(f"| {v['view_text']} | {'FLAGGED' if v['flagged'] else 'passes'} | {f(v.get('ssim'))} | "
+                             f"{f(v.get('l2'))} | {f(v.get('structure'))} | {f(v.get('membership_auc'))} |")
+        elif self.view:
+            lines += ["", f"Real patches audited in the set's view: {ViewSpec.from_dict(self.view).describe()}."]
         g = cfg.gate
         rules = [f"SSIM >= {g.ssim_block}" if g.ssim_block is not None else "",
                  f"normalised L2 below the real-real p{g.l2_block_percentile:g}" if g.l2_block_percentile is not None else "",
@@ -268,29 +299,15 @@ def _info(ps: PatchSet, path: str | None, labels: bool = False) -> dict[str, Any
     return info
 
 
-def resize_patchset(ps: PatchSet, size: int) -> PatchSet:
-    """``ps`` with its images resized (antialiased bilinear) to ``size`` px; unchanged if already so."""
-    if ps.image_size == size and ps.images.shape[2] == size:
-        return ps
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.from_numpy(np.ascontiguousarray(ps.images)).permute(0, 3, 1, 2).float()
-    y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    imgs = y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    out = ps.subset(np.arange(len(ps)))
-    out.images = np.ascontiguousarray(imgs)
-    return out
-
-
 def run_audit(synthetic: PatchSet, real: PatchSet, holdout: PatchSet | None, config: AuditConfig | None = None,
               out_dir: str | Path | None = None, *, encoder=None, paths: dict[str, str] | None = None) -> AuditReport:
     """Audit ``synthetic`` against the ``real`` patches it came from (members) and ``holdout`` (non-members).
 
     ``encoder``: the centre's patch encoder (an ``nn.Module`` with ``features``); without it a
     ``config.memorisation.encoder`` model is trained briefly on ``real``. ``paths`` (keys
-    ``synthetic``, ``real``, ``holdout``) only label the report. Real and held-out patches are
-    resized to the synthetic patches' size when they differ.
+    ``synthetic``, ``real``, ``holdout``) only label the report. Real and held-out patches must be
+    in the synthetic set's view already (:func:`run_view_audits` puts them there); patches of another
+    size are resized to the synthetic size (:func:`histodd_fed.preprocess.resize_to`, a legacy fallback).
     """
     import torch
 
@@ -308,8 +325,8 @@ def run_audit(synthetic: PatchSet, real: PatchSet, holdout: PatchSet | None, con
     size = synthetic.image_size
     if real.image_size != size:
         log.info("resizing real patches %d -> %d px to match the synthetic set", real.image_size, size)
-    real_r = resize_patchset(real, size)
-    hold_r = None if holdout is None else resize_patchset(holdout, size)
+    real_r = resize_to(real, size)
+    hold_r = None if holdout is None else resize_to(holdout, size)
     prev_threads = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
@@ -327,7 +344,93 @@ def run_audit(synthetic: PatchSet, real: PatchSet, holdout: PatchSet | None, con
         torch.set_num_threads(prev_threads)
     report = AuditReport(mem, mia, cfg, _info(synthetic, paths.get("synthetic"), labels=True), _info(real, paths.get("real")),
                          None if holdout is None else _info(holdout, paths.get("holdout")),
-                         find_risks(mem, mia, cfg.gate), seconds=seconds)
+                         find_risks(mem, mia, cfg.gate), seconds=seconds,
+                         view=recorded_view(real_r).to_dict() if recorded_view(real_r) else None)
     if out_dir is not None:
         report.write(out_dir, synthetic, real_r)
     return report
+
+
+# ---------------------------------------------------------------------------- views
+def _severity(report: AuditReport) -> tuple:
+    mem = report.memorisation.metrics
+    ssim = float(mem["ssim"].summary()["closest_value"]) if "ssim" in mem else 0.0
+    st = float(mem["structure"].summary()["closest_value"]) if "structure" in mem else 0.0
+    return (len(report.risks), ssim, st)
+
+
+def audit_inputs(synthetic: PatchSet, real: PatchSet, holdout: PatchSet | None = None,
+                 paths: dict[str, str] | None = None) -> list[tuple[ViewSpec | None, PatchSet, PatchSet | None]]:
+    """The (view, real, holdout) triples ``synthetic`` must be audited against.
+
+    Raw real patches (no view recorded) are put in every view of
+    :func:`histodd_fed.preprocess.audit_views`: the set's recorded view, and the other plausible view
+    of its size (resize only / centre crop), so a set distilled from centre crops cannot pass
+    because the gate looked at downscaled patches. Real patches already in a view are used as they
+    are when that is the set's view; otherwise (another view, or raw patches of another size than the
+    set was made from) an :class:`InputError` says which patches to give.
+    """
+    paths = paths or {}
+    where = paths.get("real") or "real patches"
+    spec = recorded_view(synthetic)
+    if spec is not None and spec.out_size != synthetic.image_size:
+        raise InputError(f"{paths.get('synthetic') or 'synthetic set'}: records view {spec.describe()} but its "
+                         f"patches are {synthetic.image_size} px")
+    have = recorded_view(real)
+    if have is not None and not have.is_identity:
+        same = spec is not None and (have.source_size, have.crop, have.out_size) == (spec.source_size, spec.crop,
+                                                                                   spec.out_size)
+        if not same and (spec is not None and not spec.is_identity):
+            raise InputError(f"{where}: patches are in view {have.describe()}, the set was made from "
+                             f"{spec.describe()}; give the raw {spec.source_size}-px patches it came from")
+        size = synthetic.image_size
+        return [(recorded_view(resize_to(real, size)), resize_to(real, size),
+                 None if holdout is None else resize_to(holdout, size))]
+    if spec is not None and not spec.is_identity and real.image_size != spec.source_size:
+        raise InputError(f"{where}: patches are {real.image_size} px; the set was made from {spec.describe()}; "
+                         f"give the raw {spec.source_size}-px patches it came from")
+    out = []
+    for v in audit_views(spec, real.image_size, synthetic.image_size):
+        hold_v = None
+        if holdout is not None:
+            hv = recorded_view(holdout)
+            if hv is not None and not hv.is_identity:
+                same = (hv.source_size, hv.crop, hv.out_size) == (v.source_size, v.crop, v.out_size)
+                hold_v = holdout if same else None  # held out in another view: no attack in this one
+            elif holdout.image_size == v.source_size:
+                hold_v = apply_view(holdout, v)
+            else:
+                raise InputError(f"{paths.get('holdout') or 'held-out patches'}: patches are {holdout.image_size} "
+                                 f"px, the real ones {v.source_size} px; give both raw")
+        out.append((v, apply_view(real, v), hold_v))
+    return out
+
+
+def run_view_audits(synthetic: PatchSet, real: PatchSet, holdout: PatchSet | None, config: AuditConfig | None = None,
+                    out_dir: str | Path | None = None, *, encoder=None,
+                    paths: dict[str, str] | None = None) -> AuditReport:
+    """:func:`run_audit` in every view of :func:`audit_inputs`; the worst report, with ``views`` set.
+
+    The worst view decides: a rule that fires in any view flags the set (its reasons carry the view
+    when more than one was audited). ``out_dir`` receives the worst view's report.
+    """
+    triples = audit_inputs(synthetic, real, holdout, paths)
+    reports = []
+    for v, real_v, hold_v in triples:
+        if len(triples) > 1:
+            log.info("auditing against the real patches in view %s", "as given" if v is None else v.describe())
+        rep = run_audit(synthetic, real_v, hold_v, config, encoder=encoder, paths=paths)
+        rep.view = None if v is None else v.to_dict()
+        reports.append(rep)
+    worst_i = max(range(len(reports)), key=lambda i: _severity(reports[i]))
+    worst = reports[worst_i]
+    if len(reports) > 1:
+        worst.views = [r.view_summary() for r in reports]
+        tagged = []
+        for i in [worst_i] + [j for j in range(len(reports)) if j != worst_i]:
+            text = reports[i].view_summary()["view_text"]
+            tagged += [f"{r} [real patches as {text}]" for r in reports[i].risks]
+        worst.risks = tagged
+    if out_dir is not None:
+        worst.write(out_dir, synthetic, triples[worst_i][1])
+    return worst

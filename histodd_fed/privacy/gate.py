@@ -11,6 +11,12 @@ below the real-real 1st percentile; membership-attack AUC > 0.6 when held-out pa
 - A rule fires and ``accept_risk`` is true (``--accept-privacy-risk``): the export goes ahead and
   the manifest's privacy report carries ``accepted_risk: true`` and the reasons.
 
+The audit sees the real patches in the set's recorded view (``meta["view"]``: the centre crop and
+resize it was distilled or selected from) and in the other plausible view of its size (resize only
+/ centre crop; both for legacy sets without a recorded view): the worst view decides, and the
+manifest's summary lists every view (``views``). Real patches that cannot be put in the set's view
+(already cropped otherwise, another patch size) raise ``InputError``.
+
 Real patches come from ``real`` / ``real_dir``, else ``real_patches`` in the config, else the
 source path recorded in the set's meta (``source``, ``source_dir``, ``real_source``; coresets
 record ``source``). When none can be found the set cannot be audited: the gate then blocks if
@@ -75,11 +81,12 @@ class GateDecision:
                 **self.summary, "accepted_risk": self.accepted_risk}
 
 
-def _load_real(path: Path, size: int) -> PatchSet:
+def _load_real(path: Path) -> PatchSet:
+    """Real patches as they sit on disk (raw: the audit puts them in the set's views)."""
     if (path / "patchset.json").exists():
         return PatchSet.load(path)
     if path.is_dir():
-        return load_image_folder(path, size=size)
+        return load_image_folder(path)
     raise InputError(f"{path}: not a patch set directory or image folder")
 
 
@@ -104,7 +111,7 @@ def check_export(synthetic: PatchSet | None = None, real: PatchSet | None = None
     :class:`PrivacyRiskError` when a rule fires and ``accept_risk`` is false (unless
     ``raise_on_block`` is false: then the returned decision has ``blocked`` set).
     """
-    from histodd_fed.privacy.audit import AuditConfig, run_audit
+    from histodd_fed.privacy.audit import AuditConfig, run_view_audits
 
     syn = synthetic if synthetic is not None else patchset
     if syn is None:
@@ -133,14 +140,14 @@ def check_export(synthetic: PatchSet | None = None, real: PatchSet | None = None
                 raise PrivacyRiskError(decision.message(), decision)
             log.warning("privacy gate: %s", reason)
             return decision
-        real = _load_real(src, syn.image_size)
+        real = _load_real(src)
         paths["real"] = str(src)
     if holdout is None and cfg.holdout_patches:
         hp = Path(cfg.holdout_patches)
         if hp.exists():
-            holdout = _load_real(hp, syn.image_size)
+            holdout = _load_real(hp)
             paths["holdout"] = str(hp)
-    report = run_audit(syn, real, holdout, cfg, paths=paths)
+    report = run_view_audits(syn, real, holdout, cfg, paths=paths)
     summary = report.summary()
     decision = GateDecision(passed=not report.risks, accepted_risk=bool(accept_risk) and bool(report.risks),
                             reasons=list(report.risks), summary=summary, audited=True,

@@ -1,4 +1,5 @@
-"""Loading evaluation data: patch-set directories or image folders, resized and capped per class."""
+"""Loading evaluation data: patch-set directories or image folders, capped per class, in a view
+(:mod:`histodd_fed.preprocess`)."""
 
 from __future__ import annotations
 
@@ -6,44 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from histodd_fed.errors import InputError
 from histodd_fed.patchset import PatchSet, load_image_folder
-
-
-def resize_patchset(ps: PatchSet, size: int) -> PatchSet:
-    """A copy of ``ps`` with every patch resized to ``size`` x ``size`` (bilinear, as the importer)."""
-    if ps.image_size == size and ps.images.shape[2] == size:
-        return ps
-    from PIL import Image
-
-    out = np.stack([np.asarray(Image.fromarray(np.asarray(im)).resize((size, size), Image.BILINEAR), dtype=np.uint8)
-                    for im in ps.images]) if len(ps) else np.zeros((0, size, size, 3), np.uint8)
-    new = ps.subset(np.arange(len(ps)))
-    new.images = out
-    new.meta = {**new.meta, "resized_to": size}
-    new.validate()
-    return new
-
-
-def center_crop_patchset(ps: PatchSet, size: int | None) -> PatchSet:
-    """A copy of ``ps`` keeping the central ``size`` x ``size`` pixels of every patch (``None``: unchanged).
-
-    PCam's label is defined by the central 32 x 32 region of each 96 x 96 patch, so a centre crop
-    keeps the label-defining tissue at full resolution where a 3x downscale blurs it.
-    """
-    if size is None:
-        return ps
-    h, w = ps.images.shape[1:3]
-    if size > min(h, w) or size < 1:
-        raise InputError(f"centre crop {size} px does not fit patches of {h}x{w} px")
-    if size == h and size == w:
-        return ps
-    top, left = (h - size) // 2, (w - size) // 2
-    new = ps.subset(np.arange(len(ps)))
-    new.images = np.ascontiguousarray(ps.images[:, top:top + size, left:left + size])
-    new.meta = {**new.meta, "center_crop": size}
-    new.validate()
-    return new
+from histodd_fed.preprocess import ViewSpec, prepare
 
 
 def limit_per_class(ps: PatchSet, limit: int | None, seed: int = 0) -> PatchSet:
@@ -59,15 +24,18 @@ def limit_per_class(ps: PatchSet, limit: int | None, seed: int = 0) -> PatchSet:
 
 
 def load_patches(path: str | Path, *, image_size: int | None = None, limit: int | None = None,
-                 seed: int = 0, crop_center: int | None = None) -> PatchSet:
-    """Load a patch-set directory or an image folder (``CLASS/*.jpg``), optionally centre-cropped
-    (``crop_center`` px, before resizing), resized and capped."""
+                 seed: int = 0, crop_center: int | None = None, view: ViewSpec | None = None,
+                 where: str | None = None) -> PatchSet:
+    """Load a patch-set directory or an image folder (``CLASS/*.jpg``), capped per class, in a view.
+
+    ``view``: put the patches in that view (:func:`histodd_fed.preprocess.to_view`: raw patches of
+    ``view.source_size`` px are cropped / resized; patches that record the same view are kept; any
+    other patches raise one-line ``InputError``). Without ``view``: ``crop_center`` keeps the central
+    N px of raw patches. Then ``image_size`` resizes. The result records its view in ``meta["view"]``.
+    """
     path = Path(path)
     if path.is_dir() and not (path / "patchset.json").exists():
-        if crop_center is None:
-            return load_image_folder(path, size=image_size, limit_per_class=limit, seed=seed)
         ps = load_image_folder(path, size=None, limit_per_class=limit, seed=seed)
     else:
         ps = limit_per_class(PatchSet.load(path), limit, seed)
-    ps = center_crop_patchset(ps, crop_center)
-    return resize_patchset(ps, image_size) if image_size else ps
+    return prepare(ps, view=view, crop=crop_center, size=image_size, where=where or str(path))
