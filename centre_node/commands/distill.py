@@ -10,6 +10,10 @@ import typer
 
 log = logging.getLogger(__name__)
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+PRESET_HELP = ("Named preset (configs/preset-NAME.yaml, or a YAML path): fixes the preprocessing and the "
+               "distillation recipe. pcam: 96-px PCam-style patches, the central 32 px kept (PCam's label "
+               "region), ConvNet-3 w32 matching; the set records that view so export / audit / evaluate "
+               "apply it. Explicit flags (--ipc, --init, --lr-img, --outer-steps, ...) override the preset.")
 
 
 def register(app: typer.Typer) -> None:
@@ -29,7 +33,9 @@ def distill_command(
     tissue_threshold: float = typer.Option(0.5, "--tissue-threshold", help="Tiling: minimum tissue fraction."),
     slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp", help="Tiling: MPP of slides that record none."),
     workers: int = typer.Option(1, "--workers", help="Tiling: worker processes."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Distill YAML (default: configs/distill-cpu.yaml)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP),
+    config: Optional[Path] = typer.Option(None, "--config", help="Distill YAML (default: configs/distill-cpu.yaml; "
+                                          "not with --preset)."),
     ipc: Optional[int] = typer.Option(None, "--ipc", help="Synthetic images per class (per slide with --per-slide)."),
     outer_steps: Optional[int] = typer.Option(None, "--outer-steps", help="K: outer steps."),
     inner_steps: Optional[int] = typer.Option(None, "--inner-steps", help="U: inner steps."),
@@ -46,11 +52,17 @@ def distill_command(
                                 help="Continue from the checkpoint of the same data + config in the work dir "
                                      "(after a kill, no work lost); --no-resume starts from step 0."),
 ) -> None:
-    """Distil real patches into a few synthetic patches per class (Histo-DD)."""
+    """Distil real patches into a few synthetic patches per class (Histo-DD).
+
+    With --preset (e.g. pcam) the patches are put in the preset's view (pcam: centre 32 px of each
+    96-px patch) and distilled with its recipe; the synthetic set records the view in its meta.
+    """
     from histodd_fed.errors import InputError
 
     if (patches is None) == (slides is None):
         raise InputError("distill: give exactly one of --patches STORE or --slides DIR")
+    if preset is not None and config is not None:
+        raise InputError("distill: give --preset or --config, not both (flags override either)")
     from histodd_fed.distill import DistillConfig, run_distillation
     from histodd_fed.patchset import PatchSet
     from histodd_fed.runconfig import write_run_config
@@ -58,7 +70,14 @@ def distill_command(
     cfg_path = config if config is not None else REPO_CONFIGS / "distill-cpu.yaml"
     overrides = dict(ipc=ipc, outer_steps=outer_steps, inner_steps=inner_steps, lr_img=lr_img, model=model,
                      image_size=image_size, per_slide=per_slide, init=init, seed=seed, device=device)
-    if cfg_path.exists() or config is not None:
+    pre = None
+    if preset is not None:
+        from histodd_fed.preset import load_preset
+
+        pre = load_preset(preset)
+        cfg_path = pre.path
+        cfg = pre.distill_config(**overrides)
+    elif cfg_path.exists() or config is not None:
         cfg = DistillConfig.from_yaml(cfg_path, **overrides)
     else:
         cfg = DistillConfig.from_dict({}, **overrides)
@@ -81,16 +100,26 @@ def distill_command(
         log.info("using the %s split: %d patches", split, len(real))
     if len(real) == 0:
         raise InputError(f"{patches}: no patches to distil (split {split!r})")
+    from histodd_fed.preprocess import current_view, to_view
+
+    if pre is not None and pre.view is not None:
+        real = to_view(real, pre.view, where=str(patches))
+        log.info("preset %s: patches in view %s", pre.name, pre.view.describe())
     log.info("distilling %d patches %s with %s ipc=%d K=%d U=%d", len(real), real.class_counts(), cfg.model,
              cfg.ipc, cfg.outer_steps, cfg.inner_steps)
     res = run_distillation(real, cfg, work_dir=work, resume=resume)
     syn = res.patchset
     syn.meta["source"] = str(patches)
     syn.meta["split"] = split
+    syn.meta.setdefault("view", current_view(real).with_size(cfg.image_size).to_dict())
+    if pre is not None:
+        syn.meta["preset"] = pre.name
     syn.save(out)
     write_run_config(out, "centre-node distill", {"distill": cfg.to_dict(), "patches": str(patches),
                                                   "slides": None if slides is None else str(slides), "split": split,
-                                                  "work_dir": str(work), "config_file": str(cfg_path)})
+                                                  "work_dir": str(work), "config_file": str(cfg_path),
+                                                  "preset": None if pre is None else pre.to_dict(),
+                                                  "view": syn.meta["view"]})
     from histodd_fed.distill.plots import save_grid, save_loss_curve
 
     save_loss_curve(syn.meta["loss_curve"], out / "loss_curve.png")

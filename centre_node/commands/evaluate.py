@@ -36,69 +36,159 @@ def _threads(n: Optional[int]) -> None:
         torch.set_num_threads(n)
 
 
+PRESET_HELP = ("Named preset (configs/preset-NAME.yaml, or a YAML path) fixing the preprocessing and the {what}. "
+               "pcam: 96-px PCam-style patches, the central 32 px kept (PCam's label region); {detail} "
+               "Explicit flags override the preset's values.")
+
+
+def _load_preset(preset: Optional[str]):
+    if preset is None:
+        return None
+    from histodd_fed.preset import load_preset
+
+    return load_preset(preset)
+
+
 def coreset(
     method: str = typer.Option(..., "--method", help="random | herding | forgetting"),
     ipc: int = typer.Option(..., "--ipc", help="Real patches kept per class."),
     patches: Path = typer.Option(..., "--patches", help="Patch store: a PatchSet directory or an image folder."),
     out: Path = typer.Option(..., "--out", help="Output PatchSet directory (kind coreset)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP.format(
+        what="coreset options", detail="herding / forgetting features from a ConvNet-3 w32 (the evaluation net).")),
     seed: int = typer.Option(0, "--seed"),
-    arch: str = typer.Option("resnet18", "--arch", help="Network trained for herding features / forgetting counts."),
-    feature_epochs: int = typer.Option(5, "--feature-epochs", help="Herding: epochs of the feature network."),
-    forgetting_epochs: int = typer.Option(10, "--forgetting-epochs", help="Forgetting: epochs over which events count."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize patches to this size first."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Network trained for herding features / forgetting "
+                                       "counts (default: the preset's, else resnet18)."),
+    feature_epochs: Optional[int] = typer.Option(None, "--feature-epochs", help="Herding: epochs of the feature "
+                                                 "network (default: the preset's, else 5)."),
+    forgetting_epochs: Optional[int] = typer.Option(None, "--forgetting-epochs", help="Forgetting: epochs over "
+                                                    "which events count (default: the preset's, else 10)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize patches to this size (after the "
+                                             "preset's view)."),
     device: str = typer.Option("auto", "--device"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
 ) -> None:
-    """Select a coreset of IPC real patches per class (Random, Herding or Forgetting)."""
+    """Select a coreset of IPC real patches per class (Random, Herding or Forgetting).
+
+    The coreset records the view its patches are in (meta "view"; with --preset pcam the centre
+    32 px of 96-px patches), so export / audit / evaluate apply the same view to real and test patches.
+    """
     from histodd_fed.coreset import CoresetConfig, build_coreset
     from histodd_fed.logging_setup import progress_enabled
     from histodd_fed.runconfig import write_run_config
     from histodd_fed.training.data import load_patches
 
     _threads(threads)
-    cfg = CoresetConfig(method=method, ipc=ipc, seed=seed, arch=arch, feature_epochs=feature_epochs,
-                        forgetting_epochs=forgetting_epochs, device=device)
+    pre = _load_preset(preset)
+    opts = dict(method=method, ipc=ipc, seed=seed, arch=arch, feature_epochs=feature_epochs,
+                forgetting_epochs=forgetting_epochs, device=device)
+    if pre is not None:
+        if arch is not None and arch != pre.coreset.get("arch"):
+            opts["arch_kwargs"] = {}   # the preset's network options belong to its network
+        cfg = pre.coreset_config(**opts)
+    else:
+        cfg = CoresetConfig(**{k: v for k, v in opts.items() if v is not None})
     cfg.validate()
-    real = load_patches(patches, image_size=image_size)
+    real = load_patches(patches, image_size=image_size, view=None if pre is None else pre.view)
     cs = build_coreset(real, cfg, progress=progress_enabled())
     cs.meta["source"] = str(patches)
+    if pre is not None:
+        cs.meta["preset"] = pre.name
     cs.save(out)
-    write_run_config(out, "centre-node coreset", {"patches": str(patches), "image_size": image_size, **cfg.__dict__})
+    write_run_config(out, "centre-node coreset", {"patches": str(patches), "image_size": image_size,
+                                                  "preset": None if pre is None else pre.to_dict(),
+                                                  "view": cs.meta.get("view"), **cfg.__dict__})
     typer.echo(f"{out}: {len(cs)} patches ({cs.class_counts()}), method {method}, ipc {ipc}, seed {seed}")
+
+
+def _eval_data(train: Path, test: Path, pre, image_size: Optional[int], test_limit: Optional[int]):
+    """(train, test) in one view: the training set's recorded view (a synthetic set / coreset), else the
+    preset's, applied to the test patches (raw patches are transformed, others refused)."""
+    import logging
+
+    from histodd_fed.preprocess import recorded_view, resize_to, to_view
+    from histodd_fed.training.data import load_patches
+
+    log = logging.getLogger(__name__)
+    tr = load_patches(train)
+    view = recorded_view(tr)
+    if view is not None and not view.is_identity:
+        if pre is not None and pre.view is not None and view != pre.view:
+            log.warning("%s records view %s; the preset's view %s is not used", train, view.describe(),
+                        pre.view.describe())
+    elif pre is not None and pre.view is not None:
+        tr = to_view(tr, pre.view, where=str(train))
+        view = pre.view
+    else:
+        view = None
+    if image_size:
+        tr = resize_to(tr, image_size)
+    if view is not None and not view.is_identity:
+        te = load_patches(test, view=view, limit=test_limit, seed=1, where=str(test))
+    else:
+        te = load_patches(test, limit=test_limit, seed=1)
+        if te.image_size != tr.image_size:
+            log.warning("%s records no view; resizing the test patches %d -> %d px", train, te.image_size,
+                        tr.image_size)
+    return tr, resize_to(te, tr.image_size)
 
 
 def evaluate(
     train: Path = typer.Option(..., "--train", help="Training set: PatchSet directory or image folder."),
-    test: Path = typer.Option(..., "--test", help="Test set: PatchSet directory or image folder."),
-    arch: str = typer.Option("resnet18", "--arch", help="Evaluation network (resnet18 | densenet121 | vit | convnet ...)."),
-    seeds: int = typer.Option(5, "--seeds", help="Number of model seeds (0..N-1)."),
-    epochs: int = typer.Option(50, "--epochs"),
-    lr: float = typer.Option(0.01, "--lr"),
-    batch_size: int = typer.Option(256, "--batch-size"),
-    augment: Optional[str] = typer.Option(None, "--augment", help="DSA strategy for training, e.g. flip_rotate_stain."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize both sets (default: the training set's size)."),
+    test: Path = typer.Option(..., "--test", help="Test set: PatchSet directory or image folder (raw patches: the "
+                              "training set's recorded view, else the preset's, is applied)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP.format(
+        what="evaluation recipe", detail="a fresh ConvNet-3 w32 per seed, flip_rotate augmentation, 200 epochs on "
+        "synthetic sets / coresets and 30 on real sets, lr 0.01, batch 128, 3 seeds.")),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Evaluation network (resnet18 | densenet121 | vit | "
+                                       "convnet ...; default: the preset's, else resnet18)."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="Number of model seeds (0..N-1; default: the "
+                                        "preset's, else 5)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (default: the preset's for the "
+                                         "set's kind, else 50)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default: the preset's, else 0.01)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default: the preset's, else "
+                                             "256)."),
+    augment: Optional[str] = typer.Option(None, "--augment", help="DSA strategy for training, e.g. flip_rotate "
+                                          "(default: the preset's, else none; 'none' turns it off)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize both sets (default: the training "
+                                             "set's size)."),
     test_limit: Optional[int] = typer.Option(None, "--test-limit-per-class", help="Cap test patches per class (seeded)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary as JSON here."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary (accuracy_mean, ...) as JSON here."),
     save_model_dir: Optional[Path] = typer.Option(None, "--save-model", help="Save the seed-0 model here."),
     device: str = typer.Option("auto", "--device"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
 ) -> None:
-    """Train ARCH on TRAIN once per seed, test on TEST; print accuracy / AUC mean ± std."""
+    """Train ARCH on TRAIN once per seed, test on TEST; print accuracy / AUC mean ± std.
+
+    Test patches are put in the training set's recorded view (meta "view") or, for raw training
+    patches, in the preset's view (--preset pcam: the centre 32 px of 96-px patches).
+    """
     from histodd_fed.atomic import atomic_write_json
     from histodd_fed.logging_setup import progress_enabled
+    from histodd_fed.preset import EvalRecipe
     from histodd_fed.runconfig import to_jsonable, write_run_config
     from histodd_fed.studies.tables import pm
     from histodd_fed.training import build_seeded_model, evaluate_sets, save_model, train_classifier
-    from histodd_fed.training.data import load_patches
 
     _threads(threads)
-    tr = load_patches(train, image_size=image_size)
-    te = load_patches(test, image_size=image_size or tr.image_size, limit=test_limit, seed=1)
+    pre = _load_preset(preset)
+    rec = pre.eval if pre is not None else EvalRecipe()
+    tr, te = _eval_data(train, test, pre, image_size, test_limit)
+    arch_kwargs = dict(rec.arch_kwargs) if arch in (None, rec.arch) else {}
+    arch = arch or rec.arch
+    seeds = seeds if seeds is not None else rec.seeds
+    epochs = epochs if epochs is not None else rec.epochs_for(tr.kind)
+    lr = lr if lr is not None else rec.lr
+    batch_size = batch_size if batch_size is not None else rec.batch_size
+    augment = augment if augment is not None else rec.augmentation
     res = evaluate_sets({str(train): tr}, te, arch, seeds, epochs, lr=lr, batch_size=batch_size,
-                        augmentation=augment, device=device, progress=progress_enabled())[str(train)]
+                        augmentation=augment, arch_kwargs=arch_kwargs, device=device,
+                        progress=progress_enabled())[str(train)]
     s = res.summary()
     s.update({"train": str(train), "test": str(test), "epochs": epochs, "augment": augment, "lr": lr,
-              "batch_size": batch_size, "image_size": tr.image_size, "kind": tr.kind})
+              "batch_size": batch_size, "arch_kwargs": arch_kwargs, "image_size": tr.image_size, "kind": tr.kind,
+              "preset": None if pre is None else pre.name, "view": tr.meta.get("view")})
     typer.echo(f"{arch} on {train} ({len(tr)} patches, {tr.kind}) -> {test} ({len(te)}), {len(res.seeds)} seeds, "
                f"{epochs} epochs")
     typer.echo(f"  accuracy          {pm(s['accuracy_mean'], s['accuracy_std'], digits=2)} %")
@@ -109,11 +199,12 @@ def evaluate(
         atomic_write_json(json_out, to_jsonable(s))
         write_run_config(json_out.parent, "centre-node evaluate", s, name=f"{json_out.stem}.run_config.json")
     if save_model_dir is not None:
-        model = build_seeded_model(arch, seed=0, num_classes=tr.num_classes, image_size=tr.image_size)
+        model = build_seeded_model(arch, seed=0, num_classes=tr.num_classes, image_size=tr.image_size, **arch_kwargs)
         model = train_classifier(model, tr, epochs=epochs, lr=lr, batch_size=batch_size, augmentation=augment, seed=0,
                                  device=device, progress=progress_enabled()).model
         save_model(model, save_model_dir, arch=arch, num_classes=tr.num_classes, image_size=tr.image_size,
-                   class_names=tr.class_names, extra={"train": str(train), "epochs": epochs})
+                   arch_kwargs=arch_kwargs, class_names=tr.class_names,
+                   extra={"train": str(train), "epochs": epochs, "view": tr.meta.get("view")})
         typer.echo(f"  model saved to {save_model_dir}")
 
 
@@ -230,7 +321,11 @@ def study_figure(synthetic: Path = typer.Option(..., "--synthetic", help="Synthe
     rows = {"synthetic": syn}
     if initial is not None:
         rows["initial"] = load_patches(initial, image_size=syn.image_size)
-    rows["real"] = load_patches(real, image_size=syn.image_size, limit=max(4 * per_class, per_class), seed=seed)
+    from histodd_fed.preprocess import recorded_view
+
+    view = recorded_view(syn)   # the real patches as the set saw them (e.g. the centre crop of PCam)
+    rows["real"] = load_patches(real, view=view if view is not None and not view.is_identity else None,
+                                image_size=syn.image_size, limit=max(4 * per_class, per_class), seed=seed)
     patch_grid(out, rows, per_class=per_class, seed=seed)
     typer.echo(f"wrote {out}")
 

@@ -1,0 +1,129 @@
+"""Named presets (``configs/preset-<name>.yaml``): one recipe for a kind of data, used by every command.
+
+A preset fixes what must agree between the commands that build, audit and evaluate a set:
+
+- ``view``: the preprocessing of the raw patches (:class:`histodd_fed.preprocess.ViewSpec`),
+- ``distill``: the distillation recipe (``DistillConfig`` fields),
+- ``coreset``: the coreset options (``CoresetConfig`` fields other than method / ipc / seed),
+- ``eval``: the evaluation recipe (network, epochs, learning rate, batch, augmentation, seeds).
+
+``centre-node distill|coreset|evaluate --preset NAME`` read it; explicit flags override its values.
+Sets record their view in ``meta["view"]``, so ``export`` / ``audit`` need no preset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from histodd_fed.errors import ConfigError, InputError
+from histodd_fed.preprocess import ViewSpec
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+PREFIX = "preset-"
+
+
+@dataclass
+class EvalRecipe:
+    """How a set is evaluated: one fresh ``arch`` per seed, trained ``epochs`` (``full_epochs`` on real sets)."""
+
+    arch: str = "resnet18"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 50
+    full_epochs: int | None = None
+    lr: float = 0.01
+    batch_size: int = 256
+    augmentation: str | None = None
+    seeds: int = 5
+
+    def epochs_for(self, kind: str) -> int:
+        """Epochs for a training set of ``kind`` (real sets: ``full_epochs`` when set)."""
+        return self.full_epochs if kind == "real" and self.full_epochs is not None else self.epochs
+
+
+@dataclass
+class Preset:
+    """A named preset; see the module docstring."""
+
+    name: str
+    path: Path
+    description: str = ""
+    view: ViewSpec | None = None
+    distill: dict[str, Any] = field(default_factory=dict)
+    coreset: dict[str, Any] = field(default_factory=dict)
+    eval: EvalRecipe = field(default_factory=EvalRecipe)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "path": str(self.path), "description": self.description,
+                "view": None if self.view is None else self.view.to_dict(), "distill": dict(self.distill),
+                "coreset": dict(self.coreset), "eval": asdict(self.eval)}
+
+    def distill_config(self, **overrides: Any):
+        """The preset's ``DistillConfig``; ``None`` overrides are ignored (CLI flags pass straight through)."""
+        from histodd_fed.distill.config import DistillConfig
+
+        return DistillConfig.from_dict(dict(self.distill), where=f"{self.path} distill", **overrides)
+
+    def coreset_config(self, **overrides: Any):
+        """The preset's ``CoresetConfig``; ``None`` overrides are ignored."""
+        from histodd_fed.coreset import CoresetConfig
+
+        opts = {**self.coreset, **{k: v for k, v in overrides.items() if v is not None}}
+        try:
+            return CoresetConfig(**opts)
+        except TypeError as exc:
+            raise ConfigError(f"{self.path}: coreset: {exc}") from exc
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in ``configs/`` (``preset-<name>.yaml``)."""
+    return sorted(p.stem[len(PREFIX):] for p in CONFIG_DIR.glob(f"{PREFIX}*.yaml"))
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    """``configs/preset-<name>.yaml`` for a name, or the given YAML path."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        return p
+    return CONFIG_DIR / f"{PREFIX}{name_or_path}.yaml"
+
+
+def _section(data: dict, key: str, where: str) -> dict:
+    v = data.get(key) or {}
+    if not isinstance(v, dict):
+        raise ConfigError(f"{where}: {key} must be a mapping, got {type(v).__name__}")
+    return dict(v)
+
+
+def load_preset(name_or_path: str | Path) -> Preset:
+    """Load a named preset (``pcam``) or a preset YAML path; one-line errors name the file."""
+    import yaml
+
+    path = preset_path(name_or_path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such preset (known: {', '.join(preset_names()) or 'none'})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping")
+    unknown = sorted(set(data) - {"name", "description", "view", "distill", "coreset", "eval"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown preset section(s) {unknown}")
+    view = None if data.get("view") is None else ViewSpec.from_dict(data["view"], where=str(path))
+    ev = _section(data, "eval", str(path))
+    bad = sorted(set(ev) - {f.name for f in fields(EvalRecipe)})
+    if bad:
+        raise ConfigError(f"{path}: unknown eval option(s) {bad}")
+    coreset = _section(data, "coreset", str(path))
+    bad = sorted(set(coreset) & {"method", "ipc", "seed"})
+    if bad:
+        raise ConfigError(f"{path}: coreset options {bad} are per command (--method, --ipc, --seed)")
+    preset = Preset(name=str(data.get("name") or path.stem.removeprefix(PREFIX)), path=path,
+                    description=str(data.get("description") or "").strip(), view=view,
+                    distill=_section(data, "distill", str(path)), coreset=coreset, eval=EvalRecipe(**ev))
+    preset.distill_config()   # validate now: a bad preset fails before any data is read
+    preset.coreset_config(method="random").validate()
+    return preset

@@ -1,0 +1,122 @@
+"""`--preset pcam` end to end on a small generated 96-px CLASS/*.jpg folder (issue 12, "Commands
+that must work"), with tiny overrides so it runs in seconds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from centre_node.cli import app
+from histodd_fed.errors import ConfigError, InputError
+from histodd_fed.patchset import PatchSet
+from histodd_fed.preprocess import ViewSpec, recorded_view
+from histodd_fed.preset import load_preset, preset_names
+
+runner = CliRunner()
+CROP = ViewSpec.centre_crop(96, 32)
+
+
+def ok(*args) -> str:
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, f"{args}: {r.output} {r.exception!r}"
+    return r.output
+
+
+def make_folder(root, n_per_class: int, seed: int) -> None:
+    """96-px jpgs: class 'tumour' has a dark centre 32 px (PCam's label region), 'normal' a light one."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(["normal", "tumour"]):
+        (root / name).mkdir(parents=True)
+        for i in range(n_per_class):
+            img = rng.uniform(0.6, 0.95, (96, 96, 3))
+            img[32:64, 32:64] *= 0.45 if c else 1.0
+            img += 0.08 * rng.standard_normal(img.shape)
+            Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(root / name / f"{i:03d}.jpg")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pcamlike")
+    make_folder(root / "train", 12, 0)
+    make_folder(root / "test", 8, 1)
+    return root
+
+
+def test_preset_pcam_loads_and_validates(tmp_path):
+    assert "pcam" in preset_names()
+    p = load_preset("pcam")
+    assert p.view == CROP and p.eval.arch == "convnet" and p.eval.augmentation == "flip_rotate"
+    assert p.distill_config().image_size == 32 and p.distill_config(ipc=3).ipc == 3
+    assert p.coreset_config(method="herding", ipc=2).arch == "convnet"
+    with pytest.raises(InputError, match="no such preset"):
+        load_preset("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("view: {source_size: 96, crop: 32}\nevaluation: {}\n")
+    with pytest.raises(ConfigError, match="unknown preset section"):
+        load_preset(bad)
+
+
+def test_commands_that_must_work(tmp_path, data):
+    train, test = data / "train", data / "test"
+    S, H, R = tmp_path / "S", tmp_path / "H", tmp_path / "R"
+    # distill: the preset's view and recipe, explicit flags override it (tiny run; noise init so the
+    # set is not a copy of real patches and the gate lets it through)
+    ok("-q", "distill", "--patches", train, "--preset", "pcam", "--ipc", 2, "--outer-steps", 1, "--inner-steps", 1,
+       "--init", "noise", "--out", S)
+    syn = PatchSet.load(S)
+    assert syn.image_size == 32 and syn.class_counts() == {"normal": 2, "tumour": 2}
+    assert recorded_view(syn) == CROP and syn.meta["preset"] == "pcam"
+    assert syn.meta["config"]["init"] == "noise" and syn.meta["config"]["outer_steps"] == 1
+    assert syn.meta["config"]["model_kwargs"] == {"width": 32, "depth": 3}   # from the preset
+
+    ok("-q", "coreset", "--method", "herding", "--patches", train, "--preset", "pcam", "--ipc", 2,
+       "--feature-epochs", 1, "--out", H)
+    ok("-q", "coreset", "--method", "random", "--patches", train, "--preset", "pcam", "--ipc", 2, "--out", R)
+    for d in (H, R):
+        cs = PatchSet.load(d)
+        assert cs.image_size == 32 and recorded_view(cs) == CROP and cs.meta["config"]["arch"] == "convnet"
+
+    # export: the view comes from the set; the raw 96-px folder is audited in it (and in the resize view)
+    keys = {c: tmp_path / f"keys-{c}" for c in ("C1", "C2")}
+    for c, k in keys.items():
+        ok("keygen", "--centre-id", c, "--out", k)
+    ok("trust", "add", keys["C2"] / "identity.json", "--keys", keys["C1"])
+    out = ok("export", "--synthetic", S, "--patches", train, "--to", "C2", "--keys", keys["C1"], "--out",
+             tmp_path / "B.hdb")
+    assert "privacy gate: passed" in out and (tmp_path / "B.hdb").exists()
+    r = runner.invoke(app, ["export", "--synthetic", str(R), "--patches", str(train), "--to", "C2", "--keys",
+                            str(keys["C1"]), "--out", str(tmp_path / "R.hdb")])
+    assert r.exit_code != 0 and "centre crop 32" in str(r.exception)   # a coreset is a copy: blocked
+
+    # evaluate: the set's recorded view is applied to the raw test folder; the preset's recipe
+    J = tmp_path / "J.json"
+    ok("-q", "evaluate", "--train", S, "--test", test, "--preset", "pcam", "--seeds", 1, "--epochs", 2, "--json", J)
+    s = json.loads(J.read_text())
+    assert 0 <= s["accuracy_mean"] <= 1 and s["arch"] == "convnet" and s["augment"] == "flip_rotate"
+    assert s["n_test"] == 16 and s["view"] == CROP.to_dict() and s["arch_kwargs"] == {"width": 32, "depth": 3}
+    # a raw training folder gets the preset's view (and full_epochs unless --epochs)
+    J2 = tmp_path / "J2.json"
+    ok("-q", "evaluate", "--train", train, "--test", test, "--preset", "pcam", "--seeds", 1, "--epochs", 1,
+       "--json", J2)
+    s2 = json.loads(J2.read_text())
+    assert s2["image_size"] == 32 and s2["view"] == CROP.to_dict() and s2["n_train"] == 24
+    # a test set in another view is refused with one line
+    small = PatchSet.load(S)
+    small.meta.pop("view")
+    small.kind = "real"
+    small.save(tmp_path / "viewless")
+    r = runner.invoke(app, ["evaluate", "--train", str(S), "--test", str(tmp_path / "viewless"), "--seeds", "1",
+                            "--epochs", "1"])
+    assert r.exit_code != 0 and isinstance(r.exception, InputError) and "raw 96-px" in str(r.exception)
+
+
+def test_help_texts_explain_the_preset():
+    for cmd in ("distill", "coreset", "evaluate"):
+        text = " ".join(ok(cmd, "--help").split())
+        assert "--preset" in text and "pcam" in text and "centre" in text and "override" in text, cmd
+    text = " ".join(ok("export", "--help").split())
+    assert "view" in text and "--preset" in text
