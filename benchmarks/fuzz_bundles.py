@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the counts here")
     args = ap.parse_args(argv)
 
-    from histodd_fed.bundle import BundleError, Ledger, TrustStore, generate_identity, open_bundle, seal
+    from histodd_fed.bundle import NO_LEDGER, BundleError, Ledger, TrustStore, generate_identity, open_bundle, seal
     from histodd_fed.bundle.hostile import Mutator
     from histodd_fed.patchset import PatchSet
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                       labels=np.arange(args.images) % 2, class_names=["normal", "tumour"], kind="synthetic",
                       meta={"seed": args.seed})
         blob = seal(ps, c1, [c2.public], chunk_size=args.chunk_size)
-        open_bundle(blob, c2, trust, None)  # the unmutated bundle opens
+        open_bundle(blob, c2, trust, NO_LEDGER)  # the unmutated bundle opens
         mut = Mutator(blob, sign=c1.sign)
         ledger = Ledger(root / "ledger.json")
         counts: Counter = Counter()

@@ -30,13 +30,14 @@ def _fails(exc: type, *args: str, env: dict | None = None) -> None:
 def test_cli_roundtrip(tmp_path, tiny_patchset):
     k = {c: tmp_path / f"keys-{c}" for c in ("C1", "C2", "C3")}
     env = {"PW": "s3cret"}
-    _ok("keygen", "--centre-id", "C1", "--out", k["C1"], "--passphrase-env", "PW", env=env)
-    _ok("keygen", "--centre-id", "C2", "--out", k["C2"])
-    _ok("keygen", "--centre-id", "C3", "--out", k["C3"])
+    _ok("keygen", "--centre-id", "C1", "--out", k["C1"], "--passphrase-env", "PW", "--scrypt-log2n", "10", env=env)
+    _fails(KeyFileError, "keygen", "--centre-id", "C2", "--out", k["C2"])  # no passphrase and nothing to ask
+    _ok("keygen", "--centre-id", "C2", "--out", k["C2"], "--no-passphrase")
+    _ok("keygen", "--centre-id", "C3", "--out", k["C3"], "--no-passphrase")
     assert stat.S_IMODE((k["C1"] / "signing_key.pem").stat().st_mode) == 0o600
     _ok("trust", "add", k["C2"] / "identity.json", "--keys", k["C1"])
     _ok("trust", "add", k["C1"], "--keys", k["C2"])
-    _ok("keygen", "--centre-id", "C1", "--out", tmp_path / "impostor")  # another key claiming to be C1
+    _ok("keygen", "--centre-id", "C1", "--out", tmp_path / "impostor", "--no-passphrase")  # another key claiming to be C1
     _fails(TrustConflictError, "trust", "add", tmp_path / "impostor", "--keys", k["C2"])
     listing = json.loads(_ok("trust", "list", "--keys", k["C2"], "--json"))
     assert [r["centre"] for r in listing["trusted"]] == ["C1"]
@@ -78,7 +79,7 @@ def test_cli_roundtrip(tmp_path, tiny_patchset):
     _fails(RevokedSignerError, "verify", bundle, "--keys", k["C2"])
 
 
-@pytest.mark.parametrize("argv", [["keygen", "--help"], ["trust", "add", "--help"], ["export", "--help"],
+@pytest.mark.parametrize("argv", [["keygen", "--help"], ["rekey", "--help"], ["trust", "add", "--help"], ["export", "--help"],
                                   ["open", "--help"], ["inspect", "--help"], ["verify", "--help"]])
 def test_cli_help(argv):
     assert "Usage" in _ok(*argv)

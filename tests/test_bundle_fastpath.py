@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from histodd_fed.bundle import (BundleError, DecryptionError, FormatError, NotARecipientError, SemanticError,
+from histodd_fed.bundle import (NO_LEDGER, BundleError, DecryptionError, FormatError, NotARecipientError, SemanticError,
                                 SignatureError, TrustStore, generate_identity, open_bundle, seal, verify)
 from histodd_fed.bundle.format import (SIGNATURE_SIZE, TAG_SIZE, BundleSource, canonical_json, chunk_count,
                                        encode_prefix, parse_header, signed_message)
@@ -73,12 +73,12 @@ def _old_rechunk(pieces, size):
 
 
 def _old_write_bundle(out, sender, recipients, manifest, parts, bundle_id, created, chunk_size) -> None:
-    """The pre-fast-path writer, step for step (golden producer of version-1 bytes)."""
+    """The pre-fast-path writer, step for step (golden producer of version-1 bytes: no key commitment)."""
     manifest_raw = canonical_json(manifest)
     payload_size = sum(p.size for p in parts)
     nchunks = chunk_count(payload_size, chunk_size)
     header_raw, content_key = _sealed_header(sender, recipients, manifest_raw, payload_size, bundle_id, created,
-                                             chunk_size)  # the header layout is unchanged by the fast path
+                                             chunk_size, 1)  # version 1: no key commitment
     hh = hashlib.sha256(header_raw).digest()
     aead = AESGCM(content_key)
     digest = hashlib.sha256()
@@ -87,7 +87,7 @@ def _old_write_bundle(out, sender, recipients, manifest, parts, bundle_id, creat
         digest.update(b)
         out.write(b)
 
-    emit(encode_prefix(header_raw) + header_raw)
+    emit(encode_prefix(header_raw, 1) + header_raw)
     emit(aead.encrypt(MANIFEST_NONCE, manifest_raw, MANIFEST_AAD + hh))
     pieces = (bytes(piece) for p in parts for piece in p.pieces())
     for i, block in enumerate(_old_rechunk(pieces, chunk_size)):
@@ -132,7 +132,7 @@ def _reference_open(blob: bytes, identity, signer) -> PatchSet:
 
 def _refused(blob: bytes, ids, expected: type, identity=None) -> BundleError:
     with pytest.raises(BundleError) as ei:
-        open_bundle(blob, identity or ids["C2"], ids["trust"], None)
+        open_bundle(blob, identity or ids["C2"], ids["trust"], NO_LEDGER)
     assert type(ei.value) is expected, f"raised {type(ei.value).__name__} ({ei.value}), expected {expected.__name__}"
     assert "\n" not in str(ei.value)
     return ei.value
@@ -167,7 +167,9 @@ def test_chunks_are_exact_and_zero_copy_inside_pieces():
 def test_old_writer_bundles_open_with_the_new_reader(ids, chunk_size):
     ps = _ps(5, seed=chunk_size)
     blob = _sealed_with(_old_write_bundle, ps, ids["C1"], ids["C2"].public, chunk_size)
-    _same(ps, open_bundle(blob, ids["C2"], ids["trust"], None).patchset)
+    h = parse_header(BundleSource(blob))
+    assert h.version == 1 and "key_commitment" not in h.fields
+    _same(ps, open_bundle(blob, ids["C2"], ids["trust"], NO_LEDGER).patchset)
     verify(blob, ids["trust"])
 
 
@@ -186,7 +188,7 @@ def test_threaded_path_many_chunks_file_and_bytes(ids, tmp_path):
     blob = path.read_bytes()
     assert parse_header(BundleSource(blob)).num_chunks > 1024
     for src in (path, blob):
-        ob = open_bundle(src, ids["C2"], ids["trust"], None)
+        ob = open_bundle(src, ids["C2"], ids["trust"], NO_LEDGER)
         _same(ps, ob.patchset)
         assert ob.patchset.images.flags.writeable
     _same(ps, _reference_open(blob, ids["C2"], ids["C1"].public))
@@ -200,7 +202,7 @@ def test_chunk_boundaries_inside_the_safetensors_header(ids):
     assert head > 3 * 64  # the header alone spans several 64-byte chunks
     for cs in (64, 72, 96, 127):
         blob = seal(ps, ids["C1"], [ids["C2"].public], chunk_size=cs)
-        _same(ps, open_bundle(blob, ids["C2"], ids["trust"], None).patchset)
+        _same(ps, open_bundle(blob, ids["C2"], ids["trust"], NO_LEDGER).patchset)
 
 
 def test_empty_and_tiny_payloads(ids):
@@ -211,7 +213,7 @@ def test_empty_and_tiny_payloads(ids):
     for ps in (empty, one):
         for cs in (64, 1 << 20):
             blob = seal(ps, ids["C1"], [ids["C2"].public], chunk_size=cs)
-            _same(ps, open_bundle(blob, ids["C2"], ids["trust"], None).patchset)
+            _same(ps, open_bundle(blob, ids["C2"], ids["trust"], NO_LEDGER).patchset)
             _same(ps, _reference_open(blob, ids["C2"], ids["C1"].public))
 
 
@@ -229,7 +231,7 @@ def test_payload_an_exact_multiple_of_the_chunk_size(ids):
     blob = seal(ps, ids["C1"], [ids["C2"].public], chunk_size=64)
     h = parse_header(BundleSource(blob))
     assert h.num_chunks == size // 64 and h.chunk_span(h.num_chunks - 1)[1] == 64 + TAG_SIZE
-    _same(ps, open_bundle(blob, ids["C2"], ids["trust"], None).patchset)
+    _same(ps, open_bundle(blob, ids["C2"], ids["trust"], NO_LEDGER).patchset)
 
 
 # ---------------------------------------------------------------------- error order
@@ -343,7 +345,7 @@ def test_hostile_safetensors_header_is_a_semantic_error(ids, name):
     ps = _ps(4, seed=4, coords=False)
     header, data = _good_header(ps)
     good = _sealed_with(_write_bundle, ps, ids["C1"], ids["C2"].public, 96, _hostile_parts(ps, _tensor_blob(header, data)))
-    _same(ps, open_bundle(good, ids["C2"], ids["trust"], None).patchset)  # the helper itself is sound
+    _same(ps, open_bundle(good, ids["C2"], ids["trust"], NO_LEDGER).patchset)  # the helper itself is sound
     h2, d2 = _edits()[name](json.loads(json.dumps(header)), data)
     blob = _sealed_with(_write_bundle, ps, ids["C1"], ids["C2"].public, 96, _hostile_parts(ps, _tensor_blob(h2, d2)))
     verify(blob, ids["trust"])  # validly signed by a trusted sender

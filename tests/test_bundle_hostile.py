@@ -135,7 +135,7 @@ def test_replay_is_refused_after_one_open(world, tmp_path):
     ledger = Ledger(tmp_path / "ledger.json")
     trust = TrustStore.load(root / "C2")
     first = open_bundle(blob, ids["C2"], trust, ledger, out_dir=tmp_path / "first")
-    assert first.header.bundle_id in ledger.entries()
+    assert f"{first.header.sign_key_id}:{first.header.bundle_id}" in ledger.entries()
     with pytest.raises(ReplayError, match="already opened"):
         open_bundle(blob, ids["C2"], trust, ledger, out_dir=tmp_path / "second")
     assert not (tmp_path / "second").exists()

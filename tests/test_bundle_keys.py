@@ -96,18 +96,36 @@ def test_trust_store_pinning_revocation_and_persistence(tmp_path):
 
 def test_ledger(tmp_path):
     led = Ledger.in_key_dir(tmp_path)
-    led.check("a" * 32)
-    with led.claim("a" * 32, {"source": "C1"}):
+    k = "k" * 32
+    led.check(k, "a" * 32)
+    with led.claim(k, "a" * 32, "d" * 64, {"source": "C1"}):
         pass
     with pytest.raises(ReplayError):
-        led.check("a" * 32)
+        led.check(k, "a" * 32)
+    with pytest.raises(ReplayError):  # the same signed digest under any key
+        led.check("j" * 32, "c" * 32, digest="d" * 64)
+    led.check("j" * 32, "a" * 32)  # another signer's bundle under the same id is not a replay
     with pytest.raises(ReplayError):
-        with led.claim("a" * 32, {}):
+        with led.claim(k, "a" * 32, "e" * 64, {}):
             pass
     with pytest.raises(RuntimeError):  # a failing block records nothing
-        with led.claim("b" * 32, {}):
+        with led.claim(k, "b" * 32, "f" * 64, {}):
             raise RuntimeError("boom")
-    assert set(led.entries()) == {"a" * 32}
+    assert set(led.entries()) == {f"{k}:{'a' * 32}"}
     (tmp_path / "ledger.json").write_text("oops")
     with pytest.raises(KeyFileError, match="unreadable ledger"):
-        led.check("c" * 32)
+        led.check(k, "c" * 32)
+
+
+def test_version_1_ledger_still_refuses_its_entries(tmp_path):
+    (tmp_path / "ledger.json").write_text(json.dumps({"format": "histodd-ledger", "format_version": 1, "opened": {
+        "a" * 32: {"source": "C1", "created": "2026-01-01T00:00:00+00:00", "opened": "2026-01-01T00:00:01+00:00"}}}))
+    led = Ledger.in_key_dir(tmp_path)
+    with pytest.raises(ReplayError):
+        led.check("k" * 32, "a" * 32, source="C1")
+    led.check("k" * 32, "a" * 32, source="C3")  # a legacy entry no longer blocks another centre's id
+    led.record("k" * 32, "b" * 32, "d" * 64, {"source": "C1"})
+    d = json.loads((tmp_path / "ledger.json").read_text())
+    assert d["format_version"] == 2 and len(d["opened"]) == 2
+    with pytest.raises(ReplayError):
+        Ledger.in_key_dir(tmp_path).check("k" * 32, "a" * 32, source="C1")

@@ -7,7 +7,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from histodd_fed.bundle import (FormatError, Ledger, NotARecipientError, OutputExistsError, TrustStore,
+from histodd_fed.bundle import (NO_LEDGER, FormatError, Ledger, NotARecipientError, OutputExistsError, TrustStore,
                                 generate_identity, inspect, open_bundle, seal, verify)
 from histodd_fed.bundle.seal import RECEIPT_FILE
 from histodd_fed.patchset import PatchSet
@@ -53,7 +53,7 @@ def test_roundtrip_per_slide_to_disk(centres, tmp_path, tiny_patchset):
     assert m["class_counts"] == {"normal": 6, "tumour": 6} and m["extra"] == {"note": "x"}
     assert (out / RECEIPT_FILE).exists()
     with pytest.raises(OutputExistsError):
-        open_bundle(path, centres["C2"], TrustStore.load(tmp_path / "C2"), None, out_dir=out)
+        open_bundle(path, centres["C2"], TrustStore.load(tmp_path / "C2"), NO_LEDGER, out_dir=out)
 
 
 def test_roundtrip_patch_level_in_memory(centres, tmp_path):
@@ -62,7 +62,7 @@ def test_roundtrip_patch_level_in_memory(centres, tmp_path):
                   class_names=["a", "b", "c"], kind="synthetic", meta={"seed": 3})
     blob = seal(ps, centres["C1"], [centres["C2"].public])
     assert isinstance(blob, bytes)
-    ob = open_bundle(blob, centres["C2"], TrustStore.load(tmp_path / "C2"), None)
+    ob = open_bundle(blob, centres["C2"], TrustStore.load(tmp_path / "C2"), NO_LEDGER)
     _same(ps, ob.patchset)
     assert ob.manifest["mode"] == "patch-level" and ob.manifest["ipc"] == 2
     assert ob.out_dir is None
@@ -74,7 +74,7 @@ def test_multi_recipient_and_third_party(centres, tmp_path, tiny_patchset):
         ob = open_bundle(blob, centres[c], TrustStore.load(tmp_path / c), Ledger.in_key_dir(tmp_path / c))
         _same(tiny_patchset, ob.patchset)
     with pytest.raises(NotARecipientError, match="C4"):
-        open_bundle(blob, centres["C4"], TrustStore.load(tmp_path / "C4"), None)
+        open_bundle(blob, centres["C4"], TrustStore.load(tmp_path / "C4"), NO_LEDGER)
 
 
 def test_relay_verifies_without_private_keys(centres, tmp_path, tiny_patchset):
@@ -115,7 +115,7 @@ def test_large_bundle_bounded_memory(centres, tmp_path):
         path = seal(ps, centres["C1"], [centres["C2"].public], out=tmp_path / "big.hdb")
         seal_peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.reset_peak()
-        ob = open_bundle(path, centres["C2"], TrustStore.load(tmp_path / "C2"), None, out_dir=tmp_path / "o")
+        ob = open_bundle(path, centres["C2"], TrustStore.load(tmp_path / "C2"), NO_LEDGER, out_dir=tmp_path / "o")
         open_peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -1,6 +1,6 @@
 """`centre-node` commands for identities, trust and bundles.
 
-``keygen``, ``trust add|list|remove``, ``export``, ``inspect``, ``verify``, ``open``. Thin: each
+``keygen``, ``rekey``, ``trust add|list|remove``, ``export``, ``inspect``, ``verify``, ``open``. Thin: each
 parses options and calls :mod:`histodd_fed.bundle`; failures raise its typed errors, which
 ``centre_node.cli`` prints as one line (exit 2).
 """
@@ -8,7 +8,7 @@ parses options and calls :mod:`histodd_fed.bundle`; failures raise its typed err
 from __future__ import annotations
 
 import json
-import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -17,30 +17,101 @@ import typer
 trust_app = typer.Typer(name="trust", help="Manage the centres this node trusts (trust.json in the key dir).",
                         no_args_is_help=True)
 
-PASSPHRASE_HELP = "Name of an environment variable holding the private-key passphrase."
+PASSPHRASE_ENV_HELP = "Read the private-key passphrase from this environment variable."
+PASSPHRASE_FD_HELP = "Read the private-key passphrase from this file descriptor (e.g. a pipe: 3<<<\"$PW\")."
+SCRYPT_HELP = ("scrypt cost as log2(n) for new key files (default 17: ~0.3 s and 128 MiB per guess); "
+               "recorded in the key file. Lower only for tests.")
 
 
-def _passphrase(env: Optional[str]) -> Optional[str]:
+def _source(env: Optional[str], fd: Optional[int], what: str = "the keys"):
+    """The passphrase source the options name: env, fd, or (default) an interactive prompt that is
+    only asked when a key is encrypted."""
     from histodd_fed.bundle.errors import KeyFileError
 
-    if not env:
+    if env and fd is not None:
+        raise KeyFileError("give --passphrase-env or --passphrase-fd, not both")
+    if env:
+        return f"env:{env}"
+    if fd is not None:
+        return f"fd:{fd}"
+    return lambda: _prompt(f"Passphrase for {what}", what, confirm=False)
+
+
+def _prompt(text: str, what: str, confirm: bool) -> str:
+    """Ask on the terminal (not echoed); without one, a one-line error naming the options."""
+    import click
+
+    from histodd_fed.bundle.errors import KeyFileError
+
+    err = KeyFileError(f"{what}: a passphrase is needed and there is no terminal to ask on; give "
+                       "--passphrase-env NAME or --passphrase-fd N" + (" (or --no-passphrase)" if confirm else ""))
+    if not sys.stdin.isatty() and not _stdin_is_test_input():
+        raise err
+    try:
+        return typer.prompt(text, hide_input=True, confirmation_prompt=confirm)
+    except click.exceptions.Abort:
+        raise err from None
+
+
+def _new_passphrase(env: Optional[str], fd: Optional[int], no_passphrase: bool, what: str) -> Optional[bytes]:
+    """The passphrase for new key files: env, fd, or a prompt (with confirmation) on a terminal;
+    ``--no-passphrase`` is the explicit way to write clear keys."""
+    from histodd_fed.bundle.errors import KeyFileError
+    from histodd_fed.bundle.identity import read_passphrase
+
+    if no_passphrase:
+        if env or fd is not None:
+            raise KeyFileError("--no-passphrase contradicts a passphrase option")
         return None
-    if env not in os.environ:
-        raise KeyFileError(f"--passphrase-env {env}: environment variable is not set")
-    return os.environ[env]
+    if env or fd is not None:
+        return read_passphrase(_source(env, fd))
+    return read_passphrase(lambda: _prompt(f"New passphrase for {what}", what, confirm=True))
+
+
+def _stdin_is_test_input() -> bool:
+    """typer's CliRunner feeds ``input=`` through a non-tty stdin: allow the prompt there."""
+    return type(sys.stdin).__module__.startswith("click.")
 
 
 def keygen(
     centre_id: str = typer.Option(..., "--centre-id", help="This centre's id, e.g. C1."),
     out: Path = typer.Option(..., "--out", help="Key directory to create."),
-    passphrase_env: Optional[str] = typer.Option(None, "--passphrase-env", help=PASSPHRASE_HELP),
+    passphrase_env: Optional[str] = typer.Option(None, "--passphrase-env", help=PASSPHRASE_ENV_HELP),
+    passphrase_fd: Optional[int] = typer.Option(None, "--passphrase-fd", help=PASSPHRASE_FD_HELP),
+    no_passphrase: bool = typer.Option(False, "--no-passphrase", help="Store the private keys unencrypted."),
+    scrypt_log2n: int = typer.Option(17, "--scrypt-log2n", help=SCRYPT_HELP),
 ) -> None:
-    """Create this centre's signing (Ed25519) and encryption (X25519) keys and identity.json."""
+    """Create this centre's signing (Ed25519) and encryption (X25519) keys and identity.json.
+
+    The private keys are encrypted (scrypt + AES-256-GCM) with a passphrase from --passphrase-env,
+    --passphrase-fd or a prompt; --no-passphrase stores them in the clear (mode 0600 either way).
+    """
     from histodd_fed.bundle.identity import generate_identity
 
-    ident = generate_identity(centre_id, out, passphrase=_passphrase(passphrase_env))
+    pw = _new_passphrase(passphrase_env, passphrase_fd, no_passphrase, f"the new keys in {out}")
+    ident = generate_identity(centre_id, out, passphrase=pw, scrypt_log2n=scrypt_log2n)
     typer.echo(f"identity {ident.centre_id}: sign key {ident.public.sign_key_id}, "
-               f"kem key {ident.public.kem_key_id}; share {out / 'identity.json'}")
+               f"kem key {ident.public.kem_key_id} ({'encrypted' if pw else 'NOT encrypted'}); "
+               f"share {out / 'identity.json'}")
+
+
+def rekey(
+    keys: Path = typer.Option(..., "--keys", help="Key directory whose private keys to re-encrypt."),
+    passphrase_env: Optional[str] = typer.Option(None, "--passphrase-env", help="Current passphrase: " + PASSPHRASE_ENV_HELP),
+    passphrase_fd: Optional[int] = typer.Option(None, "--passphrase-fd", help="Current passphrase: " + PASSPHRASE_FD_HELP),
+    new_passphrase_env: Optional[str] = typer.Option(None, "--new-passphrase-env", help="New passphrase from this variable."),
+    new_passphrase_fd: Optional[int] = typer.Option(None, "--new-passphrase-fd", help="New passphrase from this fd."),
+    no_passphrase: bool = typer.Option(False, "--no-passphrase", help="Store the keys unencrypted."),
+    scrypt_log2n: int = typer.Option(17, "--scrypt-log2n", help=SCRYPT_HELP),
+) -> None:
+    """Re-encrypt this centre's private keys: change the passphrase, or migrate PBKDF2 key files to scrypt."""
+    from histodd_fed.bundle.identity import rekey_identity
+
+    src = _source(passphrase_env, passphrase_fd, f"the keys in {keys}")
+    new = _new_passphrase(new_passphrase_env, new_passphrase_fd, no_passphrase, f"the keys in {keys}")
+    ident = rekey_identity(keys, passphrase_source=src, new_passphrase=new, scrypt_log2n=scrypt_log2n)
+    typer.echo(f"re-encrypted the keys of {ident.centre_id} in {keys} "
+               f"({'scrypt n=2^' + str(scrypt_log2n) if new else 'NOT encrypted'})")
 
 
 @trust_app.command("add")
@@ -136,7 +207,8 @@ def export(
     accept_privacy_risk: bool = typer.Option(False, "--accept-privacy-risk",
                                              help="Export even if the privacy gate flags a risk or cannot audit "
                                                   "(no real patches found); recorded in the manifest."),
-    passphrase_env: Optional[str] = typer.Option(None, "--passphrase-env", help=PASSPHRASE_HELP),
+    passphrase_env: Optional[str] = typer.Option(None, "--passphrase-env", help=PASSPHRASE_ENV_HELP),
+    passphrase_fd: Optional[int] = typer.Option(None, "--passphrase-fd", help=PASSPHRASE_FD_HELP),
     chunk_size: int = typer.Option(1 << 20, "--chunk-size", help="Plaintext bytes per encrypted chunk."),
 ) -> None:
     """Seal a synthetic patch set for the given centres (encrypted for them, signed by this centre).
@@ -153,13 +225,13 @@ def export(
     from histodd_fed.patchset import PatchSet
 
     ps = PatchSet.load(synthetic)
-    sender = load_identity(keys, passphrase=_passphrase(passphrase_env))
+    sender = load_identity(keys, passphrase_source=_source(passphrase_env, passphrase_fd, f"the keys in {keys}"))
     store = TrustStore.load(keys)
     names = [c.strip() for c in to.split(",") if c.strip()]
     recipients = store.recipients(names)
     report = _privacy_gate(ps, synthetic, accept_privacy_risk, patches, holdout)
     path = seal(ps, sender, recipients, out=out, privacy_report=report,
-                extra_manifest={"synthetic_dir": str(synthetic), "accepted_privacy_risk": accept_privacy_risk},
+                extra_manifest={"accepted_privacy_risk": accept_privacy_risk},  # no local paths leave
                 chunk_size=chunk_size)
     h = bundle_inspect(path)
     typer.echo(f"sealed {len(ps)} patches for {', '.join(names)}: {path} "
@@ -185,7 +257,7 @@ def inspect(
                       "status": f"valid; signer {header.source_centre} is trusted"}
         except BundleError as exc:
             status = {"checked": True, "valid": False, "error": type(exc).__name__, "status": str(exc)}
-    summary = {**header.summary(), "signature": status}
+    summary = _printable({**header.summary(), "signature": status})
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -197,6 +269,18 @@ def inspect(
         elif isinstance(v, dict):
             v = json.dumps(v)
         typer.echo(f"{k:>15}: {v}")
+
+
+def _printable(obj):
+    """Escape control and non-ASCII characters in strings bound for a terminal (defence in depth:
+    the header is validated, but is unverified input when inspect runs without --keys)."""
+    if isinstance(obj, dict):
+        return {_printable(k): _printable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_printable(v) for v in obj]
+    if isinstance(obj, str) and not (obj.isascii() and obj.isprintable()):
+        return ascii(obj)[1:-1]
+    return obj
 
 
 def verify_cmd(
@@ -216,14 +300,22 @@ def open_cmd(
     file: Path = typer.Argument(..., help="Bundle file."),
     keys: Path = typer.Option(..., "--keys", help="This centre's key directory."),
     out: Path = typer.Option(..., "--out", help="New directory for the opened patch set."),
-    passphrase_env: Optional[str] = typer.Option(None, "--passphrase-env", help=PASSPHRASE_HELP),
+    passphrase_env: Optional[str] = typer.Option(None, "--passphrase-env", help=PASSPHRASE_ENV_HELP),
+    passphrase_fd: Optional[int] = typer.Option(None, "--passphrase-fd", help=PASSPHRASE_FD_HELP),
+    max_age_days: float = typer.Option(30.0, "--max-age-days",
+                                       help="Freshness window: refuse bundles created longer ago than this."),
 ) -> None:
-    """Verify, decrypt and check a bundle addressed to this centre; write its patch set."""
-    from histodd_fed.bundle import Ledger, load_identity, open_bundle
+    """Verify, decrypt and check a bundle addressed to this centre; write its patch set.
+
+    Refuses a replay (ledger.json in the key dir, keyed by signer key and bundle id), a bundle
+    older than --max-age-days, and runs at all only while an initialised ledger is present.
+    """
+    from histodd_fed.bundle import Ledger, Limits, load_identity, open_bundle
     from histodd_fed.bundle.trust import TrustStore
 
-    ident = load_identity(keys, passphrase=_passphrase(passphrase_env))
-    opened = open_bundle(file, ident, TrustStore.load(keys), Ledger.in_key_dir(keys), out_dir=out)
+    ident = load_identity(keys, passphrase_source=_source(passphrase_env, passphrase_fd, f"the keys in {keys}"))
+    limits = Limits(max_age_seconds=int(max_age_days * 86400))
+    opened = open_bundle(file, ident, TrustStore.load(keys), Ledger.in_key_dir(keys), out_dir=out, limits=limits)
     ps = opened.patchset
     typer.echo(f"opened bundle {opened.header.bundle_id} from {opened.header.source_centre}: "
                f"{len(ps)} patches {ps.class_counts()} -> {out}")
@@ -232,6 +324,7 @@ def open_cmd(
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
     app.command("keygen")(keygen)
+    app.command("rekey")(rekey)
     app.add_typer(trust_app, name="trust")
     app.command("export")(export)
     app.command("inspect")(inspect)

@@ -7,22 +7,25 @@ when hostile (typed errors, size limits, nothing written on failure). A relay ca
 signature without any private key. See ``docs/bundle-format.md``.
 """
 
-from histodd_fed.bundle.errors import (BundleError, DecryptionError, FormatError, KeyFileError,
-                                       ManifestHashError, NotARecipientError, OutputExistsError, ReplayError,
-                                       RevokedSignerError, SemanticError, SignatureError, SizeLimitError,
+from histodd_fed.bundle.errors import (BundleError, DecryptionError, FormatError, KeyCommitmentError,
+                                       KeyFileError, KeyPermissionError, LedgerMissingError, ManifestHashError,
+                                       NotARecipientError, OutputExistsError, ReplayError, RevokedSignerError,
+                                       SemanticError, SignatureError, SizeLimitError, StaleBundleError,
                                        TrustConflictError, UnsupportedAlgorithmError, UntrustedSignerError,
                                        VersionError)
 from histodd_fed.bundle.format import BundleHeader, Limits
 from histodd_fed.bundle.identity import (Identity, PublicIdentity, generate_identity, load_identity,
-                                         load_public_identity)
-from histodd_fed.bundle.ledger import Ledger
+                                         load_public_identity, read_passphrase, rekey_identity)
+from histodd_fed.bundle.ledger import NO_LEDGER, Ledger
 from histodd_fed.bundle.seal import OpenedBundle, inspect, open_bundle, seal, verify
 from histodd_fed.bundle.trust import TrustStore
 
 __all__ = [
-    "BundleError", "BundleHeader", "DecryptionError", "FormatError", "Identity", "KeyFileError", "Ledger",
-    "Limits", "ManifestHashError", "NotARecipientError", "OpenedBundle", "OutputExistsError", "PublicIdentity",
-    "ReplayError", "RevokedSignerError", "SemanticError", "SignatureError", "SizeLimitError",
+    "BundleError", "BundleHeader", "DecryptionError", "FormatError", "Identity", "KeyCommitmentError",
+    "KeyFileError", "KeyPermissionError", "Ledger", "LedgerMissingError", "Limits", "ManifestHashError",
+    "NO_LEDGER", "NotARecipientError", "OpenedBundle", "OutputExistsError", "PublicIdentity", "ReplayError",
+    "RevokedSignerError", "SemanticError", "SignatureError", "SizeLimitError", "StaleBundleError",
     "TrustConflictError", "TrustStore", "UnsupportedAlgorithmError", "UntrustedSignerError", "VersionError",
-    "generate_identity", "inspect", "load_identity", "load_public_identity", "open_bundle", "seal", "verify",
+    "generate_identity", "inspect", "load_identity", "load_public_identity", "open_bundle", "read_passphrase",
+    "rekey_identity", "seal", "verify",
 ]

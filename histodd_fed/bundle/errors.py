@@ -58,7 +58,15 @@ class ManifestHashError(BundleError):
 
 
 class ReplayError(BundleError):
-    """This bundle id was already opened here."""
+    """This bundle (signer key id, bundle id) was already opened here."""
+
+
+class StaleBundleError(ReplayError):
+    """The bundle's signed ``created`` time lies outside the freshness window (too old, or in the future)."""
+
+
+class KeyCommitmentError(DecryptionError):
+    """The content key unwrapped for this recipient is not the one committed to in the signed header."""
 
 
 class SemanticError(BundleError):
@@ -67,6 +75,14 @@ class SemanticError(BundleError):
 
 class KeyFileError(BundleError):
     """A key file, identity file, trust store or ledger is missing, unreadable or inconsistent."""
+
+
+class KeyPermissionError(KeyFileError):
+    """A private key (or passphrase) file is readable by group or others."""
+
+
+class LedgerMissingError(KeyFileError):
+    """An initialised replay ledger has vanished or was rolled back."""
 
 
 class TrustConflictError(KeyFileError):

@@ -1,9 +1,9 @@
-"""The bundle container layout (version 1); see ``docs/bundle-format.md``.
+"""The bundle container layout (version 2; version 1 is still read); see ``docs/bundle-format.md``.
 
 ::
 
     offset 0   magic            8 bytes  b"HDDBNDL\\x00"
-           8   format version   u16 big-endian (1)
+           8   format version   u16 big-endian (2; 1 is still read)
           10   header length    u32 big-endian (H)
           14   header           H bytes: canonical JSON (sorted keys, no spaces, ASCII)
                manifest         manifest_ciphertext_size bytes (AES-256-GCM, one piece)
@@ -22,8 +22,10 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO, Union
 
@@ -32,7 +34,8 @@ from histodd_fed.bundle.errors import (FormatError, SizeLimitError, UnsupportedA
                                        VersionError)
 
 MAGIC = b"HDDBNDL\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2           # written; adds ``key_commitment`` to the signed header
+READ_VERSIONS = (1, 2)
 PREFIX = struct.Struct(">8sHI")
 PREFIX_SIZE = PREFIX.size  # 14
 TAG_SIZE = 16
@@ -49,12 +52,16 @@ ALGORITHMS = {
 }
 SIGNATURE_DOMAIN = b"histodd-bundle/v1/signature\x00"
 WRAP_INFO_DOMAIN = b"histodd-bundle/v1/key-wrap\x00"
-HEADER_KEYS = {"format", "bundle_id", "created", "source", "recipients", "algorithms", "chunk_size",
+COMMIT_DOMAIN = b"histodd-bundle/v2/key-commitment\x00"
+COMMIT_SIZE = 32
+HEADER_KEYS_V1 = {"format", "bundle_id", "created", "source", "recipients", "algorithms", "chunk_size",
                "num_chunks", "manifest_size", "manifest_ciphertext_size", "payload_size",
                "payload_ciphertext_size"}
+HEADER_KEYS = {1: HEADER_KEYS_V1, 2: HEADER_KEYS_V1 | {"key_commitment"}}
 RECIPIENT_KEYS = {"centre", "kem_key_id", "enc", "wrapped_key"}
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 CENTRE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+CREATED = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})$")
 
 Source = Union[bytes, bytearray, memoryview, str, os.PathLike]
 
@@ -69,12 +76,32 @@ class Limits:
     max_payload_bytes: int = 16 * 1024 ** 3
     max_chunk_size: int = 64 * 1024 * 1024
     max_chunks: int = 1 << 20
+    max_age_seconds: int | None = 30 * 86400   # freshness window on the signed ``created`` (None: off)
+    max_future_seconds: int = 600               # clock skew tolerated for a ``created`` ahead of ours
 
 
 def canonical_json(obj: object) -> bytes:
     """The one byte encoding of a JSON value used for headers and manifests."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
                       allow_nan=False).encode("ascii")
+
+
+def parse_created(value: object) -> datetime | None:
+    """The header's ``created`` as an aware datetime, or None unless strict ISO-8601 with a zone."""
+    if not isinstance(value, str) or not CREATED.match(value):
+        return None
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo is not None else None
+
+
+def key_commitment(content_key: bytes, bundle_id: str) -> bytes:
+    """Version-2 key commitment: HMAC-SHA256(content key, domain || bundle id), signed in the header."""
+    import hmac
+
+    return hmac.new(content_key, COMMIT_DOMAIN + bundle_id.encode("ascii"), hashlib.sha256).digest()
 
 
 def chunk_count(payload_size: int, chunk_size: int) -> int:
@@ -196,15 +223,18 @@ class BundleSource:
         elif isinstance(data_or_path, (str, os.PathLike)):
             p = Path(data_or_path)
             self.name = str(p)
-            try:
-                self.fh = open(p, "rb")
+            try:  # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat decides before any read
+                fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
             except OSError as exc:
                 raise FormatError(f"{p}: cannot open bundle ({exc.strerror or exc})") from exc
-            if not os.path.isfile(p):
-                self.fh.close()
-                raise FormatError(f"{p}: not a regular file")
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                raise FormatError(f"{p}: not a regular file (refusing a FIFO, device, socket or directory)")
+            os.set_blocking(fd, True)
+            self.fh = os.fdopen(fd, "rb")
             self._own = True
-            self.size = os.fstat(self.fh.fileno()).st_size
+            self.size = st.st_size
         else:
             raise FormatError(f"bundle: expected bytes or a path, got {type(data_or_path).__name__}")
 
@@ -256,8 +286,9 @@ def parse_header(src: BundleSource, limits: Limits = Limits()) -> BundleHeader:
     magic, version, hlen = PREFIX.unpack(src.read_at(0, PREFIX_SIZE))
     if magic != MAGIC:
         raise FormatError(f"{where}: not a histodd bundle (bad magic)")
-    if version != FORMAT_VERSION:
-        raise VersionError(f"{where}: bundle format version {version} is not supported (this reads {FORMAT_VERSION})")
+    if version not in READ_VERSIONS:
+        raise VersionError(f"{where}: bundle format version {version} is not supported (this reads "
+                           f"{', '.join(map(str, READ_VERSIONS))})")
     if hlen > limits.max_header_bytes:
         raise SizeLimitError(f"{where}: header of {hlen} bytes exceeds the limit of {limits.max_header_bytes}")
     if PREFIX_SIZE + hlen + SIGNATURE_SIZE > src.size:
@@ -275,18 +306,22 @@ def parse_header(src: BundleSource, limits: Limits = Limits()) -> BundleHeader:
         raise FormatError(f"{where}: header holds non-JSON numbers") from exc
     if canon != raw:
         raise FormatError(f"{where}: header is not in canonical form")
-    if set(fields) != HEADER_KEYS:
-        extra, missing = sorted(set(fields) - HEADER_KEYS), sorted(HEADER_KEYS - set(fields))
-        raise FormatError(f"{where}: header fields differ from version 1 (unexpected {extra}, missing {missing})")
+    keys = HEADER_KEYS[version]
+    if set(fields) != keys:
+        extra, missing = sorted(set(fields) - keys), sorted(keys - set(fields))
+        raise FormatError(f"{where}: header fields differ from version {version} (unexpected {extra}, "
+                          f"missing {missing})")
     if fields["format"] != "histodd-bundle":
         raise FormatError(f"{where}: header format is {fields['format']!r}, not 'histodd-bundle'")
     if fields["algorithms"] != ALGORITHMS:
         raise UnsupportedAlgorithmError(f"{where}: header names algorithms {fields['algorithms']!r}; "
-                                        f"version 1 allows only {ALGORITHMS!r}")
+                                        f"version {version} allows only {ALGORITHMS!r}")
     if not isinstance(fields["bundle_id"], str) or not HEX32.match(fields["bundle_id"]):
         raise FormatError(f"{where}: bundle_id must be 32 lowercase hex digits")
-    if not isinstance(fields["created"], str) or len(fields["created"]) > 64:
-        raise FormatError(f"{where}: created must be a short string")
+    if parse_created(fields["created"]) is None:
+        raise FormatError(f"{where}: created {ascii(fields['created'])[:80]} is not an ISO-8601 time with a zone")
+    if version >= 2:
+        _b64(fields["key_commitment"], COMMIT_SIZE, f"{where}: key_commitment")
     src_f = fields["source"]
     if (not isinstance(src_f, dict) or set(src_f) != {"centre", "sign_key_id"}
             or not isinstance(src_f["centre"], str) or not CENTRE.match(src_f["centre"])
@@ -338,10 +373,11 @@ def parse_header(src: BundleSource, limits: Limits = Limits()) -> BundleHeader:
     return BundleHeader(fields=fields, raw=raw, version=version, file_size=src.size, name=where)
 
 
-def encode_prefix(header_raw: bytes) -> bytes:
-    return PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_raw))
+def encode_prefix(header_raw: bytes, version: int = FORMAT_VERSION) -> bytes:
+    return PREFIX.pack(MAGIC, version, len(header_raw))
 
 
 __all__ = ["ALGORITHMS", "BundleHeader", "BundleSource", "DEFAULT_CHUNK_SIZE", "FORMAT_VERSION", "Limits",
+           "READ_VERSIONS", "key_commitment", "parse_created",
            "MAGIC", "canonical_json", "chunk_count", "encode_prefix", "parse_header", "signed_message",
            "wrap_info"]

@@ -62,7 +62,7 @@ def _rebuild(blob: bytes, h: BundleHeader, fields: dict, body: bytes | None = No
     """``blob`` with its header replaced by canonical ``fields`` (signature left stale)."""
     raw = canonical_json(fields)
     rest = blob[h.manifest_offset:] if body is None else body
-    return encode_prefix(raw) + raw + rest
+    return encode_prefix(raw, h.version) + raw + rest
 
 
 def _resign(data: bytes, sign: Callable[[bytes], bytes]) -> bytes:
@@ -154,9 +154,10 @@ class Mutator:
             return Mutation("dup_recipient", "header", _rebuild(self.blob, self.h, f), (FormatError,))
         if choice == 6:
             raw = json.dumps(self.h.fields, sort_keys=True).encode()  # not canonical (spaces)
-            return Mutation("noncanonical", "header", encode_prefix(raw) + raw + self.blob[self.h.manifest_offset:],
+            return Mutation("noncanonical", "header",
+                            encode_prefix(raw, self.h.version) + raw + self.blob[self.h.manifest_offset:],
                             (FormatError,))
-        version = int(rng.integers(2, 1 << 16))
+        version = int(rng.integers(3, 1 << 16))  # 1 and 2 are both read
         d = bytearray(self.blob)
         d[8:10] = struct.pack(">H", version)
         return Mutation("version", "version", bytes(d), (VersionError,))
@@ -187,3 +188,24 @@ class Mutator:
         for name, _, _ in self.regions:
             for _ in range(per_region):
                 yield self.bitflip(rng, region=name)
+
+
+# ---------------------------------------------------------------------- attacker tooling
+def forge_bundle(ps, sender, recipients, *, bundle_id: str | None = None, created: str | None = None,
+                 chunk_size: int = 256, extra: dict | None = None, **writer_kw) -> bytes:
+    """A bundle sealed by ``sender`` with an attacker-chosen ``bundle_id`` / ``created`` (the writer
+    itself, so the result is validly signed by whoever holds ``sender``'s key)."""
+    import io
+    import os
+    from datetime import datetime, timezone
+
+    from histodd_fed.bundle.payload import payload_parts
+    from histodd_fed.bundle.seal import _manifest, _write_bundle
+
+    parts = payload_parts(ps)
+    bid = bundle_id or os.urandom(16).hex()
+    created = created or datetime.now(timezone.utc).isoformat(timespec="seconds")
+    m = _manifest(ps, bid, sender, created, parts, None, extra)
+    buf = io.BytesIO()
+    _write_bundle(buf, sender, list(recipients), m, parts, bid, created, chunk_size, **writer_kw)
+    return buf.getvalue()

@@ -21,10 +21,12 @@ import base64
 import bisect
 import contextlib
 import hashlib
+import hmac
 import io
 import json
 import logging
 import os
+import re
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,15 +41,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from histodd_fed import __version__
 from histodd_fed.atomic import atomic_directory, atomic_write_json, atomic_writer
-from histodd_fed.bundle.errors import (BundleError, DecryptionError, FormatError, ManifestHashError,
-                                       NotARecipientError, OutputExistsError, SemanticError, SignatureError,
-                                       SizeLimitError)
-from histodd_fed.bundle.format import (ALGORITHMS, DEFAULT_CHUNK_SIZE, ENC_SIZE, MIN_CHUNK_SIZE,
-                                       SIGNATURE_SIZE, TAG_SIZE, BundleHeader, BundleSource, Limits, Source,
-                                       canonical_json, chunk_count, encode_prefix, parse_header,
-                                       signed_message, wrap_info)
+from histodd_fed.bundle.errors import (DecryptionError, FormatError, KeyCommitmentError, KeyFileError,
+                                       ManifestHashError, NotARecipientError, OutputExistsError, SemanticError,
+                                       SignatureError, SizeLimitError, StaleBundleError)
+from histodd_fed.bundle.format import (ALGORITHMS, DEFAULT_CHUNK_SIZE, ENC_SIZE, FORMAT_VERSION, MIN_CHUNK_SIZE,
+                                       READ_VERSIONS, SIGNATURE_SIZE, TAG_SIZE, BundleHeader, BundleSource, Limits,
+                                       Source, canonical_json, chunk_count, encode_prefix, key_commitment,
+                                       parse_created, parse_header, signed_message, wrap_info)
 from histodd_fed.bundle.identity import Identity, PublicIdentity
-from histodd_fed.bundle.ledger import Ledger
+from histodd_fed.bundle.ledger import NO_LEDGER, Ledger, _NoLedger
 from histodd_fed.bundle.payload import PayloadPart, decode_payload, payload_parts
 from histodd_fed.bundle.trust import TrustStore
 from histodd_fed.logging_setup import progress
@@ -64,6 +66,10 @@ RECEIPT_FILE = "bundle_receipt.json"
 THREAD_MIN_BYTES = 4 << 20   # payloads from this size hash on worker threads; smaller ones inline
 SNAPSHOT_BYTES = 4 << 20     # open keeps the plaintext SHA-256 state about every this many bytes
 PREFAULT_CHUNKS = 8          # open faults in the payload buffer this many chunks ahead, on a worker
+HASH_BLOCK = 1 << 20         # the signature pass reads and hashes the file in blocks of this size
+LOCAL_PATH = "<local path removed>"
+_PATH_KEYS = {"synthetic_dir", "path", "paths", "dir", "out_dir", "root", "files", "cwd", "home"}
+_ABS_PATH = re.compile(r"^(/|~|\\\\|[A-Za-z]:[\\/]|\.\.?/)")
 MANIFEST_KEYS = {"format", "format_version", "bundle_id", "source_centre", "created", "kind", "class_names",
                  "class_counts", "num_images", "ipc", "mode", "image_shape", "distillation_config",
                  "distillation_config_sha256", "code_version", "payload_parts", "privacy_report", "extra"}
@@ -159,10 +165,38 @@ def _wait(f: Future | None) -> None:
         f.result()
 
 
+def _is_local_path(s: str) -> bool:
+    if _ABS_PATH.match(s):
+        return True
+    if os.sep in s and len(s) < 4096:
+        try:
+            return os.path.exists(s)
+        except (OSError, ValueError):
+            return False
+    return False
+
+
+def strip_local_paths(obj: object) -> object:
+    """A copy of ``obj`` (JSON-like) without the sender's local paths: keys that name paths are
+    dropped, string values that are absolute paths (or relative paths that exist here) replaced."""
+    if isinstance(obj, dict):
+        return {k: strip_local_paths(v) for k, v in obj.items()
+                if not (isinstance(k, str) and (k in _PATH_KEYS or k.endswith(("_dir", "_path", "_file"))))}
+    if isinstance(obj, (list, tuple)):
+        return [strip_local_paths(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return LOCAL_PATH
+    if isinstance(obj, str) and _is_local_path(obj):
+        return LOCAL_PATH
+    return obj
+
+
 def _manifest(ps: PatchSet, bundle_id: str, sender: Identity, created: str, parts: list[PayloadPart],
               privacy_report: dict | None, extra: dict | None) -> dict:
     counts = ps.class_counts()
-    meta = dict(ps.meta)
+    meta = strip_local_paths(dict(ps.meta))  # the recipients learn no local directory of the sender
+    privacy_report = strip_local_paths(privacy_report) if privacy_report is not None else None
+    extra = strip_local_paths(extra) if extra else extra
     ipc = meta.get("ipc")
     if ipc is None and len(set(counts.values())) == 1:
         ipc = next(iter(counts.values()))
@@ -184,8 +218,16 @@ def _manifest(ps: PatchSet, bundle_id: str, sender: Identity, created: str, part
 
 
 def _sealed_header(sender: Identity, recipients: list[PublicIdentity], manifest_raw: bytes, payload_size: int,
-                   bundle_id: str, created: str, chunk_size: int) -> tuple[bytes, bytes]:
-    """The canonical header bytes (one HPKE key wrap of a fresh content key per recipient) and that key."""
+                   bundle_id: str, created: str, chunk_size: int, version: int = FORMAT_VERSION,
+                   content_keys: dict[str, bytes] | None = None) -> tuple[bytes, bytes]:
+    """The canonical header bytes (one HPKE key wrap of a fresh content key per recipient) and that key.
+
+    Version 2 adds ``key_commitment`` (HMAC-SHA256 of the content key) to the signed fields.
+    ``content_keys`` (centre -> key) overrides the key wrapped for a recipient: attacker tooling only.
+    """
+    if version not in READ_VERSIONS:
+        raise FormatError(f"bundle {bundle_id}: cannot write format version {version}")
+    content_key = os.urandom(32)
     nchunks = chunk_count(payload_size, chunk_size)
     fields = {
         "format": "histodd-bundle", "bundle_id": bundle_id, "created": created,
@@ -194,11 +236,13 @@ def _sealed_header(sender: Identity, recipients: list[PublicIdentity], manifest_
         "manifest_size": len(manifest_raw), "manifest_ciphertext_size": len(manifest_raw) + TAG_SIZE,
         "payload_size": payload_size, "payload_ciphertext_size": payload_size + TAG_SIZE * nchunks,
     }
-    fixed = {**fields, "format_version": 1}
-    content_key = os.urandom(32)
+    if version >= 2:
+        fields["key_commitment"] = _b64(key_commitment(content_key, bundle_id))
+    fixed = {**fields, "format_version": version}
     rlist = []
     for r in recipients:
-        wrapped = HPKE_SUITE.encrypt(content_key, r.kem_key(), info=wrap_info(fixed, r.centre_id, r.kem_key_id))
+        ck = (content_keys or {}).get(r.centre_id, content_key)
+        wrapped = HPKE_SUITE.encrypt(ck, r.kem_key(), info=wrap_info(fixed, r.centre_id, r.kem_key_id))
         rlist.append({"centre": r.centre_id, "kem_key_id": r.kem_key_id,
                       "enc": _b64(wrapped[:ENC_SIZE]), "wrapped_key": _b64(wrapped[ENC_SIZE:])})
     fields["recipients"] = rlist
@@ -206,7 +250,8 @@ def _sealed_header(sender: Identity, recipients: list[PublicIdentity], manifest_
 
 
 def _write_bundle(out: BinaryIO, sender: Identity, recipients: list[PublicIdentity], manifest: dict,
-                  parts: list[PayloadPart], bundle_id: str, created: str, chunk_size: int) -> None:
+                  parts: list[PayloadPart], bundle_id: str, created: str, chunk_size: int,
+                  version: int = FORMAT_VERSION, content_keys: dict[str, bytes] | None = None) -> None:
     """Encrypt and sign ``manifest`` + ``parts`` into ``out`` (the low-level writer).
 
     Each chunk is encrypted (``encrypt_into``) into one of two reused buffers, written with one
@@ -219,11 +264,11 @@ def _write_bundle(out: BinaryIO, sender: Identity, recipients: list[PublicIdenti
     payload_size = sum(p.size for p in parts)
     nchunks = chunk_count(payload_size, chunk_size)
     header_raw, content_key = _sealed_header(sender, recipients, manifest_raw, payload_size, bundle_id, created,
-                                             chunk_size)
+                                             chunk_size, version, content_keys)
     hh = hashlib.sha256(header_raw).digest()
     aead = AESGCM(content_key)
     digest = hashlib.sha256()
-    lead = (encode_prefix(header_raw) + header_raw
+    lead = (encode_prefix(header_raw, version) + header_raw
             + aead.encrypt(MANIFEST_NONCE, manifest_raw, MANIFEST_AAD + hh))
     digest.update(lead)
     out.write(lead)
@@ -265,8 +310,10 @@ def _b64(b: bytes) -> str:
 
 def seal(patchset: PatchSet, sender: Identity, recipients: list[PublicIdentity], out: str | Path | None = None,
          privacy_report: dict | None = None, extra_manifest: dict | None = None, *,
-         chunk_size: int = DEFAULT_CHUNK_SIZE) -> bytes | Path:
-    """Encrypt ``patchset`` for ``recipients`` and sign it as ``sender``.
+         chunk_size: int = DEFAULT_CHUNK_SIZE, version: int = FORMAT_VERSION) -> bytes | Path:
+    """Encrypt ``patchset`` for ``recipients`` and sign it as ``sender`` (format ``version``, 2 by default).
+
+    Local paths are removed from the manifest (``strip_local_paths``) before sealing.
 
     Returns the bundle bytes, or the path ``out`` (written atomically) when given.
     """
@@ -287,11 +334,11 @@ def seal(patchset: PatchSet, sender: Identity, recipients: list[PublicIdentity],
     manifest = _manifest(patchset, bundle_id, sender, created, parts, privacy_report, extra_manifest)
     if out is None:
         buf = io.BytesIO()
-        _write_bundle(buf, sender, uniq, manifest, parts, bundle_id, created, chunk_size)
+        _write_bundle(buf, sender, uniq, manifest, parts, bundle_id, created, chunk_size, version)
         return buf.getvalue()
     out = Path(out)
     with atomic_writer(out) as fh:
-        _write_bundle(fh, sender, uniq, manifest, parts, bundle_id, created, chunk_size)
+        _write_bundle(fh, sender, uniq, manifest, parts, bundle_id, created, chunk_size, version)
     log.info("sealed bundle %s for %s -> %s", bundle_id, [r.centre_id for r in uniq], out)
     return out
 
@@ -330,9 +377,46 @@ def _plain_step(h: "hashlib._Hash", data: memoryview, snapshots: list, end: int,
         snapshots.append((end, h.copy()))
 
 
+def _hash_pass(src: BundleSource, header: BundleHeader, blob: bytes | None = None) -> bytes:
+    """SHA-256 of every byte before the signature, hash only: the signature is checked on this
+    before anything is unwrapped, decrypted or allocated beyond two ``HASH_BLOCK`` buffers.
+
+    The header bytes hashed are the ones :func:`parse_header` validated (not re-read)."""
+    h = hashlib.sha256(encode_prefix(header.raw, header.version) + header.raw)
+    start, end = header.manifest_offset, header.signature_offset
+    if blob is not None:
+        h.update(memoryview(blob)[start:end])
+        return h.digest()
+    threaded = end - start >= THREAD_MIN_BYTES
+    nbuf = 2 if threaded else 1
+    bufs = [memoryview(bytearray(max(1, min(HASH_BLOCK, end - start)))) for _ in range(nbuf)]
+    busy: list[Future | None] = [None] * nbuf
+    src.fh.seek(start)
+    pos, i = start, 0
+    with _Lane(threaded) as lane:
+        while pos < end:
+            n = min(HASH_BLOCK, end - pos)
+            slot = i % nbuf
+            _wait(busy[slot])
+            buf = bufs[slot][:n]
+            got = _readinto_exact(src.fh, buf)
+            if got != n:
+                raise SizeLimitError(f"{src.name}: file ended at byte {pos + got} while hashing "
+                                     "(truncated or changed while reading)")
+            busy[slot] = lane.submit(h.update, buf)
+            pos += n
+            i += 1
+        lane.drain()
+    return h.digest()
+
+
 def _stream_bundle(src: BundleSource, header: BundleHeader, aead: AESGCM | None, desc: str,
-                   blob: bytes | None = None) -> _Pass:
+                   blob: bytes | None = None, hash_ct: bool = True) -> _Pass:
     """Read the bundle once: hash the ciphertext for the signature and, with a key, decrypt.
+
+    :func:`open_bundle` calls this only after the signature over :func:`_hash_pass` verified,
+    with ``hash_ct`` for a file (the digest must come out the same: the file did not change
+    between the passes) and without it for an immutable ``bytes`` bundle.
 
     The header bytes hashed are the ones :func:`parse_header` validated (not re-read), so the
     digest, the AAD and the parsed header all describe the same bytes. Each payload chunk is read
@@ -348,9 +432,10 @@ def _stream_bundle(src: BundleSource, header: BundleHeader, aead: AESGCM | None,
     """
     n, cs, psize = header.num_chunks, header.chunk_size, header.fields["payload_size"]
     hh = header.header_sha256
-    ct_hash = hashlib.sha256(encode_prefix(header.raw) + header.raw)
+    ct_hash = hashlib.sha256(encode_prefix(header.raw, header.version) + header.raw) if hash_ct else None
     manifest_ct = src.read_at(header.manifest_offset, header.fields["manifest_ciphertext_size"])
-    ct_hash.update(manifest_ct)
+    if ct_hash is not None:
+        ct_hash.update(manifest_ct)
     # np.empty, not bytearray(n): no zero-fill pass, and numpy asks for huge pages on large buffers
     payload = np.empty(psize, dtype=np.uint8) if aead is not None else None
     pview = memoryview(payload) if payload is not None else None
@@ -387,7 +472,8 @@ def _stream_bundle(src: BundleSource, header: BundleHeader, aead: AESGCM | None,
             if got != length:
                 raise SizeLimitError(f"{src.name}: file ended at byte {off + got} while reading chunk {i} "
                                      "(truncated or changed while reading)")
-            busy[slot] = ct_lane.submit(ct_hash.update, buf)
+            if ct_hash is not None:
+                busy[slot] = ct_lane.submit(ct_hash.update, buf)
             if pview is not None and bad is None:
                 start = i * cs
                 dst = pview[start:start + length - TAG_SIZE]
@@ -400,7 +486,7 @@ def _stream_bundle(src: BundleSource, header: BundleHeader, aead: AESGCM | None,
             bar.update(1)
         ct_lane.drain()
         pt_lane.drain()
-    return _Pass(ct_hash.digest(), manifest_ct, payload, bad, snapshots)
+    return _Pass(ct_hash.digest() if ct_hash is not None else b"", manifest_ct, payload, bad, snapshots)
 
 
 def _touch_pages(a: np.ndarray, start: int, end: int) -> None:
@@ -422,8 +508,8 @@ def verify(data_or_path: Source, trust: TrustStore, limits: Limits = Limits()) -
     with BundleSource(data_or_path) as src:
         header = parse_header(src, limits)
         signer = trust.signer(header.source_centre, header.sign_key_id)
-        done = _stream_bundle(src, header, None, "verify", data_or_path if type(data_or_path) is bytes else None)
-        _verify_signature(src, header, signer, done.digest)
+        digest = _hash_pass(src, header, data_or_path if type(data_or_path) is bytes else None)
+        _verify_signature(src, header, signer, digest)
         return header
 
 
@@ -489,37 +575,78 @@ def _part_sha256(done: _Pass, start: int, end: int) -> str:
     return h.hexdigest()
 
 
-def open_bundle(data_or_path: Source, identity: Identity, trust: TrustStore, ledger: Ledger | None = None,
+def check_fresh(header: BundleHeader, limits: Limits, now: datetime | None = None) -> None:
+    """Refuse a bundle whose signed ``created`` lies outside the freshness window
+    (:class:`StaleBundleError`): older than ``limits.max_age_seconds`` or further in the future
+    than ``limits.max_future_seconds``. Bounds how long a captured bundle can be replayed even
+    against a ledger restored from an old backup."""
+    created = parse_created(header.created)
+    if created is None:  # parse_header already refused it; keep the check total
+        raise FormatError(f"{header.name}: created is not an ISO-8601 time with a zone")
+    now = now or datetime.now(timezone.utc)
+    age = (now - created).total_seconds()
+    if limits.max_age_seconds is not None and age > limits.max_age_seconds:
+        raise StaleBundleError(f"{header.name}: bundle {header.bundle_id} was created {header.created}, older than "
+                               f"the {limits.max_age_seconds / 86400:g}-day freshness window (replay refused; "
+                               "a longer window: --max-age-days)")
+    if -age > limits.max_future_seconds:
+        raise StaleBundleError(f"{header.name}: bundle {header.bundle_id} claims creation at {header.created}, "
+                               f"in the future by {-age:.0f} s (more than {limits.max_future_seconds} s of clock skew)")
+
+
+def _check_commitment(header: BundleHeader, key: bytes, identity: Identity) -> None:
+    if header.version < 2:
+        return
+    want = base64.b64decode(header.fields["key_commitment"])
+    if not hmac.compare_digest(key_commitment(key, header.bundle_id), want):
+        raise KeyCommitmentError(f"{header.name}: the content key wrapped for {identity.centre_id} is not the key "
+                                 "the signed header commits to (recipients would see different contents)")
+
+
+def open_bundle(data_or_path: Source, identity: Identity, trust: TrustStore, ledger: "Ledger | _NoLedger",
                 out_dir: str | Path | None = None, limits: Limits = Limits()) -> OpenedBundle:
     """Verify, decrypt and check a bundle; write its patch set atomically to ``out_dir`` if given.
 
+    ``ledger`` is required: a :class:`Ledger`, or :data:`NO_LEDGER` to opt out of replay
+    protection explicitly (tests, benchmarks); ``None`` is refused (:class:`KeyFileError`).
+
     Checks, in order: format/version (:class:`FormatError`, :class:`VersionError`), sizes
     (:class:`SizeLimitError`), signer (:class:`UntrustedSignerError`, :class:`RevokedSignerError`),
-    signature (:class:`SignatureError`), recipient (:class:`NotARecipientError`), decryption
-    (:class:`DecryptionError`), manifest hashes (:class:`ManifestHashError`), replay
-    (:class:`ReplayError`), semantics (:class:`SemanticError`).
+    signature over the whole file in a hash-only pass (:class:`SignatureError`), freshness
+    (:class:`StaleBundleError`), replay (:class:`ReplayError`; :class:`LedgerMissingError` when an
+    initialised ledger vanished), recipient (:class:`NotARecipientError`), key unwrap and key
+    commitment (:class:`DecryptionError`, :class:`KeyCommitmentError`), decryption
+    (:class:`DecryptionError`), manifest hashes (:class:`ManifestHashError`), semantics
+    (:class:`SemanticError`).
 
-    The file is read once (:func:`_stream_bundle`); the errors of later steps found during that
-    pass (not a recipient, a failed unwrap or chunk) are held until the signature is verified,
-    so the order above holds, and no decrypted byte is parsed or written before it is.
+    Nothing is unwrapped, decrypted or allocated beyond two hash buffers before the signature is
+    verified. The decrypting pass re-hashes a file and must reach the same digest (the file did
+    not change between the passes); no decrypted byte is parsed or written before that.
     """
+    if ledger is None or not isinstance(ledger, (Ledger, _NoLedger)):
+        raise KeyFileError(f"open_bundle: a replay ledger is required, got {ledger!r} (pass a Ledger, or NO_LEDGER "
+                           "to opt out explicitly)")
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None and out_dir.exists():
         raise OutputExistsError(f"{out_dir}: output already exists (choose a new directory)")
+    blob = data_or_path if type(data_or_path) is bytes else None
     with BundleSource(data_or_path) as src:
         header = parse_header(src, limits)
         signer = trust.signer(header.source_centre, header.sign_key_id)
-        key_error: BundleError | None = None
-        try:
-            aead: AESGCM | None = AESGCM(_unwrap_key(header, identity))
-        except (NotARecipientError, DecryptionError) as exc:
-            aead, key_error = None, exc
-        blob = data_or_path if type(data_or_path) is bytes else None
-        done = _stream_bundle(src, header, aead, "open", blob)
-        _verify_signature(src, header, signer, done.digest)
-    # ---- signature verified: the bytes below are the sender's
-    if key_error is not None:
-        raise key_error
+        digest = _hash_pass(src, header, blob)
+        _verify_signature(src, header, signer, digest)
+        # ---- signature verified: the header and every ciphertext byte are the sender's
+        check_fresh(header, limits)
+        if isinstance(ledger, Ledger):
+            ledger.check(header.sign_key_id, header.bundle_id, where=header.name, digest=digest.hex(),
+                         source=header.source_centre)
+        key = _unwrap_key(header, identity)
+        _check_commitment(header, key, identity)
+        aead = AESGCM(key)
+        immutable = isinstance(src.fh, io.BytesIO)  # a private copy, or the caller's immutable bytes
+        done = _stream_bundle(src, header, aead, "open", blob, hash_ct=not immutable)
+        if not immutable and not hmac.compare_digest(done.digest, digest):
+            raise SignatureError(f"{src.name}: bundle changed between the signature check and decryption")
     try:
         mraw = aead.decrypt(MANIFEST_NONCE, done.manifest_ct, MANIFEST_AAD + header.header_sha256)
     except InvalidTag as exc:
@@ -537,15 +664,17 @@ def open_bundle(data_or_path: Source, identity: Identity, trust: TrustStore, led
             raise ManifestHashError(f"{header.name}: payload part {p['name']} does not match its manifest SHA-256")
     if config_hash(manifest["distillation_config"]) != manifest["distillation_config_sha256"]:
         raise ManifestHashError(f"{header.name}: distillation config does not match its manifest SHA-256")
-    if ledger is not None:
-        ledger.check(header.bundle_id, where=header.name)
     ps = decode_payload(memoryview(done.payload), manifest, header.name)
     del done
     receipt = {"header": header.summary(), "manifest": manifest, "opened_by": identity.centre_id,
-               "signature": {"verified": True, "signer": header.source_centre, "sign_key_id": header.sign_key_id},
+               "signature": {"verified": True, "signer": header.source_centre, "sign_key_id": header.sign_key_id,
+                             "digest": digest.hex()},
                "limits": limits.__dict__}
-    claim = (ledger.claim(header.bundle_id, {"source": header.source_centre, "created": header.created},
-                          where=header.name) if ledger is not None else contextlib.nullcontext())
+    if isinstance(ledger, Ledger):
+        claim = ledger.claim(header.sign_key_id, header.bundle_id, digest.hex(),
+                             {"source": header.source_centre, "created": header.created}, where=header.name)
+    else:
+        claim = contextlib.nullcontext()
     with claim:
         if out_dir is not None:
             with atomic_directory(out_dir, overwrite=False) as d:
