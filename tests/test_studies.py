@@ -126,3 +126,25 @@ def test_pcam_folder_loads_resized_and_capped():
     ps = load_patches(root, image_size=16, limit=3, seed=0)
     assert ps.class_names == ["normal", "tumour"] and ps.images.shape == (6, 16, 16, 3)
     assert np.bincount(ps.labels).tolist() == [3, 3]
+
+
+def test_paper_presets_scale_k_with_ipc_and_use_the_paper_distill_config():
+    """Issue 12 section 2: K 200 / 500 / 1000 for ipc 10 / 20 / 50; ipcs 10/20/50; the transfer study's
+    paper preset distils with configs/distill-paper.yaml."""
+    from histodd_fed.distill.config import DistillConfig
+    from histodd_fed.federation.presets import get_preset
+    from histodd_fed.studies import load_preset
+    from histodd_fed.studies.training_sets import distill_config
+
+    p = load_preset("paper")
+    assert p.ipcs == [10, 20, 50]
+    paper = DistillConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "distill-paper.yaml")
+    for ipc, k in ((10, 200), (20, 500), (50, 1000)):
+        cfg = distill_config(p, ipc)
+        assert (cfg.ipc, cfg.outer_steps) == (ipc, k)
+        assert cfg.model == paper.model and cfg.inner_steps == paper.inner_steps and cfg.lr_img == paper.lr_img
+    assert distill_config(load_preset("cpu"), 50).outer_steps == load_preset("cpu").distill["outer_steps"]
+    fed = get_preset("paper")
+    assert fed.distill_config == "configs/distill-paper.yaml"
+    assert dict(fed.outer_steps_by_ipc) == {10: 200, 20: 500, 50: 1000}
+    assert "outer_steps_by_ipc" not in fed.prepare_dict()

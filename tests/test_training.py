@@ -114,3 +114,31 @@ def test_center_crop_keeps_the_central_region(tmp_path):
     assert recorded_view(out).describe() == "96 px -> centre crop 32"
     with pytest.raises(InputError, match="centre crop"):
         load_patches(tmp_path / "ps", crop_center=128)
+
+
+def test_stain_augmentation_normalises_train_and_test_alike_with_the_datas_template(tmp_path):
+    """The evaluation trainer's `stain` op: the training data's template (not the reference H&E) and the
+    same normalisation when the model predicts (issue 12: it trained on normalised, tested on raw)."""
+    from histodd_fed.stain.normalize import ImageStains, StainContext, normalize_stain
+    from histodd_fed.training import load_model, predict_probs, save_model, train_classifier
+    from histodd_fed.training.trainer import INPUT_TRANSFORM_ATTR
+
+    train = make_toy_patchset(8, 16, seed=0)
+    model = create_model("convnet", num_classes=2, image_size=16, width=8, depth=2)
+    res = train_classifier(model, train, epochs=1, augmentation="flip_stain", seed=0, device="cpu", progress=False)
+    tf = getattr(res.model, INPUT_TRANSFORM_ATTR)
+    data_ctx = StainContext.from_images(train.images)
+    assert torch.allclose(tf.stain.template_matrix, data_ctx.template_matrix)
+    assert not torch.allclose(tf.stain.template_matrix, StainContext.reference().template_matrix)
+    x = torch.from_numpy(train.images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        want = torch.softmax(res.model(normalize_stain(x, ImageStains.from_tensor(x), data_ctx)), 1).numpy()
+        raw = torch.softmax(res.model(x), 1).numpy()
+    got = predict_probs(res.model, train.images, device="cpu")
+    assert np.allclose(got, want, atol=1e-5) and not np.allclose(got, raw, atol=1e-5)
+    save_model(res.model, tmp_path / "m", arch="convnet", num_classes=2, image_size=16,
+               arch_kwargs={"width": 8, "depth": 2})
+    assert np.allclose(predict_probs(load_model(tmp_path / "m"), train.images, device="cpu"), got, atol=1e-5)
+    # without a stain op: neither side is normalised
+    res2 = train_classifier(res.model, train, epochs=1, augmentation="flip", seed=0, device="cpu", progress=False)
+    assert getattr(res2.model, INPUT_TRANSFORM_ATTR) is None

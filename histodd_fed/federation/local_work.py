@@ -260,6 +260,8 @@ def distil_cached(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *
 
     overrides = dict(preset.distill_overrides)
     overrides.update(ipc=int(ipc), seed=int(seed))
+    if int(ipc) in dict(preset.outer_steps_by_ipc):  # K scales with ipc (paper: 200 / 500 / 1000)
+        overrides["outer_steps"] = int(dict(preset.outer_steps_by_ipc)[int(ipc)])
     overrides.update(extra_overrides or {})  # a study variant (e.g. another matching augmentation)
     if per_slide:
         overrides.update(ipc=int(preset.slide_ipc), per_slide=True, slide_outer_steps=int(preset.slide_outer_steps))

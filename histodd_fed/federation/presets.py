@@ -36,6 +36,9 @@ class CentrePreset:
     slide_outer_steps: int = 5       # distillation outer steps per slide in per-slide mode
     distill_config: str = "configs/distill-cpu.yaml"
     distill_overrides: tuple[tuple[str, Any], ...] = ()
+    #: K (outer steps) per ipc for patch-level distillation, as the paper scales it (200 / 500 / 1000
+    #: for ipc 10 / 20 / 50); other ipcs keep the config's. Distillation only: not in the prepare key.
+    outer_steps_by_ipc: tuple[tuple[int, int], ...] = ()
     max_train_patches: int = 0       # 0 = all; caps pre-training cost on small machines
     demo_slides: int = 10
     # --- how a target uses received data (docs/federation.md "Fine-tuning protocol") ---
@@ -69,11 +72,13 @@ class CentrePreset:
         d = self.to_dict()
         for k in self.RECEIVE_FIELDS:
             d.pop(k, None)
+        d.pop("outer_steps_by_ipc", None)  # distillation only (its config hash covers it)
         return d
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["distill_overrides"] = dict(self.distill_overrides)
+        d["outer_steps_by_ipc"] = dict(self.outer_steps_by_ipc)
         d["classifier_kwargs"] = dict(self.classifier_kwargs)
         return d
 
@@ -105,8 +110,9 @@ PRESETS: dict[str, CentrePreset] = {
     ),
     "paper": CentrePreset(
         name="paper", image_size=64, patch_size=256, mpp=1.0, pretrain_epochs=20, fine_tune_epochs=5,
-        batch_size=64, mil_epochs=50, distill_config="configs/distill-cpu.yaml", demo_slides=20,
+        batch_size=64, mil_epochs=50, distill_config="configs/distill-paper.yaml", demo_slides=20,
         classifier_kwargs=(), slide_ipc=10, slide_outer_steps=50,
+        outer_steps_by_ipc=((10, 200), (20, 500), (50, 1000)),   # the paper's K for its ipcs
     ),
 }
 

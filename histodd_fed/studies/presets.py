@@ -50,7 +50,12 @@ class StudyPreset:
     cross_arch_full_epochs: int | None = None  #: epochs on the full set in the cross-arch study (None: eval.full_epochs)
     eval: EvalSettings = field(default_factory=EvalSettings)
     coreset: dict[str, Any] = field(default_factory=dict)   #: CoresetConfig overrides (feature_epochs, ...)
+    #: a distill YAML (configs/distill-*.yaml, relative to the repo) the ``distill`` fields override
+    distill_config: str | None = None
     distill: dict[str, Any] = field(default_factory=dict)   #: DistillConfig fields
+    #: K (``outer_steps``) per ipc, as the paper scales it (200 / 500 / 1000 for ipc 10 / 20 / 50);
+    #: an ipc not listed keeps ``distill.outer_steps``
+    outer_steps_by_ipc: dict[int, int] = field(default_factory=dict)
     device: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,8 +73,15 @@ class StudyPreset:
         bad = sorted(set(ev) - eknown)
         if bad:
             raise ConfigError(f"{where}: unknown eval option(s) {bad}")
+        k_by_ipc = data.pop("outer_steps_by_ipc", None) or {}
         try:
-            return cls(eval=EvalSettings(**ev), **data)
+            k_by_ipc = {int(i): int(k) for i, k in dict(k_by_ipc).items()}
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: outer_steps_by_ipc must map ipc -> outer steps, got {k_by_ipc!r}") from None
+        if any(i < 1 or k < 1 for i, k in k_by_ipc.items()):
+            raise ConfigError(f"{where}: outer_steps_by_ipc needs positive ipcs and steps, got {k_by_ipc}")
+        try:
+            return cls(eval=EvalSettings(**ev), outer_steps_by_ipc=k_by_ipc, **data)
         except TypeError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
 

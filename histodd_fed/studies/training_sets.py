@@ -51,6 +51,8 @@ def distill_config(preset: StudyPreset, ipc: int, augmentation: str | None = Non
     except ImportError as exc:  # pragma: no cover - distill is part of the package
         raise ConfigError(f"method histodd needs histodd_fed.distill ({exc})") from exc
     overrides = {"ipc": ipc, "image_size": preset.image_size, "seed": preset.seed, "device": preset.device}
+    if ipc in preset.outer_steps_by_ipc:   # K scales with ipc (the paper: 200 / 500 / 1000 for 10 / 20 / 50)
+        overrides["outer_steps"] = int(preset.outer_steps_by_ipc[ipc])
     if augmentation is not None:
         overrides["augmentation"] = augmentation
     if herding_init:
@@ -60,6 +62,12 @@ def distill_config(preset: StudyPreset, ipc: int, augmentation: str | None = Non
         herding_row = CoresetConfig(**{"batch_size": preset.eval.batch_size, **preset.coreset})
         overrides["init"] = "herding"
         overrides["init_coreset"] = {k: getattr(herding_row, k) for k in INIT_CORESET_KEYS}
+    if preset.distill_config:
+        from histodd_fed.studies.presets import CONFIG_DIR
+
+        path = Path(preset.distill_config)
+        path = path if path.is_absolute() or path.exists() else CONFIG_DIR.parent / path
+        return DistillConfig.from_yaml(path, **{**dict(preset.distill), **overrides})
     return DistillConfig.from_dict(dict(preset.distill), where=f"preset {preset.name} distill", **overrides)
 
 

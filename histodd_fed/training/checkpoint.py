@@ -32,6 +32,11 @@ def save_model(model, out_dir: str | Path, *, arch: str, num_classes: int, image
         "class_names": list(class_names or []),
         "extra": dict(extra or {}),
     }
+    from histodd_fed.training.trainer import INPUT_TRANSFORM_ATTR
+
+    transform = getattr(model, INPUT_TRANSFORM_ATTR, None)
+    if transform is not None:   # the stain normalisation it was trained with (applied when predicting)
+        header["input_transform"] = transform.to_dict()
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         save_file(state, str(tmp / "model.safetensors"))
@@ -62,4 +67,8 @@ def load_model(path: str | Path):
     model = create_model(header["arch"], num_classes=header["num_classes"], image_size=header["image_size"],
                          **header.get("arch_kwargs", {}))
     load_weights(model, Path(path) / "model.safetensors")
+    if header.get("input_transform"):
+        from histodd_fed.training.trainer import StainInputs, set_input_transform
+
+        set_input_transform(model, StainInputs.from_dict(header["input_transform"]))
     return model.eval()

@@ -18,17 +18,22 @@ log = logging.getLogger(__name__)
 
 
 def map_batches(model, images: np.ndarray, fn: Callable, *, batch_size: int = 512, device: str = "auto") -> np.ndarray:
-    """``fn(model, x)`` over uint8 NHWC ``images`` in batches (x: float NCHW in [0, 1]), eval mode, no
-    gradient; the outputs concatenated as a float32 numpy array (empty input: shape (0, 0))."""
+    """``fn(model, x)`` over uint8 NHWC ``images`` in batches (x: float NCHW in [0, 1], after the input
+    transform the model was trained with, e.g. its stain normalisation), eval mode, no gradient; the
+    outputs concatenated as a float32 numpy array (empty input: shape (0, 0))."""
     import torch
+
+    from histodd_fed.training.trainer import INPUT_TRANSFORM_ATTR
 
     dev = resolve_device(device)
     model = model.to(dev).eval()
+    transform = getattr(model, INPUT_TRANSFORM_ATTR, None)  # e.g. the stain normalisation it trained with
     out = []
     with torch.no_grad():
         for s in range(0, len(images), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).to(dev)
-            out.append(fn(model, x.permute(0, 3, 1, 2).float().div_(255.0)).float().cpu().numpy())
+            x = x.permute(0, 3, 1, 2).float().div_(255.0)
+            out.append(fn(model, x if transform is None else transform(x)).float().cpu().numpy())
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), dtype=np.float32)
 
 

@@ -39,18 +39,74 @@ class TrainResult:
     val_metrics: Metrics | None = None
 
 
-def resolve_augmentation(augmentation):
+def resolve_augmentation(augmentation, images: np.ndarray | None = None):
     """None/"none" -> None; a strategy name -> ``histodd_fed.augment.build_augmentation(name)``;
-    a callable ``(x, generator) -> x`` is used as is."""
+    a callable ``(x, generator) -> x`` is used as is.
+
+    A ``stain`` / ``stainmatrix`` op normalises toward the template of ``images`` (the training
+    data, uint8 NHWC: the patch whose colour statistics are closest to the set's) when given, not
+    the reference H&E template.
+    """
     if augmentation is None or (isinstance(augmentation, str) and augmentation.lower() in ("", "none")):
         return None
     if callable(augmentation):
         return augmentation
     try:
-        from histodd_fed.augment import build_augmentation
+        from histodd_fed.augment import build_augmentation, parse_strategy
     except ImportError as exc:
         raise ConfigError(f"augmentation {augmentation!r} needs histodd_fed.augment, which is not available ({exc})") from exc
-    return build_augmentation(str(augmentation))
+    stain = None
+    ops = parse_strategy(str(augmentation))
+    if images is not None and len(images) and ("stain" in ops or "stainmatrix" in ops):
+        from histodd_fed.stain.normalize import StainContext
+
+        stain = StainContext.from_images(np.asarray(images))
+    return build_augmentation(str(augmentation), stain=stain)
+
+
+class StainInputs:
+    """The deterministic stain normalisation a classifier was trained with, applied to every image it
+    predicts on (``histodd_fed.training.evaluation.map_batches``): train and test see the same inputs."""
+
+    def __init__(self, stain, rescale: bool) -> None:
+        self.stain, self.rescale = stain, bool(rescale)
+
+    def __call__(self, x):
+        from histodd_fed.stain.normalize import ImageStains, normalize_stain
+
+        return normalize_stain(x, ImageStains.from_tensor(x), self.stain, rescale=self.rescale)
+
+    def to_dict(self) -> dict:
+        return {"kind": "stain", "rescale": self.rescale, **self.stain.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StainInputs":
+        import torch
+
+        from histodd_fed.stain.normalize import StainContext
+
+        ctx = StainContext(torch.tensor(d["template_matrix"], dtype=torch.float32),
+                           torch.tensor(d["template_max_conc"], dtype=torch.float32), int(d.get("template_index", -1)))
+        return cls(ctx, bool(d.get("rescale", True)))
+
+
+INPUT_TRANSFORM_ATTR = "histodd_input_transform"
+
+
+def input_transform_of(aug) -> StainInputs | None:
+    """The test-time counterpart of ``aug``: its deterministic stain normalisation, if any."""
+    from histodd_fed.augment import Augmentation
+
+    if isinstance(aug, Augmentation) and aug.stain is not None:
+        for op in ("stain", "stainmatrix"):
+            if op in aug.ops:
+                return StainInputs(aug.stain, rescale=op == "stain")
+    return None
+
+
+def set_input_transform(model, transform) -> None:
+    """Attach (or clear, with None) the input transform every prediction of ``model`` applies first."""
+    model.__dict__[INPUT_TRANSFORM_ATTR] = transform
 
 
 def _batches(n: int, batch_size: int, gen) -> list:
@@ -89,7 +145,9 @@ def train_classifier(model, train: PatchSet, *, epochs: int, lr: float = 0.01, b
     if epochs < 0:
         raise ConfigError(f"epochs must be >= 0, got {epochs}")
     dev = resolve_device(device)
-    aug = resolve_augmentation(augmentation)
+    aug = resolve_augmentation(augmentation, train.images)
+    # normalise both or neither: the stain op the model trains with also applies when it predicts
+    set_input_transform(model, input_transform_of(aug))
     shuffle_gen = torch.Generator().manual_seed(int(seed))
     aug_gen = torch.Generator(device=dev).manual_seed(int(seed) + 1)
     model = model.to(dev)
