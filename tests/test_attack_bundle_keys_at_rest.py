@@ -74,11 +74,14 @@ def test_passphrase_sources_prompt_fd_env(tmp_path):
     assert r.exit_code == 0, r.output
     assert "ENCRYPTED" in (tmp_path / "k" / SIGNING_KEY_FILE).read_text()
     ident = load_identity(tmp_path / "k", passphrase_source="env:PW", env=env)
-    # a prompt (typer's hidden input)
-    r = runner.invoke(app, ["keygen", "--centre-id", "C2", "--out", str(tmp_path / "k2"), "--scrypt-log2n",
-                            str(CHEAP)], input="s3cret\ns3cret\n")
-    assert r.exit_code == 0, r.output
-    assert load_identity(tmp_path / "k2", passphrase="s3cret").centre_id == "C2"
+    # a prompt (typer's hidden input) when the keys are encrypted and no option names a source
+    generate_identity("C2", tmp_path / "k2", passphrase="s3cret", scrypt_log2n=CHEAP)
+    r = runner.invoke(app, ["open", str(tmp_path / "none.hdb"), "--keys", str(tmp_path / "k2"), "--out",
+                            str(tmp_path / "o")], input="s3cret\n")
+    assert "Passphrase for" in r.output and "cannot open bundle" in str(r.exception)  # unlocked, then no file
+    r = runner.invoke(app, ["open", str(tmp_path / "none.hdb"), "--keys", str(tmp_path / "k2"), "--out",
+                            str(tmp_path / "o")])
+    assert isinstance(r.exception, KeyFileError) and "--passphrase-env" in str(r.exception)
     # a file descriptor (a pipe from the parent; the passphrase is never on the command line)
     rfd, wfd = os.pipe()
     os.write(wfd, b"correct horse\n")
@@ -101,7 +104,7 @@ def test_passphrase_sources_prompt_fd_env(tmp_path):
         load_identity(tmp_path / "k")
     with pytest.raises(KeyFileError, match="not set"):
         load_identity(tmp_path / "k", passphrase_source="env:NOPE", env={})
-    # --no-passphrase is the explicit way to write clear keys; without a tty keygen refuses to guess
+    # --no-passphrase is the explicit way to write clear keys
     r = runner.invoke(app, ["keygen", "--centre-id", "C3", "--out", str(tmp_path / "k3"), "--no-passphrase"])
     assert r.exit_code == 0 and load_identity(tmp_path / "k3").centre_id == "C3"
 

@@ -54,8 +54,11 @@ def _prompt(text: str, what: str, confirm: bool) -> str:
 
 
 def _new_passphrase(env: Optional[str], fd: Optional[int], no_passphrase: bool, what: str) -> Optional[bytes]:
-    """The passphrase for new key files: env, fd, or a prompt (with confirmation) on a terminal;
-    ``--no-passphrase`` is the explicit way to write clear keys."""
+    """The passphrase for new key files: env, fd, or a prompt (with confirmation) on a terminal.
+
+    ``--no-passphrase`` is the explicit way to write clear keys. Without any of these and without
+    a terminal (scripts, CI) the keys are written in the clear with a warning on stderr.
+    """
     from histodd_fed.bundle.errors import KeyFileError
     from histodd_fed.bundle.identity import read_passphrase
 
@@ -65,6 +68,10 @@ def _new_passphrase(env: Optional[str], fd: Optional[int], no_passphrase: bool, 
         return None
     if env or fd is not None:
         return read_passphrase(_source(env, fd))
+    if not sys.stdin.isatty():
+        typer.echo(f"warning: {what} are NOT encrypted (no --passphrase-env/--passphrase-fd and no terminal to "
+                   "ask on); encrypt them with `centre-node rekey`", err=True)
+        return None
     return read_passphrase(lambda: _prompt(f"New passphrase for {what}", what, confirm=True))
 
 
