@@ -209,3 +209,103 @@ def forge_bundle(ps, sender, recipients, *, bundle_id: str | None = None, create
     buf = io.BytesIO()
     _write_bundle(buf, sender, list(recipients), m, parts, bid, created, chunk_size, **writer_kw)
     return buf.getvalue()
+
+
+# AES-GCM is not key-committing: with two keys one may solve for a ciphertext block so that the
+# same ciphertext and tag authenticate under both (Dodis et al. 2018, "invisible salamanders").
+_GCM_R = 0xE1 << 120
+
+
+def _gf_mul(x: int, y: int) -> int:
+    """Multiplication in GF(2^128) with GCM's bit order (NIST SP 800-38D, algorithm 1)."""
+    z, v = 0, x
+    for i in range(127, -1, -1):
+        if (y >> i) & 1:
+            z ^= v
+        v = (v >> 1) ^ _GCM_R if v & 1 else v >> 1
+    return z
+
+
+def _gf_pow(x: int, e: int) -> int:
+    r = 1 << 127  # the field's one in GCM bit order
+    while e:
+        if e & 1:
+            r = _gf_mul(r, x)
+        x = _gf_mul(x, x)
+        e >>= 1
+    return r
+
+
+def _blocks(b: bytes) -> list[int]:
+    b = b + bytes(-len(b) % 16)
+    return [int.from_bytes(b[i:i + 16], "big") for i in range(0, len(b), 16)]
+
+
+def _aes_ecb(key: bytes, block: bytes) -> int:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    enc = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    return int.from_bytes(enc.update(block) + enc.finalize(), "big")
+
+
+def _ghash(h: int, aad: bytes, ct: bytes) -> int:
+    y = 0
+    for x in _blocks(aad) + _blocks(ct) + [((len(aad) * 8) << 64) | (len(ct) * 8)]:
+        y = _gf_mul(y ^ x, h)
+    return y
+
+
+def gcm_two_key_ciphertext(k1: bytes, k2: bytes, nonce: bytes, aad: bytes, ciphertext: bytes,
+                           free_block: int) -> bytes:
+    """``ciphertext`` (no tag) with block ``free_block`` rewritten so that ciphertext || tag
+    authenticates under both ``k1`` and ``k2`` (96-bit nonce). Decrypting under each key gives
+    different plaintexts; the free block decrypts to noise under both."""
+    ct = bytearray(ciphertext)
+    if len(ct) < 16 * (free_block + 1):
+        raise ValueError("ciphertext too short for the free block")
+    ct[16 * free_block:16 * (free_block + 1)] = bytes(16)
+    j0 = nonce + b"\x00\x00\x00\x01"
+    h1, h2 = _aes_ecb(k1, bytes(16)), _aes_ecb(k2, bytes(16))
+    s1, s2 = _aes_ecb(k1, j0) ^ _ghash(h1, aad, bytes(ct)), _aes_ecb(k2, j0) ^ _ghash(h2, aad, bytes(ct))
+    m = len(_blocks(aad)) + len(_blocks(bytes(ct))) + 1
+    e = m - (len(_blocks(aad)) + free_block + 1) + 1
+    coeff = _gf_pow(h1, e) ^ _gf_pow(h2, e)
+    x = _gf_mul(s1 ^ s2, _gf_pow(coeff, (1 << 128) - 2))
+    ct[16 * free_block:16 * (free_block + 1)] = x.to_bytes(16, "big")
+    tag = _aes_ecb(k1, j0) ^ _ghash(h1, aad, bytes(ct))
+    return bytes(ct) + tag.to_bytes(16, "big")
+
+
+def forge_split_key_bundle(ps, sender, main, other, *, version: int, chunk_size: int = 4096) -> bytes:
+    """A validly signed bundle from ``sender`` for ``main`` and ``other`` in which ``other`` is
+    wrapped a *different* content key, and the manifest and every chunk authenticate under both
+    keys: one signature, two contents. Version 2's key commitment names ``main``'s key."""
+    import os
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from histodd_fed.bundle.payload import payload_parts
+    from histodd_fed.bundle.seal import (MANIFEST_AAD, MANIFEST_NONCE, _manifest, _sealed_header, chunk_aad,
+                                         chunk_nonce)
+    from histodd_fed.bundle.format import chunk_count
+
+    parts = payload_parts(ps)
+    payload = b"".join(bytes(piece) for p in parts for piece in p.pieces())
+    bid = os.urandom(16).hex()
+    from datetime import datetime, timezone
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    manifest_raw = canonical_json(_manifest(ps, bid, sender, created, parts, None, None))
+    k_other = os.urandom(32)
+    header_raw, k_main = _sealed_header(sender, [main, other], manifest_raw, len(payload), bid, created,
+                                        chunk_size, version, {other.centre_id: k_other})
+    hh = hashlib.sha256(header_raw).digest()
+
+    def both(nonce: bytes, aad: bytes, pt: bytes) -> bytes:
+        ct = AESGCM(k_main).encrypt(nonce, pt, aad)[:-TAG_SIZE]
+        return gcm_two_key_ciphertext(k_main, k_other, nonce, aad, ct, len(pt) // 16 - 1)
+
+    body = encode_prefix(header_raw, version) + header_raw + both(MANIFEST_NONCE, MANIFEST_AAD + hh, manifest_raw)
+    n = chunk_count(len(payload), chunk_size)
+    for i in range(n):
+        body += both(chunk_nonce(i), chunk_aad(hh, i, i == n - 1), payload[i * chunk_size:(i + 1) * chunk_size])
+    return body + sender.sign(signed_message(hashlib.sha256(body).digest()))
