@@ -77,16 +77,36 @@ def transfer(
     full: bool = typer.Option(True, "--full/--no-full", help="Also transfer the whole real train split."),
     both_directions: bool = typer.Option(False, "--both-directions"),
     runtime: str = typer.Option("simulation", "--runtime", help="simulation | deployment"),
-    nodes: Path = typer.Option(..., "--nodes", help="JSON list of centre node configs (centre-id, data, key-dir, work-dir, preset)."),
-    trust: Path = typer.Option(..., "--trust", help="Coordinator trust store (public identities only)."),
+    nodes: Optional[Path] = typer.Option(None, "--nodes", help="JSON list of centre node configs (centre-id, data, key-dir, work-dir, preset)."),
+    trust: Optional[Path] = typer.Option(None, "--trust", help="Coordinator trust store (public identities only)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Results folder (default results/transfer/<time>)."),
     epochs: int = typer.Option(5, "--epochs", help="Fine-tuning epochs at the target."),
     preset: str = typer.Option("cpu", "--preset"),
     seed: int = typer.Option(0, "--seed"),
     timeout: float = typer.Option(900.0, "--timeout", help="Seconds to wait for each centre's reply."),
+    benchmark: Optional[str] = typer.Option(None, "--benchmark", help="A benchmark study instead of --nodes/--trust: pcam-c17 (C2 alone, + Histo-DD per ipc, + Herding, + Full, stain ablations; mean ± std over --seeds)."),
+    centres: Optional[Path] = typer.Option(None, "--centres", help="With --benchmark: the folder make-pcam-centres wrote."),
+    seeds: int = typer.Option(3, "--seeds", help="With --benchmark: seeds 0..N-1."),
 ) -> None:
     """Run the C1<->C2 transfer study (paper Table 5) through Flower."""
     import json
+
+    if benchmark is not None:
+        from histodd_fed.federation.benchmark_study import run_benchmark
+
+        if centres is None:
+            raise ConfigError("--benchmark needs --centres DIR (made by centre-node make-pcam-centres)")
+        out = out or Path("results/transfer") / f"{benchmark}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        rep = run_benchmark(centres, out, ipcs=_ipcs(ipc), seeds=seeds, run_study=run_study, benchmark=benchmark,
+                            preset="pcam-c17" if preset == "cpu" else preset, epochs=epochs, timeout=timeout,
+                            runtime=runtime, say=typer.echo)
+        from histodd_fed.federation.benchmark_study import markdown
+
+        typer.echo(markdown(rep))
+        typer.echo(f"report: {out}")
+        return
+    if nodes is None or trust is None:
+        raise ConfigError("give --nodes and --trust (or --benchmark with --centres)")
 
     from histodd_fed.federation.coordinator import StudyConfig
     from histodd_fed.federation.study import write_report
@@ -118,6 +138,7 @@ def run_study(cfg, node_cfgs: list[dict]):
 
     with Deployment(cfg.study_dir / "deployment") as dep:
         dep.start_superlink()
+        dep.stage_app()  # the app the centres' guards approve (signed by the consortium app key)
         for nc in node_cfgs:
             c = CentreConfig.from_node_config(nc)
             dep.add_supernode(c.centre_id, c.node_config_string())

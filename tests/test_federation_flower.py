@@ -37,10 +37,13 @@ def test_deployment_tls_auth_full_transfer(tmp_path):
     cfg = _study(tmp_path, trust, runtime="deployment", reply_timeout=240, discovery_timeout=60)
     with Deployment(tmp_path / "dep") as dep:
         dep.start_superlink()
-        for c in cfgs:
+        dep.stage_app()  # signed by the consortium app key; each centre's app guard pins it
+        for c in cfgs:  # SuperNodes in process isolation, each with its app guard; centre policies on
+            assert "export-real" in c.node_config_string()
             dep.add_supernode(c.centre_id, c.node_config_string())
         dep.run_app(run_config_for(cfg), timeout=900)
         pids = [p.pid for p in dep.procs]
+        guard_logs = "".join(p.read_text(errors="replace") for p in (dep.root / "logs").glob("app-guard-*.log"))
     for pid in pids:  # all stopped
         with pytest.raises(ProcessLookupError):
             os.killpg(pid, 0)
@@ -49,3 +52,5 @@ def test_deployment_tls_auth_full_transfer(tmp_path):
     report = json.loads((cfg.study_dir / "report.json").read_text())
     assert not report["faults"], report["faults"]
     assert sorted(r["transfer"] for r in report["rows"]) == ["Full", "no transfer"]
+    assert "signed by app key" in guard_logs  # every ClientApp ran only after the FAB check
+    assert {a["action"] for a in report["attestations"]} == {"identity", "distil", "train"}

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Start a local TLS + SuperNode-auth Flower deployment for histodd-fed:
-#   one flower-superlink and one flower-supernode per centre, all on 127.0.0.1, free ports.
+#   one flower-superlink (all its APIs on 127.0.0.1) and, per centre, one flower-supernode with
+#   --isolation process plus the centre's ClientApp launcher (centre_node.app_guard), which runs
+#   only the app signed by the consortium app key the centre pinned (DEPLOY_DIR/app-trust.json).
 # Usage: examples/deploy/start.sh DEPLOY_DIR NODES_JSON
-#   NODES_JSON: JSON list of centre node configs (centre-id, data, key-dir, work-dir, preset),
+#   NODES_JSON: JSON list of centre node configs (centre-id, data, key-dir, work-dir, preset and the
+#   centre's export policy: export-real, export-max-ipc, export-recipients, export-gate),
 #   e.g. demo-data/nodes.json written by `coordinator demo`.
-# Then: FLWR_HOME=DEPLOY_DIR/flwr-home flwr run . histodd --stream --run-config "..."
+# Then submit the staged, signed app (any other app is refused by every centre):
+#   FLWR_HOME=DEPLOY_DIR/flwr-home flwr run DEPLOY_DIR/app histodd --stream --run-config "..."
 # Stop everything with examples/deploy/stop.sh DEPLOY_DIR (pids in DEPLOY_DIR/pids.txt).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -17,12 +21,14 @@ from histodd_fed.federation.deployment import Deployment
 dep = Deployment(sys.argv[1])
 try:
     dep.start_superlink()
+    app = dep.stage_app()
     for nc in json.load(open(sys.argv[2])):
         c = CentreConfig.from_node_config(nc)
+        print(f"{c.centre_id}: export policy {c.policy.summary()}")
         dep.add_supernode(c.centre_id, c.node_config_string())
 except Exception:
     dep.stop()
     raise
 print(f"SuperLink https://127.0.0.1:{dep.port} (connection 'histodd' in {dep.flwr_home}/config.toml); "
-      f"pids in {dep.root}/pids.txt")
+      f"signed app in {app} (submit that one); pids in {dep.root}/pids.txt")
 PY

@@ -3,9 +3,16 @@ SuperNode per centre, each a separate process on 127.0.0.1, and ``flwr run`` aga
 
 Plain subprocess management (no flwr import): :class:`Deployment` writes
 ``$FLWR_HOME/config.toml``, certificates and node keys under its directory, starts
-``flower-superlink`` (never installing dependencies at run time), registers each node's public
-key with ``flwr supernode register``, starts ``flower-supernode`` per centre, and records every
+``flower-superlink`` (never installing dependencies at run time; Control, Fleet and Runtime APIs
+on 127.0.0.1 only), registers each node's public key with ``flwr supernode register``, starts
+``flower-supernode --isolation process`` per centre next to that centre's own ClientApp launcher
+(``centre_node.app_guard``: only an approved FAB is ever installed or imported), and records every
 pid in ``pids.txt`` so ``stop`` (or ``examples/deploy/stop.sh``) always cleans up.
+
+App approval: :meth:`Deployment.stage_app` copies the app's sources into ``<root>/app``, signs
+that FAB with the consortium's app key (``<root>/app-key.pem``, made on first use) and writes
+``<root>/app-trust.json`` (the key's public half) which each centre pins; ``run_app`` submits
+exactly that staged app.
 """
 
 from __future__ import annotations
@@ -111,23 +118,87 @@ class Deployment:
                 time.sleep(0.5)
         raise DeploymentError(f"SuperLink on port {self.port} not healthy after {timeout:.0f}s")
 
-    def add_supernode(self, name: str, node_config: str) -> subprocess.Popen:
-        """Register ``name``'s EC P-384 key with the SuperLink and start its SuperNode."""
+    # -------------------------------------------------------------- the approved app
+    @property
+    def app_dir(self) -> Path:
+        return self.root / "app"
+
+    @property
+    def app_trust(self) -> Path:
+        return self.root / "app-trust.json"
+
+    def build_fab(self, app_dir: Path) -> bytes:
+        """The FAB ``flwr run app_dir`` submits (Flower's own builder, in a subprocess)."""
+        code = ("import sys; from pathlib import Path; from flwr.cli.build import build_fab_from_disk; "
+                "sys.stdout.buffer.write(build_fab_from_disk(Path(sys.argv[1])))")
+        r = subprocess.run([sys.executable, "-c", code, str(app_dir)], env=self.env(), capture_output=True,
+                           timeout=300)
+        if r.returncode != 0:
+            raise DeploymentError(f"building the FAB of {app_dir} failed: {r.stderr.decode()[-400:]}")
+        return r.stdout
+
+    def stage_app(self, app_key: Path | None = None) -> Path:
+        """Copy the app into ``<root>/app``, sign it with the consortium app key, write the app trust."""
+        import base64
+        import shutil
+
+        from histodd_fed.federation.app_trust import SIGNATURE_FILE, AppTrust, check_fab, generate_app_key, sign_fab
+
+        app = self.app_dir
+        if app.exists():
+            shutil.rmtree(app)
+        app.mkdir(parents=True)
+        shutil.copy2(REPO_ROOT / "pyproject.toml", app / "pyproject.toml")
+        keep = {".py", ".yaml", ".json", ".toml"}
+        for pkg in ("centre_node", "coordinator", "histodd_fed"):
+            for f in sorted((REPO_ROOT / pkg).rglob("*")):
+                if f.is_file() and f.suffix in keep and "__pycache__" not in f.parts:
+                    dst = app / f.relative_to(REPO_ROOT)
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(f, dst)
+        key = Path(app_key) if app_key else self.root / "app-key.pem"
+        if not key.exists():
+            _, pub = generate_app_key(key)
+        else:
+            from cryptography.hazmat.primitives import serialization
+
+            pub = serialization.load_pem_private_key(key.read_bytes(), password=None).public_key().public_bytes(
+                serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        atomic_write_text(app / SIGNATURE_FILE, json.dumps(sign_fab(self.build_fab(app), key), indent=1) + "\n")
+        atomic_write_text(self.app_trust, json.dumps({"format": "histodd-app-trust", "format_version": 1,
+                                                      "digests": [], "keys": [base64.b64encode(pub).decode()]}))
+        check_fab(self.build_fab(app), AppTrust.load(self.app_trust))  # what flwr run will submit passes
+        return app
+
+    def add_supernode(self, name: str, node_config: str, app_trust: Path | None = None) -> subprocess.Popen:
+        """Register ``name``'s EC P-384 key; start its SuperNode (process isolation) and its app guard.
+
+        ``app_trust``: the centre's pinned app trust (default: the staged app's, see :meth:`stage_app`).
+        """
+        trust = Path(app_trust) if app_trust else self.app_trust
+        if not trust.exists():
+            raise DeploymentError(f"{trust}: no app trust file (call stage_app() first)")
         keys = make_node_keys(self.root / "node-keys", name)
         r = subprocess.run([_bin("flwr"), "supernode", "register", str(keys["public"]), CONNECTION],
                            env=self.env(), cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise DeploymentError(f"flwr supernode register {name} failed: {(r.stdout + r.stderr).strip()[-400:]}")
-        return self._spawn([_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+        runtime_port = free_port()
+        node = self._spawn([_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
                             "--root-certificates", str(self.root / "certs" / "ca.crt"),
                             "--auth-supernode-private-key", str(keys["private"]),
-                            "--port", str(free_port()), "--node-config", node_config], f"supernode-{name}.log")
+                            "--isolation", "process", "--host", "127.0.0.1",
+                            "--port", str(runtime_port), "--node-config", node_config], f"supernode-{name}.log")
+        self._spawn([sys.executable, "-m", "centre_node.app_guard", "launch", "--runtime-api-address",
+                     f"127.0.0.1:{runtime_port}", "--app-trust", str(trust), "--insecure"], f"app-guard-{name}.log")
+        return node
 
     # -------------------------------------------------------------- run
-    def run_app(self, run_config: dict[str, Any], timeout: float = 1800.0) -> str:
-        """``flwr run . histodd --stream`` with ``run_config``; returns its output."""
+    def run_app(self, run_config: dict[str, Any], timeout: float = 1800.0, app_dir: Path | None = None) -> str:
+        """``flwr run <staged app> histodd --stream`` with ``run_config``; returns its output."""
         rc = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-        args = [_bin("flwr"), "run", str(REPO_ROOT), CONNECTION, "--stream", "--run-config", rc]
+        app = Path(app_dir) if app_dir else (self.app_dir if self.app_dir.exists() else self.stage_app())
+        args = [_bin("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config", rc]
         try:
             r = subprocess.run(args, env=self.env(), cwd=str(REPO_ROOT), capture_output=True, text=True,
                                timeout=timeout)
