@@ -88,3 +88,59 @@ def test_bad_inputs_one_line(centres, tmp_path, args, msg):
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and msg in lines[0], r.stderr
+
+
+# ---------------------------------------------------------------------------- federation side (no training)
+def test_centre_folder_with_train_test_is_its_split(tmp_path, tiny_patchset):
+    from histodd_fed.federation.local_work import load_real_splits
+
+    assert load_real_splits(tmp_path) is None
+    tiny_patchset.save(tmp_path / "train")
+    assert load_real_splits(tmp_path) is None          # needs both
+    tiny_patchset.subset([0, 1, 2]).save(tmp_path / "test")
+    tr, te = load_real_splits(tmp_path)
+    assert len(tr) == 12 and len(te) == 3
+
+
+def test_pcam_presets_keep_old_prepare_keys():
+    from histodd_fed.federation.presets import get_preset
+
+    assert "crop_center" not in get_preset("cpu").prepare_dict()          # demo caches stay valid
+    assert get_preset("pcam-c17").prepare_dict()["crop_center"] == 32
+    assert get_preset("pcam-c17-norm").stain_normalise_inputs
+
+
+def test_extras_are_checked():
+    from histodd_fed.federation.envelope import ProtocolError
+    from histodd_fed.federation.extras import _check
+
+    ok = _check({"name": "herding10", "kind": "coreset", "method": "herding", "ipc": 10})
+    assert ok["ipc"] == 10
+    for bad in ({"name": "../x", "kind": "coreset", "method": "herding", "ipc": 1},
+                {"name": "h", "kind": "coreset", "method": "kmeans", "ipc": 1},
+                {"name": "v", "kind": "variant", "ipc": 1, "overrides": {"device": "cuda"}},
+                {"name": "full", "kind": "coreset", "method": "random", "ipc": 1}):
+        with pytest.raises(ProtocolError):
+            _check(bad)
+
+
+def test_benchmark_bad_inputs(tmp_path):
+    from histodd_fed.errors import ConfigError, InputError
+    from histodd_fed.federation.benchmark_study import check_centres
+
+    with pytest.raises(ConfigError, match="unknown benchmark"):
+        check_centres(tmp_path, "nope")
+    with pytest.raises(InputError, match="no manifest.json"):
+        check_centres(tmp_path, "pcam-c17")
+
+
+def test_reference_normalisation_keeps_relative_darkness(tiny_patchset):
+    from histodd_fed.federation.local_work import normalise_to_reference
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(60, 200, size=(8, 32, 32, 3)).astype(np.uint8)
+    dark = (base * 0.6).astype(np.uint8)
+    ps = PatchSet(np.concatenate([base, dark]), np.array([0] * 8 + [1] * 8), ["normal", "tumour"])
+    out, info = normalise_to_reference(ps, ps)
+    assert info["input_stain"] == "macenko->reference"
+    assert out.images[8:].mean() < out.images[:8].mean()      # one factor per set: darker stays darker

@@ -51,6 +51,11 @@ class CentrePreset:
     # Macenko-map received images into the target's colour space. Off by default: on the validation
     # copies (docs/results.md) it scored lower in 3 of 4 comparisons.
     stain_normalise_received: bool = False
+    # --- patch-store centres (benchmarks such as pcam-c17; 0 / False: off, as before) ---
+    crop_center: int = 0             # keep the central N px of every patch before resizing (PCam: 32)
+    # Map every image the centre's classifier sees (own train, own test, received) to the reference
+    # H&E stains, set-level (one concentration factor per set, relative darkness kept).
+    stain_normalise_inputs: bool = False
 
     #: fields that only affect how a target fine-tunes on received data (not preparation)
     RECEIVE_FIELDS = ("fine_tune_protocol", "received_share", "fine_tune_lr_scale", "stain_normalise_received")
@@ -73,6 +78,9 @@ class CentrePreset:
         for k in self.RECEIVE_FIELDS:
             d.pop(k, None)
         d.pop("outer_steps_by_ipc", None)  # distillation only (its config hash covers it)
+        for k in ("crop_center", "stain_normalise_inputs"):  # off: same key as before these fields existed
+            if not d.get(k):
+                d.pop(k, None)
         return d
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,6 +123,16 @@ PRESETS: dict[str, CentrePreset] = {
         outer_steps_by_ipc=((10, 200), (20, 500), (50, 1000)),   # the paper's K for its ipcs
     ),
 }
+# pcam-c17 (docs/results.md "Transfer study: PCam x Camelyon17"): patch-store centres of real PCam
+# tissue; the central 32 px of each 96 px patch (PCam's label region), distillation from
+# configs/distill-pcam.yaml with the overrides the export gate needs (init real moved far: lr_img 1.0,
+# 30 x 5 steps, as the cpu preset), 600 source train patches (as the demo). No slides: no MIL.
+PRESETS["pcam-c17"] = replace(
+    PRESETS["cpu"], name="pcam-c17", crop_center=32, distill_config="configs/distill-pcam.yaml",
+    distill_overrides=(("init", "real"), ("lr_img", 1.0), ("distance", "l1"), ("outer_steps", 30),
+                       ("inner_steps", 5), ("checkpoint_every", 0)))
+# the same with every input of the target stain-normalised (the evaluation-side stain ablation)
+PRESETS["pcam-c17-norm"] = replace(PRESETS["pcam-c17"], name="pcam-c17-norm", stain_normalise_inputs=True)
 
 
 def get_preset(name: str, **overrides: Any) -> CentrePreset:

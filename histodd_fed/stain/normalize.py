@@ -91,7 +91,9 @@ def _concentrations(x: torch.Tensor, stains: ImageStains) -> torch.Tensor:
 
 
 def _compose(conc: torch.Tensor, matrix: torch.Tensor, shape) -> torch.Tensor:
-    od = matrix.to(conc.dtype) @ conc                                # (B, 3, HW)
+    # OD < 0 is brighter than white and clamped to 1 below anyway; clamping here keeps exp() finite so
+    # the backward pass has no 0 * inf = NaN (the `stain` op hit it: scaled concentrations overflowed)
+    od = (matrix.to(conc.dtype) @ conc).clamp(min=0.0)               # (B, 3, HW)
     return od_to_rgb(od).reshape(shape)
 
 
