@@ -5,7 +5,8 @@ different content key for each, and crafts the manifest and every chunk so that 
 under both keys (a two-key GCM collision: one free block per piece). The relay's signature check
 passes and each recipient's AEAD checks pass, yet C2 and C3 decrypt different bytes. Format
 version 2 signs a commitment to the content key in the header; a recipient whose unwrapped key
-does not match it is refused before anything is decrypted. Version-1 bundles still open.
+does not match it is refused before anything is decrypted. Version-1 bundles still open when
+they have one recipient (one key: no split view); a multi-recipient version-1 bundle is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from typer.testing import CliRunner
 
 from centre_node.cli import app
-from histodd_fed.bundle import (NO_LEDGER, KeyCommitmentError, SemanticError, TrustStore, generate_identity,
+from histodd_fed.bundle import (NO_LEDGER, KeyCommitmentError, TrustStore, VersionError, generate_identity,
                                 inspect, open_bundle, seal, verify)
 from histodd_fed.bundle.format import BundleSource, key_commitment, parse_header
 from histodd_fed.bundle.hostile import forge_split_key_bundle, gcm_two_key_ciphertext
@@ -61,8 +62,10 @@ def test_attack_v1_one_signature_two_contents(world):
     seen = [AESGCM(_unwrap_key(h, ids[c])).decrypt(MANIFEST_NONCE, m, MANIFEST_AAD + h.header_sha256)
             for c in ("C2", "C3")]
     assert seen[0] != seen[1]  # both authentic, different bytes: what v2 rules out
-    with pytest.raises(SemanticError):  # for C3 the failure comes only after decryption, from parsing
-        open_bundle(blob, ids["C3"], TrustStore.load(root / "C3"), NO_LEDGER)
+    # so a multi-recipient version-1 bundle is refused up front (a single recipient sees one key only)
+    for c in ("C2", "C3"):
+        with pytest.raises(VersionError, match="not key-committing"):
+            open_bundle(blob, ids[c], TrustStore.load(root / c), NO_LEDGER)
 
 
 def test_attack_v2_split_key_bundle_is_refused_before_decryption(world, tmp_path):

@@ -43,7 +43,7 @@ from histodd_fed import __version__
 from histodd_fed.atomic import atomic_directory, atomic_write_json, atomic_writer
 from histodd_fed.bundle.errors import (DecryptionError, FormatError, KeyCommitmentError, KeyFileError,
                                        ManifestHashError, NotARecipientError, OutputExistsError, SemanticError,
-                                       SignatureError, SizeLimitError, StaleBundleError)
+                                       SignatureError, SizeLimitError, StaleBundleError, VersionError)
 from histodd_fed.bundle.format import (ALGORITHMS, DEFAULT_CHUNK_SIZE, ENC_SIZE, FORMAT_VERSION, MIN_CHUNK_SIZE,
                                        READ_VERSIONS, SIGNATURE_SIZE, TAG_SIZE, BundleHeader, BundleSource, Limits,
                                        Source, canonical_json, chunk_count, encode_prefix, key_commitment,
@@ -632,6 +632,10 @@ def open_bundle(data_or_path: Source, identity: Identity, trust: TrustStore, led
     blob = data_or_path if type(data_or_path) is bytes else None
     with BundleSource(data_or_path) as src:
         header = parse_header(src, limits)
+        if header.version < 2 and len(header.recipients) > 1:
+            raise VersionError(f"{header.name}: a version-1 bundle for {len(header.recipients)} recipients is not "
+                               "key-committing (each could be shown different contents); ask the sender to re-seal "
+                               "it (format 2)")
         signer = trust.signer(header.source_centre, header.sign_key_id)
         digest = _hash_pass(src, header, blob)
         _verify_signature(src, header, signer, digest)
