@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--images", type=int, default=8, help="patches in the bundle (16x16)")
     ap.add_argument("--chunk-size", type=int, default=256)
+    ap.add_argument("--format-version", type=int, default=2, choices=(1, 2), help="bundle format to mutate")
     ap.add_argument("--out-dir-every", type=int, default=10,
                     help="every k-th open writes to an output dir (checked to stay absent)")
     ap.add_argument("--json", type=Path, default=None, help="also write the counts here")
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         ps = PatchSet(images=rng.integers(0, 256, (args.images, 16, 16, 3), dtype=np.uint8),
                       labels=np.arange(args.images) % 2, class_names=["normal", "tumour"], kind="synthetic",
                       meta={"seed": args.seed})
-        blob = seal(ps, c1, [c2.public], chunk_size=args.chunk_size)
+        blob = seal(ps, c1, [c2.public], chunk_size=args.chunk_size, version=args.format_version)
         open_bundle(blob, c2, trust, NO_LEDGER)  # the unmutated bundle opens
         mut = Mutator(blob, sign=c1.sign)
         ledger = Ledger(root / "ledger.json")

@@ -66,6 +66,17 @@ def test_bit_flips_in_every_region(world, tmp_path):
     assert count == 8 * len(m.regions)
 
 
+def test_bit_flips_in_a_version_1_bundle(world, tmp_path):
+    """Version-1 bundles (no key commitment) are still read, and still refuse every mutation."""
+    v1 = seal(world["ps"], world["ids"]["C1"], [world["ids"]["C2"].public], chunk_size=256, version=1)
+    m = Mutator(v1, sign=world["ids"]["C1"].sign)
+    assert m.h.version == 1
+    for i, mu in enumerate(m.every_region(seed=3, per_region=3)):
+        _assert_refused(world, mu.data, mu.expected, tmp_path, f"v1 flip #{i} in {mu.region}")
+    for i, mu in enumerate(m.stream(seed=4, n=60)):
+        _assert_refused(world, mu.data, mu.expected, tmp_path, f"v1 mutation #{i} {mu.kind}/{mu.region}")
+
+
 def test_random_mutation_battery(world, tmp_path):
     m = Mutator(world["blob"], sign=world["ids"]["C1"].sign)
     kinds = set()
