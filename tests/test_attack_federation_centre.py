@@ -112,3 +112,30 @@ def test_attack_relabelled_rows_and_revoked_sender(tmp_path):
     rep = node.handle("train", Envelope(body=lie, blobs={"x": data}))
     (row,) = rep.body["rows"]
     assert row["ok"] is False and "Revoked" in row["error"] and "cached" not in row, row
+
+
+def test_encrypted_centre_keys_unlock_from_the_node_config_source(tmp_path, monkeypatch):
+    """Keys encrypted at rest; the node config names the passphrase source (``key-passphrase``)."""
+    from histodd_fed.bundle.trust import TrustStore
+    from histodd_fed.federation.centre import CentreConfig, CentreNode
+    from histodd_fed.federation.enrol import enrol
+
+    monkeypatch.setenv("HISTODD_TEST_PW", "s3cret passphrase")
+    (tmp_path / "d").mkdir()
+    (cfg,), trust = enrol(tmp_path, {"C1": tmp_path / "d"}, key_passphrase="env:HISTODD_TEST_PW", scrypt_log2n=12)
+    assert b"ENCRYPTED" in (cfg.key_dir / "signing_key.pem").read_bytes()
+    node = CentreNode(CentreConfig.from_node_config(cfg.to_node_config()))
+    rep = node.handle("identity", Envelope(body={"prepare": False, "nonce": NONCE}), run_id=3, node_id=4)
+    assert rep.body["ok"] and rep.body["proof"]["statement"]["node_id"] == "4", rep.body
+    from histodd_fed.federation.centre import reply_digest
+    from histodd_fed.federation.envelope import PROOF_IDENTITY, check_proof, statement
+
+    pub = TrustStore.load(trust).centres["C1"]
+    want = statement(PROOF_IDENTITY, NONCE, "C1", 3, 4, pub.sign_key_id, reply_digest(rep.body))
+    assert check_proof(rep.body["proof"], want, pub) is None
+    monkeypatch.delenv("HISTODD_TEST_PW")
+    from histodd_fed.federation import local_work
+
+    local_work._IDENTITIES.clear()
+    rep = node.handle("identity", Envelope(body={"prepare": False, "nonce": NONCE}))
+    assert rep.body["ok"] is False and "HISTODD_TEST_PW" in rep.body["error"] and str(tmp_path) not in rep.body["error"]

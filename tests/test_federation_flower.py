@@ -29,11 +29,15 @@ def test_simulation_runtime_full_transfer(tmp_path):
 
 @pytest.mark.flower
 @pytest.mark.slow
-def test_deployment_tls_auth_full_transfer(tmp_path):
+def test_deployment_tls_auth_full_transfer(tmp_path, monkeypatch):
     from coordinator.cli import run_config_for
     from histodd_fed.federation.deployment import Deployment
 
-    cfgs, trust = _centres(tmp_path)
+    # centre keys encrypted at rest (scrypt); each SuperNode's ClientApp unlocks them from its env
+    monkeypatch.setenv("HISTODD_KEY_PASSPHRASE", "correct horse battery staple")
+    cfgs, trust = _centres(tmp_path, key_passphrase="env:HISTODD_KEY_PASSPHRASE")
+    assert b"ENCRYPTED" in (cfgs[0].key_dir / "signing_key.pem").read_bytes() or \
+        b"scrypt" in (cfgs[0].key_dir / "signing_key.pem").read_bytes()
     cfg = _study(tmp_path, trust, runtime="deployment", reply_timeout=240, discovery_timeout=60)
     with Deployment(tmp_path / "dep") as dep:
         dep.start_superlink()

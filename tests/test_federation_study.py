@@ -28,7 +28,7 @@ def _with_slides(ps):
     return ps
 
 
-def _centres(root: Path, faults=None, slides: bool = False):
+def _centres(root: Path, faults=None, slides: bool = False, **enrol_kw):
     if not PCAM.exists():
         pytest.skip(f"real PCam patches not found at {PCAM}")
     from histodd_fed.federation.enrol import enrol
@@ -44,7 +44,7 @@ def _centres(root: Path, faults=None, slides: bool = False):
     # both centres' own policies allow the "Full" comparison (real patches) to each other
     policies = {c: ExportPolicy(real=True) for c in ("C1", "C2")}
     return enrol(root, {"C1": root / "data/C1", "C2": root / "data/C2"}, preset="tiny", faults=faults,
-                 policies=policies)
+                 policies=policies, **enrol_kw)
 
 
 def _study(root: Path, trust, **kw):

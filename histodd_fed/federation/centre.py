@@ -150,6 +150,7 @@ class CentreConfig:
     labels_csv: Path | None = None
     preset_overrides: dict[str, Any] = field(default_factory=dict)
     policy: ExportPolicy = field(default_factory=ExportPolicy)
+    key_passphrase: str = ""         # where the key passphrase comes from: env:NAME, file:PATH, fd:N
 
     @classmethod
     def from_node_config(cls, cfg: Mapping[str, Any]) -> "CentreConfig":
@@ -173,6 +174,7 @@ class CentreConfig:
             fault=str(get("fault", "") or ""),
             labels_csv=Path(str(labels)) if labels else None,
             policy=ExportPolicy.from_node_config(get),
+            key_passphrase=str(get("key-passphrase", "") or ""),
         )
 
     def to_node_config(self) -> dict[str, str | int]:
@@ -185,6 +187,8 @@ class CentreConfig:
         if self.labels_csv:
             out["labels-csv"] = str(self.labels_csv)
         out.update(self.policy.to_node_config())
+        if self.key_passphrase:
+            out["key-passphrase"] = self.key_passphrase
         return out
 
     def node_config_string(self) -> str:

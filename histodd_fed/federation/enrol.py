@@ -27,12 +27,15 @@ def policy_from_settings(d: dict | None) -> ExportPolicy:
 
 def enrol(root: str | Path, data: dict[str, Path], *, preset: str = "cpu", seed: int = 0,
           faults: dict[str, str] | None = None,
-          policies: dict[str, ExportPolicy] | None = None) -> tuple[list[CentreConfig], Path]:
+          policies: dict[str, ExportPolicy] | None = None,
+          key_passphrase: str = "", scrypt_log2n: int | None = None) -> tuple[list[CentreConfig], Path]:
     """Identities + mutual trust for ``data`` (centre id -> data path); returns (configs, coordinator trust).
 
     ``policies``: each centre's own export policy (default: synthetic only, real patches stay home).
+    ``key_passphrase``: a passphrase source (``env:NAME``, ``file:PATH``): new keys are encrypted with
+    it and each node config names it (``key-passphrase``) so the SuperNode unlocks its key at start.
     """
-    from histodd_fed.bundle.identity import IDENTITY_FILE, generate_identity, load_identity
+    from histodd_fed.bundle.identity import IDENTITY_FILE, generate_identity, load_public_identity, read_passphrase
     from histodd_fed.bundle.trust import TrustStore
 
     root = Path(root).resolve()
@@ -41,12 +44,15 @@ def enrol(root: str | Path, data: dict[str, Path], *, preset: str = "cpu", seed:
     for cid, path in data.items():
         key_dir = root / cid / "keys"
         if not (key_dir / IDENTITY_FILE).exists():
-            generate_identity(cid, key_dir)
-        pubs[cid] = load_identity(key_dir).public
+            pw = read_passphrase(key_passphrase) if key_passphrase else None
+            generate_identity(cid, key_dir, passphrase=pw,
+                              **({"scrypt_log2n": scrypt_log2n} if scrypt_log2n and pw else {}))
+        pubs[cid] = load_public_identity(key_dir)
         configs.append(CentreConfig(centre_id=cid, data=Path(path).resolve(), key_dir=key_dir,
                                     work_dir=root / cid / "work", preset=preset, seed=seed,
                                     fault=(faults or {}).get(cid, ""),
-                                    policy=(policies or {}).get(cid, ExportPolicy())))
+                                    policy=(policies or {}).get(cid, ExportPolicy()),
+                                    key_passphrase=key_passphrase))
     for cfg in configs:
         store = TrustStore.load(cfg.key_dir)
         changed = False

@@ -35,14 +35,26 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------- identity
+_IDENTITIES: dict[tuple, Any] = {}
+
+
 def load_or_create_identity(cfg: CentreConfig):
     """The centre's identity from its key dir (created on first use)."""
     from histodd_fed.bundle.identity import IDENTITY_FILE, generate_identity, load_identity
 
+    from histodd_fed.bundle.identity import SIGNING_KEY_FILE, read_passphrase
+
+    source = getattr(cfg, "key_passphrase", "") or None   # node config key-passphrase: env:NAME, file:PATH, fd:N
     if not (cfg.key_dir / IDENTITY_FILE).exists():
         log.info("%s: no identity in %s, generating one", cfg.centre_id, cfg.key_dir)
-        generate_identity(cfg.centre_id, cfg.key_dir)
-    ident = load_identity(cfg.key_dir)
+        generate_identity(cfg.centre_id, cfg.key_dir, passphrase=read_passphrase(source) if source else None)
+    f = cfg.key_dir / SIGNING_KEY_FILE
+    memo = (str(cfg.key_dir.resolve()), source, f.stat().st_mtime_ns if f.exists() else 0)
+    ident = _IDENTITIES.get(memo)
+    if ident is None:  # unlock once per process (scrypt at login cost)
+        ident = load_identity(cfg.key_dir, passphrase_source=source)
+        _IDENTITIES.clear()
+        _IDENTITIES[memo] = ident
     if ident.centre_id != cfg.centre_id:
         raise ConfigError(f"{cfg.key_dir}: holds the identity of {ident.centre_id!r}, not {cfg.centre_id!r}")
     return ident
