@@ -9,12 +9,20 @@ from typing import Any
 from histodd_fed.errors import ConfigError, InputError
 
 DISTANCES = ("l1", "l1_mean", "cosine", "mse")
-INITS = ("real", "noise", "herding")
+INITS = ("real", "noise", "herding", "mixture", "mosaic")
+UPDATES = ("joint", "per_class")
+DSA_MODES = ("all", "single")
+LR_SCHEDULES = ("constant", "cosine")
 #: Coreset options an ``init: herding`` run may set in ``init_coreset`` (histodd_fed.coreset.CoresetConfig).
 INIT_CORESET_KEYS = ("arch", "arch_kwargs", "feature_epochs", "lr", "batch_size")
 MATCHING = ("fast", "reference")
 #: Fields that do not change the result (left out of the resume / checkpoint key).
 NON_RESULT_FIELDS = ("device", "checkpoint_every")
+#: Fields added after result keys were first published: left out of the key while at their default,
+#: so the caches and checkpoints of earlier runs stay valid.
+LATER_FIELDS = {"init_mix": 16, "init_grid": 2, "update": "joint", "dsa_mode": "all", "lr_schedule": "constant",
+                "privacy_step": 0.0, "privacy_corr_percentile": 90.0, "privacy_l2_percentile": 10.0,
+                "privacy_topk": 4}
 
 
 @dataclass
@@ -27,7 +35,14 @@ class DistillConfig:
     image_size: int = 64                          #: patches are resized to this many pixels
     # synthetic set
     ipc: int = 10                                 #: m: synthetic images per class (per slide if per_slide)
-    init: str = "real"                            #: real (the paper's) | noise | herding (extra option)
+    init: str = "real"                            #: real (the paper's) | noise | herding | mixture (extra options)
+    #: init mixture: each synthetic image starts as the mean of this many random real images of its class
+    #: (no single patient's patch is the starting point; the gate's distance rules start far away)
+    init_mix: int = 16
+    #: init mosaic: each synthetic image starts as a ``init_grid`` x ``init_grid`` mosaic, tile (i, j) cut
+    #: from the same place of a different random real patch of its class (real texture at the right
+    #: scale, but no real patch's layout)
+    init_grid: int = 2
     #: init herding: CoresetConfig options of the herding feature net (keys INIT_CORESET_KEYS); unset
     #: arch/arch_kwargs default to ``model``/``model_kwargs``. Ignored (and left out of result keys) otherwise.
     init_coreset: dict[str, Any] = field(default_factory=dict)
@@ -37,6 +52,10 @@ class DistillConfig:
     inner_steps: int = 100                        #: U
     slide_outer_steps: int | None = None          #: K per slide in per-slide mode (None: outer_steps)
     lr_img: float = 0.5                           #: synthetic-image learning rate (5e-3 for large patches)
+    lr_schedule: str = "constant"                 #: constant | cosine (decay to 0 over the outer steps)
+    #: joint: one image step per inner step on the sum of the class losses; per_class: one step per class
+    #: per inner step (Algorithm 1 of the paper, as DC/DSA)
+    update: str = "joint"
     momentum_img: float = 0.5
     batch_real: int = 128                         #: real images per class per matching step
     distance: str = "l1"                          #: l1 (summed) | l1_mean (per-layer mean) | cosine (DC) | mse
@@ -52,6 +71,17 @@ class DistillConfig:
     batch_net: int = 128
     # augmentation (DSA strategy string, see histodd_fed.augment)
     augmentation: str = "color_crop_cutout_flip_scale_rotate_stain"
+    #: all: every op of the strategy at every matching step; single: one op drawn per step (DSA's 'S' mode)
+    dsa_mode: str = "all"
+    # privacy term (extra, not the paper's): after every image step, synthetic images whose nearest real
+    # patches are closer than the real-real nearest-neighbour percentiles below (structure correlation of
+    # low-passed grey images above its p``privacy_corr_percentile``, or normalised L2 below its
+    # p``privacy_l2_percentile``) are pushed away from their ``privacy_topk`` nearest real patches by a
+    # step of ``privacy_step`` RMS per pixel (0: off)
+    privacy_step: float = 0.0
+    privacy_corr_percentile: float = 90.0
+    privacy_l2_percentile: float = 10.0
+    privacy_topk: int = 4
     #: fast: one augmentation call for all classes, class-stacked gradients (torch.func vmap on GPU, a
     #: class loop on CPU), no second-order network gradients; same random draws as ``reference`` (the
     #: plain per-class loop), equal to float rounding. Batch-norm networks always use ``reference``.
@@ -73,7 +103,9 @@ class DistillConfig:
         for n in ("image_size", "ipc", "outer_steps", "inner_steps", "lr_img", "batch_real", "pool_size",
                   "pool_lr", "pool_batch", "batch_net", "lr_net"):
             positive(n)
-        for n in ("pool_epochs", "alpha", "net_steps", "checkpoint_every", "momentum_img"):
+        for n in ("init_mix", "init_grid", "privacy_topk"):
+            positive(n)
+        for n in ("pool_epochs", "alpha", "net_steps", "checkpoint_every", "momentum_img", "privacy_step"):
             positive(n, allow_zero=True)
         if self.slide_outer_steps is not None:
             positive("slide_outer_steps")
@@ -83,6 +115,12 @@ class DistillConfig:
             raise ConfigError(f"distill config: matching must be one of {MATCHING}, got {self.matching!r}")
         if self.init not in INITS:
             raise ConfigError(f"distill config: init must be one of {INITS}, got {self.init!r}")
+        for name, allowed in (("update", UPDATES), ("dsa_mode", DSA_MODES), ("lr_schedule", LR_SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"distill config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("privacy_corr_percentile", "privacy_l2_percentile"):
+            if not 0 <= float(getattr(self, name)) <= 100:
+                raise ConfigError(f"distill config: {name} must be in [0, 100], got {getattr(self, name)!r}")
         if not isinstance(self.init_coreset, dict):
             raise ConfigError(f"distill config: init_coreset must be a mapping, got {self.init_coreset!r}")
         bad = sorted(set(self.init_coreset) - set(INIT_CORESET_KEYS))
@@ -105,6 +143,13 @@ class DistillConfig:
             d.pop(k, None)
         if self.init != "herding":  # keeps the keys of real / noise runs as they were before init_coreset
             d.pop("init_coreset", None)
+        for k, default in LATER_FIELDS.items():
+            if d.get(k) == default:
+                d.pop(k)
+        if self.init != "mixture":
+            d.pop("init_mix", None)
+        if self.init != "mosaic":
+            d.pop("init_grid", None)
         return d
 
     def herding_coreset_config(self):

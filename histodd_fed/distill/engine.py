@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from histodd_fed.distill.pool import build_model, get_pool
 from histodd_fed.errors import InputError
 from histodd_fed.logging_setup import progress as progress_bar
 from histodd_fed.patchset import PatchSet
+from histodd_fed.preprocess import ViewSpec, recorded_view, resize_images
 from histodd_fed.runconfig import config_hash
 from histodd_fed.stain.normalize import ImageStains, StainContext
 
@@ -46,6 +48,7 @@ class Group:
     slide: int                # index into the real set's slide_ids, -1 for patch-level
     real_idx: np.ndarray      # indices into the real tensors
     init_idx: np.ndarray      # real indices the synthetic images start from (init: real)
+    mix_idx: np.ndarray | None = None  # (ipc, init_mix) real indices averaged into each image (init: mixture)
 
 
 def data_hash(real: PatchSet) -> str:
@@ -65,25 +68,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 NHWC -> uint8 NHWC of ``size`` px (antialiased bilinear); unchanged if already that size."""
-    if images.shape[1] == size and images.shape[2] == size:
-        return np.ascontiguousarray(images)
-    out = []
-    for s in range(0, len(images), 512):
-        x = torch.from_numpy(np.ascontiguousarray(images[s:s + 512])).permute(0, 3, 1, 2).float()
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out.append(x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    return np.concatenate(out)
-
-
 def _plan(real: PatchSet, config: DistillConfig, rng: np.random.Generator) -> list[list[Group]]:
     """Stages of groups; initial real images drawn without replacement when enough exist."""
 
     def group(label: int, slide: int, idx: np.ndarray) -> Group:
         replace = len(idx) < config.ipc
         init = rng.choice(idx, size=config.ipc, replace=replace)
-        return Group(label, slide, idx, np.asarray(init, dtype=np.int64))
+        g = Group(label, slide, idx, np.asarray(init, dtype=np.int64))
+        if config.init in ("mixture", "mosaic"):
+            n = min(config.init_mix if config.init == "mixture" else config.init_grid ** 2, len(idx))
+            g.mix_idx = np.stack([rng.choice(idx, size=n, replace=False) for _ in range(config.ipc)])
+            g.init_idx = np.full(config.ipc, -1, dtype=np.int64)  # no single real patch is the start
+        return g
 
     if not config.per_slide:
         stage = []
@@ -130,6 +126,19 @@ def _herding_init(stages: list[list[Group]], images: np.ndarray, real: PatchSet,
         g.init_idx = picks[g.label].copy()
     return {"coreset_config": dict(core.meta["config"]), "source_indices": picks.reshape(-1).tolist(),
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def mosaic(x: torch.Tensor, idx: torch.Tensor, grid: int) -> torch.Tensor:
+    """(n, C, H, W) images whose tile (i, j) of a ``grid`` x ``grid`` split is that tile of ``x[idx[:, i*grid+j]]``."""
+    n, (c, h, w) = idx.shape[0], x.shape[1:]
+    out = torch.empty((n, c, h, w), dtype=x.dtype, device=x.device)
+    ys = [round(h * i / grid) for i in range(grid + 1)]
+    xs = [round(w * j / grid) for j in range(grid + 1)]
+    for i in range(grid):
+        for j in range(grid):
+            src = x[idx[:, (i * grid + j) % idx.shape[1]]]
+            out[:, :, ys[i]:ys[i + 1], xs[j]:xs[j + 1]] = src[:, :, ys[i]:ys[i + 1], xs[j]:xs[j + 1]]
+    return out
 
 
 def _sample(idx: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -188,6 +197,113 @@ def _fast_step_loss(net, weights, stage: list[Group], x_syn: torch.Tensor, syn_s
                                  xs.reshape(k, m, *shape), torch.stack(y_syn), config.distance, per_class)
 
 
+def _class_loss(net, weights, g: Group, k: int, x_syn, syn_st, offsets, y_syn, x_real, y_real, real_stains, aug,
+                config: DistillConfig, rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
+    """The reference matching loss of class block ``k`` (its real batch and one siamese draw)."""
+    ridx = torch.from_numpy(_sample(g.real_idx, config.batch_real, rng)).to(x_real.device)
+    xr = x_real[ridx]
+    xs = x_syn[offsets[k]:offsets[k + 1]]
+    if aug.ops:
+        draw = aug.sample(1, gen, siamese=True)
+        xr = aug.apply(xr, draw, None if real_stains is None else real_stains.index(ridx))
+        xs = aug.apply(xs, draw, None if syn_st is None else syn_st.index(slice(offsets[k], offsets[k + 1])))
+    return class_matching_loss(net, weights, xr, y_real[ridx], xs, y_syn[k], config.distance)
+
+
+def _per_class_steps(net, weights, stage: list[Group], x_syn, syn_st, offsets, y_syn, x_real, y_real, real_stains, aug,
+                     config: DistillConfig, rng, gen, opt_img) -> torch.Tensor:
+    """Algorithm 1's update: one SGD-momentum step of each class's images on that class's loss alone.
+
+    The momentum buffer lives in ``opt_img``'s state (so checkpoints keep it); a class's step only
+    touches its own rows of the image tensor and of the buffer. Returns the summed loss."""
+    lr = opt_img.param_groups[0]["lr"]
+    state = opt_img.state[x_syn]
+    if state.get("momentum_buffer") is None:
+        state["momentum_buffer"] = torch.zeros_like(x_syn)
+    buf = state["momentum_buffer"]
+    total = torch.zeros((), device=x_syn.device)
+    for k, g in enumerate(stage):
+        loss = _class_loss(net, weights, g, k, x_syn, syn_st, offsets, y_syn, x_real, y_real, real_stains, aug,
+                           config, rng, gen)
+        grad = torch.autograd.grad(loss, x_syn)[0]
+        sl = slice(int(offsets[k]), int(offsets[k + 1]))
+        with torch.no_grad():
+            buf[sl].mul_(config.momentum_img).add_(grad[sl])
+            x_syn[sl].sub_(lr * buf[sl])
+        total = total + loss.detach()
+    return total
+
+
+class PrivacyGuard:
+    """Keeps synthetic images away from their nearest real patches (the privacy term).
+
+    Thresholds come from the real set's own nearest-neighbour distribution, measured as the export
+    gate measures it (structure correlation of low-passed grey images, normalised L2): an image
+    whose correlation with a real patch is above the real-real p``corr_percentile``, or whose L2 to
+    one is below the real-real p``l2_percentile``, takes a normalised gradient step away from its
+    ``topk`` nearest real patches."""
+
+    def __init__(self, real: torch.Tensor, corr_thr: float, l2_thr: float, topk: int, pool: int = 2):
+        from histodd_fed.privacy.similarity import structure_vectors
+
+        self.real = real
+        self.pool = pool
+        self.vr = structure_vectors(real, pool).float()
+        self.flat = real.flatten(1)
+        self.corr_thr, self.l2_thr, self.topk = corr_thr, l2_thr, topk
+
+    @classmethod
+    def build(cls, x_real: torch.Tensor, config: DistillConfig, reference: int = 1000) -> "PrivacyGuard":
+        from histodd_fed.privacy.similarity import structure_vectors
+
+        gen = torch.Generator().manual_seed(int(config.seed) + 7919)
+        q = torch.randperm(len(x_real), generator=gen)[:min(reference, len(x_real))].to(x_real.device)
+        vr = structure_vectors(x_real, 2).float()
+        corr = vr[q] @ vr.T
+        corr[torch.arange(len(q)), q] = -2.0
+        flat = x_real.flatten(1)
+        d = torch.cdist(flat[q], flat) / math.sqrt(flat.shape[1])
+        d[torch.arange(len(q)), q] = float("inf")
+        dup = d == 0            # exact copies of a patch are not its neighbours (as in the audit)
+        d[dup], corr[dup] = float("inf"), -2.0
+        corr_thr = float(torch.quantile(corr.max(1).values, config.privacy_corr_percentile / 100))
+        l2_thr = float(torch.quantile(d.min(1).values, config.privacy_l2_percentile / 100))
+        log.info("privacy term: push below structure corr %.3f (real-real p%g) and above L2 %.4f (p%g)",
+                 corr_thr, config.privacy_corr_percentile, l2_thr, config.privacy_l2_percentile)
+        return cls(x_real, corr_thr, l2_thr, config.privacy_topk)
+
+    def violations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(max structure correlation, min normalised L2) of each image to the real patches."""
+        from histodd_fed.privacy.similarity import structure_vectors
+
+        with torch.no_grad():
+            corr = (structure_vectors(x, self.pool).float() @ self.vr.T).max(1).values
+            l2 = (torch.cdist(x.flatten(1), self.flat) / math.sqrt(self.flat.shape[1])).min(1).values
+        return corr, l2
+
+    def push(self, x_syn: torch.Tensor, step: float) -> int:
+        """One step away from the nearest real patches for every image too close; returns how many moved."""
+        from histodd_fed.privacy.similarity import structure_vectors
+
+        corr, l2 = self.violations(x_syn.detach())
+        bad = torch.nonzero((corr > self.corr_thr) | (l2 < self.l2_thr)).flatten()
+        if len(bad) == 0:
+            return 0
+        x = x_syn.detach()[bad].clone().requires_grad_(True)
+        c = structure_vectors(x, self.pool).float() @ self.vr.T                       # (b, N)
+        d = torch.cdist(x.flatten(1), self.flat) / math.sqrt(self.flat.shape[1])     # (b, N)
+        k = min(self.topk, c.shape[1])
+        pen = (c.topk(k, dim=1).values - self.corr_thr).clamp_min(0).sum() \
+            + (self.l2_thr - d.topk(k, dim=1, largest=False).values).clamp_min(0).sum()
+        if float(pen) <= 0:
+            return 0
+        g = torch.autograd.grad(pen, x)[0]
+        rms = g.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12).view(-1, 1, 1, 1)
+        with torch.no_grad():
+            x_syn[bad] = (x_syn[bad] - step * g / rms).clamp(0.0, 1.0)
+        return int(len(bad))
+
+
 @dataclass
 class DistillResult:
     """The synthetic set and the images it started from (uint8 NHWC, same order)."""
@@ -227,6 +343,8 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
 
     # ---------------------------------------------------------------- data, stains, augmentation
     images = resize_images(real.images, config.image_size)
+    src_view = recorded_view(real) or ViewSpec(source_size=real.image_size)
+    view = src_view.with_size(config.image_size)
     x_real, y_real = PatchSet(images=images, labels=real.labels, class_names=real.class_names).to_tensors()
     x_real, y_real = x_real.to(device), y_real.to(device)
     t0 = time.perf_counter()
@@ -236,7 +354,10 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
         stain_ctx = StainContext.from_images(images)
         real_stains = ImageStains.estimate(images).to(device)
     aug = build_augmentation(config.augmentation, stain=stain_ctx)
+    # DSA 'S' mode: one op of the strategy per matching step
+    single_augs = [build_augmentation(op, stain=stain_ctx) for op in aug.ops] if config.dsa_mode == "single" else []
     t_stains = time.perf_counter() - t0
+    guard = PrivacyGuard.build(x_real, config) if config.privacy_step > 0 else None
 
     # ---------------------------------------------------------------- model pool
     pool = get_pool(config, real.num_classes, x_real, y_real, aug, real_stains, src_hash,
@@ -251,7 +372,17 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
     syn_stains: list[ImageStains | None] = []
     for stage in stages:
         init = np.concatenate([g.init_idx for g in stage])
-        if config.init in ("real", "herding"):
+        if config.init == "mixture":
+            mix = torch.from_numpy(np.concatenate([g.mix_idx for g in stage])).to(device)   # (n, init_mix)
+            x0 = x_real[mix.reshape(-1)].reshape(*mix.shape, *x_real.shape[1:]).mean(1)
+        if config.init == "mosaic":
+            mix = torch.from_numpy(np.concatenate([g.mix_idx for g in stage])).to(device)   # (n, grid**2)
+            x0 = mosaic(x_real, mix, config.init_grid)
+        if config.init in ("mixture", "mosaic"):
+            st = None if stain_ctx is None else ImageStains(
+                stain_ctx.template_matrix.to(device).expand(len(init), 3, 2).clone(),
+                stain_ctx.template_max_conc.to(device).expand(len(init), 2).clone())
+        elif config.init in ("real", "herding"):
             x0 = x_real[torch.from_numpy(init).to(device)].clone()
             st = None if real_stains is None else real_stains.index(torch.from_numpy(init).to(device))
         else:
@@ -321,29 +452,33 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
             weights = matched_weights(net)
             net_opt = torch.optim.SGD(net.parameters(), lr=config.lr_net, momentum=0.5)
             step_losses = []
+            if config.lr_schedule == "cosine":
+                opt_img.param_groups[0]["lr"] = config.lr_img * 0.5 * (1 + math.cos(math.pi * done / total_steps))
             for u in range(config.inner_steps):
-                if fast:
+                aug_u = aug
+                if single_augs:
+                    aug_u = single_augs[int(torch.randint(len(single_augs), (1,), generator=gen))]
+                if config.update == "per_class":
+                    loss = _per_class_steps(net, weights, stage, x_syn, syn_stains[s_i], offsets, y_syn, x_real, y_real,
+                                            real_stains, aug_u, config, rng, gen, opt_img)
+                elif fast:
                     loss = _fast_step_loss(net, weights, stage, x_syn, syn_stains[s_i], offsets, y_syn, x_real, y_real,
-                                           real_stains, aug, config, rng, gen, per_class)
+                                           real_stains, aug_u, config, rng, gen, per_class)
                     opt_img.zero_grad(set_to_none=True)
                     x_syn.grad = torch.autograd.grad(loss, x_syn)[0]
+                    opt_img.step()
                 else:
                     loss = torch.zeros((), device=device)
                     for k, g in enumerate(stage):
-                        ridx = torch.from_numpy(_sample(g.real_idx, config.batch_real, rng)).to(device)
-                        xr = x_real[ridx]
-                        xs = x_syn[offsets[k]:offsets[k + 1]]
-                        if aug.ops:
-                            draw = aug.sample(1, gen, siamese=True)
-                            xr = aug.apply(xr, draw, None if real_stains is None else real_stains.index(ridx))
-                            st = syn_stains[s_i]
-                            xs = aug.apply(xs, draw, None if st is None else st.index(slice(offsets[k], offsets[k + 1])))
-                        loss = loss + class_matching_loss(net, weights, xr, y_real[ridx], xs, y_syn[k], config.distance)
+                        loss = loss + _class_loss(net, weights, g, k, x_syn, syn_stains[s_i], offsets, y_syn, x_real,
+                                                  y_real, real_stains, aug_u, config, rng, gen)
                     opt_img.zero_grad(set_to_none=True)
                     loss.backward()
-                opt_img.step()
+                    opt_img.step()
                 with torch.no_grad():
                     x_syn.clamp_(0.0, 1.0)
+                if guard is not None:
+                    guard.push(x_syn, config.privacy_step)
                 step_losses.append(float(loss.detach()) / len(stage))
                 if u == config.inner_steps - 1:
                     break
@@ -401,6 +536,7 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
         "device": str(device),
         "pool": {"key": pool.key, "reused": pool.reused, "train_seconds": round(pool.seconds, 3)},
         "stain_template": None if stain_ctx is None else stain_ctx.to_dict(),
+        "view": view.to_dict(),
         "init": config.init,
         "init_herding": herding_meta,
         "init_source_indices": [int(i) for stage in stages for g in stage for i in g.init_idx],

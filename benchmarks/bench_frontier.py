@@ -1,0 +1,267 @@
+"""Privacy-utility frontier on real PCam: accuracy / AUC against the export gate's statistics.
+
+For every training set (Random / Herding coresets, Histo-DD at several recipes, budgets and inits,
+Full) built from the *distil-from* patches, this script measures
+
+- utility: a fresh evaluation network trained on the set (the `pcam` preset's evaluation recipe,
+  ``--eval-seeds`` seeds), accuracy and ROC AUC on the *test* patches;
+- privacy: the export gate's own audit against the distil-from patches in the set's view
+  (max SSIM to a real patch, max structure correlation vs the real-real p99 line, min normalised
+  L2 vs the real-real p1 line, membership-inference AUC with held-out real patches as non-members),
+  and the gate's verdict as shipped (configs/privacy.yaml thresholds, nothing loosened).
+
+Splits (never tune on `valid`):
+- ``--split tune``: PCam ``train`` (5,000 / class) is split, seeded: 2,500 / class to distil from,
+  1,000 / class to test on, the other 1,500 / class as the membership attack's non-members.
+- ``--split valid``: distil from all of ``train`` (10,000), test on ``valid`` (3,000); the
+  attack's non-members are 1,000 / class of ``valid`` (they never train anything).
+
+Each (set, seed) row is appended to ``<out>/records.jsonl`` and skipped when present, so a killed
+run continues. ``--table`` prints the Markdown table and writes ``frontier.png``.
+
+    .venv/bin/python benchmarks/bench_frontier.py --split tune --out results/frontier-tune \
+        --methods random,herding,histodd,mixture_priv --set-seeds 0,1,2
+    .venv/bin/python benchmarks/bench_frontier.py --out results/frontier-tune --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from histodd_fed.patchset import PatchSet, load_image_folder  # noqa: E402
+from histodd_fed.preprocess import ViewSpec, apply_view  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "pcam-ai4all"
+VIEW = ViewSpec.centre_crop(96, 32)
+
+#: Evaluation recipe (the `pcam` preset's; configs/study-cpu.yaml eval).
+EVAL = {"arch": "convnet", "arch_kwargs": {"width": 32, "depth": 3}, "epochs": 200, "full_epochs": 30, "lr": 0.01,
+        "batch_size": 128, "augmentation": "flip_rotate"}
+
+#: The landed PCam recipe (configs/distill-pcam.yaml).
+BASE = {"model": "convnet", "model_kwargs": {"width": 32, "depth": 3}, "image_size": 32, "init": "real",
+        "outer_steps": 10, "inner_steps": 5, "lr_img": 0.01, "momentum_img": 0.5, "batch_real": 32, "distance": "l1",
+        "pool_size": 1, "pool_epochs": 2, "pool_lr": 0.01, "pool_batch": 64, "alpha": 0.01, "net_steps": 1,
+        "lr_net": 0.01, "batch_net": 64, "augmentation": "crop_cutout_flip_scale_rotate", "checkpoint_every": 0}
+
+#: Histo-DD recipes: overrides of BASE. Every one tried goes into docs/pcam-tuning.md.
+RECIPES: dict[str, dict] = {
+    "histodd": {},
+    "noise_long": {"init": "noise", "outer_steps": 100, "inner_steps": 10, "lr_img": 0.03, "lr_schedule": "cosine"},
+    "mixture": {"init": "mixture", "init_mix": 16, "outer_steps": 60, "inner_steps": 10, "lr_img": 0.03,
+                "lr_schedule": "cosine"},
+    "mixture_priv": {"init": "mixture", "init_mix": 16, "outer_steps": 60, "inner_steps": 10, "lr_img": 0.03,
+                     "lr_schedule": "cosine", "privacy_step": 0.01},
+    "real_priv": {"outer_steps": 60, "inner_steps": 10, "lr_img": 0.03, "lr_schedule": "cosine", "privacy_step": 0.01},
+    "mosaic0": {"init": "mosaic", "outer_steps": 1, "inner_steps": 1, "lr_img": 1e-9},   # the init alone
+    "mosaic": {"init": "mosaic", "outer_steps": 60, "inner_steps": 10, "lr_img": 0.01, "lr_schedule": "cosine"},
+    "mosaic_priv": {"init": "mosaic", "outer_steps": 60, "inner_steps": 10, "lr_img": 0.01, "lr_schedule": "cosine",
+                    "privacy_step": 0.01},
+    "mixture_pc": {"init": "mixture", "init_mix": 16, "outer_steps": 60, "inner_steps": 10, "lr_img": 0.03,
+                   "lr_schedule": "cosine", "update": "per_class", "dsa_mode": "single"},
+}
+
+
+def load_split(split: str, seed: int = 0) -> tuple[PatchSet, PatchSet, PatchSet]:
+    """(distil-from, test, non-members), all raw 96 px."""
+    train = load_image_folder(DATA / "train")
+    rng = np.random.default_rng(seed)
+    if split == "valid":
+        test = load_image_folder(DATA / "valid")
+        hold = []
+        for c in range(test.num_classes):
+            idx = np.flatnonzero(test.labels == c)
+            hold.append(np.sort(rng.choice(idx, size=min(1000, len(idx)), replace=False)))
+        return train, test, test.subset(np.sort(np.concatenate(hold)))
+    parts: dict[str, list] = {"distil": [], "test": [], "hold": []}
+    for c in range(train.num_classes):
+        idx = rng.permutation(np.flatnonzero(train.labels == c))
+        parts["distil"].append(idx[:2500])
+        parts["test"].append(idx[2500:3500])
+        parts["hold"].append(idx[3500:])
+    return tuple(train.subset(np.sort(np.concatenate(parts[k]))) for k in ("distil", "test", "hold"))
+
+
+def build(method: str, real: PatchSet, ipc: int, seed: int, work: Path, threads: int) -> tuple[PatchSet, float]:
+    """The training set of ``method`` from viewed real patches, and the seconds it took."""
+    import torch
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    if method == "full":
+        return real, 0.0
+    if method in ("random", "herding"):
+        from histodd_fed.coreset import CoresetConfig, build_coreset
+
+        cfg = CoresetConfig(method=method, ipc=ipc, seed=seed, arch="convnet", arch_kwargs={"width": 32, "depth": 3},
+                            feature_epochs=3)
+        return build_coreset(real, cfg, progress=False), time.perf_counter() - t0
+    from histodd_fed.distill import DistillConfig, run_distillation
+
+    name, _, extra = method.partition("@")
+    over = dict(RECIPES[name])
+    for kv in filter(None, extra.split(",")):
+        k, v = kv.split("=")
+        over[k] = json.loads(v)
+    cfg = DistillConfig.from_dict({**BASE, **over, "ipc": ipc, "seed": seed})
+    res = run_distillation(real, cfg, work_dir=work, progress=False)
+    return res.patchset, time.perf_counter() - t0
+
+
+def evaluate(train: PatchSet, test: PatchSet, seeds: int, full: bool) -> dict:
+    from histodd_fed.training.evaluation import evaluate_sets
+
+    ev = evaluate_sets({"set": train}, test, EVAL["arch"], seeds=seeds,
+                       epochs=EVAL["full_epochs"] if full else EVAL["epochs"], lr=EVAL["lr"],
+                       batch_size=EVAL["batch_size"], augmentation=EVAL["augmentation"],
+                       arch_kwargs=EVAL["arch_kwargs"], progress=False)["set"]
+    s = ev.summary()
+    return {k: s[k] for k in ("accuracy_mean", "accuracy_std", "auc_mean", "auc_std", "balanced_accuracy_mean",
+                              "accuracy_per_seed", "auc_per_seed")}
+
+
+def audit(syn: PatchSet, real: PatchSet, hold: PatchSet) -> dict:
+    """The export gate's audit (configs/privacy.yaml as shipped) with the membership attack."""
+    from histodd_fed.privacy.audit import AuditConfig, run_audit
+
+    cfg = AuditConfig.from_yaml(ROOT / "configs" / "privacy.yaml")
+    rep = run_audit(syn, real, hold, cfg)
+    mem = rep.memorisation.metrics
+    out = {"passed": not rep.risks, "risks": list(rep.risks),
+           "max_ssim": float(mem["ssim"].synthetic_nn.max()),
+           "min_l2": float(mem["l2"].synthetic_nn.min()), "l2_line": float(mem["l2"].reference_threshold(1.0)),
+           "max_structure": float(mem["structure"].synthetic_nn.max()),
+           "structure_line": float(mem["structure"].reference_threshold(1.0)),
+           "mia_auc": None if rep.membership is None else float(rep.membership.max_auc)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--split", choices=("tune", "valid"), default="tune")
+    ap.add_argument("--methods", default="random,herding,histodd,full")
+    ap.add_argument("--ipc", type=int, default=10)
+    ap.add_argument("--set-seeds", default="0,1,2")
+    ap.add_argument("--eval-seeds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-audit", action="store_true")
+    ap.add_argument("--table", action="store_true", help="print the table of --out and write frontier.png")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rec_path = args.out / "records.jsonl"
+    if args.table:
+        table(rec_path, args.out)
+        return
+    if not DATA.is_dir():
+        raise SystemExit(f"{DATA}: PCam folder not found (../shared/data)")
+    done = set()
+    if rec_path.exists():
+        for line in rec_path.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["method"], r["ipc"], r["set_seed"], r["split"]))
+    t0 = time.perf_counter()
+    real_raw, test_raw, hold_raw = load_split(args.split)
+    real, test, hold = (apply_view(p, VIEW) for p in (real_raw, test_raw, hold_raw))
+    print(f"[frontier] split {args.split}: distil-from {len(real)} test {len(test)} non-members {len(hold)} "
+          f"({VIEW.describe()}), loaded in {time.perf_counter() - t0:.0f}s", flush=True)
+    for method in args.methods.split(","):
+        seeds = [0] if method == "full" else [int(s) for s in args.set_seeds.split(",")]
+        for seed in seeds:
+            key = (method, args.ipc, seed, args.split)
+            if key in done:
+                continue
+            syn, secs = build(method, real, args.ipc, seed, args.out / "work", args.threads)
+            row = {"method": method, "ipc": args.ipc, "set_seed": seed, "split": args.split, "n_real": len(real),
+                   "n_train": len(syn), "build_seconds": round(secs, 1)}
+            row.update(evaluate(syn, test, args.eval_seeds, method == "full"))
+            if method != "full" and not args.no_audit:
+                row["gate"] = audit(syn, real, hold)
+            with rec_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            g = row.get("gate") or {}
+            print(f"[frontier] {method} ipc {args.ipc} seed {seed}: acc {row['accuracy_mean']:.4f} auc "
+                  f"{row['auc_mean']:.4f} build {secs:.0f}s gate {'pass' if g.get('passed') else 'BLOCK'} "
+                  f"ssim {g.get('max_ssim', math.nan):.3f} struct {g.get('max_structure', math.nan):.3f}/"
+                  f"{g.get('structure_line', math.nan):.3f} l2 {g.get('min_l2', math.nan):.4f}/"
+                  f"{g.get('l2_line', math.nan):.4f} mia {g.get('mia_auc')}", flush=True)
+
+
+def table(rec_path: Path, out: Path) -> None:
+    rows = [json.loads(line) for line in rec_path.read_text().splitlines()] if rec_path.exists() else []
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["split"], r["method"], r["ipc"]), []).append(r)
+    print("| split | method | ipc | sets | accuracy % | AUC % | gate pass | max SSIM | max structure (line) | "
+          "min L2 (line) | MIA AUC | build s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    pts = []
+    for (split, method, ipc), rs in sorted(groups.items()):
+        acc = np.array([r["accuracy_mean"] for r in rs]) * 100
+        auc = np.array([r["auc_mean"] for r in rs]) * 100
+        gs = [r.get("gate") for r in rs if r.get("gate")]
+
+        def agg(k, f=max):
+            v = [g[k] for g in gs if g.get(k) is not None]
+            return f(v) if v else math.nan
+
+        npass = sum(bool(g["passed"]) for g in gs)
+        print(f"| {split} | {method} | {ipc} | {len(rs)} | {acc.mean():.1f} ± {acc.std():.1f} | "
+              f"{auc.mean():.1f} ± {auc.std():.1f} | {f'{npass}/{len(gs)}' if gs else '-'} | {agg('max_ssim'):.3f} | "
+              f"{agg('max_structure'):.3f} ({agg('structure_line'):.3f}) | {agg('min_l2', min):.4f} "
+              f"({agg('l2_line'):.4f}) | {agg('mia_auc'):.3f} | {np.mean([r['build_seconds'] for r in rs]):.0f} |")
+        for r in rs:
+            pts.append((split, method, r))
+    if not pts:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    stats = [("max_ssim", "max SSIM to a real patch", None), ("max_structure", "max structure correlation",
+                                                              "structure_line"), ("mia_auc", "membership AUC", None)]
+    methods = sorted({m for _, m, _ in pts})
+    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    full = [r for _, m, r in pts if m == "full"]
+    for ax, (k, label, line_key) in zip(axes, stats):
+        for _, m, r in pts:
+            g = r.get("gate")
+            if not g or g.get(k) is None:
+                continue
+            ax.scatter(g[k], r["accuracy_mean"] * 100, color=colours[m], marker="o" if g["passed"] else "x",
+                       label=m, s=40)
+        line = {"max_ssim": 0.95, "mia_auc": 0.6}.get(k)
+        if line_key:
+            vals = [r["gate"][line_key] for _, _, r in pts if r.get("gate")]
+            line = float(np.mean(vals)) if vals else None
+        if line is not None:
+            ax.axvline(line, color="red", ls="--", lw=1, label="gate line")
+        for r in full:
+            ax.axhline(r["accuracy_mean"] * 100, color="k", ls=":", lw=1, label="Full")
+        ax.set_xlabel(label + " (o pass, x blocked)")
+        ax.set_ylabel("accuracy %")
+        h, lab = ax.get_legend_handles_labels()
+        uniq = dict(zip(lab, h))
+        ax.legend(uniq.values(), uniq.keys(), fontsize=7)
+    fig.suptitle(f"PCam privacy-utility frontier ({rec_path.parent.name})")
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=110)
+    print(f"wrote {out / 'frontier.png'}")
+
+
+if __name__ == "__main__":
+    main()
