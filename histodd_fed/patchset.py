@@ -225,16 +225,20 @@ def load_image_folder(root: str | Path, size: int | None = None, limit_per_class
     """Import ``root/CLASS/*.{png,jpg,...}`` (e.g. PCam's ``train/normal``) as a real patch set.
 
     Classes are the sub-folder names in sorted order (``normal`` < ``tumour``). ``size`` resizes
-    (bilinear); ``limit_per_class`` takes a seeded random subset per class.
+    (:func:`histodd_fed.preprocess.resize_images`, antialiased bilinear; the set records the view
+    ``meta["view"]`` when every image had the same size); ``limit_per_class`` takes a seeded random
+    subset per class. Without ``size`` the patches are as they sit on disk (all of one size).
     """
     from PIL import Image, UnidentifiedImageError
+
+    from histodd_fed.preprocess import ViewSpec, resize_images
 
     root = Path(root)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise InputError(f"{root}: no class sub-folders (expected ROOT/CLASS/*.png)")
     rng = np.random.default_rng(seed)
-    images, labels = [], []
+    images, labels, source_sizes = [], [], set()
     for ci, cname in enumerate(classes):
         files = sorted(p for p in (root / cname).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if limit_per_class is not None and len(files) > limit_per_class:
@@ -242,17 +246,22 @@ def load_image_folder(root: str | Path, size: int | None = None, limit_per_class
         for f in files:
             try:
                 with Image.open(f) as im:
-                    im = im.convert("RGB")
-                    if size is not None and im.size != (size, size):
-                        im = im.resize((size, size), Image.BILINEAR)
-                    a = np.asarray(im, dtype=np.uint8)
+                    a = np.asarray(im.convert("RGB"), dtype=np.uint8)
             except (OSError, UnidentifiedImageError) as exc:
                 raise InputError(f"{f}: unreadable image ({exc})") from exc
+            source_sizes.add(a.shape[:2])
+            if size is not None and a.shape[:2] != (size, size):
+                a = resize_images(a[None], size)[0]
             if images and a.shape != images[0].shape:
                 raise InputError(f"{f}: size {a.shape[:2]} differs from {images[0].shape[:2]}; pass a size to resize")
             images.append(a)
             labels.append(ci)
     if not images:
         raise InputError(f"{root}: no images found under {classes}")
+    meta: dict = {"source": str(root)}
+    if size is not None and len(source_sizes) == 1:
+        (h, w), = source_sizes
+        if h == w and h != size:
+            meta["view"] = ViewSpec.resize(h, size).to_dict()
     return PatchSet(images=np.stack(images), labels=np.asarray(labels), class_names=classes, kind="real",
-                    meta={"source": str(root)})
+                    meta=meta)

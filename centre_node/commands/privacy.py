@@ -79,7 +79,7 @@ def audit(
         line += f", attack AUC {s['membership']['max_auc']:.3f}"
     typer.echo(line)
     for v in s.get("views") or []:
-        typer.echo(f"  view {v['view_text']}: {'FLAGGED' if v['flagged'] else 'passes'} (max SSIM {v['ssim']:.3f})")
+        typer.echo(f"  view {v['view_text']}: {'FLAGGED' if v['flagged'] else 'passes'} (max SSIM {v.get('ssim', float('nan')):.3f})")
     typer.echo(("FLAGGED: " + "; ".join(report.risks)) if report.flagged else "passes the gate rules")
     typer.echo(f"report: {out / 'audit.md'}")
     if fail_on_risk and report.flagged:

@@ -597,7 +597,7 @@ def tile_patches(patches: str | Path, out: str | Path, *, patch_size: int | None
     ps = load_image_folder(root, size=patch_size, limit_per_class=limit_per_class, seed=seed)
     ps.meta = {"source": str(root), "input": "patches", "slide_splits": {}, "centre": None, "centres": [],
                "mpp": None, "magnification": None, "patch_size": ps.image_size, "skipped": [],
-               "unlabelled": [], "label_source": {}}
+               "unlabelled": [], "label_source": {}, **({"view": ps.meta["view"]} if "view" in ps.meta else {})}
     out = Path(out)
     report = TileReport(store=out, n_patches=len(ps), class_counts=ps.class_counts(), tiled=[], reused=[],
                         skipped=[], per_slide={})
