@@ -80,16 +80,16 @@ def load_split(args, split: str, per_class: int, seed: int, size: int, exclude: 
     """(PatchSet at ``size`` px, chosen indices) of ``split``: from ``--data`` (exported PatchSets)
     or the PCam folder, optionally centre-cropped (``--crop-center``) before resizing."""
     from histodd_fed.patchset import PatchSet
-    from histodd_fed.training.data import center_crop_patchset
+    from histodd_fed.preprocess import ViewSpec, apply_view
 
     if split not in _CACHE:
         full = PatchSet.load(args.data / split) if args.data is not None else load_image_folder(DATA / split, size=None)
         _CACHE[split] = full
     full = _CACHE[split]
     idx = _subset(full, per_class, seed, exclude)
-    ps = center_crop_patchset(full.subset(idx), args.crop_center)
-    ps.images = resize_images(ps.images, size)
-    return ps, idx
+    sub = full.subset(idx)
+    crop = args.crop_center or sub.image_size
+    return apply_view(sub, ViewSpec.centre_crop(sub.image_size, crop, size)), idx
 
 
 def main() -> None:

@@ -94,7 +94,8 @@ def load_split(split: str, seed: int = 0) -> tuple[PatchSet, PatchSet, PatchSet]
 
 
 def build(method: str, real: PatchSet, ipc: int, seed: int, work: Path, threads: int) -> tuple[PatchSet, float]:
-    """The training set of ``method`` from viewed real patches, and the seconds it took."""
+    """The training set of ``method`` from viewed real patches, and the seconds it took (Histo-DD sets
+    are saved with a grid of initial vs final images under ``work/sets``)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -116,7 +117,15 @@ def build(method: str, real: PatchSet, ipc: int, seed: int, work: Path, threads:
         over[k] = json.loads(v)
     cfg = DistillConfig.from_dict({**BASE, **over, "ipc": ipc, "seed": seed})
     res = run_distillation(real, cfg, work_dir=work, progress=False)
-    return res.patchset, time.perf_counter() - t0
+    secs = time.perf_counter() - t0
+    from histodd_fed.distill.plots import save_grid
+
+    tag = f"{method.replace('@', '_').replace('=', '').replace(',', '_')}-ipc{ipc}-s{seed}"
+    (work / "sets").mkdir(parents=True, exist_ok=True)
+    res.patchset.save(work / "sets" / tag)
+    save_grid(res.initial_images, res.patchset.images, res.patchset.labels, res.patchset.class_names,
+              work / "sets" / f"{tag}.png")
+    return res.patchset, secs
 
 
 def evaluate(train: PatchSet, test: PatchSet, seeds: int, full: bool) -> dict:

@@ -88,3 +88,45 @@ def test_synthetic_set_records_the_view_it_was_distilled_from():
     viewed = apply_view(real, ViewSpec.centre_crop(48, 32))
     syn = run_distillation(viewed, DistillConfig.from_yaml(TINY, outer_steps=1, inner_steps=1), progress=False).patchset
     assert ViewSpec.from_dict(syn.meta["view"]) == ViewSpec.centre_crop(48, 32, 16)
+
+
+DP = dict(dp_noise=1.0, dp_clip=1.0, init="noise", pool_epochs=0, augmentation="crop_flip_rotate")
+
+
+def test_dp_matching_refuses_settings_that_let_real_patches_in():
+    with pytest.raises(ConfigError, match="init 'real'"):
+        DistillConfig.from_yaml(TINY, **{**DP, "init": "real"})
+    with pytest.raises(ConfigError, match="pool_epochs"):
+        DistillConfig.from_yaml(TINY, **{**DP, "pool_epochs": 1})
+    with pytest.raises(ConfigError, match="stain template"):
+        DistillConfig.from_yaml(TINY, **{**DP, "augmentation": "stain"})
+
+
+def test_dp_matching_runs_and_reports_epsilon_from_the_accountant():
+    from histodd_fed.distill.dp import epsilon
+
+    real = toy_set(16)
+    cfg = DistillConfig.from_yaml(TINY, **DP)
+    res = run_distillation(real, cfg, progress=False)
+    dp = res.patchset.meta["dp"]
+    steps = cfg.outer_steps * cfg.inner_steps
+    assert dp["steps"] == steps and dp["unit"] == "patch"
+    rate = cfg.batch_real / 16
+    assert dp["epsilon"] == pytest.approx(epsilon(1.0, rate, steps, cfg.dp_delta))
+    assert 0 < dp["epsilon"] < epsilon(0.5, rate, steps, cfg.dp_delta)   # more noise, smaller epsilon
+    assert not np.array_equal(res.patchset.images, res.initial_images)
+    assert run_distillation(real, DistillConfig.from_yaml(TINY), progress=False).patchset.meta["dp"] is None
+
+
+def test_dp_real_gradient_is_clipped_per_example():
+    from histodd_fed.distill.dp import dp_real_gradient
+    from histodd_fed.distill.model_aug import matched_weights
+    from histodd_fed.models.registry import create_model
+
+    torch.manual_seed(0)
+    net = create_model("convnet", num_classes=2, image_size=16, width=8, depth=2)
+    x, y = torch.rand(5, 3, 16, 16) * 50, torch.tensor([0, 1, 0, 1, 0])   # large inputs: large gradients
+    g = dp_real_gradient(net, matched_weights(net), x, y, clip=0.1, noise=0.0, expected_batch=5.0,
+                         gen=torch.Generator().manual_seed(0))
+    total = torch.sqrt(sum(t.pow(2).sum() for t in g))
+    assert total <= 0.1 + 1e-5          # mean of 5 gradients each of norm <= 0.1

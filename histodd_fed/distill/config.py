@@ -22,7 +22,7 @@ NON_RESULT_FIELDS = ("device", "checkpoint_every")
 #: so the caches and checkpoints of earlier runs stay valid.
 LATER_FIELDS = {"init_mix": 16, "init_grid": 2, "update": "joint", "dsa_mode": "all", "lr_schedule": "constant",
                 "privacy_step": 0.0, "privacy_corr_percentile": 90.0, "privacy_l2_percentile": 10.0,
-                "privacy_topk": 4}
+                "privacy_topk": 4, "dp_noise": 0.0, "dp_clip": 1.0, "dp_delta": 1e-5}
 
 
 @dataclass
@@ -82,6 +82,12 @@ class DistillConfig:
     privacy_corr_percentile: float = 90.0
     privacy_l2_percentile: float = 10.0
     privacy_topk: int = 4
+    # differentially private matching (histodd_fed.distill.dp; extra, after Private Set Generation):
+    # per-example clipping to ``dp_clip`` and Gaussian noise of ``dp_noise`` x clip on every real-batch
+    # gradient, Poisson-sampled real batches; epsilon at ``dp_delta`` from Opacus's RDP accountant (0: off)
+    dp_noise: float = 0.0
+    dp_clip: float = 1.0
+    dp_delta: float = 1e-5
     #: fast: one augmentation call for all classes, class-stacked gradients (torch.func vmap on GPU, a
     #: class loop on CPU), no second-order network gradients; same random draws as ``reference`` (the
     #: plain per-class loop), equal to float rounding. Batch-norm networks always use ``reference``.
@@ -121,6 +127,23 @@ class DistillConfig:
         for name in ("privacy_corr_percentile", "privacy_l2_percentile"):
             if not 0 <= float(getattr(self, name)) <= 100:
                 raise ConfigError(f"distill config: {name} must be in [0, 100], got {getattr(self, name)!r}")
+        if self.dp_noise < 0 or self.dp_clip <= 0 or not 0 < self.dp_delta < 1:
+            raise ConfigError(f"distill config: need dp_noise >= 0, dp_clip > 0, 0 < dp_delta < 1 (got {self.dp_noise}, "
+                              f"{self.dp_clip}, {self.dp_delta})")
+        if self.dp_noise > 0:
+            from histodd_fed.augment import build_augmentation
+
+            leaks = [f"init {self.init!r} (needs noise)" if self.init != "noise" else "",
+                     f"pool_epochs {self.pool_epochs} (pool networks must not train on real patches: 0)"
+                     if self.pool_epochs else "",
+                     "per_slide" if self.per_slide else "",
+                     f"augmentation {self.augmentation!r} estimates a stain template from real patches"
+                     if build_augmentation(self.augmentation).uses_stains else "",
+                     "privacy_step (reads real patches)" if self.privacy_step else ""]
+            leaks = [x for x in leaks if x]
+            if leaks:
+                raise ConfigError("distill config: DP matching (dp_noise > 0) lets real patches in only through the "
+                                  "noised gradients; these settings would leak them: " + "; ".join(leaks))
         if not isinstance(self.init_coreset, dict):
             raise ConfigError(f"distill config: init_coreset must be a mapping, got {self.init_coreset!r}")
         bad = sorted(set(self.init_coreset) - set(INIT_CORESET_KEYS))

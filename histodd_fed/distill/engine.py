@@ -199,14 +199,30 @@ def _fast_step_loss(net, weights, stage: list[Group], x_syn: torch.Tensor, syn_s
 
 def _class_loss(net, weights, g: Group, k: int, x_syn, syn_st, offsets, y_syn, x_real, y_real, real_stains, aug,
                 config: DistillConfig, rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
-    """The reference matching loss of class block ``k`` (its real batch and one siamese draw)."""
-    ridx = torch.from_numpy(_sample(g.real_idx, config.batch_real, rng)).to(x_real.device)
+    """The reference matching loss of class block ``k`` (its real batch and one siamese draw); in DP mode
+    the real gradient is Poisson-sampled, clipped per example and noised (histodd_fed.distill.dp)."""
+    dp = config.dp_noise > 0
+    if dp:
+        from histodd_fed.distill.dp import poisson_batch
+
+        rate = min(1.0, config.batch_real / len(g.real_idx))
+        ridx = torch.from_numpy(poisson_batch(g.real_idx, rate, rng)).to(x_real.device)
+    else:
+        ridx = torch.from_numpy(_sample(g.real_idx, config.batch_real, rng)).to(x_real.device)
     xr = x_real[ridx]
     xs = x_syn[offsets[k]:offsets[k + 1]]
     if aug.ops:
         draw = aug.sample(1, gen, siamese=True)
         xr = aug.apply(xr, draw, None if real_stains is None else real_stains.index(ridx))
         xs = aug.apply(xs, draw, None if syn_st is None else syn_st.index(slice(offsets[k], offsets[k + 1])))
+    if dp:
+        from histodd_fed.distill.dp import dp_real_gradient
+        from histodd_fed.distill.matching import gradient_distance
+
+        g_real = dp_real_gradient(net, weights, xr, y_real[ridx], clip=config.dp_clip, noise=config.dp_noise,
+                                  expected_batch=rate * len(g.real_idx), gen=gen)
+        g_syn = torch.autograd.grad(F.cross_entropy(net(xs), y_syn[k]), weights, create_graph=True)
+        return gradient_distance(g_real, g_syn, config.distance)
     return class_matching_loss(net, weights, xr, y_real[ridx], xs, y_syn[k], config.distance)
 
 
@@ -232,6 +248,26 @@ def _per_class_steps(net, weights, stage: list[Group], x_syn, syn_st, offsets, y
             x_syn[sl].sub_(lr * buf[sl])
         total = total + loss.detach()
     return total
+
+
+def _dp_meta(stages: list[list[Group]], config: DistillConfig, steps_done: int) -> dict | None:
+    """The DP guarantee of a run (None when DP is off): per class, ``steps_done * inner_steps`` sampled
+    Gaussian mechanisms at rate ``batch_real / n_class``; the set's epsilon is the largest (parallel
+    composition over the disjoint classes), at the unit of one patch."""
+    if config.dp_noise <= 0:
+        return None
+    from histodd_fed.distill.dp import epsilon
+
+    steps = int(steps_done) * config.inner_steps
+    per_class = []
+    for g in stages[0]:
+        rate = min(1.0, config.batch_real / len(g.real_idx))
+        per_class.append({"label": g.label, "n": int(len(g.real_idx)), "sample_rate": rate,
+                          "epsilon": epsilon(config.dp_noise, rate, steps, config.dp_delta) if steps else 0.0})
+    return {"mechanism": "per-example clipping + Gaussian noise on Poisson-sampled real-batch gradients",
+            "unit": "patch", "noise_multiplier": config.dp_noise, "clip": config.dp_clip, "delta": config.dp_delta,
+            "steps": steps, "accountant": "opacus RDPAccountant", "per_class": per_class,
+            "epsilon": max(c["epsilon"] for c in per_class)}
 
 
 class PrivacyGuard:
@@ -418,7 +454,7 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
 
     # ---------------------------------------------------------------- outer loop
     net_template = build_model(config, real.num_classes).to(device)
-    fast = config.matching == "fast" and supports_batched_matching(net_template)
+    fast = config.matching == "fast" and supports_batched_matching(net_template) and config.dp_noise == 0
     if config.matching == "fast" and not fast:
         log.info("distill: %s has batch norm; using the per-class reference matching", config.model)
     per_class = "vmap" if device.type == "cuda" else "loop"
@@ -483,6 +519,15 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
                 if u == config.inner_steps - 1:
                     break
                 for _ in range(config.net_steps):
+                    if config.dp_noise > 0:  # DP: the network trains on the synthetic images, never on real ones
+                        xb, yb = x_syn.detach(), torch.cat(y_syn)
+                        if aug.ops:
+                            xb = aug(xb, gen)
+                        nl = F.cross_entropy(net(xb), yb)
+                        net_opt.zero_grad(set_to_none=True)
+                        nl.backward()
+                        net_opt.step()
+                        continue
                     bidx = torch.from_numpy(_sample(stage_real, config.batch_net, rng)).to(device)
                     xb = x_real[bidx]
                     if aug.ops:
@@ -537,6 +582,7 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
         "pool": {"key": pool.key, "reused": pool.reused, "train_seconds": round(pool.seconds, 3)},
         "stain_template": None if stain_ctx is None else stain_ctx.to_dict(),
         "view": view.to_dict(),
+        "dp": _dp_meta(stages, config, done),
         "init": config.init,
         "init_herding": herding_meta,
         "init_source_indices": [int(i) for stage in stages for g in stage for i in g.init_idx],

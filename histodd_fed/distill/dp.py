@@ -1,0 +1,79 @@
+"""Differentially private gradient matching (as Private Set Generation, Chen et al., NeurIPS 2022).
+
+The only way real patches reach the synthetic images is through the real-batch gradient of each
+matching step. In DP mode that gradient is made private:
+
+- each class's real batch is drawn by Poisson sampling (every patch of the class independently,
+  with probability ``q = batch_real / n_class``);
+- every example's gradient (over the matched weights, after its siamese augmentation, which is
+  drawn independently of the data) is clipped to L2 norm ``clip``;
+- the clipped gradients are summed, Gaussian noise N(0, (noise * clip)^2) is added to every
+  coordinate, and the sum is divided by the expected batch size ``q * n_class``.
+
+Everything else must not touch real data: the synthetic images start from noise, the networks are
+freshly initialised (no pool pre-training on real patches), network updates in the inner loop use
+the synthetic images, and no stain template is estimated from real patches (DistillConfig.validate
+enforces this). The privacy loss is accounted with Opacus's RDP accountant: a class's patches take
+part in ``outer_steps * inner_steps`` sampled Gaussian mechanisms; the classes are disjoint sets of
+patches, so the set's guarantee is the per-class one (parallel composition). The unit is one patch
+(patch-level DP): a patient with many patches is protected by group privacy only, which is weaker.
+The noise comes from torch's seeded generator (reproducible runs), not a cryptographic RNG.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from histodd_fed.errors import ConfigError
+
+
+def dp_real_gradient(model: torch.nn.Module, weights: Sequence[torch.nn.Parameter], x: torch.Tensor, y: torch.Tensor,
+                     *, clip: float, noise: float, expected_batch: float, gen: torch.Generator) -> list[torch.Tensor]:
+    """Clipped, noised mean of per-example CE gradients over ``weights`` (one tensor per weight)."""
+    from torch.func import functional_call, grad, vmap
+
+    ids = {id(w) for w in weights}
+    named = dict(model.named_parameters())
+    order = {id(w): i for i, w in enumerate(weights)}
+    w_names = sorted((n for n, p in named.items() if id(p) in ids), key=lambda n: order[id(named[n])])
+    fixed = {n: p.detach() for n, p in named.items() if id(p) not in ids}
+    fixed.update(dict(model.named_buffers()))
+    w = {n: named[n].detach() for n in w_names}
+
+    def ce(wd, xi, yi):
+        return F.cross_entropy(functional_call(model, {**fixed, **wd}, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    if len(x):
+        with torch.no_grad():
+            per = vmap(grad(ce), in_dims=(None, 0, 0))(w, x, y)                      # {name: (B, *shape)}
+        norms = torch.sqrt(sum(per[n].flatten(1).pow(2).sum(1) for n in w_names))    # (B,)
+        scale = (clip / norms.clamp_min(1e-12)).clamp(max=1.0)
+        sums = [(per[n] * scale.view(-1, *[1] * (per[n].dim() - 1))).sum(0) for n in w_names]
+    else:
+        sums = [torch.zeros_like(w[n]) for n in w_names]
+    out = []
+    for s in sums:
+        z = torch.randn(s.shape, generator=gen).to(s.device, s.dtype)
+        out.append((s + noise * clip * z) / expected_batch)
+    return out
+
+
+def poisson_batch(idx: np.ndarray, rate: float, rng: np.random.Generator) -> np.ndarray:
+    """Poisson sampling: each index kept independently with probability ``rate``."""
+    return idx[rng.random(len(idx)) < rate]
+
+
+def epsilon(noise: float, sample_rate: float, steps: int, delta: float) -> float:
+    """(epsilon at ``delta``) of ``steps`` sampled Gaussian mechanisms, from Opacus's RDP accountant."""
+    try:
+        from opacus.accountants import RDPAccountant
+    except ImportError as exc:  # pragma: no cover - opacus is pinned in requirements.lock
+        raise ConfigError("DP distillation needs the opacus package (pip install 'opacus>=1.5,<2') for its "
+                          "privacy accountant") from exc
+    acc = RDPAccountant()
+    acc.history = [(float(noise), float(sample_rate), int(steps))]
+    return float(acc.get_epsilon(delta=float(delta)))
