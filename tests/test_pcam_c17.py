@@ -144,3 +144,21 @@ def test_reference_normalisation_keeps_relative_darkness(tiny_patchset):
     out, info = normalise_to_reference(ps, ps)
     assert info["input_stain"] == "macenko->reference"
     assert out.images[8:].mean() < out.images[:8].mean()      # one factor per set: darker stays darker
+
+
+def test_real_coreset_needs_the_centres_export_real_policy(tmp_path):
+    from types import SimpleNamespace
+
+    from histodd_fed.federation.centre import CentreConfig, ExportPolicy
+    from histodd_fed.federation.extras import distil_extras
+
+    cfg = CentreConfig(centre_id="C1", data=tmp_path, key_dir=tmp_path / "k", work_dir=tmp_path / "w")
+    assert not cfg.policy.real                                   # off by default
+    node = SimpleNamespace(config=cfg, preset=None)
+    items, blobs = distil_extras(node, [{"name": "herding10", "kind": "coreset", "method": "herding", "ipc": 10}],
+                                 None, ["C2"], 0, {})
+    assert blobs == {} and items[0]["blocked"] and "export-real is off" in items[0]["error"]
+    cfg.policy = ExportPolicy(max_ipc=5, real=True)
+    items, _ = distil_extras(node, [{"name": "herding10", "kind": "coreset", "method": "herding", "ipc": 10}],
+                             None, ["C2"], 0, {})
+    assert items[0]["blocked"] and "export-max-ipc 5" in items[0]["error"]
