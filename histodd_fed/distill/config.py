@@ -20,7 +20,7 @@ MATCHING = ("fast", "reference")
 NON_RESULT_FIELDS = ("device", "checkpoint_every")
 #: Fields added after result keys were first published: left out of the key while at their default,
 #: so the caches and checkpoints of earlier runs stay valid.
-LATER_FIELDS = {"init_mix": 16, "init_grid": 2, "update": "joint", "dsa_mode": "all", "lr_schedule": "constant",
+LATER_FIELDS = {"init_mix": 16, "init_grid": 2, "init_colour_pool": 0, "update": "joint", "dsa_mode": "all", "lr_schedule": "constant",
                 "privacy_step": 0.0, "privacy_corr_percentile": 90.0, "privacy_l2_percentile": 10.0,
                 "privacy_topk": 4, "dp_noise": 0.0, "dp_clip": 1.0, "dp_delta": 1e-5}
 
@@ -43,6 +43,9 @@ class DistillConfig:
     #: from the same place of a different random real patch of its class (real texture at the right
     #: scale, but no real patch's layout)
     init_grid: int = 2
+    #: init mixture / mosaic: draw each image's sources among the this-many nearest patches (by colour
+    #: statistics) of a random anchor patch of the class, so an image mixes one stain (0: any patches)
+    init_colour_pool: int = 0
     #: init herding: CoresetConfig options of the herding feature net (keys INIT_CORESET_KEYS); unset
     #: arch/arch_kwargs default to ``model``/``model_kwargs``. Ignored (and left out of result keys) otherwise.
     init_coreset: dict[str, Any] = field(default_factory=dict)
@@ -111,7 +114,8 @@ class DistillConfig:
             positive(n)
         for n in ("init_mix", "init_grid", "privacy_topk"):
             positive(n)
-        for n in ("pool_epochs", "alpha", "net_steps", "checkpoint_every", "momentum_img", "privacy_step"):
+        for n in ("pool_epochs", "alpha", "net_steps", "checkpoint_every", "momentum_img", "privacy_step",
+                  "init_colour_pool"):
             positive(n, allow_zero=True)
         if self.slide_outer_steps is not None:
             positive("slide_outer_steps")

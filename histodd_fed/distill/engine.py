@@ -68,6 +68,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def colour_stats(images: np.ndarray) -> np.ndarray:
+    """Per-channel mean and std of uint8 NHWC images, (N, 6) float."""
+    x = images.reshape(len(images), -1, images.shape[-1]).astype(np.float32) / 255.0
+    return np.concatenate([x.mean(1), x.std(1)], axis=1)
+
+
 def _plan(real: PatchSet, config: DistillConfig, rng: np.random.Generator) -> list[list[Group]]:
     """Stages of groups; initial real images drawn without replacement when enough exist."""
 
@@ -77,7 +83,17 @@ def _plan(real: PatchSet, config: DistillConfig, rng: np.random.Generator) -> li
         g = Group(label, slide, idx, np.asarray(init, dtype=np.int64))
         if config.init in ("mixture", "mosaic"):
             n = min(config.init_mix if config.init == "mixture" else config.init_grid ** 2, len(idx))
-            g.mix_idx = np.stack([rng.choice(idx, size=n, replace=False) for _ in range(config.ipc)])
+            if config.init_colour_pool:
+                # a random anchor and n - 1 others among its init_colour_pool nearest patches of the class
+                # by colour statistics (per-channel mean and std): one stain per image
+                feats = colour_stats(real.images[idx])
+                rows = []
+                for a in rng.choice(len(idx), size=config.ipc, replace=len(idx) < config.ipc):
+                    near = np.argsort(((feats - feats[a]) ** 2).sum(1))[1:config.init_colour_pool + 1]
+                    rows.append(np.concatenate([[idx[a]], idx[rng.choice(near, size=n - 1, replace=len(near) < n - 1)]]))
+                g.mix_idx = np.stack(rows)
+            else:
+                g.mix_idx = np.stack([rng.choice(idx, size=n, replace=False) for _ in range(config.ipc)])
             g.init_idx = np.full(config.ipc, -1, dtype=np.int64)  # no single real patch is the start
         return g
 
