@@ -9,6 +9,7 @@ Commands (thin; torch and flwr are imported inside them so ``--help`` is fast):
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from datetime import datetime
@@ -111,8 +112,8 @@ def transfer(
     from histodd_fed.federation.coordinator import StudyConfig
     from histodd_fed.federation.study import write_report
 
-    if runtime not in ("simulation", "deployment"):
-        raise ConfigError(f"--runtime must be simulation or deployment, not {runtime!r}")
+    if runtime not in ("simulation", "deployment", "flwr-simulation"):
+        raise ConfigError(f"--runtime must be simulation, flwr-simulation or deployment, not {runtime!r}")
     try:
         node_cfgs = json.loads(nodes.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -132,6 +133,14 @@ def run_study(cfg, node_cfgs: list[dict]):
 
         return run_simulation_study(cfg, node_cfgs)
     import json
+
+    if cfg.runtime == "flwr-simulation":  # `flwr run` against our own simulation-mode SuperLink
+        from histodd_fed.federation.local_simulation import run_flwr_simulation
+
+        rc = dict(run_config_for(cfg), runtime="flwr-simulation")
+        report_path = run_flwr_simulation(rc, node_cfgs, cfg.study_dir, timeout=cfg.reply_timeout * 3 + 300,
+                                          say=lambda m: log.info("[study] %s", m))
+        return _outcome_from_report(json.loads(report_path.read_text()))
 
     from histodd_fed.federation.centre import CentreConfig
     from histodd_fed.federation.deployment import Deployment
@@ -157,7 +166,16 @@ def run_config_for(cfg) -> dict:
             "full": cfg.full, "both-directions": cfg.both_directions, "fine-tune-epochs": cfg.fine_tune_epochs,
             "preset": cfg.preset, "seed": cfg.seed, "reply-timeout": cfg.reply_timeout,
             "identity-timeout": cfg.identity_timeout, "discovery-timeout": cfg.discovery_timeout,
-            "study-dir": str(cfg.study_dir), "trust": str(cfg.trust), "runtime": "deployment"}
+            "study-dir": str(cfg.study_dir), "trust": str(cfg.trust), "runtime": "deployment",
+            "extras": json.dumps(getattr(cfg, "extras", []) or [])}
+
+
+def _outcome_from_report(report: dict):
+    from histodd_fed.federation.coordinator import StudyOutcome
+    from histodd_fed.federation.faults import Fault
+
+    return StudyOutcome(rows=report["raw_rows"], faults=[Fault(**f) for f in report["faults"]],
+                        centres=report["centres"], messages=report["messages"], seconds=report["seconds"])
 
 
 @app.command()

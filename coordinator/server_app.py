@@ -68,6 +68,7 @@ def study_config_from_run_config(rc: dict[str, Any]) -> StudyConfig:
         study_dir=Path(str(rc.get("study-dir", "results/transfer/latest"))),
         trust=Path(str(rc["trust"])) if rc.get("trust") else None,
         runtime=str(rc.get("runtime", "deployment")),
+        extras=json.loads(str(rc.get("extras") or "[]")),
     )
 
 

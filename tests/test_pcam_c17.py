@@ -162,3 +162,22 @@ def test_real_coreset_needs_the_centres_export_real_policy(tmp_path):
     items, _ = distil_extras(node, [{"name": "herding10", "kind": "coreset", "method": "herding", "ipc": 10}],
                              None, ["C2"], 0, {})
     assert items[0]["blocked"] and "export-max-ipc 5" in items[0]["error"]
+
+
+def test_flwr_simulation_run_config_round_trip(tmp_path):
+    """The study travels to `flwr run` as a run-config TOML file (extras as JSON) and comes back equal."""
+    import tomllib
+
+    from coordinator.cli import run_config_for
+    from coordinator.server_app import study_config_from_run_config
+    from histodd_fed.federation.coordinator import StudyConfig
+    from histodd_fed.federation.local_simulation import _toml_value
+
+    extras = [{"name": "herding10", "kind": "coreset", "method": "herding", "ipc": 10}]
+    cfg = StudyConfig(ipcs=[10, 50], extras=extras, study_dir=tmp_path / "s", trust=tmp_path / "t.json",
+                      preset="pcam-c17", seed=2)
+    rc = dict(run_config_for(cfg), runtime="flwr-simulation")
+    text = "".join(f"{k} = {_toml_value(v)}\n" for k, v in rc.items())
+    back = study_config_from_run_config(tomllib.loads(text))
+    assert back.extras == extras and back.ipcs == [10, 50] and back.seed == 2 and back.preset == "pcam-c17"
+    assert back.runtime == "flwr-simulation" and back.study_dir == tmp_path / "s"
