@@ -77,6 +77,12 @@ RECIPES: dict[str, dict] = {
                 "lr_schedule": "cosine"},
     "cmix4_0": {"init": "mixture", "init_mix": 4, "init_colour_pool": 16, "outer_steps": 1, "inner_steps": 1,
                 "lr_img": 1e-9},
+    # distribution matching (DM) on untrained networks, no network steps
+    "dm_cmix": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
+                "pool_epochs": 0, "pool_size": 1, "net_steps": 0, "outer_steps": 400, "inner_steps": 1,
+                "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5},
+    "dm_noise": {"objective": "distribution", "init": "noise", "pool_epochs": 0, "pool_size": 1, "net_steps": 0,
+                 "outer_steps": 400, "inner_steps": 1, "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5},
     "mixture_pc": {"init": "mixture", "init_mix": 16, "outer_steps": 60, "inner_steps": 10, "lr_img": 0.03,
                    "lr_schedule": "cosine", "update": "per_class", "dsa_mode": "single"},
 }

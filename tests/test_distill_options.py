@@ -130,3 +130,15 @@ def test_dp_real_gradient_is_clipped_per_example():
                          gen=torch.Generator().manual_seed(0))
     total = torch.sqrt(sum(t.pow(2).sum() for t in g))
     assert total <= 0.1 + 1e-5          # mean of 5 gradients each of norm <= 0.1
+
+
+def test_distribution_matching_moves_images_and_lowers_its_loss():
+    real = toy_set(12)
+    cfg = DistillConfig.from_yaml(TINY, objective="distribution", pool_epochs=0, net_steps=0, outer_steps=6,
+                                  inner_steps=1, lr_img=1.0, augmentation="none", batch_real=12, init="noise")
+    res = run_distillation(real, cfg, progress=False)
+    curve = [r["mean"] for r in res.patchset.meta["loss_curve"]]
+    assert not np.array_equal(res.patchset.images, res.initial_images)
+    assert curve[-1] < curve[0]
+    with pytest.raises(ConfigError, match="gradient matching only"):
+        DistillConfig.from_yaml(TINY, objective="distribution", **DP)

@@ -13,6 +13,7 @@ INITS = ("real", "noise", "herding", "mixture", "mosaic")
 UPDATES = ("joint", "per_class")
 DSA_MODES = ("all", "single")
 LR_SCHEDULES = ("constant", "cosine")
+OBJECTIVES = ("gradient", "distribution")
 #: Coreset options an ``init: herding`` run may set in ``init_coreset`` (histodd_fed.coreset.CoresetConfig).
 INIT_CORESET_KEYS = ("arch", "arch_kwargs", "feature_epochs", "lr", "batch_size")
 MATCHING = ("fast", "reference")
@@ -20,7 +21,7 @@ MATCHING = ("fast", "reference")
 NON_RESULT_FIELDS = ("device", "checkpoint_every")
 #: Fields added after result keys were first published: left out of the key while at their default,
 #: so the caches and checkpoints of earlier runs stay valid.
-LATER_FIELDS = {"init_mix": 16, "init_grid": 2, "init_colour_pool": 0, "update": "joint", "dsa_mode": "all", "lr_schedule": "constant",
+LATER_FIELDS = {"init_mix": 16, "init_grid": 2, "init_colour_pool": 0, "objective": "gradient", "update": "joint", "dsa_mode": "all", "lr_schedule": "constant",
                 "privacy_step": 0.0, "privacy_corr_percentile": 90.0, "privacy_l2_percentile": 10.0,
                 "privacy_topk": 4, "dp_noise": 0.0, "dp_clip": 1.0, "dp_delta": 1e-5}
 
@@ -76,6 +77,10 @@ class DistillConfig:
     augmentation: str = "color_crop_cutout_flip_scale_rotate_stain"
     #: all: every op of the strategy at every matching step; single: one op drawn per step (DSA's 'S' mode)
     dsa_mode: str = "all"
+    #: gradient: Histo-DD's gradient matching; distribution: distribution matching (DM, Zhao & Bilen 2023,
+    #: as FedWSIDD uses): per class, the mean ``features`` embedding of a real batch vs of the synthetic
+    #: images under the same siamese augmentation, squared L2, on the pool's (typically untrained) networks
+    objective: str = "gradient"
     # privacy term (extra, not the paper's): after every image step, synthetic images whose nearest real
     # patches are closer than the real-real nearest-neighbour percentiles below (structure correlation of
     # low-passed grey images above its p``privacy_corr_percentile``, or normalised L2 below its
@@ -125,7 +130,8 @@ class DistillConfig:
             raise ConfigError(f"distill config: matching must be one of {MATCHING}, got {self.matching!r}")
         if self.init not in INITS:
             raise ConfigError(f"distill config: init must be one of {INITS}, got {self.init!r}")
-        for name, allowed in (("update", UPDATES), ("dsa_mode", DSA_MODES), ("lr_schedule", LR_SCHEDULES)):
+        for name, allowed in (("update", UPDATES), ("dsa_mode", DSA_MODES), ("lr_schedule", LR_SCHEDULES),
+                              ("objective", OBJECTIVES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"distill config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("privacy_corr_percentile", "privacy_l2_percentile"):
@@ -134,6 +140,8 @@ class DistillConfig:
         if self.dp_noise < 0 or self.dp_clip <= 0 or not 0 < self.dp_delta < 1:
             raise ConfigError(f"distill config: need dp_noise >= 0, dp_clip > 0, 0 < dp_delta < 1 (got {self.dp_noise}, "
                               f"{self.dp_clip}, {self.dp_delta})")
+        if self.objective == "distribution" and self.dp_noise > 0:
+            raise ConfigError("distill config: DP is implemented for gradient matching only (objective: gradient)")
         if self.dp_noise > 0:
             from histodd_fed.augment import build_augmentation
 

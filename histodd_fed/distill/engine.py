@@ -242,6 +242,27 @@ def _class_loss(net, weights, g: Group, k: int, x_syn, syn_st, offsets, y_syn, x
     return class_matching_loss(net, weights, xr, y_real[ridx], xs, y_syn[k], config.distance)
 
 
+def _dm_loss(net, stage: list[Group], x_syn, syn_st, offsets, x_real, real_stains, aug, config: DistillConfig,
+             rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
+    """Distribution matching: sum over classes of ||mean f(aug(real batch)) - mean f(aug(syn))||^2, with
+    ``f`` the network's ``features`` embedding and one siamese draw per class."""
+    embed = getattr(net, "features", None)
+    if embed is None:
+        raise InputError(f"distribution matching needs a network with a features() embedding, not {config.model}")
+    total = torch.zeros((), device=x_syn.device)
+    for k, g in enumerate(stage):
+        ridx = torch.from_numpy(_sample(g.real_idx, config.batch_real, rng)).to(x_real.device)
+        xr, xs = x_real[ridx], x_syn[offsets[k]:offsets[k + 1]]
+        if aug.ops:
+            draw = aug.sample(1, gen, siamese=True)
+            xr = aug.apply(xr, draw, None if real_stains is None else real_stains.index(ridx))
+            xs = aug.apply(xs, draw, None if syn_st is None else syn_st.index(slice(offsets[k], offsets[k + 1])))
+        with torch.no_grad():
+            er = embed(xr).flatten(1).mean(0)
+        total = total + (er - embed(xs).flatten(1).mean(0)).pow(2).sum()
+    return total
+
+
 def _per_class_steps(net, weights, stage: list[Group], x_syn, syn_st, offsets, y_syn, x_real, y_real, real_stains, aug,
                      config: DistillConfig, rng, gen, opt_img) -> torch.Tensor:
     """Algorithm 1's update: one SGD-momentum step of each class's images on that class's loss alone.
@@ -510,7 +531,13 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
                 aug_u = aug
                 if single_augs:
                     aug_u = single_augs[int(torch.randint(len(single_augs), (1,), generator=gen))]
-                if config.update == "per_class":
+                if config.objective == "distribution":
+                    loss = _dm_loss(net, stage, x_syn, syn_stains[s_i], offsets, x_real, real_stains, aug_u, config,
+                                    rng, gen)
+                    opt_img.zero_grad(set_to_none=True)
+                    x_syn.grad = torch.autograd.grad(loss, x_syn)[0]
+                    opt_img.step()
+                elif config.update == "per_class":
                     loss = _per_class_steps(net, weights, stage, x_syn, syn_stains[s_i], offsets, y_syn, x_real, y_real,
                                             real_stains, aug_u, config, rng, gen, opt_img)
                 elif fast:
