@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import stat
 
 import pytest
@@ -31,7 +32,9 @@ def test_cli_roundtrip(tmp_path, tiny_patchset):
     k = {c: tmp_path / f"keys-{c}" for c in ("C1", "C2", "C3")}
     env = {"PW": "s3cret"}
     _ok("keygen", "--centre-id", "C1", "--out", k["C1"], "--passphrase-env", "PW", "--scrypt-log2n", "10", env=env)
-    assert "NOT encrypted" in _ok("keygen", "--centre-id", "C2", "--out", k["C2"])  # no terminal: a warning
+    r = runner.invoke(app, ["keygen", "--centre-id", "C2", "--out", str(k["C2"])], input="")  # no passphrase given
+    assert r.exit_code != 0 and "--no-passphrase" in f"{r.output}{r.exception}" and not (Path(k["C2"]) / "identity.json").exists()
+    _ok("keygen", "--centre-id", "C2", "--out", k["C2"], "--no-passphrase")
     _ok("keygen", "--centre-id", "C3", "--out", k["C3"], "--no-passphrase")
     assert stat.S_IMODE((k["C1"] / "signing_key.pem").stat().st_mode) == 0o600
     _ok("trust", "add", k["C2"] / "identity.json", "--keys", k["C1"])

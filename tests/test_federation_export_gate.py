@@ -15,7 +15,7 @@ runner = CliRunner()
 def _keys(tmp_path):
     k = {c: tmp_path / f"keys-{c}" for c in ("C1", "C2")}
     for c, d in k.items():
-        assert runner.invoke(app, ["keygen", "--centre-id", c, "--out", str(d)]).exit_code == 0
+        assert runner.invoke(app, ["keygen", "--centre-id", c, "--out", str(d), "--no-passphrase"]).exit_code == 0
     assert runner.invoke(app, ["trust", "add", str(k["C2"] / "identity.json"), "--keys", str(k["C1"])]).exit_code == 0
     return k
 

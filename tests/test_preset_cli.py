@@ -83,7 +83,7 @@ def test_commands_that_must_work(tmp_path, data):
     # export: the view comes from the set; the raw 96-px folder is audited in it (and in the resize view)
     keys = {c: tmp_path / f"keys-{c}" for c in ("C1", "C2")}
     for c, k in keys.items():
-        ok("keygen", "--centre-id", c, "--out", k)
+        ok("keygen", "--centre-id", c, "--out", k, "--no-passphrase")
     ok("trust", "add", keys["C2"] / "identity.json", "--keys", keys["C1"])
     out = ok("export", "--synthetic", S, "--patches", train, "--to", "C2", "--keys", keys["C1"], "--out",
              tmp_path / "B.hdb")

@@ -100,7 +100,7 @@ def test_cli_export_of_centre_crop_copies_with_raw_96px_patches_is_blocked(tmp_p
     syn = near_copies_of_centre_crops(load_image_folder(tmp_path / "raw96"), [0, 1, 2, 3, 4, 5])
     syn.save(tmp_path / "S")
     for c in ("C1", "C2"):
-        r = runner.invoke(app, ["keygen", "--centre-id", c, "--out", str(tmp_path / f"keys-{c}")])
+        r = runner.invoke(app, ["keygen", "--centre-id", c, "--out", str(tmp_path / f"keys-{c}"), "--no-passphrase"])
         assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["trust", "add", str(tmp_path / "keys-C2" / "identity.json"), "--keys",
                             str(tmp_path / "keys-C1")])

@@ -57,7 +57,7 @@ def _new_passphrase(env: Optional[str], fd: Optional[int], no_passphrase: bool, 
     """The passphrase for new key files: env, fd, or a prompt (with confirmation) on a terminal.
 
     ``--no-passphrase`` is the explicit way to write clear keys. Without any of these and without
-    a terminal (scripts, CI) the keys are written in the clear with a warning on stderr.
+    a terminal (scripts, CI) nothing is written: a one-line error names the options.
     """
     from histodd_fed.bundle.errors import KeyFileError
     from histodd_fed.bundle.identity import read_passphrase
@@ -68,10 +68,10 @@ def _new_passphrase(env: Optional[str], fd: Optional[int], no_passphrase: bool, 
         return None
     if env or fd is not None:
         return read_passphrase(_source(env, fd))
-    if not sys.stdin.isatty():
-        typer.echo(f"warning: {what} are NOT encrypted (no --passphrase-env/--passphrase-fd and no terminal to "
-                   "ask on); encrypt them with `centre-node rekey`", err=True)
-        return None
+    if not sys.stdin.isatty() and not _stdin_is_test_input():
+        raise KeyFileError(f"{what}: private keys are encrypted by default and there is no terminal to ask for a "
+                           "passphrase; give --passphrase-env NAME or --passphrase-fd N (or --no-passphrase to "
+                           "write them in the clear)")
     return read_passphrase(lambda: _prompt(f"New passphrase for {what}", what, confirm=True))
 
 
