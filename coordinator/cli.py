@@ -77,7 +77,10 @@ def transfer(
     ipc: str = typer.Option("10", "--ipc", help="Comma-separated images-per-class values, e.g. 10,20,50."),
     full: bool = typer.Option(True, "--full/--no-full", help="Also transfer the whole real train split."),
     both_directions: bool = typer.Option(False, "--both-directions"),
-    runtime: str = typer.Option("simulation", "--runtime", help="simulation | deployment"),
+    runtime: str = typer.Option("flwr-simulation", "--runtime",
+                                help="flwr-simulation (default: `flwr run` on a local simulation-mode SuperLink) | "
+                                     "deployment (TLS SuperLink + one SuperNode per centre) | simulation (the "
+                                     "deprecated in-process run_simulation)"),
     nodes: Optional[Path] = typer.Option(None, "--nodes", help="JSON list of centre node configs (centre-id, data, key-dir, work-dir, preset)."),
     trust: Optional[Path] = typer.Option(None, "--trust", help="Coordinator trust store (public identities only)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Results folder (default results/transfer/<time>)."),
@@ -183,7 +186,7 @@ def demo(
     out: Path = typer.Option(Path("demo-data"), "--out", help="Where demo slides, keys and work go."),
     preset: str = typer.Option("cpu", "--preset", help="tiny | cpu"),
     config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help="Demo settings (YAML)."),
-    runtime: str = typer.Option("simulation", "--runtime"),
+    runtime: str = typer.Option("flwr-simulation", "--runtime", help="flwr-simulation | deployment | simulation"),
     ipc: Optional[str] = typer.Option(None, "--ipc", help="Comma-separated images per class to transfer "
                                       "(default: the config's ipcs; use 2 with --preset tiny)."),
 ) -> None:
