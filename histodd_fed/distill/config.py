@@ -21,7 +21,7 @@ MATCHING = ("fast", "reference")
 NON_RESULT_FIELDS = ("device", "checkpoint_every")
 #: Fields added after result keys were first published: left out of the key while at their default,
 #: so the caches and checkpoints of earlier runs stay valid.
-LATER_FIELDS = {"init_mix": 16, "init_grid": 2, "init_colour_pool": 0, "objective": "gradient", "update": "joint", "dsa_mode": "all", "lr_schedule": "constant",
+LATER_FIELDS = {"init_mix": 16, "init_grid": 2, "init_colour_pool": 0, "init_anchor": "random", "objective": "gradient", "update": "joint", "dsa_mode": "all", "lr_schedule": "constant",
                 "privacy_step": 0.0, "privacy_corr_percentile": 90.0, "privacy_l2_percentile": 10.0,
                 "privacy_topk": 4, "dp_noise": 0.0, "dp_clip": 1.0, "dp_delta": 1e-5}
 
@@ -47,6 +47,9 @@ class DistillConfig:
     #: init mixture / mosaic: draw each image's sources among the this-many nearest patches (by colour
     #: statistics) of a random anchor patch of the class, so an image mixes one stain (0: any patches)
     init_colour_pool: int = 0
+    #: how the anchors of a colour-pooled init are chosen: random patches, or the patches nearest to the
+    #: k-means centres (k = ipc) of the class's colour statistics (one image per colour cluster)
+    init_anchor: str = "random"
     #: init herding: CoresetConfig options of the herding feature net (keys INIT_CORESET_KEYS); unset
     #: arch/arch_kwargs default to ``model``/``model_kwargs``. Ignored (and left out of result keys) otherwise.
     init_coreset: dict[str, Any] = field(default_factory=dict)
@@ -131,7 +134,7 @@ class DistillConfig:
         if self.init not in INITS:
             raise ConfigError(f"distill config: init must be one of {INITS}, got {self.init!r}")
         for name, allowed in (("update", UPDATES), ("dsa_mode", DSA_MODES), ("lr_schedule", LR_SCHEDULES),
-                              ("objective", OBJECTIVES)):
+                              ("objective", OBJECTIVES), ("init_anchor", ("random", "kmeans"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"distill config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("privacy_corr_percentile", "privacy_l2_percentile"):

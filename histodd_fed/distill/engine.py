@@ -74,6 +74,27 @@ def colour_stats(images: np.ndarray) -> np.ndarray:
     return np.concatenate([x.mean(1), x.std(1)], axis=1)
 
 
+def kmeans_anchors(feats: np.ndarray, k: int, rng: np.random.Generator, iters: int = 20) -> np.ndarray:
+    """Indices of the ``k`` rows of ``feats`` nearest to k-means centres (k-means++ seeding from ``rng``),
+    distinct when there are enough rows."""
+    n = len(feats)
+    if n <= k:
+        return rng.choice(n, size=k, replace=n < k)
+    centres = [feats[rng.integers(n)]]
+    for _ in range(1, k):
+        d = np.min(((feats[:, None, :] - np.asarray(centres)[None]) ** 2).sum(-1), axis=1)
+        centres.append(feats[rng.choice(n, p=d / d.sum()) if d.sum() > 0 else rng.integers(n)])
+    c = np.asarray(centres)
+    for _ in range(iters):
+        assign = ((feats[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)
+        c = np.stack([feats[assign == j].mean(0) if (assign == j).any() else c[j] for j in range(k)])
+    picks: list[int] = []
+    for j in range(k):
+        order = np.argsort(((feats - c[j]) ** 2).sum(1))
+        picks.append(int(next((i for i in order if i not in picks), order[0])))
+    return np.asarray(picks)
+
+
 def _plan(real: PatchSet, config: DistillConfig, rng: np.random.Generator) -> list[list[Group]]:
     """Stages of groups; initial real images drawn without replacement when enough exist."""
 
@@ -88,7 +109,11 @@ def _plan(real: PatchSet, config: DistillConfig, rng: np.random.Generator) -> li
                 # by colour statistics (per-channel mean and std): one stain per image
                 feats = colour_stats(real.images[idx])
                 rows = []
-                for a in rng.choice(len(idx), size=config.ipc, replace=len(idx) < config.ipc):
+                if config.init_anchor == "kmeans":   # one anchor per colour cluster of the class
+                    anchors = kmeans_anchors(feats, config.ipc, rng)
+                else:
+                    anchors = rng.choice(len(idx), size=config.ipc, replace=len(idx) < config.ipc)
+                for a in anchors:
                     near = np.argsort(((feats - feats[a]) ** 2).sum(1))[1:config.init_colour_pool + 1]
                     rows.append(np.concatenate([[idx[a]], idx[rng.choice(near, size=n - 1, replace=len(near) < n - 1)]]))
                 g.mix_idx = np.stack(rows)
