@@ -98,17 +98,12 @@ def _section(data: dict, key: str, where: str) -> dict:
 
 def load_preset(name_or_path: str | Path) -> Preset:
     """Load a named preset (``pcam``) or a preset YAML path; one-line errors name the file."""
-    import yaml
+    from histodd_fed.runconfig import read_yaml_mapping
 
     path = preset_path(name_or_path)
     if not path.is_file():
         raise InputError(f"{path}: no such preset (known: {', '.join(preset_names()) or 'none'})")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping")
+    data = read_yaml_mapping(path, "preset sections")
     unknown = sorted(set(data) - {"name", "description", "view", "distill", "coreset", "eval"})
     if unknown:
         raise ConfigError(f"{path}: unknown preset section(s) {unknown}")

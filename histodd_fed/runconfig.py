@@ -74,3 +74,22 @@ def write_run_config(out_dir: str | Path, command: str, config: Any, name: str =
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return atomic_write_json(Path(out_dir) / name, record)
+
+
+def read_yaml_mapping(path: str | Path, what: str = "options") -> dict[str, Any]:
+    """The mapping in YAML file ``path`` (an empty file is ``{}``); one-line errors name the file:
+    InputError when it cannot be read, ConfigError when it is not YAML or not a mapping."""
+    import yaml
+
+    from histodd_fed.errors import ConfigError, InputError
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read config ({exc.strerror or exc})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of {what}")
+    return data

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from histodd_fed.errors import ConfigError, InputError
+from histodd_fed.errors import ConfigError
 
 DISTANCES = ("l1", "l1_mean", "cosine", "mse")
 INITS = ("real", "noise", "herding", "mixture", "mosaic")
@@ -216,17 +216,10 @@ class DistillConfig:
 
         Overrides that are ``None`` are ignored, so CLI options can be passed straight through.
         """
-        import yaml
+        from histodd_fed.runconfig import read_yaml_mapping
 
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except OSError as exc:
-            raise InputError(f"{path}: cannot read config ({exc.strerror or exc})") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of distill options")
+        data = read_yaml_mapping(path, "distill options")
         if "distill" in data and isinstance(data["distill"], dict):
             data = data["distill"]
         return cls.from_dict(data, where=str(path), **overrides)

@@ -36,13 +36,9 @@ def dp_real_gradient(model: torch.nn.Module, weights: Sequence[torch.nn.Paramete
     """Clipped, noised mean of per-example CE gradients over ``weights`` (one tensor per weight)."""
     from torch.func import functional_call, grad, vmap
 
-    ids = {id(w) for w in weights}
-    named = dict(model.named_parameters())
-    order = {id(w): i for i, w in enumerate(weights)}
-    w_names = sorted((n for n, p in named.items() if id(p) in ids), key=lambda n: order[id(named[n])])
-    fixed = {n: p.detach() for n, p in named.items() if id(p) not in ids}
-    fixed.update(dict(model.named_buffers()))
-    w = {n: named[n].detach() for n in w_names}
+    from histodd_fed.distill.matching import functional_split
+
+    w_names, fixed, w = functional_split(model, weights)
 
     def ce(wd, xi, yi):
         return F.cross_entropy(functional_call(model, {**fixed, **wd}, (xi.unsqueeze(0),)), yi.unsqueeze(0))

@@ -60,6 +60,19 @@ def stacked_layer_distance(g_real: torch.Tensor, g_syn: torch.Tensor, distance: 
     return layer_distance(g_real, g_syn, distance)
 
 
+def functional_split(model: torch.nn.Module, weights: Sequence[torch.nn.Parameter]
+                     ) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(names of ``weights`` in their order, every other parameter and buffer detached, the weights
+    detached by name): the pieces ``torch.func.functional_call`` needs to differentiate w.r.t. ``weights``."""
+    ids = {id(w) for w in weights}
+    named = dict(model.named_parameters())
+    order = {id(w): i for i, w in enumerate(weights)}
+    w_names = sorted((n for n, p in named.items() if id(p) in ids), key=lambda n: order[id(named[n])])
+    fixed = {n: p.detach() for n, p in named.items() if id(p) not in ids}
+    fixed.update(dict(model.named_buffers()))
+    return w_names, fixed, {n: named[n].detach() for n in w_names}
+
+
 def batched_matching_loss(model: torch.nn.Module, weights: Sequence[torch.nn.Parameter], x_real: torch.Tensor,
                           y_real: torch.Tensor, x_syn: torch.Tensor, y_syn: torch.Tensor, distance: str,
                           per_class: str = "vmap") -> torch.Tensor:
@@ -78,13 +91,7 @@ def batched_matching_loss(model: torch.nn.Module, weights: Sequence[torch.nn.Par
     """
     from torch.func import functional_call, grad, vmap
 
-    ids = {id(w) for w in weights}
-    named = dict(model.named_parameters())
-    order = {id(w): i for i, w in enumerate(weights)}
-    w_names = sorted((n for n, p in named.items() if id(p) in ids), key=lambda n: order[id(named[n])])
-    fixed = {n: p.detach() for n, p in named.items() if id(p) not in ids}
-    fixed.update(dict(model.named_buffers()))
-    w = {n: named[n].detach() for n in w_names}
+    w_names, fixed, w = functional_split(model, weights)
 
     def ce(wd: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(functional_call(model, {**fixed, **wd}, (x,)), y)

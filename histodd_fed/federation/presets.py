@@ -123,6 +123,10 @@ PRESETS: dict[str, CentrePreset] = {
         outer_steps_by_ipc=((10, 200), (20, 500), (50, 1000)),   # the paper's K for its ipcs
     ),
 }
+# the demo's cpu preset with the `--preset pcam` distillation recipe (distribution matching from
+# colour-coherent mixtures; docs/results.md "Transfer study: demo"): an A/B candidate for the demo
+PRESETS["cpu-dm"] = replace(PRESETS["cpu"], name="cpu-dm", distill_config="configs/preset-pcam.yaml",
+                            distill_overrides=(("checkpoint_every", 0),))
 # pcam-c17 (docs/results.md "Transfer study: PCam x Camelyon17"): patch-store centres of real PCam
 # tissue; the central 32 px of each 96 px patch (PCam's label region), distillation with the
 # `--preset pcam` recipe (the `distill:` section of configs/preset-pcam.yaml: distribution matching

@@ -96,17 +96,12 @@ def preset_path(name_or_path: str | Path) -> Path:
 
 def load_preset(name_or_path: str | Path, **overrides: Any) -> StudyPreset:
     """Load a preset by name (tiny | cpu | paper) or YAML path; ``None`` overrides are ignored."""
-    import yaml
+    from histodd_fed.runconfig import read_yaml_mapping
 
     path = preset_path(name_or_path)
     if not path.is_file():
         raise InputError(f"{path}: no such study preset (known: {', '.join(PRESETS)})")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping")
+    data = read_yaml_mapping(path, "study options")
     data.setdefault("name", path.stem.removeprefix("study-"))
     for k, v in overrides.items():
         if v is None:
