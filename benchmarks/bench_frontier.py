@@ -90,6 +90,10 @@ RECIPES: dict[str, dict] = {
     "dm_cmix_km": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
                    "init_anchor": "kmeans", "pool_epochs": 0, "pool_size": 1, "net_steps": 0, "outer_steps": 400,
                    "inner_steps": 1, "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5},
+    "dm_cmix_km_priv": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
+                        "init_anchor": "kmeans", "pool_epochs": 0, "pool_size": 1, "net_steps": 0,
+                        "outer_steps": 400, "inner_steps": 1, "batch_real": 128, "lr_img": 1.0,
+                        "momentum_img": 0.5, "privacy_step": 0.01},
     "dm_noise": {"objective": "distribution", "init": "noise", "pool_epochs": 0, "pool_size": 1, "net_steps": 0,
                  "outer_steps": 400, "inner_steps": 1, "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5},
     "mixture_pc": {"init": "mixture", "init_mix": 16, "outer_steps": 60, "inner_steps": 10, "lr_img": 0.03,
@@ -291,7 +295,7 @@ def table(rec_path: Path, out: Path) -> None:
               f"({agg('l2_line'):.4f}) | {agg('mia_auc'):.3f} | {agg('tile_corr'):.3f} ({agg('tile_line'):.3f}) | "
               f"{np.mean([r['build_seconds'] for r in rs]):.0f} |")
         for r in rs:
-            pts.append((split, method, r))
+            pts.append((split, method if ipc == 10 else f"{method} ipc{ipc}", r))
     if not pts:
         return
     import matplotlib
