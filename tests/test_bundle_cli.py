@@ -32,9 +32,7 @@ def test_cli_roundtrip(tmp_path, tiny_patchset):
     k = {c: tmp_path / f"keys-{c}" for c in ("C1", "C2", "C3")}
     env = {"PW": "s3cret"}
     _ok("keygen", "--centre-id", "C1", "--out", k["C1"], "--passphrase-env", "PW", "--scrypt-log2n", "10", env=env)
-    r = runner.invoke(app, ["keygen", "--centre-id", "C2", "--out", str(k["C2"])], input="")  # no passphrase given
-    assert r.exit_code != 0 and "--no-passphrase" in f"{r.output}{r.exception}" and not (Path(k["C2"]) / "identity.json").exists()
-    _ok("keygen", "--centre-id", "C2", "--out", k["C2"], "--no-passphrase")
+    assert "NOT encrypted" in _ok("keygen", "--centre-id", "C2", "--out", k["C2"])  # no terminal: a warning
     _ok("keygen", "--centre-id", "C3", "--out", k["C3"], "--no-passphrase")
     assert stat.S_IMODE((k["C1"] / "signing_key.pem").stat().st_mode) == 0o600
     _ok("trust", "add", k["C2"] / "identity.json", "--keys", k["C1"])
@@ -85,3 +83,14 @@ def test_cli_roundtrip(tmp_path, tiny_patchset):
                                   ["open", "--help"], ["inspect", "--help"], ["verify", "--help"]])
 def test_cli_help(argv):
     assert "Usage" in _ok(*argv)
+
+
+def test_default_passphrase_env_encrypts_and_unlocks_without_options(tmp_path):
+    from histodd_fed.bundle import load_identity
+
+    env = {"HISTODD_KEY_PASSPHRASE": "pw-from-env"}
+    out = _ok("keygen", "--centre-id", "C7", "--out", tmp_path / "k", "--scrypt-log2n", "10", env=env)
+    assert "NOT encrypted" not in out
+    with pytest.raises(KeyFileError):
+        load_identity(tmp_path / "k", "wrong")
+    assert load_identity(tmp_path / "k", "pw-from-env").centre_id == "C7"

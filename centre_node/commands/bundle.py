@@ -8,6 +8,7 @@ parses options and calls :mod:`histodd_fed.bundle`; failures raise its typed err
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -17,6 +18,8 @@ import typer
 trust_app = typer.Typer(name="trust", help="Manage the centres this node trusts (trust.json in the key dir).",
                         no_args_is_help=True)
 
+#: read when no passphrase option is given (scripts that cannot use a prompt)
+DEFAULT_PASSPHRASE_ENV = "HISTODD_KEY_PASSPHRASE"
 PASSPHRASE_ENV_HELP = "Read the private-key passphrase from this environment variable."
 PASSPHRASE_FD_HELP = "Read the private-key passphrase from this file descriptor (e.g. a pipe: 3<<<\"$PW\")."
 SCRYPT_HELP = ("scrypt cost as log2(n) for new key files (default 17: ~0.3 s and 128 MiB per guess); "
@@ -34,6 +37,8 @@ def _source(env: Optional[str], fd: Optional[int], what: str = "the keys"):
         return f"env:{env}"
     if fd is not None:
         return f"fd:{fd}"
+    if os.environ.get(DEFAULT_PASSPHRASE_ENV):
+        return f"env:{DEFAULT_PASSPHRASE_ENV}"
     return lambda: _prompt(f"Passphrase for {what}", what, confirm=False)
 
 
@@ -56,8 +61,9 @@ def _prompt(text: str, what: str, confirm: bool) -> str:
 def _new_passphrase(env: Optional[str], fd: Optional[int], no_passphrase: bool, what: str) -> Optional[bytes]:
     """The passphrase for new key files: env, fd, or a prompt (with confirmation) on a terminal.
 
-    ``--no-passphrase`` is the explicit way to write clear keys. Without any of these and without
-    a terminal (scripts, CI) nothing is written: a one-line error names the options.
+    ``--no-passphrase`` is the explicit way to write clear keys. Without any of these, the
+    ``HISTODD_KEY_PASSPHRASE`` environment variable is used when set; otherwise, without a terminal
+    (scripts, CI), the keys are written in the clear with a warning on stderr.
     """
     from histodd_fed.bundle.errors import KeyFileError
     from histodd_fed.bundle.identity import read_passphrase
@@ -68,10 +74,13 @@ def _new_passphrase(env: Optional[str], fd: Optional[int], no_passphrase: bool, 
         return None
     if env or fd is not None:
         return read_passphrase(_source(env, fd))
-    if not sys.stdin.isatty() and not _stdin_is_test_input():
-        raise KeyFileError(f"{what}: private keys are encrypted by default and there is no terminal to ask for a "
-                           "passphrase; give --passphrase-env NAME or --passphrase-fd N (or --no-passphrase to "
-                           "write them in the clear)")
+    if os.environ.get(DEFAULT_PASSPHRASE_ENV):
+        return read_passphrase(f"env:{DEFAULT_PASSPHRASE_ENV}")
+    if not sys.stdin.isatty():
+        typer.echo(f"warning: {what} are NOT encrypted (no --passphrase-env/--passphrase-fd, no "
+                   f"{DEFAULT_PASSPHRASE_ENV} and no terminal to ask on); encrypt them with `centre-node rekey`",
+                   err=True)
+        return None
     return read_passphrase(lambda: _prompt(f"New passphrase for {what}", what, confirm=True))
 
 
