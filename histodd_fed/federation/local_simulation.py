@@ -35,12 +35,6 @@ class SimulationError(HistoddError):
     """The local simulation could not be started or did not produce a study report."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -57,7 +51,9 @@ def run_flwr_simulation(run_config: dict[str, Any], node_configs: list[dict[str,
     home.mkdir(parents=True, exist_ok=True)
     table = Path(study_dir) / "sim-nodes.json"
     atomic_write_json(table, node_configs)
-    port = _free_port()
+    from histodd_fed.federation.deployment import free_port
+
+    port = free_port()
     atomic_write_text(home / "config.toml", f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
                                             f'address = "127.0.0.1:{port}"\ninsecure = true\n')
     rc_file = root / "run-config.toml"
