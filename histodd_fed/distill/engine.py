@@ -238,6 +238,21 @@ def _fast_step_loss(net, weights, stage: list[Group], x_syn: torch.Tensor, syn_s
                                  xs.reshape(k, m, *shape), torch.stack(y_syn), config.distance, per_class)
 
 
+def _siamese(aug, xr, xs, ridx, real_stains, syn_st, sl: slice, gen: torch.Generator):
+    """One siamese draw applied to a class's real batch ``xr`` (indices ``ridx``) and its synthetic block
+    ``xs`` (rows ``sl``); unchanged when the strategy has no ops."""
+    if not aug.ops:
+        return xr, xs
+    draw = aug.sample(1, gen, siamese=True)
+    return (aug.apply(xr, draw, None if real_stains is None else real_stains.index(ridx)),
+            aug.apply(xs, draw, None if syn_st is None else syn_st.index(sl)))
+
+
+def _dp_rate(g: Group, config: DistillConfig) -> float:
+    """Poisson sampling rate of a class's real patches in DP mode."""
+    return min(1.0, config.batch_real / len(g.real_idx))
+
+
 def _class_loss(net, weights, g: Group, k: int, x_syn, syn_st, offsets, y_syn, x_real, y_real, real_stains, aug,
                 config: DistillConfig, rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
     """The reference matching loss of class block ``k`` (its real batch and one siamese draw); in DP mode
@@ -246,16 +261,12 @@ def _class_loss(net, weights, g: Group, k: int, x_syn, syn_st, offsets, y_syn, x
     if dp:
         from histodd_fed.distill.dp import poisson_batch
 
-        rate = min(1.0, config.batch_real / len(g.real_idx))
+        rate = _dp_rate(g, config)
         ridx = torch.from_numpy(poisson_batch(g.real_idx, rate, rng)).to(x_real.device)
     else:
         ridx = torch.from_numpy(_sample(g.real_idx, config.batch_real, rng)).to(x_real.device)
-    xr = x_real[ridx]
-    xs = x_syn[offsets[k]:offsets[k + 1]]
-    if aug.ops:
-        draw = aug.sample(1, gen, siamese=True)
-        xr = aug.apply(xr, draw, None if real_stains is None else real_stains.index(ridx))
-        xs = aug.apply(xs, draw, None if syn_st is None else syn_st.index(slice(offsets[k], offsets[k + 1])))
+    sl = slice(int(offsets[k]), int(offsets[k + 1]))
+    xr, xs = _siamese(aug, x_real[ridx], x_syn[sl], ridx, real_stains, syn_st, sl, gen)
     if dp:
         from histodd_fed.distill.dp import dp_real_gradient
         from histodd_fed.distill.matching import gradient_distance
@@ -277,11 +288,8 @@ def _dm_loss(net, stage: list[Group], x_syn, syn_st, offsets, x_real, real_stain
     total = torch.zeros((), device=x_syn.device)
     for k, g in enumerate(stage):
         ridx = torch.from_numpy(_sample(g.real_idx, config.batch_real, rng)).to(x_real.device)
-        xr, xs = x_real[ridx], x_syn[offsets[k]:offsets[k + 1]]
-        if aug.ops:
-            draw = aug.sample(1, gen, siamese=True)
-            xr = aug.apply(xr, draw, None if real_stains is None else real_stains.index(ridx))
-            xs = aug.apply(xs, draw, None if syn_st is None else syn_st.index(slice(offsets[k], offsets[k + 1])))
+        sl = slice(int(offsets[k]), int(offsets[k + 1]))
+        xr, xs = _siamese(aug, x_real[ridx], x_syn[sl], ridx, real_stains, syn_st, sl, gen)
         with torch.no_grad():
             er = embed(xr).flatten(1).mean(0)
         total = total + (er - embed(xs).flatten(1).mean(0)).pow(2).sum()
@@ -323,7 +331,7 @@ def _dp_meta(stages: list[list[Group]], config: DistillConfig, steps_done: int) 
     steps = int(steps_done) * config.inner_steps
     per_class = []
     for g in stages[0]:
-        rate = min(1.0, config.batch_real / len(g.real_idx))
+        rate = _dp_rate(g, config)
         per_class.append({"label": g.label, "n": int(len(g.real_idx)), "sample_rate": rate,
                           "epsilon": epsilon(config.dp_noise, rate, steps, config.dp_delta) if steps else 0.0})
     return {"mechanism": "per-example clipping + Gaussian noise on Poisson-sampled real-batch gradients",
@@ -341,13 +349,9 @@ class PrivacyGuard:
     one is below the real-real p``l2_percentile``, takes a normalised gradient step away from its
     ``topk`` nearest real patches."""
 
-    def __init__(self, real: torch.Tensor, corr_thr: float, l2_thr: float, topk: int, pool: int = 2):
-        from histodd_fed.privacy.similarity import structure_vectors
-
-        self.real = real
-        self.pool = pool
-        self.vr = structure_vectors(real, pool).float()
-        self.flat = real.flatten(1)
+    def __init__(self, vr: torch.Tensor, flat: torch.Tensor, corr_thr: float, l2_thr: float, topk: int,
+                 pool: int = 2):
+        self.vr, self.flat, self.pool = vr, flat, pool   # real structure vectors, real pixels flattened
         self.corr_thr, self.l2_thr, self.topk = corr_thr, l2_thr, topk
 
     @classmethod
@@ -368,7 +372,7 @@ class PrivacyGuard:
         l2_thr = float(torch.quantile(d.min(1).values, config.privacy_l2_percentile / 100))
         log.info("privacy term: push below structure corr %.3f (real-real p%g) and above L2 %.4f (p%g)",
                  corr_thr, config.privacy_corr_percentile, l2_thr, config.privacy_l2_percentile)
-        return cls(x_real, corr_thr, l2_thr, config.privacy_topk)
+        return cls(vr, flat, corr_thr, l2_thr, config.privacy_topk)
 
     def violations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(max structure correlation, min normalised L2) of each image to the real patches."""
