@@ -211,9 +211,11 @@ def demo(
         d = out / cid / "slides"
         manifest = d / "slides.csv"
         opts = {"n_slides": int(settings.get("slides", p.demo_slides)), "test_fraction": 0.3,
-                "tumour_contrast": float(settings.get("tumour_contrast", 1.0))}
+                "tumour_contrast": float(settings.get("tumour_contrast", 1.0)),
+                "tumour_size": float(settings.get("tumour_size", 1.0)),
+                "tumour_regions": int(settings.get("tumour_regions", 3))}
         extra = per_centre.get(cid) or {}
-        bad = set(extra) - {"slides", "test_fraction", "tumour_contrast"}
+        bad = set(extra) - {"slides", "test_fraction", "tumour_contrast", "tumour_size", "tumour_regions"}
         if bad:
             raise ConfigError(f"{config}: per_centre.{cid}: unknown key(s) {sorted(bad)}")
         opts.update({("n_slides" if k == "slides" else k): v for k, v in extra.items()})

@@ -150,3 +150,32 @@ def test_untrusted_centre_is_excluded(tmp_path):
     out = run_transfer_study(LocalTransport({1: CentreNode(cfgs[0]), 2: CentreNode(cfgs[1])}), _study(tmp_path, trust))
     assert ("C2", "untrusted") in [(f.centre, f.kind) for f in out.faults] and not out.rows
     assert "distil" not in out.messages
+
+
+def test_target_reports_union_and_sequential_each_with_its_own_baseline(tmp_path):
+    """Both protocols from ONE opening of each bundle; time_vs_full from the received-only phase."""
+    from histodd_fed.federation.centre import CentreNode
+    from histodd_fed.federation.coordinator import LocalTransport, run_transfer_study
+    from histodd_fed.federation.study import markdown_table, table_rows
+
+    cfgs, trust = _centres(tmp_path, slides=True)
+    for c in cfgs:
+        c.preset_overrides = {"also_protocols": ("sequential",)}
+    nodes = {10 + i: CentreNode(c) for i, c in enumerate(cfgs)}
+    out = run_transfer_study(LocalTransport(nodes), _study(tmp_path, trust, ipcs=[]))
+    assert not out.faults, [f.line() for f in out.faults]
+    by = {(r["fine_tune_protocol"], r["mode"]): r for r in out.rows}
+    assert sorted(by) == [("sequential", "full"), ("sequential", "none"), ("union", "full"), ("union", "none")]
+    # "no transfer" is the own-only fine-tune for both (sequential without received data = union's)
+    assert by["union", "none"]["patch_balanced_accuracy"] == by["sequential", "none"]["patch_balanced_accuracy"]
+    seq = by["sequential", "full"]
+    assert seq["received_train_seconds"] > 0 and seq["slide_received_train_seconds"] > 0
+    assert seq["received_seconds"] == pytest.approx(seq["received_train_seconds"] + seq["slide_received_train_seconds"],
+                                                    abs=0.011)
+    assert "received_seconds" not in by["union", "full"]
+    rows = table_rows(out)
+    assert [(r["protocol"], r["transfer"]) for r in rows] == [
+        ("union", "no transfer"), ("union", "Full"), ("sequential", "no transfer"), ("sequential", "Full")]
+    assert all(r["time_vs_full"] == 1.0 for r in rows if r["transfer"] == "Full")
+    assert rows[1]["received_s"] == rows[3]["received_s"]   # union borrows the measured received-only cost
+    assert "| C1 | C2 | Full | sequential |" in markdown_table(rows)

@@ -367,8 +367,9 @@ class CentreNode:
         epochs = int(request.body.get("epochs", self.preset.fine_tune_epochs))
         prepared = local_work.prepare(self.config, self.preset)
         rows: list[dict[str, Any]] = []
-        if request.body.get("baseline", True):
-            rows.append(local_work.evaluate_baseline(self.config, self.preset, prepared))
+        if request.body.get("baseline", True):  # one "no transfer" row per reported protocol
+            rows.extend(local_work.evaluate_baseline(self.config, self.preset.for_protocol(p), prepared)
+                        for p in self.preset.protocols())
         groups: dict[str, list[dict[str, Any]]] = {}
         for item in request.body.get("bundles", []):
             name = str(item["name"])
@@ -384,12 +385,13 @@ class CentreNode:
             try:
                 res = local_work.fine_tune_on_bundles(self.config, self.preset, prepared, patch=patch,
                                                       slides=slides, epochs=epochs)
-                row.update(res)
-                row.update(_labels_from_manifests(res.get("received_from") or [], patch, slides))
-                row["ok"] = True
+                labels = _labels_from_manifests(res.get("received_from") or [], patch, slides)
+                others = res.pop("by_protocol", None) or {}
+                rows.append({**row, **res, **labels, "ok": True})
+                rows.extend({**row, **r, **labels, "ok": True} for r in others.values())
             except HistoddError as exc:
                 row.update(ok=False, error=scrub(f"{type(exc).__name__}: {exc}", self.config))
-            rows.append(row)
+                rows.append(row)
         return Envelope(body={"rows": rows, "epochs": epochs})
 
 

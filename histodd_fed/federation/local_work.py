@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -476,23 +476,45 @@ def _protocol_key(preset: CentrePreset) -> str:
 
 def _fine_tune_classifier(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, *, epochs: int,
                           seed: int):
-    """Copy of the pre-trained classifier fine-tuned per the preset's protocol; (model, info)."""
+    """Copy of the pre-trained classifier fine-tuned per the preset's protocol; (model, info).
+
+    ``union``: one fine-tune on own + received draws (:func:`mixed_training_set`). ``sequential``: the
+    received set alone first (lr x ``sequential_lr_scale``, timed as ``received_train_seconds``), then
+    the own class-balanced set, ``epochs`` each; without received data only the own phase runs, which
+    is union's own-only fine-tune exactly. ``received``: the received set alone.
+    """
     from histodd_fed.training import fine_tune, load_model
 
     model = load_model(prepared.classifier_dir)
     lr = preset.fine_tune_lr * preset.fine_tune_lr_scale
-    if preset.fine_tune_protocol == "union":
+    protocol = preset.fine_tune_protocol
+    info: dict[str, Any] = {"fine_tune_protocol": protocol, "fine_tune_lr": lr}
+
+    def run(train: PatchSet, rate: float) -> float:
+        t0 = time.perf_counter()
+        if epochs > 0:
+            fine_tune(model, train, epochs=epochs, lr=rate, batch_size=preset.batch_size, seed=seed, device="cpu",
+                      progress=False)
+        return round(time.perf_counter() - t0, 2)
+
+    if protocol == "union":
         train = mixed_training_set(prepared.train, received, share=preset.received_share, seed=seed)
-    else:
-        if received is None:
-            return model, {"fine_tune_protocol": "received", "fine_tune_lr": lr, "fine_tune_set": 0}
-        train = received
-    if epochs > 0:
-        fine_tune(model, train, epochs=epochs, lr=lr, batch_size=preset.batch_size, seed=seed, device="cpu",
-                  progress=False)
-    return model, {"fine_tune_protocol": preset.fine_tune_protocol, "fine_tune_lr": lr,
-                   "received_share": preset.received_share if received is not None else 0.0,
-                   "fine_tune_set": len(train)}
+        run(train, lr)
+        return model, {**info, "received_share": preset.received_share if received is not None else 0.0,
+                       "fine_tune_set": len(train)}
+    if protocol == "sequential":
+        if received is not None and len(received):
+            rate = lr * preset.sequential_lr_scale
+            info.update(received_lr=rate, received_train_seconds=run(received, rate), received_set=len(received))
+        own = mixed_training_set(prepared.train, None, share=preset.received_share, seed=seed)
+        run(own, lr)
+        return model, {**info, "fine_tune_set": len(own)}
+    if protocol != "received":
+        raise ConfigError(f"unknown fine-tuning protocol {protocol!r}")
+    if received is None:
+        return model, {**info, "fine_tune_set": 0}
+    info["received_train_seconds"] = run(received, lr)
+    return model, {**info, "fine_tune_set": len(received)}
 
 
 def prepare_received(received: PatchSet, prepared: Prepared, preset: CentrePreset) -> tuple[PatchSet, dict[str, Any]]:
@@ -512,34 +534,44 @@ def evaluate_baseline(cfg: CentreConfig, preset: CentrePreset, prepared: Prepare
 
     Same epochs, lr, class balancing and MIL fine-tune as the transfer rows, without any received
     data, so a transfer row's difference from this row is the received data's effect. The models
-    before any fine-tuning (zero epochs) are reported as ``pretrained_*``. With the "received"
-    protocol the row is the pre-trained models themselves (the earlier behaviour).
+    before any fine-tuning (zero epochs) are reported as ``pretrained_*``. ``union`` and
+    ``sequential`` without received data are the same own-only fine-tune (one cache entry, the
+    row labelled with ``preset``'s protocol). With the "received" protocol the row is the
+    pre-trained models themselves (the earlier behaviour).
     """
     b = dict(prepared.info.get("baseline", {}))
     epochs = preset.fine_tune_epochs if epochs is None else int(epochs)
+    protocol = preset.fine_tune_protocol
     row: dict[str, Any] = {"name": "none", "mode": "none", "ipc": None, "source": None, "ok": True,
                            "images": 0, "bytes": 0}
     row.update({f"pretrained_{k}": v for k, v in b.items()})
-    if preset.fine_tune_protocol != "union" or epochs == 0:
-        return {**row, **b, "fine_tune_seconds": 0.0, "epochs": 0}
-    cache = cfg.work_dir / "received" / f"own-{prepared.config_hash[:8]}-{_protocol_key(preset)}-e{epochs}.json"
+    if protocol not in ("union", "sequential") or epochs == 0:
+        return {**row, **b, "fine_tune_seconds": 0.0, "epochs": 0, "fine_tune_protocol": protocol}
+    own_only = replace(preset, fine_tune_protocol="union", also_protocols=())
+    cache = cfg.work_dir / "received" / f"own-{prepared.config_hash[:8]}-{_own_key(preset)}-e{epochs}.json"
     if cache.exists():
-        return {**json.loads(cache.read_text()), "cached": True}
+        return {**json.loads(cache.read_text()), "fine_tune_protocol": protocol, "cached": True}
     from histodd_fed.federation import slide_level
 
     _threads()
     t0 = time.perf_counter()
-    model, info = _fine_tune_classifier(prepared, preset, None, epochs=epochs, seed=cfg.seed)
+    model, info = _fine_tune_classifier(prepared, own_only, None, epochs=epochs, seed=cfg.seed)
     row.update(info)
     row.update(patch_metrics(model, prepared.test))
     if prepared.has_mil:
         from histodd_fed.training import load_model
 
         row.update(slide_level.fine_tune(load_model(prepared.classifier_dir), None, prepared.train, prepared.root,
-                                         preset, cfg.seed, epochs=epochs))
+                                         own_only, cfg.seed, epochs=epochs))
     row.update(fine_tune_seconds=round(time.perf_counter() - t0, 2), epochs=epochs, own_data_only=True)
     atomic_write_json(cache, row)
-    return {**row, "cached": False}
+    return {**row, "fine_tune_protocol": protocol, "cached": False}
+
+
+def _own_key(preset: CentrePreset) -> str:
+    """Cache key of the own-only fine-tune: only the settings it depends on."""
+    return config_hash({"own": {"fine_tune_lr": preset.fine_tune_lr, "fine_tune_lr_scale": preset.fine_tune_lr_scale,
+                                "mil_fine_tune_lr": preset.mil_fine_tune_lr}, "version": 4})[:8]
 
 
 def fine_tune_on_bundles(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *,
@@ -548,8 +580,11 @@ def fine_tune_on_bundles(cfg: CentreConfig, preset: CentrePreset, prepared: Prep
 
     ``patch``: the set the patch classifier is fine-tuned on. ``slides``: the set (with a slide
     table) whose bags fine-tune the pre-trained CLAM head; the same bytes for "Full". Received
-    images are first stain-normalised to this centre's own template, then used per the preset's
-    protocol (``union``: with the centre's own train data, received at a fixed share).
+    images are used per the preset's protocol (``union``: with the centre's own train data,
+    received at a fixed share; ``sequential``: received alone, then own data). The bundles are
+    opened once (the ledger refuses a second opening) and the models fine-tuned once per protocol
+    of :meth:`CentrePreset.protocols`: the result is the main protocol's, the others under
+    ``by_protocol`` (protocol -> result).
     """
     blobs = [b for b in (patch, slides) if b is not None]
     if not blobs:
@@ -561,9 +596,6 @@ def fine_tune_on_bundles(cfg: CentreConfig, preset: CentrePreset, prepared: Prep
         out = json.loads(cache.read_text())
         out["cached"] = True
         return out
-    from histodd_fed.federation import slide_level
-    from histodd_fed.training import load_model
-
     _threads()
     opened: dict[int, PatchSet] = {}
     received_from: list[dict[str, Any]] = []
@@ -575,30 +607,53 @@ def fine_tune_on_bundles(cfg: CentreConfig, preset: CentrePreset, prepared: Prep
                 raise InputError(f"received classes {ps.class_names} differ from ours {prepared.train.class_names}")
             opened[id(b)] = ps
             received_from.append(provenance(ob))
-    out: dict[str, Any] = {"epochs": epochs, "received_from": received_from}
+    results = [_fine_tune_opened(cfg, preset.for_protocol(proto), prepared,
+                                 patch=opened[id(patch)] if patch is not None else None,
+                                 slides=opened[id(slides)] if slides is not None else None, epochs=epochs)
+               for proto in preset.protocols()]
+    out = {**results[0], "received_from": received_from}
+    if len(results) > 1:
+        out["by_protocol"] = {p: {**r, "received_from": received_from}
+                              for p, r in zip(preset.protocols()[1:], results[1:])}
+    atomic_write_json(cache, out)
+    out["cached"] = False
+    return out
+
+
+def _fine_tune_opened(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *, patch: PatchSet | None,
+                      slides: PatchSet | None, epochs: int) -> dict[str, Any]:
+    """One protocol's fine-tune of copies of the pre-trained models on opened received sets; metrics."""
+    from histodd_fed.federation import slide_level
+    from histodd_fed.training import load_model
+
+    out: dict[str, Any] = {"epochs": epochs, "fine_tune_protocol": preset.fine_tune_protocol}
     t0 = time.perf_counter()
+    received_s = 0.0
     if patch is not None:
-        received, stain_info = prepare_received(opened[id(patch)], prepared, preset)
+        received, stain_info = prepare_received(patch, prepared, preset)
         out.update(stain_info)
         tp = time.perf_counter()
         model, info = _fine_tune_classifier(prepared, preset, received, epochs=epochs, seed=cfg.seed)
         out.update(info)
+        received_s += float(info.get("received_train_seconds") or 0.0)
         out["patch_fine_tune_seconds"] = round(time.perf_counter() - tp, 2)
         out.update(patch_metrics(model, prepared.test))
         out.update(images=len(received), kind=received.kind)
     if slides is not None and prepared.has_mil:
-        received = opened[id(slides)]
-        if slide_level.has_slides(received):
-            received, stain_info = prepare_received(received, prepared, preset)
+        if slide_level.has_slides(slides):
+            received, stain_info = prepare_received(slides, prepared, preset)
             out.setdefault("received_stain", stain_info["received_stain"])
             ts = time.perf_counter()
-            own = prepared.train if preset.fine_tune_protocol == "union" else None
-            out.update(slide_level.fine_tune(load_model(prepared.classifier_dir), received, own, prepared.root,
-                                             preset, cfg.seed, epochs=epochs))
+            own = prepared.train if preset.fine_tune_protocol in ("union", "sequential") else None
+            res = slide_level.fine_tune(load_model(prepared.classifier_dir), received, own, prepared.root,
+                                        preset, cfg.seed, epochs=epochs)
+            received_s += float(res.get("slide_received_train_seconds") or 0.0)
+            out.update(res)
             out["slide_fine_tune_seconds"] = round(time.perf_counter() - ts, 2)
         else:
             out["slide_note"] = "received set has no slide table"
+    if "received_train_seconds" in out or "slide_received_train_seconds" in out:
+        # the cost of the received data alone: its received-only phase(s), classifier + CLAM
+        out["received_seconds"] = round(received_s, 2)
     out["fine_tune_seconds"] = round(time.perf_counter() - t0, 2)
-    atomic_write_json(cache, out)
-    out["cached"] = False
     return out

@@ -11,6 +11,9 @@ from typing import Any
 
 from histodd_fed.errors import ConfigError
 
+#: how a target fine-tunes on received data (docs/federation.md "Fine-tuning protocol")
+PROTOCOLS = ("union", "sequential", "received")
+
 
 @dataclass(frozen=True)
 class CentrePreset:
@@ -45,9 +48,16 @@ class CentrePreset:
     # "union": fine-tune on its own train patches + the received set, class-balanced, received
     # oversampled to ``received_share`` of each epoch; "no transfer" is the same fine-tune on own
     # data only. "received": the received set alone (the earlier protocol, kept for comparison).
+    # "sequential": first the received set alone, then own data (class-balanced), each for the row's
+    # epochs; its "no transfer" is the own phase alone (= union's). ``also_protocols``: protocols the
+    # target ALSO reports, each with its own "no transfer" row (the demo: union and sequential).
     fine_tune_protocol: str = "union"
+    also_protocols: tuple[str, ...] = ()
     received_share: float = 0.5      # fraction of each fine-tuning epoch drawn from the received set
     fine_tune_lr_scale: float = 1.0  # classifier fine-tuning lr = fine_tune_lr * this
+    # sequential protocol, received phase: classifier lr = fine_tune_lr * this (10: the earlier
+    # received-only protocol's 5e-3; 20 images are one batch, 5 epochs only 5 steps)
+    sequential_lr_scale: float = 10.0
     # Macenko-map received images into the target's colour space. Off by default: on the validation
     # copies (docs/results.md) it scored lower in 3 of 4 comparisons.
     stain_normalise_received: bool = False
@@ -58,19 +68,43 @@ class CentrePreset:
     stain_normalise_inputs: bool = False
 
     #: fields that only affect how a target fine-tunes on received data (not preparation)
-    RECEIVE_FIELDS = ("fine_tune_protocol", "received_share", "fine_tune_lr_scale", "stain_normalise_received")
+    RECEIVE_FIELDS = ("fine_tune_protocol", "also_protocols", "received_share", "fine_tune_lr_scale",
+                      "sequential_lr_scale", "stain_normalise_received")
 
     def __post_init__(self) -> None:
-        if self.fine_tune_protocol not in ("union", "received"):
-            raise ConfigError(f"preset {self.name!r}: fine_tune_protocol must be 'union' or 'received', "
-                              f"got {self.fine_tune_protocol!r}")
+        object.__setattr__(self, "also_protocols", tuple(self.also_protocols))
+        for proto in (self.fine_tune_protocol, *self.also_protocols):
+            if proto not in PROTOCOLS:
+                raise ConfigError(f"preset {self.name!r}: fine-tuning protocol must be one of {PROTOCOLS}, "
+                                  f"got {proto!r}")
+        if len(set(self.protocols())) != 1 + len(self.also_protocols):
+            raise ConfigError(f"preset {self.name!r}: also_protocols {list(self.also_protocols)} repeats a protocol")
+        if not self.sequential_lr_scale > 0:
+            raise ConfigError(f"preset {self.name!r}: sequential_lr_scale must be > 0, got {self.sequential_lr_scale}")
         if not 0.0 < self.received_share < 1.0:
             raise ConfigError(f"preset {self.name!r}: received_share must be in (0, 1), got {self.received_share}")
 
     def receive_protocol(self) -> dict[str, Any]:
         """The receive-side settings (part of every fine-tuning cache key and row)."""
-        return {k: getattr(self, k) for k in self.RECEIVE_FIELDS} | {
+        d = {k: getattr(self, k) for k in self.RECEIVE_FIELDS} | {
             "fine_tune_lr": self.fine_tune_lr, "mil_fine_tune_lr": self.mil_fine_tune_lr}
+        if not self.also_protocols:  # as before these fields existed: same keys for union-only presets
+            d.pop("also_protocols")
+        if "sequential" not in self.protocols():
+            d.pop("sequential_lr_scale")
+        else:
+            d["also_protocols"] = list(self.also_protocols)
+        return d
+
+    def protocols(self) -> tuple[str, ...]:
+        """Every fine-tuning protocol the target reports: the main one first."""
+        return (self.fine_tune_protocol, *self.also_protocols)
+
+    def for_protocol(self, protocol: str) -> "CentrePreset":
+        """This preset fine-tuning by ``protocol`` alone (no ``also_protocols``)."""
+        if protocol not in self.protocols():
+            raise ConfigError(f"preset {self.name!r} does not report protocol {protocol!r}")
+        return replace(self, fine_tune_protocol=protocol, also_protocols=())
 
     def prepare_dict(self) -> dict[str, Any]:
         """:meth:`to_dict` without the receive-side fields (so they do not invalidate preparation)."""
@@ -88,6 +122,7 @@ class CentrePreset:
         d["distill_overrides"] = dict(self.distill_overrides)
         d["outer_steps_by_ipc"] = dict(self.outer_steps_by_ipc)
         d["classifier_kwargs"] = dict(self.classifier_kwargs)
+        d["also_protocols"] = list(self.also_protocols)
         return d
 
 
@@ -115,6 +150,7 @@ PRESETS: dict[str, CentrePreset] = {
         distill_overrides=(("init", "real"), ("lr_img", 1.0), ("distance", "l1"), ("outer_steps", 30),
                            ("inner_steps", 5), ("checkpoint_every", 0)),
         max_train_patches=600, demo_slides=8, slide_ipc=2, slide_outer_steps=10,
+        also_protocols=("sequential",),   # the demo reports both ways of using received data
     ),
     "paper": CentrePreset(
         name="paper", image_size=64, patch_size=256, mpp=1.0, pretrain_epochs=20, fine_tune_epochs=5,
@@ -133,7 +169,7 @@ PRESETS["cpu-dm"] = replace(PRESETS["cpu"], name="cpu-dm", distill_config="confi
 # from colour-coherent mixtures, gate-passing), 600 source train patches (as the demo). No slides: no MIL.
 PRESETS["pcam-c17"] = replace(
     PRESETS["cpu"], name="pcam-c17", crop_center=32, distill_config="configs/preset-pcam.yaml",
-    distill_overrides=(("checkpoint_every", 0),))
+    distill_overrides=(("checkpoint_every", 0),), also_protocols=())   # union only, as its tables
 # the recipe the first pcam-c17 runs used (gradient matching from real patches moved far: lr_img 1.0,
 # 30 x 5 steps, as the cpu preset); kept to re-run those tables
 PRESETS["pcam-c17-gm"] = replace(

@@ -13,6 +13,7 @@ saved, and a received set only needs its own patches encoded.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,9 @@ def fine_tune(encoder_model, received: PatchSet | None, own_train: PatchSet | No
     Bags come from ``received`` (already stain-normalised by the caller) and, when ``own_train`` is
     given (the "union" protocol), also from the centre's own train slides. Own bags are repeated so
     received bags make up about ``preset.received_share`` of each epoch (never fewer than one pass
-    over the own bags). ``received=None`` fine-tunes on own bags only ("no transfer"). Slide
+    over the own bags); with the "sequential" protocol the head is fine-tuned on the received bags
+    alone first (``slide_received_train_seconds``), then on the own bags alone, ``epochs`` each.
+    ``received=None`` fine-tunes on own bags only ("no transfer", the same for both protocols). Slide
     accuracy is taken at a threshold calibrated on the own bags (:func:`slide_metrics`).
     ``encoder_model`` must be the centre's frozen pre-trained classifier (the test bags' encoder).
     """
@@ -116,13 +119,24 @@ def fine_tune(encoder_model, received: PatchSet | None, own_train: PatchSet | No
     rec_bags = list(bags_from_patchset(received, enc, progress=False)) if received is not None else []
     own_bags = list(bags_from_patchset(own_train, enc, progress=False)) if own_train is not None else []
     calibration = list(own_bags)
-    if rec_bags and own_bags:
-        share = preset.received_share
-        own_bags = _oversample(own_bags, int(round(len(rec_bags) * (1.0 - share) / share)))
-    bags = own_bags + rec_bags
-    res = train_mil(bags, preset.mil_model, epochs=epochs, lr=preset.mil_fine_tune_lr, seed=seed,
-                    model=head, progress=False)
-    out = slide_metrics(res.model, list(test_bags), calibration)
+    timing: dict[str, float] = {}
+    if preset.fine_tune_protocol == "sequential" or not own_bags:
+        # received bags alone first (timed: the cost of the received data), then own bags alone
+        if rec_bags:
+            t0 = time.perf_counter()
+            head = train_mil(rec_bags, preset.mil_model, epochs=epochs, lr=preset.mil_fine_tune_lr, seed=seed,
+                             model=head, progress=False).model
+            timing["slide_received_train_seconds"] = round(time.perf_counter() - t0, 2)
+        if own_bags:
+            head = train_mil(own_bags, preset.mil_model, epochs=epochs, lr=preset.mil_fine_tune_lr, seed=seed,
+                             model=head, progress=False).model
+    else:  # union: one fine-tune on own + received bags, received about received_share of each epoch
+        if rec_bags:
+            share = preset.received_share
+            own_bags = _oversample(own_bags, int(round(len(rec_bags) * (1.0 - share) / share)))
+        head = train_mil(own_bags + rec_bags, preset.mil_model, epochs=epochs, lr=preset.mil_fine_tune_lr,
+                         seed=seed, model=head, progress=False).model
+    out = slide_metrics(head, list(test_bags), calibration)
     out.update(slide_bags=len(rec_bags), slide_own_bags=len(own_bags),
-               slide_images=len(received) if received is not None else 0)
+               slide_images=len(received) if received is not None else 0, **timing)
     return out

@@ -12,10 +12,11 @@ from histodd_fed.atomic import atomic_write_bytes, atomic_write_json, atomic_wri
 from histodd_fed.federation.coordinator import StudyConfig, StudyOutcome
 from histodd_fed.runconfig import to_jsonable, write_run_config
 
-COLUMNS = ["source", "target", "transfer", "images", "patch_bal_acc", "patch_auc", "slide_acc", "slide_auc",
-           "fine_tune_s", "epochs", "bytes", "time_vs_full", "bytes_vs_full"]
+COLUMNS = ["source", "target", "transfer", "protocol", "images", "patch_bal_acc", "patch_auc", "slide_acc",
+           "slide_auc", "fine_tune_s", "received_s", "epochs", "bytes", "time_vs_full", "bytes_vs_full"]
 #: extra CSV columns (not in the printed table)
 CSV_EXTRA = ["patch_acc", "slide_bal_acc", "slide_acc_argmax", "slide_threshold", "slide_images", "train_total"]
+PROTOCOL_ORDER = {"union": 0, "sequential": 1, "received": 2}
 METRICS = [("patch_bal_acc", "patch balanced acc."), ("patch_auc", "patch AUC"),
            ("slide_acc", "slide accuracy"), ("slide_auc", "slide AUC")]
 
@@ -29,14 +30,19 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def table_rows(outcome: StudyOutcome) -> list[dict[str, Any]]:
-    """One flat row per (target, transfer kind): baseline first, then ipc ascending, then full.
+    """One flat row per (target, protocol, transfer kind): per protocol, baseline first, then ipc
+    ascending, then full.
 
-    ``time_vs_full`` / ``bytes_vs_full``: fine-tuning time and bytes relative to the Full row of
-    the same direction.
+    ``received_s``: seconds the target spent training on the received data ALONE (the received-only
+    phase of the "sequential" / "received" protocols: classifier + CLAM, the row's epochs). A
+    "union" row has no such phase; it shows the same row's value from another protocol of the study
+    when there is one (the same received sets, so the same cost). ``time_vs_full`` = ``received_s``
+    / the Full row's (same direction): the cost of the received data alone, relative to the source's
+    full real set (left empty when not measured). ``bytes_vs_full``: bytes relative to Full.
     """
     def order(r: dict[str, Any]) -> tuple:
         mode = r.get("mode")
-        return (r.get("target") or "", r.get("source") or "",
+        return (r.get("target") or "", PROTOCOL_ORDER.get(r.get("fine_tune_protocol"), 9), r.get("source") or "",
                 {"none": 0, "synthetic": 1, "coreset": 2, "full": 3}.get(mode, 4), r.get("ipc") or 0, r.get("name") or "")
 
     rows = []
@@ -49,21 +55,29 @@ def table_rows(outcome: StudyOutcome) -> list[dict[str, Any]]:
         elif mode == "synthetic" and short not in ("", f"ipc{r.get('ipc')}"):  # a distillation variant
             transfer = short
         rows.append({"source": r.get("source") or "-", "target": r.get("target"), "transfer": transfer,
+                     "protocol": r.get("fine_tune_protocol") or "-",
                      "images": r.get("images", 0), "patch_acc": r.get("patch_accuracy"),
                      "patch_bal_acc": r.get("patch_balanced_accuracy"), "patch_auc": r.get("patch_auc"),
                      "slide_acc": r.get("slide_accuracy"), "slide_auc": r.get("slide_auc"),
                      "slide_bal_acc": r.get("slide_balanced_accuracy"), "slide_images": r.get("slide_images"),
                      "slide_acc_argmax": r.get("slide_accuracy_argmax"), "slide_threshold": r.get("slide_threshold"),
-                     "fine_tune_s": r.get("fine_tune_seconds"), "epochs": r.get("epochs"),
-                     "bytes": r.get("bytes", 0), "train_total": r.get("train_total"),
+                     "fine_tune_s": r.get("fine_tune_seconds"), "received_s": r.get("received_seconds"),
+                     "epochs": r.get("epochs"), "bytes": r.get("bytes", 0), "train_total": r.get("train_total"),
                      "time_vs_full": None, "bytes_vs_full": None})
-    fulls = {(r["source"], r["target"]): r for r in rows if r["transfer"] == "Full"}
+    measured: dict[tuple, float] = {}
     for r in rows:
-        f = fulls.get((r["source"], r["target"]))
+        if r["received_s"] is not None:
+            measured.setdefault((r["source"], r["target"], r["transfer"]), float(r["received_s"]))
+    for r in rows:
+        if r["received_s"] is None and r["transfer"] != "no transfer":
+            r["received_s"] = measured.get((r["source"], r["target"], r["transfer"]))
+    fulls = {(r["source"], r["target"], r["protocol"]): r for r in rows if r["transfer"] == "Full"}
+    for r in rows:
+        f = fulls.get((r["source"], r["target"], r["protocol"]))
         if f is None or r["transfer"] == "no transfer":
             continue
-        if f.get("fine_tune_s"):
-            r["time_vs_full"] = round(float(r["fine_tune_s"] or 0) / float(f["fine_tune_s"]), 3)
+        if f.get("received_s") and r.get("received_s") is not None:
+            r["time_vs_full"] = round(float(r["received_s"]) / float(f["received_s"]), 3)
         if f.get("bytes"):
             r["bytes_vs_full"] = round(float(r["bytes"] or 0) / float(f["bytes"]), 4)
     return rows
@@ -76,7 +90,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
              f"patches (capped by the preset's max_train_patches)"
              for r in rows if r["transfer"] == "Full" and r.get("train_total") and r["train_total"] > r["images"]]
     if any(r.get("slide_threshold") is not None for r in rows):
-        shifted = [f"{r['transfer']} {_fmt(r['slide_acc_argmax'])} at 0.5 (threshold {_fmt(r['slide_threshold'])})"
+        shifted = [f"{r['transfer']} ({r['protocol']}) {_fmt(r['slide_acc_argmax'])} at 0.5 "
+                   f"(threshold {_fmt(r['slide_threshold'])})"
                    for r in rows if r.get("slide_threshold") is not None and abs(float(r["slide_threshold"]) - 0.5) > 1e-9]
         notes.append("slide_acc: tumour threshold calibrated on the target's own train slides, the same way for "
                      "every row" + (f"; uncalibrated: {', '.join(shifted)}" if shifted else " (0.5 kept everywhere)"))
@@ -104,8 +119,9 @@ def plot_png(rows: list[dict[str, Any]]) -> bytes:
     def val(v: Any) -> float:
         return float("nan") if v is None else float(v)
 
-    labels = [f"{r['source']}->{r['target']}\n{r['transfer']}" if r["source"] != "-" else f"{r['target']}\n{r['transfer']}"
-              for r in rows]
+    several = len({r["protocol"] for r in rows}) > 1
+    labels = [(f"{r['source']}->{r['target']}\n{r['transfer']}" if r["source"] != "-" else f"{r['target']}\n{r['transfer']}")
+              + (f"\n{r['protocol']}" if several else "") for r in rows]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(9, 2.2 * len(rows) + 3), 3.8), dpi=100,
                                   gridspec_kw={"width_ratios": [3, 2]})
     xs = np.arange(len(rows))
@@ -126,13 +142,14 @@ def plot_png(rows: list[dict[str, Any]]) -> bytes:
     rx = np.arange(len(rel))
     t = [val(r.get("time_vs_full")) for r in rel]
     b = [val(r.get("bytes_vs_full")) for r in rel]
-    ax2.bar(rx - 0.2, np.nan_to_num(t, nan=0.0), 0.4, label="fine-tune time / Full")
+    ax2.bar(rx - 0.2, np.nan_to_num(t, nan=0.0), 0.4, label="training on received data / Full")
     ax2.bar(rx + 0.2, np.nan_to_num(b, nan=0.0), 0.4, label="bytes sent / Full")
     for x, y in list(zip(rx - 0.2, t)) + list(zip(rx + 0.2, b)):
         if not np.isnan(y) and y > 0:
             ax2.text(x, y * 1.1, f"{y:.2g}", ha="center", va="bottom", fontsize=6)
     ax2.set_yscale("log")
-    ax2.set_xticks(rx, [f"{r['transfer']}\n{r['images']} img" for r in rel], fontsize=7)
+    ax2.set_xticks(rx, [f"{r['transfer']}\n{r['images']} img" + (f"\n{r['protocol']}" if several else "")
+                        for r in rel], fontsize=7)
     ax2.set_title("cost relative to Full (log)", fontsize=8)
     ax2.legend(fontsize=6)
     fig.tight_layout()

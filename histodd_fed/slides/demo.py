@@ -57,6 +57,8 @@ class DemoConfig:
     test_fraction: float = 0.3
     stain: StainPreset | None = None  # None: the centre's preset
     tumour_contrast: float = 1.0  # 1: the textbook tumour look; towards 0: tumour morphology fades into normal
+    tumour_size: float = 1.0  # scale of the tumour regions' radius (0.3: micrometastasis-sized foci)
+    tumour_regions: int = 3   # tumour slides get 1..tumour_regions regions
 
     def validate(self) -> None:
         if self.n_slides < 1:
@@ -69,6 +71,10 @@ class DemoConfig:
             raise ConfigError(f"test_fraction must be in [0, 1), got {self.test_fraction}")
         if not (0 < self.tumour_contrast <= 1.5):
             raise ConfigError(f"tumour_contrast must be in (0, 1.5], got {self.tumour_contrast}")
+        if not (0.05 <= self.tumour_size <= 1.5):
+            raise ConfigError(f"tumour_size must be in [0.05, 1.5], got {self.tumour_size}")
+        if not (isinstance(self.tumour_regions, int) and 1 <= self.tumour_regions <= 10):
+            raise ConfigError(f"tumour_regions must be an integer in [1, 10], got {self.tumour_regions!r}")
 
 
 @dataclass
@@ -156,12 +162,15 @@ def _sample_in(mask: np.ndarray, rng: np.random.Generator, n_expected: float) ->
 # --------------------------------------------------------------------------- one slide
 def render_demo_slide(rng: np.random.Generator, slide_id: str, label: str, preset: StainPreset,
                       width: int = 2048, height: int = 1536, mpp: float = 0.5,
-                      tumour_contrast: float = 1.0) -> DemoSlide:
+                      tumour_contrast: float = 1.0, tumour_size: float = 1.0,
+                      tumour_regions: int = 3) -> DemoSlide:
     """Render one H&E-like slide at level 0 (``label`` is ``normal`` or ``tumour``).
 
     ``tumour_contrast`` scales every way tumour differs from normal tissue (eosin loss, basophilic
     cytoplasm, nuclear density, size, irregularity and darkness): 1 is the default, clearly visible
     tumour; 0.3 makes tumour a subtle shift of the normal nuclei (a harder task at 32 px).
+    A tumour slide gets 1..``tumour_regions`` regions of radius ``tumour_size`` x 12-22% of the slide's
+    short side (1: macro-metastases; ~0.3: small foci, a harder slide-level task).
     """
     c = float(tumour_contrast)
 
@@ -189,8 +198,8 @@ def render_demo_slide(rng: np.random.Generator, slide_id: str, label: str, prese
     if label == "tumour":
         step = 8
         dist = distance_transform_edt(tissue[::step, ::step]) * step
-        for _ in range(int(rng.integers(1, 4))):
-            radius = rng.uniform(0.12, 0.22) * min(h, w)
+        for _ in range(int(rng.integers(1, int(tumour_regions) + 1))):
+            radius = rng.uniform(0.12, 0.22) * float(tumour_size) * min(h, w)
             ok = np.argwhere(dist > radius * 0.9)
             if len(ok) == 0:
                 ok = np.argwhere(dist >= dist.max() * 0.8)
@@ -274,7 +283,8 @@ def make_demo_centre(out_dir: str | Path, centre: str = "C1", n_slides: int = 10
                      width: int = 2048, height: int = 1536, mpp: float = 0.5,
                      downsamples: tuple[int, ...] = (1, 4, 16), tile: int = 256,
                      compression: str = "jpeg", quality: int = 90, test_fraction: float = 0.3,
-                     stain: StainPreset | None = None, tumour_contrast: float = 1.0) -> Path:
+                     stain: StainPreset | None = None, tumour_contrast: float = 1.0,
+                     tumour_size: float = 1.0, tumour_regions: int = 3) -> Path:
     """Write a simulated centre's demo slides to ``out_dir`` and return the ``slides.csv`` path.
 
     The directory is written atomically (temp + rename); an existing non-empty ``out_dir``
@@ -285,7 +295,8 @@ def make_demo_centre(out_dir: str | Path, centre: str = "C1", n_slides: int = 10
 
     cfg = DemoConfig(centre=centre, n_slides=n_slides, seed=seed, width=width, height=height, mpp=mpp,
                      downsamples=tuple(downsamples), tile=tile, compression=compression, quality=quality,
-                     test_fraction=test_fraction, stain=stain, tumour_contrast=tumour_contrast)
+                     test_fraction=test_fraction, stain=stain, tumour_contrast=tumour_contrast,
+                     tumour_size=tumour_size, tumour_regions=tumour_regions)
     cfg.validate()
     preset = stain or get_preset(centre)
     out_dir = Path(out_dir)
@@ -296,7 +307,8 @@ def make_demo_centre(out_dir: str | Path, centre: str = "C1", n_slides: int = 10
     with atomic_directory(out_dir) as tmp:
         for i, row in enumerate(progress(rows, desc=f"demo slides {centre}", unit="slide")):
             rng = np.random.default_rng([seed, centre_key, i])
-            s = render_demo_slide(rng, row["slide_id"], row["label"], preset, width, height, mpp, tumour_contrast)
+            s = render_demo_slide(rng, row["slide_id"], row["label"], preset, width, height, mpp, tumour_contrast,
+                                  tumour_size, tumour_regions)
             desc = f"histodd-fed demo slide {s.slide_id} centre={centre} label={s.label} mpp={mpp}"
             write_pyramid_tiff(tmp / "slides" / f"{s.slide_id}.tiff", s.rgb, mpp, downsamples, tile,
                                compression, quality, description=desc)
