@@ -26,6 +26,9 @@ def test_shipped_demo_config_is_data_poor_target():
 
     s = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())
     assert 0 < s["tumour_contrast"] < 1
-    rows = demo_slide_table(s["target"], s["slides"], s["per_centre"][s["target"]]["test_fraction"])
+    tgt = s["per_centre"][s["target"]]
+    rows = demo_slide_table(s["target"], tgt.get("slides", s["slides"]), tgt["test_fraction"])
     train = [r["label"] for r in rows if r["split"] == "train"]
     assert sorted(train) == ["normal", "tumour"]
+    assert sum(r["split"] == "test" for r in rows) >= 12       # enough test slides for slide AUC to mean something
+    assert 0 < tgt["tumour_size"] < 1                          # small tumour foci: a hard slide task

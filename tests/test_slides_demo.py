@@ -81,6 +81,22 @@ def test_tumour_contrast_makes_tumour_subtler():
         make_demo_centre("/nonexistent/never", "C1", n_slides=1, tumour_contrast=0.0)
 
 
+def test_tumour_size_shrinks_tumour_regions():
+    """``tumour_size`` scales the tumour regions' radius (small foci: a harder slide-level task)."""
+    def area(size: float, regions: int = 3) -> float:
+        s = render_demo_slide(np.random.default_rng(2), "t", "tumour", get_preset("C2"), 512, 384,
+                              tumour_size=size, tumour_regions=regions)
+        assert 1 <= len(s.polygons) <= regions
+        return float(sum(0.5 * abs(np.dot(p.points[:, 0], np.roll(p.points[:, 1], 1))
+                                   - np.dot(p.points[:, 1], np.roll(p.points[:, 0], 1))) for p in s.polygons))
+    assert area(0.5) < 0.4 * area(1.0)
+    assert len(render_demo_slide(np.random.default_rng(2), "t", "tumour", get_preset("C2"), 512, 384,
+                                 tumour_regions=1).polygons) == 1
+    for bad in ({"tumour_size": 0.0}, {"tumour_regions": 0}):
+        with pytest.raises(Exception, match=next(iter(bad))):
+            make_demo_centre("/nonexistent/never", "C1", n_slides=1, **bad)
+
+
 def test_annotation_files_parse_back_to_written_polygons(centre):
     rows = list(csv.DictReader(open(centre)))
     tumour_ids = [r["slide_id"] for r in rows if r["label"] == "tumour"]
