@@ -39,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from histodd_fed.formation import decode_set  # noqa: E402
 from histodd_fed.patchset import PatchSet, load_image_folder  # noqa: E402
 from histodd_fed.preprocess import ViewSpec, apply_view  # noqa: E402
 
@@ -96,6 +97,29 @@ RECIPES: dict[str, dict] = {
                         "momentum_img": 0.5, "privacy_step": 0.01},
     "dm_noise": {"objective": "distribution", "init": "noise", "pool_epochs": 0, "pool_size": 1, "net_steps": 0,
                  "outer_steps": 400, "inner_steps": 1, "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5},
+    # multi-formation (histodd_fed.formation): each stored 32 px image holds 2 x 2 tiles of 16 px, decoded
+    # into 4 training images: ipc 10's bytes, 40 training images per class
+    "dm_cmix_f2": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
+                   "pool_epochs": 0, "pool_size": 1, "net_steps": 0, "outer_steps": 400, "inner_steps": 1,
+                   "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5, "formation": 2},
+    "dm_cmix_km_f2": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
+                      "init_anchor": "kmeans", "pool_epochs": 0, "pool_size": 1, "net_steps": 0, "outer_steps": 400,
+                      "inner_steps": 1, "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5, "formation": 2},
+    "cmix4_f2_0": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
+                   "pool_epochs": 0, "pool_size": 1, "net_steps": 0, "outer_steps": 1, "inner_steps": 1,
+                   "lr_img": 1e-9, "formation": 2},
+    # DM as published samples a fresh random network every step; the recipes above reuse ONE untrained
+    # network (pool_size 1) for all 400 steps. pool_size 400: a different random initialisation per step.
+    "dm_cmix_p400": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
+                     "pool_epochs": 0, "pool_size": 400, "net_steps": 0, "outer_steps": 400, "inner_steps": 1,
+                     "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5},
+    "dm_cmix_km_p400": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
+                        "init_anchor": "kmeans", "pool_epochs": 0, "pool_size": 400, "net_steps": 0,
+                        "outer_steps": 400, "inner_steps": 1, "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5},
+    # IDM-style: networks trained briefly on the real patches (1 epoch each), 20 of them
+    "dm_cmix_p20e1": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
+                      "pool_epochs": 1, "pool_size": 20, "net_steps": 0, "outer_steps": 400, "inner_steps": 1,
+                      "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5},
     "mixture_pc": {"init": "mixture", "init_mix": 16, "outer_steps": 60, "inner_steps": 10, "lr_img": 0.03,
                    "lr_schedule": "cosine", "update": "per_class", "dsa_mode": "single"},
 }
@@ -130,12 +154,17 @@ def build(method: str, real: PatchSet, ipc: int, seed: int, work: Path, threads:
     t0 = time.perf_counter()
     if method == "full":
         return real, 0.0
-    if method in ("random", "herding"):
+    if method in ("random", "herding", "random_f2", "herding_f2"):
         from histodd_fed.coreset import CoresetConfig, build_coreset
 
-        cfg = CoresetConfig(method=method, ipc=ipc, seed=seed, arch="convnet", arch_kwargs={"width": 32, "depth": 3},
-                            feature_epochs=3)
-        return build_coreset(real, cfg, progress=False), time.perf_counter() - t0
+        base, _, f = method.partition("_f")
+        f = int(f or 1)
+        cfg = CoresetConfig(method=base, ipc=ipc * f * f, seed=seed, arch="convnet",
+                            arch_kwargs={"width": 32, "depth": 3}, feature_epochs=3)
+        core = build_coreset(real, cfg, progress=False)
+        if f > 1:   # the same storage as ipc real patches: 4 real patches at 16 px packed per stored image
+            core = packed(core, f)
+        return core, time.perf_counter() - t0
     from histodd_fed.distill import DistillConfig, run_distillation
 
     name, _, extra = method.partition("@")
@@ -156,6 +185,20 @@ def build(method: str, real: PatchSet, ipc: int, seed: int, work: Path, threads:
     return res.patchset, secs
 
 
+def packed(core: PatchSet, f: int) -> PatchSet:
+    """A coreset of ``ipc * f**2`` patches per class (class-sorted) as a multi-formation set of ``ipc``
+    stored images per class (histodd_fed.formation.encode): the storage-matched real baseline."""
+    import torch
+
+    from histodd_fed.formation import encode
+
+    order = np.argsort(core.labels, kind="stable")
+    x = torch.from_numpy(np.ascontiguousarray(core.images[order])).permute(0, 3, 1, 2).float()
+    y = encode(x, f).round().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return PatchSet(images=np.ascontiguousarray(y), labels=core.labels[order][::f * f], class_names=core.class_names,
+                    kind="coreset", meta={**core.meta, "formation": {"factor": f}})
+
+
 def evaluate(train: PatchSet, test: PatchSet, seeds: int, full: bool) -> dict:
     from histodd_fed.training.evaluation import evaluate_sets
 
@@ -170,10 +213,10 @@ def evaluate(train: PatchSet, test: PatchSet, seeds: int, full: bool) -> dict:
 
 def audit(syn: PatchSet, real: PatchSet, hold: PatchSet) -> dict:
     """The export gate's audit (configs/privacy.yaml as shipped) with the membership attack."""
-    from histodd_fed.privacy.audit import AuditConfig, run_audit
+    from histodd_fed.privacy.audit import AuditConfig, run_view_audits
 
     cfg = AuditConfig.from_yaml(ROOT / "configs" / "privacy.yaml")
-    rep = run_audit(syn, real, hold, cfg)
+    rep = run_view_audits(syn, real, hold, cfg)   # multi-formation sets: decoded images and tiles, worst decides
     mem = rep.memorisation.metrics
     out = {"passed": not rep.risks, "risks": list(rep.risks),
            "max_ssim": float(mem["ssim"].synthetic_nn.max()),
@@ -258,7 +301,7 @@ def main() -> None:
             row.update(evaluate(syn, test, args.eval_seeds, method == "full"))
             if method != "full" and not args.no_audit:
                 row["gate"] = audit(syn, real, hold)
-                row["gate"].update(tile_stats(syn, real))
+                row["gate"].update(tile_stats(decode_set(syn), real))
             with rec_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             g = row.get("gate") or {}

@@ -23,7 +23,8 @@ NON_RESULT_FIELDS = ("device", "checkpoint_every")
 #: so the caches and checkpoints of earlier runs stay valid.
 LATER_FIELDS = {"init_mix": 16, "init_grid": 2, "init_colour_pool": 0, "init_anchor": "random", "objective": "gradient", "update": "joint", "dsa_mode": "all", "lr_schedule": "constant",
                 "privacy_step": 0.0, "privacy_corr_percentile": 90.0, "privacy_l2_percentile": 10.0,
-                "privacy_topk": 4, "dp_noise": 0.0, "dp_clip": 1.0, "dp_delta": 1e-5}
+                "privacy_topk": 4, "dp_noise": 0.0, "dp_clip": 1.0, "dp_delta": 1e-5,
+                "formation": 1}
 
 
 @dataclass
@@ -54,6 +55,10 @@ class DistillConfig:
     #: arch/arch_kwargs default to ``model``/``model_kwargs``. Ignored (and left out of result keys) otherwise.
     init_coreset: dict[str, Any] = field(default_factory=dict)
     per_slide: bool = False                       #: m per class for every slide (for MIL)
+    #: multi-formation factor f (IDC, Kim et al. 2022; histodd_fed.formation): each stored image is an
+    #: f x f grid of (image_size / f)-px tiles, decoded into f**2 training images - same bytes, f**2 x the
+    #: images (distribution matching only; 1: off)
+    formation: int = 1
     # outer / inner loops
     outer_steps: int = 200                        #: K
     inner_steps: int = 100                        #: U
@@ -120,7 +125,7 @@ class DistillConfig:
         for n in ("image_size", "ipc", "outer_steps", "inner_steps", "lr_img", "batch_real", "pool_size",
                   "pool_lr", "pool_batch", "batch_net", "lr_net"):
             positive(n)
-        for n in ("init_mix", "init_grid", "privacy_topk"):
+        for n in ("init_mix", "init_grid", "privacy_topk", "formation"):
             positive(n)
         for n in ("pool_epochs", "alpha", "net_steps", "checkpoint_every", "momentum_img", "privacy_step",
                   "init_colour_pool"):
@@ -145,6 +150,18 @@ class DistillConfig:
                               f"{self.dp_clip}, {self.dp_delta})")
         if self.objective == "distribution" and self.dp_noise > 0:
             raise ConfigError("distill config: DP is implemented for gradient matching only (objective: gradient)")
+        if self.formation != 1:
+            if not isinstance(self.formation, int) or isinstance(self.formation, bool) or self.image_size % self.formation:
+                raise ConfigError(f"distill config: formation {self.formation!r} must be an int dividing image_size "
+                                  f"{self.image_size}")
+            why = [f"objective {self.objective!r} (needs distribution)" if self.objective != "distribution" else "",
+                   "privacy_step" if self.privacy_step else "", "per_slide" if self.per_slide else "",
+                   f"init {self.init!r}" if self.init == "herding" else ""]
+            why = [w for w in why if w]
+            if why:
+                raise ConfigError("distill config: multi-formation (formation > 1) is implemented for distribution "
+                                  "matching without the privacy term, per-slide sets or herding init; not with: "
+                                  + "; ".join(why))
         if self.dp_noise > 0:
             from histodd_fed.augment import build_augmentation
 

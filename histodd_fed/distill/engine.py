@@ -31,6 +31,8 @@ from histodd_fed.distill.matching import batched_matching_loss, class_matching_l
 from histodd_fed.distill.model_aug import augment_model, matched_weights
 from histodd_fed.distill.pool import build_model, get_pool
 from histodd_fed.errors import InputError
+from histodd_fed.formation import META_KEY as FORMATION_KEY
+from histodd_fed.formation import decode, encode
 from histodd_fed.logging_setup import progress as progress_bar
 from histodd_fed.patchset import PatchSet
 from histodd_fed.preprocess import ViewSpec, recorded_view, resize_images
@@ -98,9 +100,11 @@ def kmeans_anchors(feats: np.ndarray, k: int, rng: np.random.Generator, iters: i
 def _plan(real: PatchSet, config: DistillConfig, rng: np.random.Generator) -> list[list[Group]]:
     """Stages of groups; initial real images drawn without replacement when enough exist."""
 
+    n_init = config.ipc * config.formation ** 2   # training images per class (decoded, multi-formation)
+
     def group(label: int, slide: int, idx: np.ndarray) -> Group:
-        replace = len(idx) < config.ipc
-        init = rng.choice(idx, size=config.ipc, replace=replace)
+        replace = len(idx) < n_init
+        init = rng.choice(idx, size=n_init, replace=replace)
         g = Group(label, slide, idx, np.asarray(init, dtype=np.int64))
         if config.init in ("mixture", "mosaic"):
             n = min(config.init_mix if config.init == "mixture" else config.init_grid ** 2, len(idx))
@@ -110,16 +114,16 @@ def _plan(real: PatchSet, config: DistillConfig, rng: np.random.Generator) -> li
                 feats = colour_stats(real.images[idx])
                 rows = []
                 if config.init_anchor == "kmeans":   # one anchor per colour cluster of the class
-                    anchors = kmeans_anchors(feats, config.ipc, rng)
+                    anchors = kmeans_anchors(feats, n_init, rng)
                 else:
-                    anchors = rng.choice(len(idx), size=config.ipc, replace=len(idx) < config.ipc)
+                    anchors = rng.choice(len(idx), size=n_init, replace=len(idx) < n_init)
                 for a in anchors:
                     near = np.argsort(((feats - feats[a]) ** 2).sum(1))[1:config.init_colour_pool + 1]
                     rows.append(np.concatenate([[idx[a]], idx[rng.choice(near, size=n - 1, replace=len(near) < n - 1)]]))
                 g.mix_idx = np.stack(rows)
             else:
-                g.mix_idx = np.stack([rng.choice(idx, size=n, replace=False) for _ in range(config.ipc)])
-            g.init_idx = np.full(config.ipc, -1, dtype=np.int64)  # no single real patch is the start
+                g.mix_idx = np.stack([rng.choice(idx, size=n, replace=False) for _ in range(n_init)])
+            g.init_idx = np.full(n_init, -1, dtype=np.int64)  # no single real patch is the start
         return g
 
     if not config.per_slide:
@@ -286,10 +290,12 @@ def _dm_loss(net, stage: list[Group], x_syn, syn_st, offsets, x_real, real_stain
     if embed is None:
         raise InputError(f"distribution matching needs a network with a features() embedding, not {config.model}")
     total = torch.zeros((), device=x_syn.device)
+    f = config.formation
     for k, g in enumerate(stage):
         ridx = torch.from_numpy(_sample(g.real_idx, config.batch_real, rng)).to(x_real.device)
-        sl = slice(int(offsets[k]), int(offsets[k + 1]))
-        xr, xs = _siamese(aug, x_real[ridx], x_syn[sl], ridx, real_stains, syn_st, sl, gen)
+        xs = decode(x_syn[int(offsets[k]):int(offsets[k + 1])], f)      # the class's training images
+        sl = slice(int(offsets[k]) * f * f, int(offsets[k + 1]) * f * f)
+        xr, xs = _siamese(aug, x_real[ridx], xs, ridx, real_stains, syn_st, sl, gen)
         with torch.no_grad():
             er = embed(xr).flatten(1).mean(0)
         total = total + (er - embed(xs).flatten(1).mean(0)).pow(2).sum()
@@ -492,8 +498,8 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
             st = None if stain_ctx is None else ImageStains(
                 stain_ctx.template_matrix.to(device).expand(len(init), 3, 2).clone(),
                 stain_ctx.template_max_conc.to(device).expand(len(init), 2).clone())
-        syn.append(x0)
-        syn_stains.append(st)
+        syn.append(encode(x0, config.formation))   # multi-formation: f x f training images per stored image
+        syn_stains.append(st)                       # stains stay per training (decoded) image
     initial = [s.detach().cpu().clone() for s in syn]
     steps_per_stage = [config.outer_steps if not config.per_slide else (config.slide_outer_steps or config.outer_steps)
                        for _ in stages]
@@ -655,6 +661,7 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
         "stain_template": None if stain_ctx is None else stain_ctx.to_dict(),
         "view": view.to_dict(),
         "dp": _dp_meta(stages, config, done),
+        **({FORMATION_KEY: {"factor": config.formation}} if config.formation > 1 else {}),
         "init": config.init,
         "init_herding": herding_meta,
         "init_source_indices": [int(i) for stage in stages for g in stage for i in g.init_idx],

@@ -26,6 +26,7 @@ import numpy as np
 
 from histodd_fed.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from histodd_fed.errors import ConfigError, InputError
+from histodd_fed.formation import decode_set, formation_factor, tiles
 from histodd_fed.patchset import PatchSet
 from histodd_fed.preprocess import ViewSpec, apply_view, audit_views, recorded_view, resize_to
 from histodd_fed.privacy.classifier import TrainSpec
@@ -314,6 +315,7 @@ def run_audit(synthetic: PatchSet, real: PatchSet, holdout: PatchSet | None, con
     cfg = config or AuditConfig()
     cfg.validate()
     paths = paths or {}
+    synthetic = decode_set(synthetic)   # a multi-formation set is audited as the images it trains
     if len(synthetic) == 0:
         raise InputError(f"{paths.get('synthetic', 'synthetic set')}: no patches to audit")
     if len(real) < 2:
@@ -378,8 +380,10 @@ def audit_inputs(synthetic: PatchSet, real: PatchSet, holdout: PatchSet | None =
                          f"patches are {synthetic.image_size} px")
     have = recorded_view(real)
     if have is not None and not have.is_identity:
-        same = spec is not None and (have.source_size, have.crop, have.out_size) == (spec.source_size, spec.crop,
-                                                                                   spec.out_size)
+        # the same crop of the same patches: resizing them to the set's size is the set's view (a
+        # multi-formation set's tiles are smaller than the view their real patches were given in)
+        same = spec is not None and (have.source_size, have.crop or have.source_size) == (
+            spec.source_size, spec.crop or spec.source_size) and have.out_size >= spec.out_size
         if not same and (spec is not None and not spec.is_identity):
             raise InputError(f"{where}: patches are in view {have.describe()}, the set was made from "
                              f"{spec.describe()}; give the raw {spec.source_size}-px patches it came from")
@@ -414,12 +418,17 @@ def run_view_audits(synthetic: PatchSet, real: PatchSet, holdout: PatchSet | Non
     The worst view decides: a rule that fires in any view flags the set (its reasons carry the view
     when more than one was audited). ``out_dir`` receives the worst view's report.
     """
-    triples = audit_inputs(synthetic, real, holdout, paths)
+    # a multi-formation set (histodd_fed.formation) is audited twice: as the decoded training images, and
+    # as its small tiles against the real patches downscaled to the tiles' size (where a tile that copies a
+    # real patch at low resolution shows; upsampling blurs it out of the full-size comparison)
+    candidates = [decode_set(synthetic)] + ([tiles(synthetic)] if formation_factor(synthetic) > 1 else [])
+    triples = [(syn_c, v, real_v, hold_v) for syn_c in candidates
+               for v, real_v, hold_v in audit_inputs(syn_c, real, holdout, paths)]
     reports = []
-    for v, real_v, hold_v in triples:
+    for syn_c, v, real_v, hold_v in triples:
         if len(triples) > 1:
             log.info("auditing against the real patches in view %s", "as given" if v is None else v.describe())
-        rep = run_audit(synthetic, real_v, hold_v, config, encoder=encoder, paths=paths)
+        rep = run_audit(syn_c, real_v, hold_v, config, encoder=encoder, paths=paths)
         rep.view = None if v is None else v.to_dict()
         reports.append(rep)
     worst_i = max(range(len(reports)), key=lambda i: _severity(reports[i]))
@@ -432,5 +441,5 @@ def run_view_audits(synthetic: PatchSet, real: PatchSet, holdout: PatchSet | Non
             tagged += [f"{r} [real patches as {text}]" for r in reports[i].risks]
         worst.risks = tagged
     if out_dir is not None:
-        worst.write(out_dir, synthetic, triples[worst_i][1])
+        worst.write(out_dir, triples[worst_i][0], triples[worst_i][2])
     return worst

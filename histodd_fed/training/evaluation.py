@@ -10,6 +10,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from histodd_fed.errors import InputError
+from histodd_fed.formation import decode_set
 from histodd_fed.patchset import PatchSet
 from histodd_fed.training.device import resolve_device
 from histodd_fed.training.metrics import Metrics, compute_metrics
@@ -119,6 +120,7 @@ def evaluate_sets(train_sets: Mapping[str, PatchSet] | PatchSet, test: PatchSet,
     sets = {"train": train_sets} if isinstance(train_sets, PatchSet) else dict(train_sets)
     out: dict[str, SetEvaluation] = {}
     for name, ps in sets.items():
+        ps = decode_set(ps)   # a multi-formation set trains on its decoded images
         if ps.images.shape[1:] != test.images.shape[1:]:
             raise InputError(f"{name}: patch shape {ps.images.shape[1:]} differs from the test set's "
                              f"{test.images.shape[1:]}; resize one of them")
