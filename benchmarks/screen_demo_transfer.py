@@ -8,7 +8,10 @@ each protocol (``union``, ``sequential``; ``local_work._fine_tune_classifier``) 
 balanced accuracy / AUC on the target's test split, next to "no transfer" (own data only) and Full
 (the source's train split). A blocked recipe is still scored (marked), to see what the gate costs.
 
-    .venv/bin/python benchmarks/screen_demo_transfer.py DEMO_DIR [recipe,recipe,...] [--preset cpu]
+    .venv/bin/python benchmarks/screen_demo_transfer.py DEMO_DIR [recipe,recipe,...] [--preset=cpu]
+
+``control_noise``: 10 uniform-noise images per class instead of a distilled set (a control: what
+the extra fine-tuning steps do without any information from the source).
 
 Prints one line per recipe and protocol, and writes DEMO_DIR/screen-transfer.json.
 """
@@ -71,6 +74,17 @@ def main(argv: list[str]) -> int:
     score("no transfer", None, None, {})
     score("Full", p_src.train, None, {"images": len(p_src.train)})
     for name in names:
+        if name == "control_noise":  # 10 uniform-noise images per class: is a gain the data's or the extra steps'?
+            import numpy as np
+
+            from histodd_fed.patchset import PatchSet
+
+            rng = np.random.default_rng(0)
+            imgs = rng.integers(0, 256, (20, *p_src.train.images.shape[1:]), dtype=np.uint8)
+            noise = PatchSet(images=imgs, labels=np.repeat([0, 1], 10).astype(np.int64),
+                             class_names=list(p_src.train.class_names), kind="synthetic")
+            score(name, noise, None, {})
+            continue
         config, overrides = RECIPES[name]
         pre = preset if config is None else replace(preset, distill_config=config, distill_overrides=())
         pre = replace(pre, distill_overrides=tuple({**dict(pre.distill_overrides), **overrides}.items()))

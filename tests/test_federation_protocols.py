@@ -7,7 +7,7 @@ import pytest
 from histodd_fed.errors import ConfigError
 from histodd_fed.federation.coordinator import StudyOutcome
 from histodd_fed.federation.presets import get_preset
-from histodd_fed.federation.study import COLUMNS, csv_text, table_rows
+from histodd_fed.federation.study import COLUMNS, csv_text, markdown_table, table_rows
 
 
 def test_protocols_are_validated_and_receive_side_only():
@@ -51,6 +51,8 @@ def test_time_vs_full_is_the_received_only_cost():
     assert t["union", "Full"] == 1.0 and t["union", "no transfer"] is None
     assert {r["bytes_vs_full"] for r in out if r["transfer"] == "ipc 10"} == {0.05}
     assert csv_text(out).splitlines()[0].split(",")[: len(COLUMNS)] == COLUMNS
+    md = markdown_table([dict(r, train_total=619) for r in out])
+    assert md.count("Note: Full C1->C2: 600 of the source's 619") == 1 and md.count("Note: received_s:") == 1
 
 
 def test_time_vs_full_is_left_empty_when_not_measured():

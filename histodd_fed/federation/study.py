@@ -86,9 +86,14 @@ def table_rows(outcome: StudyOutcome) -> list[dict[str, Any]]:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = "| " + " | ".join(COLUMNS) + " |\n|" + "|".join("---" for _ in COLUMNS) + "|\n"
     body = "".join("| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |\n" for r in rows)
-    notes = [f"Full {r['source']}->{r['target']}: {r['images']} of the source's {r['train_total']} real train "
-             f"patches (capped by the preset's max_train_patches)"
-             for r in rows if r["transfer"] == "Full" and r.get("train_total") and r["train_total"] > r["images"]]
+    notes = list(dict.fromkeys(  # once per direction, however many protocols
+        f"Full {r['source']}->{r['target']}: {r['images']} of the source's {r['train_total']} real train "
+        f"patches (capped by the preset's max_train_patches)"
+        for r in rows if r["transfer"] == "Full" and r.get("train_total") and r["train_total"] > r["images"]))
+    if any(r.get("received_s") is not None for r in rows):
+        notes.append("received_s: seconds of training on the received data alone (the sequential protocol's "
+                     "first phase, classifier + CLAM; a union row shows the same received sets' value); "
+                     "time_vs_full = received_s / Full's")
     if any(r.get("slide_threshold") is not None for r in rows):
         shifted = [f"{r['transfer']} ({r['protocol']}) {_fmt(r['slide_acc_argmax'])} at 0.5 "
                    f"(threshold {_fmt(r['slide_threshold'])})"
