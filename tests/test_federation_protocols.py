@@ -59,3 +59,18 @@ def test_time_vs_full_is_left_empty_when_not_measured():
     out = table_rows(StudyOutcome(rows=[_row("union", "synthetic", ipc=10), _row("union", "full")]))
     assert [r["time_vs_full"] for r in out] == [None, None]
     assert [r["bytes_vs_full"] for r in out] == [1.0, 1.0]
+
+
+def test_demo_preset_distils_with_the_pinned_gate_passing_recipe():
+    """cpu (the demo): DM from colour-coherent mixtures + the privacy term, pinned; cpu-gm keeps the old one."""
+    from pathlib import Path
+
+    from histodd_fed.distill.config import DistillConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    o = dict(get_preset("cpu").distill_overrides)
+    assert (o["objective"], o["init"], o["init_anchor"], o["privacy_step"]) == ("distribution", "mixture", "kmeans", 0.1)
+    cfg = DistillConfig.from_yaml(repo / get_preset("cpu").distill_config, **o)   # a valid config
+    assert cfg.outer_steps == 400 and cfg.pool_epochs == 0
+    assert dict(get_preset("cpu-gm").distill_overrides)["init"] == "real"
+    assert get_preset("cpu-gm").prepare_dict() != get_preset("cpu").prepare_dict()
