@@ -116,6 +116,17 @@ RECIPES: dict[str, dict] = {
     "dm_cmix_km_p400": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
                         "init_anchor": "kmeans", "pool_epochs": 0, "pool_size": 400, "net_steps": 0,
                         "outer_steps": 400, "inner_steps": 1, "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5},
+    "dm_cmix_p1000": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
+                      "pool_epochs": 0, "pool_size": 1000, "net_steps": 0, "outer_steps": 1000, "inner_steps": 1,
+                      "batch_real": 256, "lr_img": 1.0, "momentum_img": 0.5},
+    "dm_cmix2": {"objective": "distribution", "init": "mixture", "init_mix": 2, "init_colour_pool": 16,
+                 "pool_epochs": 0, "pool_size": 1, "net_steps": 0, "outer_steps": 400, "inner_steps": 1,
+                 "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5},
+    # DM from colour-coherent 2 x 2 mosaics (quadrants of 4 colour-near real patches: real morphology at
+    # 16 px, no real patch's layout; the gate passes mosaics, the tile-corr column shows the quadrant copying)
+    "dm_cmosaic": {"objective": "distribution", "init": "mosaic", "init_colour_pool": 16, "pool_epochs": 0,
+                   "pool_size": 1, "net_steps": 0, "outer_steps": 400, "inner_steps": 1, "batch_real": 128,
+                   "lr_img": 1.0, "momentum_img": 0.5},
     # IDM-style: networks trained briefly on the real patches (1 epoch each), 20 of them
     "dm_cmix_p20e1": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
                       "pool_epochs": 1, "pool_size": 20, "net_steps": 0, "outer_steps": 400, "inner_steps": 1,
@@ -264,6 +275,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--split", choices=("tune", "valid"), default="tune")
     ap.add_argument("--methods", default="random,herding,histodd,full")
+    ap.add_argument("--split-seed", type=int, default=0,
+                    help="seed of the tune split of train (rows record split 'tune' for 0, 'tuneS' otherwise)")
     ap.add_argument("--ipc", type=int, default=10)
     ap.add_argument("--set-seeds", default="0,1,2")
     ap.add_argument("--eval-seeds", type=int, default=3)
@@ -285,18 +298,19 @@ def main() -> None:
             r = json.loads(line)
             done.add((r["method"], r["ipc"], r["set_seed"], r["split"]))
     t0 = time.perf_counter()
-    real_raw, test_raw, hold_raw = load_split(args.split)
+    real_raw, test_raw, hold_raw = load_split(args.split, args.split_seed)
+    split = args.split if args.split_seed == 0 else f"{args.split}{args.split_seed}"
     real, test, hold = (apply_view(p, VIEW) for p in (real_raw, test_raw, hold_raw))
-    print(f"[frontier] split {args.split}: distil-from {len(real)} test {len(test)} non-members {len(hold)} "
+    print(f"[frontier] split {split}: distil-from {len(real)} test {len(test)} non-members {len(hold)} "
           f"({VIEW.describe()}), loaded in {time.perf_counter() - t0:.0f}s", flush=True)
     for method in args.methods.split(","):
         seeds = [0] if method == "full" else [int(s) for s in args.set_seeds.split(",")]
         for seed in seeds:
-            key = (method, args.ipc, seed, args.split)
+            key = (method, args.ipc, seed, split)
             if key in done:
                 continue
             syn, secs = build(method, real, args.ipc, seed, args.out / "work", args.threads)
-            row = {"method": method, "ipc": args.ipc, "set_seed": seed, "split": args.split, "n_real": len(real),
+            row = {"method": method, "ipc": args.ipc, "set_seed": seed, "split": split, "n_real": len(real),
                    "n_train": len(syn), "build_seconds": round(secs, 1)}
             row.update(evaluate(syn, test, args.eval_seeds, method == "full"))
             if method != "full" and not args.no_audit:
@@ -306,7 +320,7 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
             g = row.get("gate") or {}
             print(f"[frontier] {method} ipc {args.ipc} seed {seed}: acc {row['accuracy_mean']:.4f} auc "
-                  f"{row['auc_mean']:.4f} build {secs:.0f}s gate {'pass' if g.get('passed') else 'BLOCK'} "
+                  f"{row['auc_mean']:.4f} build {secs:.0f}s gate {'-' if not g else 'pass' if g.get('passed') else 'BLOCK'} "
                   f"ssim {g.get('max_ssim', math.nan):.3f} struct {g.get('max_structure', math.nan):.3f}/"
                   f"{g.get('structure_line', math.nan):.3f} l2 {g.get('min_l2', math.nan):.4f}/"
                   f"{g.get('l2_line', math.nan):.4f} mia {g.get('mia_auc')} tile {g.get('tile_corr', math.nan):.3f}/"

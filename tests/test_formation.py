@@ -125,3 +125,13 @@ def test_check_export_decodes_before_auditing():
     d = check_export(syn, real, fast_config(), raise_on_block=False)
     texts = {v["view_text"] for v in d.to_dict()["views"]}
     assert any("resize 16" in t for t in texts) and any(t.endswith("centre crop 32") for t in texts)
+
+
+def test_a_target_centre_trains_on_the_decoded_images_of_a_received_multi_formation_set():
+    from histodd_fed.federation.local_work import prepare_received
+    from histodd_fed.federation.presets import get_preset
+
+    syn = packed(torch.rand(8, 3, 32, 32), np.array([0, 0, 0, 0, 1, 1, 1, 1]), {"view": CROP.to_dict()})
+    got, info = prepare_received(syn, None, get_preset("tiny"))
+    assert len(got) == 8 and got.labels.tolist() == [0] * 4 + [1] * 4
+    assert got.meta["decoded_from"] == {"factor": 2, "stored_images": 2}

@@ -26,6 +26,7 @@ from histodd_fed.atomic import atomic_write_json
 from histodd_fed.errors import ConfigError, InputError
 from histodd_fed.federation.centre import CentreConfig
 from histodd_fed.federation.presets import CentrePreset
+from histodd_fed.formation import decode_set
 from histodd_fed.patchset import PatchSet
 from histodd_fed.preprocess import resize_to
 from histodd_fed.runconfig import config_hash, write_run_config
@@ -518,8 +519,9 @@ def _fine_tune_classifier(prepared: Prepared, preset: CentrePreset, received: Pa
 
 
 def prepare_received(received: PatchSet, prepared: Prepared, preset: CentrePreset) -> tuple[PatchSet, dict[str, Any]]:
-    """Received set at the model input size, stain-normalised to the target when the preset says so."""
-    received = resize_to(received, preset.image_size)
+    """Received set at the model input size, stain-normalised to the target when the preset says so
+    (a multi-formation set is first decoded into the images it trains, histodd_fed.formation)."""
+    received = resize_to(decode_set(received), preset.image_size)
     if preset.stain_normalise_inputs:  # every input to the reference stains (evaluation-side ablation)
         return normalise_to_reference(received, received)
     if preset.stain_normalise_received:
