@@ -127,6 +127,11 @@ RECIPES: dict[str, dict] = {
     "dm_cmosaic": {"objective": "distribution", "init": "mosaic", "init_colour_pool": 16, "pool_epochs": 0,
                    "pool_size": 1, "net_steps": 0, "outer_steps": 400, "inner_steps": 1, "batch_real": 128,
                    "lr_img": 1.0, "momentum_img": 0.5},
+    # best of 5 (histodd_fed.distill.select): 5 candidate sets of dm_cmix2 from all but 500 patches per class,
+    # the one that trains best on those 500 / class kept (the centre's own held-out patches; never test/valid)
+    "dm_cmix2_best5": {"objective": "distribution", "init": "mixture", "init_mix": 2, "init_colour_pool": 16,
+                       "pool_epochs": 0, "pool_size": 1, "net_steps": 0, "outer_steps": 400, "inner_steps": 1,
+                       "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5, "candidates": 5},
     # IDM-style: networks trained briefly on the real patches (1 epoch each), 20 of them
     "dm_cmix_p20e1": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
                       "pool_epochs": 1, "pool_size": 20, "net_steps": 0, "outer_steps": 400, "inner_steps": 1,

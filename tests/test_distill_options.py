@@ -142,3 +142,31 @@ def test_distribution_matching_moves_images_and_lowers_its_loss():
     assert curve[-1] < curve[0]
     with pytest.raises(ConfigError, match="gradient matching only"):
         DistillConfig.from_yaml(TINY, objective="distribution", **DP)
+
+
+def test_best_of_k_keeps_the_candidate_that_trains_best_on_held_out_patches():
+    real = toy_set(20)
+    cfg = DistillConfig.from_yaml(TINY, objective="distribution", pool_epochs=0, net_steps=0, outer_steps=2,
+                                  inner_steps=1, lr_img=0.1, augmentation="none", batch_real=8, init="mixture",
+                                  init_mix=2, candidates=3, candidate_holdout=4, candidate_epochs=2,
+                                  candidate_eval_seeds=1, candidate_augmentation="flip")
+    res = run_distillation(real, cfg, progress=False)
+    sel = res.patchset.meta["selection"]
+    accs = [c["heldout_accuracy"] for c in sel["candidates"]]
+    assert len(accs) == 3 and [c["seed"] for c in sel["candidates"]] == [0, 1, 2]
+    assert sel["candidates"][sel["chosen"]]["heldout_accuracy"] == max(accs)
+    assert sel["heldout_images"] == 4 * real.num_classes
+    assert res.patchset.meta["config"]["candidates"] == 3
+    # the chosen set is exactly that candidate's own run
+    single = run_distillation(real.subset(np.sort(np.setdiff1d(np.arange(len(real)), _held(real, cfg)))),
+                              DistillConfig.from_dict({**cfg.to_dict(), "candidates": 1,
+                                                       "seed": sel["chosen_seed"]}), progress=False)
+    assert np.array_equal(single.patchset.images, res.patchset.images)
+    with pytest.raises(ConfigError, match="per_slide"):
+        DistillConfig.from_yaml(TINY, candidates=2, per_slide=True)
+
+
+def _held(real, cfg):
+    from histodd_fed.distill.select import holdout_split
+
+    return holdout_split(real, cfg.candidate_holdout, cfg.seed)[1]

@@ -24,7 +24,8 @@ NON_RESULT_FIELDS = ("device", "checkpoint_every")
 LATER_FIELDS = {"init_mix": 16, "init_grid": 2, "init_colour_pool": 0, "init_anchor": "random", "objective": "gradient", "update": "joint", "dsa_mode": "all", "lr_schedule": "constant",
                 "privacy_step": 0.0, "privacy_corr_percentile": 90.0, "privacy_l2_percentile": 10.0,
                 "privacy_topk": 4, "dp_noise": 0.0, "dp_clip": 1.0, "dp_delta": 1e-5,
-                "formation": 1}
+                "formation": 1, "candidates": 1, "candidate_holdout": 500, "candidate_epochs": 200,
+                "candidate_eval_seeds": 2, "candidate_augmentation": "flip_rotate"}
 
 
 @dataclass
@@ -108,6 +109,14 @@ class DistillConfig:
     #: class loop on CPU), no second-order network gradients; same random draws as ``reference`` (the
     #: plain per-class loop), equal to float rounding. Batch-norm networks always use ``reference``.
     matching: str = "fast"
+    # best of K (histodd_fed.distill.select): distil ``candidates`` sets (seeds seed*1000+k) from all but
+    # ``candidate_holdout`` patches per class, train a fresh ``model`` on each (``candidate_epochs``,
+    # ``candidate_augmentation``, ``candidate_eval_seeds`` seeds), keep the best on the held-out patches
+    candidates: int = 1
+    candidate_holdout: int = 500
+    candidate_epochs: int = 200
+    candidate_eval_seeds: int = 2
+    candidate_augmentation: str = "flip_rotate"
     # run
     seed: int = 0
     device: str = "auto"                          #: auto | cpu | cuda | cuda:N
@@ -125,7 +134,8 @@ class DistillConfig:
         for n in ("image_size", "ipc", "outer_steps", "inner_steps", "lr_img", "batch_real", "pool_size",
                   "pool_lr", "pool_batch", "batch_net", "lr_net"):
             positive(n)
-        for n in ("init_mix", "init_grid", "privacy_topk", "formation"):
+        for n in ("init_mix", "init_grid", "privacy_topk", "formation", "candidates", "candidate_holdout",
+                  "candidate_epochs", "candidate_eval_seeds"):
             positive(n)
         for n in ("pool_epochs", "alpha", "net_steps", "checkpoint_every", "momentum_img", "privacy_step",
                   "init_colour_pool"):
@@ -162,6 +172,16 @@ class DistillConfig:
                 raise ConfigError("distill config: multi-formation (formation > 1) is implemented for distribution "
                                   "matching without the privacy term, per-slide sets or herding init; not with: "
                                   + "; ".join(why))
+        if self.candidates > 1:
+            if self.per_slide:
+                raise ConfigError("distill config: best-of-K selection (candidates > 1) is for patch-level sets, "
+                                  "not per_slide")
+            if self.dp_noise > 0:
+                raise ConfigError("distill config: best-of-K selection reads held-out real patches; it would void "
+                                  "the DP guarantee (dp_noise > 0): set candidates: 1")
+            from histodd_fed.augment import parse_strategy as _parse
+
+            _parse(self.candidate_augmentation)
         if self.dp_noise > 0:
             from histodd_fed.augment import build_augmentation
 

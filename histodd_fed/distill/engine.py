@@ -440,6 +440,12 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
     config.validate()
     if len(real) == 0:
         raise InputError("distill: the real patch set is empty")
+    if config.candidates > 1:   # best of K on the centre's own held-out patches (histodd_fed.distill.select)
+        if stop_after_steps is not None:
+            raise InputError("distill: stop_after_steps is for single runs; best-of-K runs resume per candidate")
+        from histodd_fed.distill.select import run_best_of
+
+        return run_best_of(real, config, work_dir, progress, resume=resume)
     device = resolve_device(config.device)
     src_hash = data_hash(real)
     cfg_hash = config_hash(config.result_dict())
