@@ -170,6 +170,24 @@ def build(method: str, real: PatchSet, ipc: int, seed: int, work: Path, threads:
     t0 = time.perf_counter()
     if method == "full":
         return real, 0.0
+    if method in ("random_best5", "herding_best5"):   # the same best-of-5 selection as the DM recipe's, on real coresets
+        from histodd_fed.coreset import CoresetConfig, build_coreset
+        from histodd_fed.distill.select import holdout_split
+        from histodd_fed.training.evaluation import evaluate_sets
+
+        keep, hold = holdout_split(real, 500, seed)
+        source, held = real.subset(keep), real.subset(hold)
+        best, best_acc = None, -1.0
+        for k in range(5):
+            cfg = CoresetConfig(method=method.split("_")[0], ipc=ipc, seed=seed * 1000 + k, arch="convnet",
+                                arch_kwargs={"width": 32, "depth": 3}, feature_epochs=3)
+            core = build_coreset(source, cfg, progress=False)
+            ev = evaluate_sets({"c": core}, held, "convnet", seeds=2, epochs=200, augmentation="flip_rotate",
+                               arch_kwargs={"width": 32, "depth": 3}, progress=False)["c"]
+            acc = float(ev.summary()["accuracy_mean"])
+            if acc > best_acc:
+                best, best_acc = core, acc
+        return best, time.perf_counter() - t0
     if method in ("random", "herding", "random_f2", "herding_f2"):
         from histodd_fed.coreset import CoresetConfig, build_coreset
 

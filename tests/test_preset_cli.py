@@ -51,6 +51,7 @@ def test_preset_pcam_loads_and_validates(tmp_path):
     p = load_preset("pcam")
     assert p.view == CROP and p.eval.arch == "convnet" and p.eval.augmentation == "flip_rotate"
     assert p.distill_config().image_size == 32 and p.distill_config(ipc=3).ipc == 3
+    assert p.distill_config().candidates == 5 and p.distill_config(candidates=1).candidates == 1
     assert p.coreset_config(method="herding", ipc=2).arch == "convnet"
     with pytest.raises(InputError, match="no such preset"):
         load_preset("nope")
@@ -66,7 +67,7 @@ def test_commands_that_must_work(tmp_path, data):
     # distill: the preset's view and recipe, explicit flags override it (tiny run; noise init so the
     # set is not a copy of real patches and the gate lets it through)
     ok("-q", "distill", "--patches", train, "--preset", "pcam", "--ipc", 2, "--outer-steps", 1, "--inner-steps", 1,
-       "--init", "noise", "--out", S)
+       "--init", "noise", "--candidates", 1, "--out", S)   # one set (best-of-5: tests/test_distill_options.py)
     syn = PatchSet.load(S)
     assert syn.image_size == 32 and syn.class_counts() == {"normal": 2, "tumour": 2}
     assert recorded_view(syn) == CROP and syn.meta["preset"] == "pcam"

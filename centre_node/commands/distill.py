@@ -45,6 +45,9 @@ def distill_command(
     per_slide: Optional[bool] = typer.Option(None, "--per-slide/--per-class", help="Slide-level mode (for MIL)."),
     init: Optional[str] = typer.Option(None, "--init", help="real (paper) | noise | herding (start from the herding coreset)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    candidates: Optional[int] = typer.Option(None, "--candidates",
+                                             help="Best of K: distil K candidate sets from all but a held-out part of "
+                                                  "the patches and keep the one that trains best on it (1: off)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda."),
     split: str = typer.Option("train", "--split", help="Slide split to distil when the store has one."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Pool cache + checkpoints (default: OUT.work)."),
@@ -69,7 +72,8 @@ def distill_command(
 
     cfg_path = config if config is not None else REPO_CONFIGS / "distill-cpu.yaml"
     overrides = dict(ipc=ipc, outer_steps=outer_steps, inner_steps=inner_steps, lr_img=lr_img, model=model,
-                     image_size=image_size, per_slide=per_slide, init=init, seed=seed, device=device)
+                     image_size=image_size, per_slide=per_slide, init=init, seed=seed, device=device,
+                     candidates=candidates)
     pre = None
     if preset is not None:
         from histodd_fed.preset import load_preset
@@ -128,5 +132,10 @@ def distill_command(
     typer.echo(f"wrote {len(syn)} synthetic patches {syn.class_counts()} to {out} "
                f"(pool {t['pool_s']:.1f}s{' cached' if syn.meta['pool']['reused'] else ''}, "
                f"matching {t['matching_s']:.1f}s, total {t['total_s']:.1f}s)")
+    sel = syn.meta.get("selection")
+    if sel:
+        accs = ", ".join(f"{c['heldout_accuracy']:.3f}" for c in sel["candidates"])
+        typer.echo(f"best of {len(sel['candidates'])}: kept candidate {sel['chosen']} (held-out accuracy {accs} on "
+                   f"{sel['heldout_images']} of the centre's own patches, {sel['seconds']:.0f}s in all)")
     if not syn.meta["complete"]:
         typer.echo("warning: distillation incomplete", err=True)

@@ -126,7 +126,8 @@ class CentrePreset:
         return d
 
 
-#: distribution matching from colour-coherent mixtures (= configs/preset-pcam.yaml's `distill:`, pinned)
+#: distribution matching from colour-coherent mixtures (configs/preset-pcam.yaml's `distill:` of session 3:
+#: mixtures of 4, k-means anchors, one set; pinned, so the demo and pcam-c17 tables do not drift with it)
 DEMO_DM_RECIPE: tuple[tuple[str, Any], ...] = (
     ("objective", "distribution"), ("init", "mixture"), ("init_mix", 4), ("init_colour_pool", 16),
     ("init_anchor", "kmeans"), ("outer_steps", 400), ("inner_steps", 1), ("lr_img", 1.0), ("momentum_img", 0.5),
@@ -172,16 +173,16 @@ PRESETS: dict[str, CentrePreset] = {
 # colour-coherent mixtures, no privacy term; docs/results.md "Transfer study: demo"): blocked by C1's
 # gate on demo seeds 0 and 102
 PRESETS["cpu-dm"] = replace(PRESETS["cpu"], name="cpu-dm", distill_config="configs/preset-pcam.yaml",
-                            distill_overrides=(("checkpoint_every", 0),))
+                            distill_overrides=DEMO_DM_RECIPE)
 # the cpu preset's recipe before issue 12 (gradient matching, init real, lr_img 1.0), to re-run old tables
 PRESETS["cpu-gm"] = replace(PRESETS["cpu"], name="cpu-gm", distill_overrides=DEMO_GM_RECIPE)
 # pcam-c17 (docs/results.md "Transfer study: PCam x Camelyon17"): patch-store centres of real PCam
 # tissue; the central 32 px of each 96 px patch (PCam's label region), distillation with the
-# `--preset pcam` recipe (the `distill:` section of configs/preset-pcam.yaml: distribution matching
-# from colour-coherent mixtures, gate-passing), 600 source train patches (as the demo). No slides: no MIL.
+# session-3 `--preset pcam` recipe (DEMO_DM_RECIPE: distribution matching from colour-coherent mixtures,
+# gate-passing; pinned so its tables stay reproducible), 600 source train patches (as the demo). No MIL.
 PRESETS["pcam-c17"] = replace(
     PRESETS["cpu"], name="pcam-c17", crop_center=32, distill_config="configs/preset-pcam.yaml",
-    distill_overrides=(("checkpoint_every", 0),), also_protocols=())   # union only, as its tables
+    distill_overrides=DEMO_DM_RECIPE, also_protocols=())   # union only, as its tables
 # the recipe the first pcam-c17 runs used (gradient matching from real patches moved far: lr_img 1.0,
 # 30 x 5 steps, as the cpu preset); kept to re-run those tables
 PRESETS["pcam-c17-gm"] = replace(
