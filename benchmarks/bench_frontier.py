@@ -387,7 +387,7 @@ def table(rec_path: Path, out: Path) -> None:
     stats = [("max_ssim", "max SSIM to a real patch", None), ("max_structure", "max structure correlation",
                                                               "structure_line"), ("mia_auc", "membership AUC", None)]
     methods = sorted({m for _, m, _ in pts})
-    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    colours = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
     full = [r for _, m, r in pts if m == "full"]
     for ax, (k, label, line_key) in zip(axes, stats):
         for _, m, r in pts:
