@@ -132,6 +132,9 @@ RECIPES: dict[str, dict] = {
     "dm_cmix2_best5": {"objective": "distribution", "init": "mixture", "init_mix": 2, "init_colour_pool": 16,
                        "pool_epochs": 0, "pool_size": 1, "net_steps": 0, "outer_steps": 400, "inner_steps": 1,
                        "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5, "candidates": 5},
+    "dm_cmix_best5": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
+                      "pool_epochs": 0, "pool_size": 1, "net_steps": 0, "outer_steps": 400, "inner_steps": 1,
+                      "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5, "candidates": 5},
     # IDM-style: networks trained briefly on the real patches (1 epoch each), 20 of them
     "dm_cmix_p20e1": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
                       "pool_epochs": 1, "pool_size": 20, "net_steps": 0, "outer_steps": 400, "inner_steps": 1,
