@@ -39,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from histodd_fed.formation import decode_set  # noqa: E402
+from histodd_fed.formation import decode_set, pack_set  # noqa: E402
 from histodd_fed.patchset import PatchSet, load_image_folder  # noqa: E402
 from histodd_fed.preprocess import ViewSpec, apply_view  # noqa: E402
 
@@ -57,6 +57,12 @@ BASE = {"model": "convnet", "model_kwargs": {"width": 32, "depth": 3}, "image_si
         "lr_net": 0.01, "batch_net": 64, "augmentation": "crop_cutout_flip_scale_rotate", "checkpoint_every": 0}
 
 #: Histo-DD recipes: overrides of BASE. Every one tried goes into docs/pcam-tuning.md.
+#: distribution matching (DM) on one untrained network, no network steps, from colour-coherent mixtures of
+#: 4 (mean of a random anchor and 3 of its 16 colour-nearest patches): the base of the dm_* recipes below
+DM = {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16, "pool_epochs": 0,
+      "pool_size": 1, "net_steps": 0, "outer_steps": 400, "inner_steps": 1, "batch_real": 128, "lr_img": 1.0,
+      "momentum_img": 0.5}
+
 RECIPES: dict[str, dict] = {
     "histodd": {},
     "noise_long": {"init": "noise", "outer_steps": 100, "inner_steps": 10, "lr_img": 0.03, "lr_schedule": "cosine"},
@@ -79,49 +85,26 @@ RECIPES: dict[str, dict] = {
     "cmix4_0": {"init": "mixture", "init_mix": 4, "init_colour_pool": 16, "outer_steps": 1, "inner_steps": 1,
                 "lr_img": 1e-9},
     # distribution matching (DM) on untrained networks, no network steps
-    "dm_cmix": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
-                "pool_epochs": 0, "pool_size": 1, "net_steps": 0, "outer_steps": 400, "inner_steps": 1,
-                "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5},
-    "dm_cmix_long": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
-                     "pool_epochs": 0, "pool_size": 1, "net_steps": 0, "outer_steps": 1200, "inner_steps": 1,
-                     "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5},
-    "dm_cmix8": {"objective": "distribution", "init": "mixture", "init_mix": 8, "init_colour_pool": 32,
-                 "pool_epochs": 0, "pool_size": 1, "net_steps": 0, "outer_steps": 400, "inner_steps": 1,
-                 "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5},
-    "dm_cmix_km": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
-                   "init_anchor": "kmeans", "pool_epochs": 0, "pool_size": 1, "net_steps": 0, "outer_steps": 400,
-                   "inner_steps": 1, "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5},
-    "dm_cmix_km_priv": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
-                        "init_anchor": "kmeans", "pool_epochs": 0, "pool_size": 1, "net_steps": 0,
-                        "outer_steps": 400, "inner_steps": 1, "batch_real": 128, "lr_img": 1.0,
-                        "momentum_img": 0.5, "privacy_step": 0.01},
+    "dm_cmix": {**DM},
+    "dm_cmix_long": {**DM, "outer_steps": 1200},
+    "dm_cmix8": {**DM, "init_mix": 8, "init_colour_pool": 32},
+    "dm_cmix_km": {**DM, "init_anchor": "kmeans"},
+    "dm_cmix_km_priv": {**DM, "init_anchor": "kmeans", "privacy_step": 0.01},
     "dm_noise": {"objective": "distribution", "init": "noise", "pool_epochs": 0, "pool_size": 1, "net_steps": 0,
                  "outer_steps": 400, "inner_steps": 1, "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5},
     # multi-formation (histodd_fed.formation): each stored 32 px image holds 2 x 2 tiles of 16 px, decoded
     # into 4 training images: ipc 10's bytes, 40 training images per class
-    "dm_cmix_f2": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
-                   "pool_epochs": 0, "pool_size": 1, "net_steps": 0, "outer_steps": 400, "inner_steps": 1,
-                   "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5, "formation": 2},
-    "dm_cmix_km_f2": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
-                      "init_anchor": "kmeans", "pool_epochs": 0, "pool_size": 1, "net_steps": 0, "outer_steps": 400,
-                      "inner_steps": 1, "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5, "formation": 2},
+    "dm_cmix_f2": {**DM, "formation": 2},
+    "dm_cmix_km_f2": {**DM, "init_anchor": "kmeans", "formation": 2},
     "cmix4_f2_0": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
                    "pool_epochs": 0, "pool_size": 1, "net_steps": 0, "outer_steps": 1, "inner_steps": 1,
                    "lr_img": 1e-9, "formation": 2},
     # DM as published samples a fresh random network every step; the recipes above reuse ONE untrained
     # network (pool_size 1) for all 400 steps. pool_size 400: a different random initialisation per step.
-    "dm_cmix_p400": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
-                     "pool_epochs": 0, "pool_size": 400, "net_steps": 0, "outer_steps": 400, "inner_steps": 1,
-                     "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5},
-    "dm_cmix_km_p400": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
-                        "init_anchor": "kmeans", "pool_epochs": 0, "pool_size": 400, "net_steps": 0,
-                        "outer_steps": 400, "inner_steps": 1, "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5},
-    "dm_cmix_p1000": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
-                      "pool_epochs": 0, "pool_size": 1000, "net_steps": 0, "outer_steps": 1000, "inner_steps": 1,
-                      "batch_real": 256, "lr_img": 1.0, "momentum_img": 0.5},
-    "dm_cmix2": {"objective": "distribution", "init": "mixture", "init_mix": 2, "init_colour_pool": 16,
-                 "pool_epochs": 0, "pool_size": 1, "net_steps": 0, "outer_steps": 400, "inner_steps": 1,
-                 "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5},
+    "dm_cmix_p400": {**DM, "pool_size": 400},
+    "dm_cmix_km_p400": {**DM, "init_anchor": "kmeans", "pool_size": 400},
+    "dm_cmix_p1000": {**DM, "pool_size": 1000, "outer_steps": 1000, "batch_real": 256},
+    "dm_cmix2": {**DM, "init_mix": 2},
     # DM from colour-coherent 2 x 2 mosaics (quadrants of 4 colour-near real patches: real morphology at
     # 16 px, no real patch's layout; the gate passes mosaics, the tile-corr column shows the quadrant copying)
     "dm_cmosaic": {"objective": "distribution", "init": "mosaic", "init_colour_pool": 16, "pool_epochs": 0,
@@ -129,16 +112,10 @@ RECIPES: dict[str, dict] = {
                    "lr_img": 1.0, "momentum_img": 0.5},
     # best of 5 (histodd_fed.distill.select): 5 candidate sets of dm_cmix2 from all but 500 patches per class,
     # the one that trains best on those 500 / class kept (the centre's own held-out patches; never test/valid)
-    "dm_cmix2_best5": {"objective": "distribution", "init": "mixture", "init_mix": 2, "init_colour_pool": 16,
-                       "pool_epochs": 0, "pool_size": 1, "net_steps": 0, "outer_steps": 400, "inner_steps": 1,
-                       "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5, "candidates": 5},
-    "dm_cmix_best5": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
-                      "pool_epochs": 0, "pool_size": 1, "net_steps": 0, "outer_steps": 400, "inner_steps": 1,
-                      "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5, "candidates": 5},
+    "dm_cmix2_best5": {**DM, "init_mix": 2, "candidates": 5},
+    "dm_cmix_best5": {**DM, "candidates": 5},
     # IDM-style: networks trained briefly on the real patches (1 epoch each), 20 of them
-    "dm_cmix_p20e1": {"objective": "distribution", "init": "mixture", "init_mix": 4, "init_colour_pool": 16,
-                      "pool_epochs": 1, "pool_size": 20, "net_steps": 0, "outer_steps": 400, "inner_steps": 1,
-                      "batch_real": 128, "lr_img": 1.0, "momentum_img": 0.5},
+    "dm_cmix_p20e1": {**DM, "pool_epochs": 1, "pool_size": 20},
     "mixture_pc": {"init": "mixture", "init_mix": 16, "outer_steps": 60, "inner_steps": 10, "lr_img": 0.03,
                    "lr_schedule": "cosine", "update": "per_class", "dsa_mode": "single"},
 }
@@ -173,7 +150,7 @@ def build(method: str, real: PatchSet, ipc: int, seed: int, work: Path, threads:
     t0 = time.perf_counter()
     if method == "full":
         return real, 0.0
-    if method in ("random_best5", "herding_best5"):   # the same best-of-5 selection as the DM recipe's, on real coresets
+    if method in ("random_best5", "herding_best5"):   # the DM recipe's best-of-5 selection, on real coresets
         from histodd_fed.coreset import CoresetConfig, build_coreset
         from histodd_fed.distill.select import holdout_split
         from histodd_fed.training.evaluation import evaluate_sets
@@ -200,7 +177,7 @@ def build(method: str, real: PatchSet, ipc: int, seed: int, work: Path, threads:
                             arch_kwargs={"width": 32, "depth": 3}, feature_epochs=3)
         core = build_coreset(real, cfg, progress=False)
         if f > 1:   # the same storage as ipc real patches: 4 real patches at 16 px packed per stored image
-            core = packed(core, f)
+            core = pack_set(core, f)
         return core, time.perf_counter() - t0
     from histodd_fed.distill import DistillConfig, run_distillation
 
@@ -220,20 +197,6 @@ def build(method: str, real: PatchSet, ipc: int, seed: int, work: Path, threads:
     save_grid(res.initial_images, res.patchset.images, res.patchset.labels, res.patchset.class_names,
               work / "sets" / f"{tag}.png")
     return res.patchset, secs
-
-
-def packed(core: PatchSet, f: int) -> PatchSet:
-    """A coreset of ``ipc * f**2`` patches per class (class-sorted) as a multi-formation set of ``ipc``
-    stored images per class (histodd_fed.formation.encode): the storage-matched real baseline."""
-    import torch
-
-    from histodd_fed.formation import encode
-
-    order = np.argsort(core.labels, kind="stable")
-    x = torch.from_numpy(np.ascontiguousarray(core.images[order])).permute(0, 3, 1, 2).float()
-    y = encode(x, f).round().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return PatchSet(images=np.ascontiguousarray(y), labels=core.labels[order][::f * f], class_names=core.class_names,
-                    kind="coreset", meta={**core.meta, "formation": {"factor": f}})
 
 
 def evaluate(train: PatchSet, test: PatchSet, seeds: int, full: bool) -> dict:

@@ -74,6 +74,22 @@ def encode(x, factor: int):
     return small.reshape(n, factor, factor, c, h // factor, w // factor).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
 
 
+def pack_set(ps: PatchSet, factor: int) -> PatchSet:
+    """``ps`` (``factor**2 * k`` images per class) packed into ``k`` stored images per class with
+    :func:`encode` (class by class, in order), recording ``meta["formation"]``: e.g. real patches at the
+    same storage as a multi-formation synthetic set."""
+    import torch
+
+    order = np.argsort(ps.labels, kind="stable")
+    rep = factor * factor
+    if any(n % rep for n in ps.class_counts().values()):
+        raise InputError(f"multi-formation: class counts {ps.class_counts()} are not multiples of {rep}")
+    x = torch.from_numpy(np.ascontiguousarray(ps.images[order])).permute(0, 3, 1, 2).float()
+    y = encode(x, factor).round().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return PatchSet(images=np.ascontiguousarray(y), labels=ps.labels[order][::rep], class_names=list(ps.class_names),
+                    kind=ps.kind, meta={**ps.meta, META_KEY: {"factor": factor}})
+
+
 def tiles(ps: PatchSet) -> PatchSet:
     """The tiles of a multi-formation set as a set of ``S / factor``-px images (what :func:`decode_set`
     upsamples); ``ps`` itself when it records no formation. The privacy gate audits these too."""

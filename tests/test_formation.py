@@ -11,28 +11,26 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner
 
-from centre_node.cli import app
 from histodd_fed.distill import DistillConfig, run_distillation
 from histodd_fed.errors import ConfigError, InputError
-from histodd_fed.formation import decode, decode_set, encode, formation_factor, tiles
+from histodd_fed.formation import decode, decode_set, encode, formation_factor, pack_set, tiles
 from histodd_fed.patchset import PatchSet, load_image_folder
 from histodd_fed.preprocess import crop_images
 from histodd_fed.privacy.gate import PrivacyRiskError, check_export
 from histodd_fed.training.evaluation import evaluate_sets
 from tests.test_distill_run import toy_set
-from tests.test_privacy_views import CROP, fast_config, save_folder, tissue96
+from tests.test_privacy_views import CROP, export_as_c1, fast_config, save_folder, tissue96
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "distill-tiny.yaml"
-runner = CliRunner()
 
 
 def packed(x: torch.Tensor, labels: np.ndarray, meta: dict) -> PatchSet:
-    e = encode(x, 2)
-    return PatchSet(images=(e.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy(), labels=labels[::4],
-                    class_names=["normal", "tumour"], kind="synthetic", meta={**meta, "formation": {"factor": 2}})
+    """Float NCHW images (4 consecutive per class block) packed 2 x 2 with histodd_fed.formation.pack_set."""
+    ps = PatchSet(images=(x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy(), labels=labels,
+                  class_names=["normal", "tumour"], kind="synthetic", meta=meta)
+    return pack_set(ps, 2)
 
 
 def test_encode_packs_downscaled_images_row_major_and_decode_upsamples_each_tile():
@@ -105,15 +103,7 @@ def test_attack_downscaled_copies_packed_as_tiles_are_blocked_by_the_tile_audit(
     syn = packed(x[order], real.labels[idx][order], {"view": CROP.to_dict()})
     tile_view = check_export(syn, real, fast_config(), raise_on_block=False).to_dict()["views"]
     assert any("resize 16" in v["view_text"] and v["flagged"] for v in tile_view), tile_view
-    syn.save(tmp_path / "S")
-    for c in ("C1", "C2"):
-        r = runner.invoke(app, ["keygen", "--centre-id", c, "--out", str(tmp_path / f"keys-{c}"), "--no-passphrase"])
-        assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["trust", "add", str(tmp_path / "keys-C2" / "identity.json"), "--keys",
-                            str(tmp_path / "keys-C1")])
-    assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["export", "--synthetic", str(tmp_path / "S"), "--patches", str(tmp_path / "raw96"),
-                            "--to", "C2", "--keys", str(tmp_path / "keys-C1"), "--out", str(tmp_path / "B.hdb")])
+    r = export_as_c1(tmp_path, syn)
     assert r.exit_code != 0 and isinstance(r.exception, PrivacyRiskError), r.output
     assert "resize 16" in str(r.exception) and not (tmp_path / "B.hdb").exists()
 

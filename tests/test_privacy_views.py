@@ -98,6 +98,14 @@ def test_real_patches_in_another_view_are_refused(real96):
 def test_cli_export_of_centre_crop_copies_with_raw_96px_patches_is_blocked(tmp_path, real96):
     save_folder(real96, tmp_path / "raw96")
     syn = near_copies_of_centre_crops(load_image_folder(tmp_path / "raw96"), [0, 1, 2, 3, 4, 5])
+    r = export_as_c1(tmp_path, syn)
+    assert r.exit_code != 0 and isinstance(r.exception, PrivacyRiskError), r.output
+    assert "centre crop 32" in str(r.exception) and not (tmp_path / "B.hdb").exists()
+
+
+def export_as_c1(tmp_path, syn: PatchSet):
+    """``centre-node export`` of ``syn`` (saved to tmp_path/S) by a fresh centre C1 to C2, against the raw
+    patches in tmp_path/raw96, as an attacker at C1 would run it; the CliRunner result (bundle: B.hdb)."""
     syn.save(tmp_path / "S")
     for c in ("C1", "C2"):
         r = runner.invoke(app, ["keygen", "--centre-id", c, "--out", str(tmp_path / f"keys-{c}"), "--no-passphrase"])
@@ -105,10 +113,8 @@ def test_cli_export_of_centre_crop_copies_with_raw_96px_patches_is_blocked(tmp_p
     r = runner.invoke(app, ["trust", "add", str(tmp_path / "keys-C2" / "identity.json"), "--keys",
                             str(tmp_path / "keys-C1")])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["export", "--synthetic", str(tmp_path / "S"), "--patches", str(tmp_path / "raw96"),
-                            "--to", "C2", "--keys", str(tmp_path / "keys-C1"), "--out", str(tmp_path / "B.hdb")])
-    assert r.exit_code != 0 and isinstance(r.exception, PrivacyRiskError), r.output
-    assert "centre crop 32" in str(r.exception) and not (tmp_path / "B.hdb").exists()
+    return runner.invoke(app, ["export", "--synthetic", str(tmp_path / "S"), "--patches", str(tmp_path / "raw96"),
+                               "--to", "C2", "--keys", str(tmp_path / "keys-C1"), "--out", str(tmp_path / "B.hdb")])
 
 
 def test_real_pcam_centre_crop_copies_are_blocked(shared_data):

@@ -55,7 +55,7 @@ def run_best_of(real: PatchSet, config, work_dir: Path | None = None, progress: 
     t0 = time.perf_counter()
     keep, hold = holdout_split(real, config.candidate_holdout, config.seed)
     source, held = real.subset(keep), resize_to(real.subset(hold), config.image_size)
-    scores, best, best_res = [], -1.0, None
+    scores, results, accs = [], [], []
     for k in range(config.candidates):
         cand_cfg = dataclasses.replace(config, candidates=1, seed=int(config.seed) * 1000 + k)
         res = run_distillation(source, cand_cfg, work_dir, progress, resume=resume)
@@ -65,11 +65,12 @@ def run_best_of(real: PatchSet, config, work_dir: Path | None = None, progress: 
                            device=config.device, progress=False)[f"candidate {k}"]
         acc = float(ev.summary()["accuracy_mean"])
         scores.append({"candidate": k, "seed": cand_cfg.seed, "heldout_accuracy": round(acc, 4)})
+        results.append(res)
+        accs.append(acc)
         log.info("distill: candidate %d/%d (seed %d): held-out accuracy %.4f", k + 1, config.candidates,
                  cand_cfg.seed, acc)
-        if acc > best:
-            best, best_res = acc, res
-    chosen = max(scores, key=lambda s: s["heldout_accuracy"])
+    chosen = scores[int(np.argmax(accs))]      # the first of equals
+    best_res = results[chosen["candidate"]]
     meta = dict(best_res.patchset.meta)
     meta["config"] = config.to_dict()        # the run's own config (the candidate's seed is in selection)
     meta["config_sha256"] = config_hash(config)
