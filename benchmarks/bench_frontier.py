@@ -114,6 +114,12 @@ RECIPES: dict[str, dict] = {
     # the one that trains best on those 500 / class kept (the centre's own held-out patches; never test/valid)
     "dm_cmix2_best5": {**DM, "init_mix": 2, "candidates": 5},
     "dm_cmix_best5": {**DM, "candidates": 5},
+    # DM matching more of the embedding (session 5): every block's output (layer-wise, as CAFE / DataDAM),
+    # second moments as well as means, or both
+    "dm_cmix2_all": {**DM, "init_mix": 2, "dm_layers": "all"},
+    "dm_cmix2_m2": {**DM, "init_mix": 2, "dm_moments": 2},
+    "dm_cmix2_all_m2": {**DM, "init_mix": 2, "dm_layers": "all", "dm_moments": 2},
+    "dm_cmix2_all_best5": {**DM, "init_mix": 2, "dm_layers": "all", "candidates": 5},
     # IDM-style: networks trained briefly on the real patches (1 epoch each), 20 of them
     "dm_cmix_p20e1": {**DM, "pool_epochs": 1, "pool_size": 20},
     "mixture_pc": {"init": "mixture", "init_mix": 16, "outer_steps": 60, "inner_steps": 10, "lr_img": 0.03,

@@ -170,3 +170,31 @@ def _held(real, cfg):
     from histodd_fed.distill.select import holdout_split
 
     return holdout_split(real, cfg.candidate_holdout, cfg.seed)[1]
+
+
+def test_dm_layer_and_moment_matching_reduce_to_dm_and_lower_their_loss():
+    from histodd_fed.distill.engine import _dm_distance, _dm_embedding
+    from histodd_fed.models import create_model
+
+    net = create_model("convnet", num_classes=2, image_size=16, width=8, depth=2)
+    x, y = torch.rand(6, 3, 16, 16), torch.rand(3, 3, 16, 16)
+    last = DistillConfig.from_yaml(TINY, objective="distribution")
+    every = DistillConfig.from_yaml(TINY, objective="distribution", dm_layers="all")
+    feats = _dm_embedding(net, every)(x)
+    assert [f.shape[1] for f in feats] == [8 * 8 * 8, 8 * 4 * 4]      # one embedding per block
+    # one embedding, first moments: exactly DM's loss
+    dm = (net.features(x).mean(0) - net.features(y).mean(0)).pow(2).sum()
+    assert torch.allclose(_dm_distance(_dm_embedding(net, last)(x), _dm_embedding(net, last)(y), 1), dm)
+    assert _dm_distance(feats, _dm_embedding(net, every)(y), 2) > _dm_distance(feats, _dm_embedding(net, every)(y), 1)
+    real = toy_set(12)
+    cfg = DistillConfig.from_yaml(TINY, objective="distribution", pool_epochs=0, net_steps=0, outer_steps=6,
+                                  inner_steps=1, lr_img=1.0, augmentation="none", batch_real=12, init="noise",
+                                  dm_layers="all", dm_moments=2)
+    res = run_distillation(real, cfg, progress=False)
+    curve = [r["mean"] for r in res.patchset.meta["loss_curve"]]
+    assert curve[-1] < curve[0]
+    assert res.patchset.meta["config"]["dm_layers"] == "all"
+    with pytest.raises(ConfigError, match="distribution matching only"):
+        DistillConfig.from_yaml(TINY, dm_moments=2)
+    with pytest.raises(ConfigError, match="dm_layers"):
+        DistillConfig.from_yaml(TINY, objective="distribution", dm_layers="some")

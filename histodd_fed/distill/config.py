@@ -25,7 +25,8 @@ LATER_FIELDS = {"init_mix": 16, "init_grid": 2, "init_colour_pool": 0, "init_anc
                 "privacy_step": 0.0, "privacy_corr_percentile": 90.0, "privacy_l2_percentile": 10.0,
                 "privacy_topk": 4, "dp_noise": 0.0, "dp_clip": 1.0, "dp_delta": 1e-5,
                 "formation": 1, "candidates": 1, "candidate_holdout": 500, "candidate_epochs": 200,
-                "candidate_eval_seeds": 2, "candidate_augmentation": "flip_rotate"}
+                "candidate_eval_seeds": 2, "candidate_augmentation": "flip_rotate", "dm_layers": "last",
+                "dm_moments": 1}
 
 
 @dataclass
@@ -90,6 +91,11 @@ class DistillConfig:
     #: as FedWSIDD uses): per class, the mean ``features`` embedding of a real batch vs of the synthetic
     #: images under the same siamese augmentation, squared L2, on the pool's (typically untrained) networks
     objective: str = "gradient"
+    #: distribution matching only: which embeddings are matched - ``last`` (DM: the ``features`` output) or
+    #: ``all`` (the output of every block of a ``body`` Sequential network, each flattened, as layer-wise
+    #: alignment in CAFE / DataDAM), and ``dm_moments`` 1 (means, DM) or 2 (means and second moments)
+    dm_layers: str = "last"
+    dm_moments: int = 1
     # privacy term (extra, not the paper's): after every image step, synthetic images whose nearest real
     # patches are closer than the real-real nearest-neighbour percentiles below (structure correlation of
     # low-passed grey images above its p``privacy_corr_percentile``, or normalised L2 below its
@@ -149,7 +155,8 @@ class DistillConfig:
         if self.init not in INITS:
             raise ConfigError(f"distill config: init must be one of {INITS}, got {self.init!r}")
         for name, allowed in (("update", UPDATES), ("dsa_mode", DSA_MODES), ("lr_schedule", LR_SCHEDULES),
-                              ("objective", OBJECTIVES), ("init_anchor", ("random", "kmeans"))):
+                              ("objective", OBJECTIVES), ("init_anchor", ("random", "kmeans")),
+                              ("dm_layers", ("last", "all")), ("dm_moments", (1, 2))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"distill config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("privacy_corr_percentile", "privacy_l2_percentile"):
@@ -158,6 +165,9 @@ class DistillConfig:
         if self.dp_noise < 0 or self.dp_clip <= 0 or not 0 < self.dp_delta < 1:
             raise ConfigError(f"distill config: need dp_noise >= 0, dp_clip > 0, 0 < dp_delta < 1 (got {self.dp_noise}, "
                               f"{self.dp_clip}, {self.dp_delta})")
+        if self.objective != "distribution" and (self.dm_layers != "last" or self.dm_moments != 1):
+            raise ConfigError("distill config: dm_layers / dm_moments apply to distribution matching only "
+                              "(objective: distribution)")
         if self.objective == "distribution" and self.dp_noise > 0:
             raise ConfigError("distill config: DP is implemented for gradient matching only (objective: gradient)")
         if self.formation != 1:

@@ -286,9 +286,7 @@ def _dm_loss(net, stage: list[Group], x_syn, syn_st, offsets, x_real, real_stain
              rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
     """Distribution matching: sum over classes of ||mean f(aug(real batch)) - mean f(aug(syn))||^2, with
     ``f`` the network's ``features`` embedding and one siamese draw per class."""
-    embed = getattr(net, "features", None)
-    if embed is None:
-        raise InputError(f"distribution matching needs a network with a features() embedding, not {config.model}")
+    embed = _dm_embedding(net, config)
     total = torch.zeros((), device=x_syn.device)
     f = config.formation
     for k, g in enumerate(stage):
@@ -297,9 +295,45 @@ def _dm_loss(net, stage: list[Group], x_syn, syn_st, offsets, x_real, real_stain
         sl = slice(int(offsets[k]) * f * f, int(offsets[k + 1]) * f * f)
         xr, xs = _siamese(aug, x_real[ridx], xs, ridx, real_stains, syn_st, sl, gen)
         with torch.no_grad():
-            er = embed(xr).flatten(1).mean(0)
-        total = total + (er - embed(xs).flatten(1).mean(0)).pow(2).sum()
+            fr = embed(xr)
+        total = total + _dm_distance(fr, embed(xs), config.dm_moments)
     return total
+
+
+def _dm_embedding(net, config: DistillConfig):
+    """``x -> [embedding, ...]``: the ``features`` output (``dm_layers: last``), or the flattened output of
+    every block of the network's ``body`` (``all``; a block ends at a pooling layer)."""
+    if config.dm_layers == "last":
+        embed = getattr(net, "features", None)
+        if embed is None:
+            raise InputError(f"distribution matching needs a network with a features() embedding, not {config.model}")
+        return lambda x: [embed(x).flatten(1)]
+    body = getattr(net, "body", None)
+    if not isinstance(body, torch.nn.Sequential):
+        raise InputError(f"dm_layers 'all' needs a network with a Sequential body of blocks (convnet), not {config.model}")
+
+    def blocks(x):
+        outs = []
+        for layer in body:
+            x = layer(x)
+            if isinstance(layer, (torch.nn.AvgPool2d, torch.nn.MaxPool2d)):
+                outs.append(x.flatten(1))
+        return outs or [x.flatten(1)]
+    return blocks
+
+
+def _dm_distance(real: list[torch.Tensor], syn: list[torch.Tensor], moments: int) -> torch.Tensor:
+    """Mean over the matched embeddings of the squared L2 distance between the real and synthetic batch
+    means (and mean squares when ``moments`` is 2), each layer scaled by (last layer's dim / its dim) so
+    every layer weighs like the last; a single embedding gives DM's loss exactly."""
+    d_last = real[-1].shape[1]
+    total = torch.zeros((), device=syn[-1].device)
+    for fr, fs in zip(real, syn):
+        term = (fr.mean(0) - fs.mean(0)).pow(2).sum()
+        if moments == 2:
+            term = term + (fr.pow(2).mean(0) - fs.pow(2).mean(0)).pow(2).sum()
+        total = total + term * (d_last / fr.shape[1])
+    return total / len(real)
 
 
 def _per_class_steps(net, weights, stage: list[Group], x_syn, syn_st, offsets, y_syn, x_real, y_real, real_stains, aug,
