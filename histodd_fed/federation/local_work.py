@@ -475,14 +475,54 @@ def _protocol_key(preset: CentrePreset) -> str:
     return config_hash({"protocol": preset.receive_protocol(), "version": 3})[:8]
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimiser steps of one epoch over ``n`` images (the trainer's batching: a last single-image
+    batch is merged into the one before)."""
+    if n <= 0:
+        return 0
+    b = max(1, min(batch_size, n))
+    k = -(-n // b)
+    return k - 1 if k > 1 and n % b == 1 else k
+
+
+def received_phase_epochs(n: int, epochs: int, preset: CentrePreset) -> int:
+    """Epochs of the sequential protocol's received phase on ``n`` images: the row's ``epochs``, raised
+    so the phase takes at least ``preset.sequential_min_steps`` optimiser steps (0 epochs stay 0)."""
+    if epochs <= 0 or not preset.sequential_min_steps:
+        return epochs
+    per = steps_per_epoch(n, preset.batch_size)
+    return max(epochs, -(-int(preset.sequential_min_steps) // max(per, 1)))
+
+
+def fine_tune_and_score(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, *, epochs: int,
+                        seed: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """(patch metrics on the test split, fine-tune info) of :func:`_fine_tune_classifier`, repeated with
+    ``preset.fine_tune_seeds`` seeds (``seed``, ``seed + 1``, ...) and averaged; per-seed balanced
+    accuracies in ``info["patch_balanced_accuracy_by_seed"]``. The info (received-phase seconds included)
+    is the first seed's: the cost of one fine-tune."""
+    n = int(preset.fine_tune_seeds)
+    runs = []
+    for k in range(n):
+        model, info = _fine_tune_classifier(prepared, preset, received, epochs=epochs, seed=seed + k)
+        runs.append((patch_metrics(model, prepared.test), info))
+    metrics = {key: float(np.mean([m[key] for m, _ in runs])) for key in runs[0][0]}
+    info = dict(runs[0][1])
+    if n > 1:
+        info.update(fine_tune_seeds=n, patch_balanced_accuracy_by_seed=[
+            round(m["patch_balanced_accuracy"], 4) for m, _ in runs])
+    return metrics, info
+
+
 def _fine_tune_classifier(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, *, epochs: int,
                           seed: int):
     """Copy of the pre-trained classifier fine-tuned per the preset's protocol; (model, info).
 
     ``union``: one fine-tune on own + received draws (:func:`mixed_training_set`). ``sequential``: the
-    received set alone first (lr x ``sequential_lr_scale``, timed as ``received_train_seconds``), then
-    the own class-balanced set, ``epochs`` each; without received data only the own phase runs, which
-    is union's own-only fine-tune exactly. ``received``: the received set alone.
+    received set alone first (lr x ``sequential_lr_scale``, timed as ``received_train_seconds``; ``epochs``
+    raised to at least ``sequential_min_steps`` optimiser steps, :func:`received_phase_epochs`), then
+    the own class-balanced set for ``epochs`` (with the received set replayed at ``sequential_replay`` of
+    each epoch when that is > 0); without received data only the own phase runs, which is union's
+    own-only fine-tune exactly. ``received``: the received set alone.
     """
     from histodd_fed.training import fine_tune, load_model
 
@@ -491,10 +531,11 @@ def _fine_tune_classifier(prepared: Prepared, preset: CentrePreset, received: Pa
     protocol = preset.fine_tune_protocol
     info: dict[str, Any] = {"fine_tune_protocol": protocol, "fine_tune_lr": lr}
 
-    def run(train: PatchSet, rate: float) -> float:
+    def run(train: PatchSet, rate: float, n_epochs: int | None = None) -> float:
+        n_epochs = epochs if n_epochs is None else n_epochs
         t0 = time.perf_counter()
-        if epochs > 0:
-            fine_tune(model, train, epochs=epochs, lr=rate, batch_size=preset.batch_size, seed=seed, device="cpu",
+        if n_epochs > 0:
+            fine_tune(model, train, epochs=n_epochs, lr=rate, batch_size=preset.batch_size, seed=seed, device="cpu",
                       progress=False)
         return round(time.perf_counter() - t0, 2)
 
@@ -504,11 +545,17 @@ def _fine_tune_classifier(prepared: Prepared, preset: CentrePreset, received: Pa
         return model, {**info, "received_share": preset.received_share if received is not None else 0.0,
                        "fine_tune_set": len(train)}
     if protocol == "sequential":
-        if received is not None and len(received):
+        has_received = received is not None and len(received) > 0
+        if has_received:
             rate = lr * preset.sequential_lr_scale
-            info.update(received_lr=rate, received_train_seconds=run(received, rate), received_set=len(received))
-        own = mixed_training_set(prepared.train, None, share=preset.received_share, seed=seed)
+            r_epochs = received_phase_epochs(len(received), epochs, preset)
+            info.update(received_lr=rate, received_train_seconds=run(received, rate, r_epochs),
+                        received_set=len(received), received_epochs=r_epochs)
+        replay = preset.sequential_replay if has_received else 0.0
+        own = mixed_training_set(prepared.train, received if replay else None, share=replay or 0.5, seed=seed)
         run(own, lr)
+        if replay:
+            info["sequential_replay"] = replay
         return model, {**info, "fine_tune_set": len(own)}
     if protocol != "received":
         raise ConfigError(f"unknown fine-tuning protocol {protocol!r}")
@@ -557,9 +604,9 @@ def evaluate_baseline(cfg: CentreConfig, preset: CentrePreset, prepared: Prepare
 
     _threads()
     t0 = time.perf_counter()
-    model, info = _fine_tune_classifier(prepared, own_only, None, epochs=epochs, seed=cfg.seed)
+    metrics, info = fine_tune_and_score(prepared, own_only, None, epochs=epochs, seed=cfg.seed)
     row.update(info)
-    row.update(patch_metrics(model, prepared.test))
+    row.update(metrics)
     if prepared.has_mil:
         from histodd_fed.training import load_model
 
@@ -572,8 +619,11 @@ def evaluate_baseline(cfg: CentreConfig, preset: CentrePreset, prepared: Prepare
 
 def _own_key(preset: CentrePreset) -> str:
     """Cache key of the own-only fine-tune: only the settings it depends on."""
-    return config_hash({"own": {"fine_tune_lr": preset.fine_tune_lr, "fine_tune_lr_scale": preset.fine_tune_lr_scale,
-                                "mil_fine_tune_lr": preset.mil_fine_tune_lr}, "version": 4})[:8]
+    own = {"fine_tune_lr": preset.fine_tune_lr, "fine_tune_lr_scale": preset.fine_tune_lr_scale,
+           "mil_fine_tune_lr": preset.mil_fine_tune_lr}
+    if preset.fine_tune_seeds != 1:  # as before the field existed at its default
+        own["fine_tune_seeds"] = preset.fine_tune_seeds
+    return config_hash({"own": own, "version": 4})[:8]
 
 
 def fine_tune_on_bundles(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *,
@@ -635,11 +685,11 @@ def _fine_tune_opened(cfg: CentreConfig, preset: CentrePreset, prepared: Prepare
         received, stain_info = prepare_received(patch, prepared, preset)
         out.update(stain_info)
         tp = time.perf_counter()
-        model, info = _fine_tune_classifier(prepared, preset, received, epochs=epochs, seed=cfg.seed)
+        metrics, info = fine_tune_and_score(prepared, preset, received, epochs=epochs, seed=cfg.seed)
         out.update(info)
         received_s += float(info.get("received_train_seconds") or 0.0)
         out["patch_fine_tune_seconds"] = round(time.perf_counter() - tp, 2)
-        out.update(patch_metrics(model, prepared.test))
+        out.update(metrics)
         out.update(images=len(received), kind=received.kind)
     if slides is not None and prepared.has_mil:
         if slide_level.has_slides(slides):

@@ -58,6 +58,16 @@ class CentrePreset:
     # sequential protocol, received phase: classifier lr = fine_tune_lr * this (10: the earlier
     # received-only protocol's 5e-3; 20 images are one batch, 5 epochs only 5 steps)
     sequential_lr_scale: float = 10.0
+    # sequential, received phase: at least this many optimiser steps (its epochs raised to reach them;
+    # 0: exactly the row's epochs). 20 received images are one batch, so 5 epochs are only 5 steps,
+    # where Full's 600 patches get 95; a set this small is normally trained for many more passes.
+    sequential_min_steps: int = 0
+    # sequential, own phase: replay the received set at this share of each own epoch (union's mixing,
+    # mixed_training_set); 0: own data only (the phase forgets what the received phase taught).
+    sequential_replay: float = 0.0
+    # repeat every row's classifier fine-tune with this many seeds (cfg.seed, +1, ...) and report the
+    # mean patch metrics (same data, same design: it only averages out the fine-tune's own noise)
+    fine_tune_seeds: int = 1
     # Macenko-map received images into the target's colour space. Off by default: on the validation
     # copies (docs/results.md) it scored lower in 3 of 4 comparisons.
     stain_normalise_received: bool = False
@@ -69,7 +79,10 @@ class CentrePreset:
 
     #: fields that only affect how a target fine-tunes on received data (not preparation)
     RECEIVE_FIELDS = ("fine_tune_protocol", "also_protocols", "received_share", "fine_tune_lr_scale",
-                      "sequential_lr_scale", "stain_normalise_received")
+                      "sequential_lr_scale", "stain_normalise_received", "sequential_min_steps",
+                      "sequential_replay", "fine_tune_seeds")
+    #: receive fields added later: left out of the protocol key at their default (same cache keys as before)
+    _RECEIVE_DEFAULTS = {"sequential_min_steps": 0, "sequential_replay": 0.0, "fine_tune_seeds": 1}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "also_protocols", tuple(self.also_protocols))
@@ -83,6 +96,13 @@ class CentrePreset:
             raise ConfigError(f"preset {self.name!r}: sequential_lr_scale must be > 0, got {self.sequential_lr_scale}")
         if not 0.0 < self.received_share < 1.0:
             raise ConfigError(f"preset {self.name!r}: received_share must be in (0, 1), got {self.received_share}")
+        if not 0.0 <= self.sequential_replay < 1.0:
+            raise ConfigError(f"preset {self.name!r}: sequential_replay must be in [0, 1), got {self.sequential_replay}")
+        if self.sequential_min_steps < 0:
+            raise ConfigError(f"preset {self.name!r}: sequential_min_steps must be >= 0, "
+                              f"got {self.sequential_min_steps}")
+        if self.fine_tune_seeds < 1:
+            raise ConfigError(f"preset {self.name!r}: fine_tune_seeds must be >= 1, got {self.fine_tune_seeds}")
 
     def receive_protocol(self) -> dict[str, Any]:
         """The receive-side settings (part of every fine-tuning cache key and row)."""
@@ -90,8 +110,13 @@ class CentrePreset:
             "fine_tune_lr": self.fine_tune_lr, "mil_fine_tune_lr": self.mil_fine_tune_lr}
         if not self.also_protocols:  # as before these fields existed: same keys for union-only presets
             d.pop("also_protocols")
+        for k, default in self._RECEIVE_DEFAULTS.items():
+            if d[k] == default:
+                d.pop(k)
         if "sequential" not in self.protocols():
             d.pop("sequential_lr_scale")
+            d.pop("sequential_min_steps", None)
+            d.pop("sequential_replay", None)
         else:
             d["also_protocols"] = list(self.also_protocols)
         return d
@@ -161,6 +186,10 @@ PRESETS: dict[str, CentrePreset] = {
         distill_overrides=DEMO_DM_RECIPE + (("privacy_step", 0.1),),
         max_train_patches=600, demo_slides=8, slide_ipc=2, slide_outer_steps=10,
         also_protocols=("sequential",),   # the demo reports both ways of using received data
+        # sequential, chosen on validation demo copies 102-105 (docs/results.md "Transfer study: demo"):
+        # the received phase takes at least 25 steps (20 images: 25 epochs; Full's 600 keep their 5 epochs,
+        # 95 steps), and the own phase replays the received set at a quarter of each epoch
+        sequential_min_steps=25, sequential_replay=0.25,
     ),
     "paper": CentrePreset(
         name="paper", image_size=64, patch_size=256, mpp=1.0, pretrain_epochs=20, fine_tune_epochs=5,

@@ -15,7 +15,8 @@ from histodd_fed.runconfig import to_jsonable, write_run_config
 COLUMNS = ["source", "target", "transfer", "protocol", "images", "patch_bal_acc", "patch_auc", "slide_acc",
            "slide_auc", "fine_tune_s", "received_s", "epochs", "bytes", "time_vs_full", "bytes_vs_full"]
 #: extra CSV columns (not in the printed table)
-CSV_EXTRA = ["patch_acc", "slide_bal_acc", "slide_acc_argmax", "slide_threshold", "slide_images", "train_total"]
+CSV_EXTRA = ["patch_acc", "slide_bal_acc", "slide_acc_argmax", "slide_threshold", "slide_images", "train_total",
+             "received_epochs", "sequential_replay"]
 PROTOCOL_ORDER = {"union": 0, "sequential": 1, "received": 2}
 METRICS = [("patch_bal_acc", "patch balanced acc."), ("patch_auc", "patch AUC"),
            ("slide_acc", "slide accuracy"), ("slide_auc", "slide AUC")]
@@ -63,6 +64,7 @@ def table_rows(outcome: StudyOutcome) -> list[dict[str, Any]]:
                      "slide_acc_argmax": r.get("slide_accuracy_argmax"), "slide_threshold": r.get("slide_threshold"),
                      "fine_tune_s": r.get("fine_tune_seconds"), "received_s": r.get("received_seconds"),
                      "epochs": r.get("epochs"), "bytes": r.get("bytes", 0), "train_total": r.get("train_total"),
+                     "received_epochs": r.get("received_epochs"), "sequential_replay": r.get("sequential_replay"),
                      "time_vs_full": None, "bytes_vs_full": None})
     measured: dict[tuple, float] = {}
     for r in rows:
@@ -94,6 +96,15 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         notes.append("received_s: seconds of training on the received data alone (the sequential protocol's "
                      "first phase, classifier + CLAM; a union row shows the same received sets' value); "
                      "time_vs_full = received_s / Full's")
+    longer = [f"{r['transfer']}: {r['received_epochs']}" for r in rows if r.get("received_epochs") is not None
+              and r.get("epochs") is not None and int(r["received_epochs"]) != int(r["epochs"])]
+    if longer:
+        notes.append("sequential: the classifier's received-only phase ran more epochs than the row's to reach "
+                     f"the preset's minimum number of steps ({', '.join(longer)} epochs)")
+    replay = sorted({float(r["sequential_replay"]) for r in rows if r.get("sequential_replay")})
+    if replay:
+        notes.append("sequential: the own phase replays the received set at "
+                     f"{'/'.join(f'{x:g}' for x in replay)} of each epoch")
     if any(r.get("slide_threshold") is not None for r in rows):
         shifted = [f"{r['transfer']} ({r['protocol']}) {_fmt(r['slide_acc_argmax'])} at 0.5 "
                    f"(threshold {_fmt(r['slide_threshold'])})"
