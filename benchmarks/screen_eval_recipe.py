@@ -28,13 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from bench_frontier import VIEW, build, load_split  # noqa: E402
+from bench_frontier import EVAL, VIEW, build, load_split  # noqa: E402
 
 from histodd_fed.patchset import PatchSet  # noqa: E402
 from histodd_fed.preprocess import apply_view  # noqa: E402
 
 #: name -> evaluation recipe (evaluate_sets keywords; ``full_epochs`` for the Full row)
-BASE = {"epochs": 200, "full_epochs": 30, "lr": 0.01, "batch_size": 128, "augmentation": "flip_rotate"}
+BASE = {k: v for k, v in EVAL.items() if k not in ("arch", "arch_kwargs")}   # the pcam preset's recipe
 RECIPES: dict[str, dict] = {
     "base": BASE,                                                          # the pcam preset's recipe
     "dsa": {**BASE, "augmentation": "crop_cutout_flip_scale_rotate"},      # DSA's ops (DC/DM papers' evaluation)
@@ -88,10 +88,10 @@ def main() -> None:
                 continue
             t0 = time.perf_counter()
             full = sname == "full"
-            ev = evaluate_sets({sname: ps}, test, "convnet", seeds=args.eval_seeds,
+            ev = evaluate_sets({sname: ps}, test, EVAL["arch"], seeds=args.eval_seeds,
                                epochs=r["full_epochs"] if full else r["epochs"], lr=r["lr"],
                                batch_size=r["batch_size"], augmentation=r["augmentation"],
-                               arch_kwargs={"width": 32, "depth": 3}, progress=False)[sname].summary()
+                               arch_kwargs=EVAL["arch_kwargs"], progress=False)[sname].summary()
             row = {"recipe": rname, "set": sname, "split": args.split, "split_seed": args.split_seed,
                    "accuracy_mean": ev["accuracy_mean"], "auc_mean": ev["auc_mean"],
                    "seconds": round(time.perf_counter() - t0, 1)}

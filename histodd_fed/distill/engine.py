@@ -284,8 +284,9 @@ def _class_loss(net, weights, g: Group, k: int, x_syn, syn_st, offsets, y_syn, x
 
 def _dm_loss(net, stage: list[Group], x_syn, syn_st, offsets, x_real, real_stains, aug, config: DistillConfig,
              rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
-    """Distribution matching: sum over classes of ||mean f(aug(real batch)) - mean f(aug(syn))||^2, with
-    ``f`` the network's ``features`` embedding and one siamese draw per class."""
+    """Distribution matching: sum over classes of :func:`_dm_distance` between the embeddings
+    (:func:`_dm_embedding`: DM's ``features``, or every block's output) of an augmented real batch and of
+    the class's synthetic images, one siamese draw per class."""
     embed = _dm_embedding(net, config)
     total = torch.zeros((), device=x_syn.device)
     f = config.formation

@@ -30,6 +30,7 @@ from histodd_fed.formation import decode_set
 from histodd_fed.patchset import PatchSet
 from histodd_fed.preprocess import resize_to
 from histodd_fed.runconfig import config_hash, write_run_config
+from histodd_fed.training.trainer import steps_per_epoch  # the trainer's batching (received_phase_epochs)
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -473,16 +474,6 @@ def mixed_training_set(own: PatchSet, received: PatchSet | None, *, share: float
 
 def _protocol_key(preset: CentrePreset) -> str:
     return config_hash({"protocol": preset.receive_protocol(), "version": 3})[:8]
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    """Optimiser steps of one epoch over ``n`` images (the trainer's batching: a last single-image
-    batch is merged into the one before)."""
-    if n <= 0:
-        return 0
-    b = max(1, min(batch_size, n))
-    k = -(-n // b)
-    return k - 1 if k > 1 and n % b == 1 else k
 
 
 def received_phase_epochs(n: int, epochs: int, preset: CentrePreset) -> int:

@@ -109,6 +109,15 @@ def set_input_transform(model, transform) -> None:
     model.__dict__[INPUT_TRANSFORM_ATTR] = transform
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimiser steps of one epoch over ``n`` images with :func:`_batches`' batching (a last
+    single-image batch is merged into the one before)."""
+    if n <= 0:
+        return 0
+    k = -(-n // max(1, min(batch_size, n)))
+    return k - 1 if k > 1 and n % max(1, min(batch_size, n)) == 1 else k
+
+
 def _batches(n: int, batch_size: int, gen) -> list:
     import torch
 
