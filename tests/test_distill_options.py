@@ -198,3 +198,35 @@ def test_dm_layer_and_moment_matching_reduce_to_dm_and_lower_their_loss():
         DistillConfig.from_yaml(TINY, dm_moments=2)
     with pytest.raises(ConfigError, match="dm_layers"):
         DistillConfig.from_yaml(TINY, objective="distribution", dm_layers="some")
+
+
+def test_gate_aware_selection_skips_a_candidate_the_export_gate_blocks():
+    # Candidate 0 is a copy of real patches (the gate blocks it: SSIM 1.0), candidate 1 is far from every
+    # real patch. Even ranked first, the copy is audited, refused, and the next candidate is kept.
+    from histodd_fed.distill.engine import DistillResult
+    from histodd_fed.distill.select import _first_passing
+    from histodd_fed.patchset import PatchSet
+
+    real = toy_set(20)
+    copy = real.subset(np.array([0, 1, 20, 21]))
+    rng = np.random.default_rng(0)
+    far = PatchSet(images=rng.integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8), labels=np.array([0, 0, 1, 1]),
+                   class_names=real.class_names)
+    results = [DistillResult(copy, copy.images), DistillResult(far, far.images)]
+    scores = [{"candidate": 0}, {"candidate": 1}]
+    chosen, record = _first_passing([0, 1], results, real, scores)
+    assert (chosen, record) == (1, {"audited": [0, 1], "passed": True})
+    assert [s["gate_passed"] for s in scores] == [False, True]
+    # nothing passes: the first in order is kept and the record says so
+    chosen, record = _first_passing([0], results[:1], real, scores[:1])
+    assert (chosen, record["passed"]) == (0, False)
+    # through the engine: a gate-aware best-of-3 records its audits; the flag is validated
+    cfg = DistillConfig.from_yaml(TINY, objective="distribution", pool_epochs=0, net_steps=0, outer_steps=2,
+                                  inner_steps=1, lr_img=0.1, augmentation="none", batch_real=8, init="noise",
+                                  candidates=3, candidate_holdout=4, candidate_epochs=2, candidate_eval_seeds=1,
+                                  candidate_augmentation="flip", candidate_gate=True)
+    sel = run_distillation(real, cfg, progress=False).patchset.meta["selection"]
+    assert sel["gate"]["audited"][0] == max(range(3), key=lambda i: (sel["candidates"][i]["heldout_accuracy"], -i))
+    assert sel["gate"]["passed"] == sel["candidates"][sel["chosen"]]["gate_passed"]
+    with pytest.raises(ConfigError, match="candidate_gate"):
+        DistillConfig.from_yaml(TINY, candidate_gate="yes")

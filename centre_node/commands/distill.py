@@ -137,5 +137,10 @@ def distill_command(
         accs = ", ".join(f"{c['heldout_accuracy']:.3f}" for c in sel["candidates"])
         typer.echo(f"best of {len(sel['candidates'])}: kept candidate {sel['chosen']} (held-out accuracy {accs} on "
                    f"{sel['heldout_images']} of the centre's own patches, {sel['seconds']:.0f}s in all)")
+        g = sel.get("gate")
+        if g:
+            typer.echo(f"export gate during selection: audited candidate(s) {', '.join(map(str, g['audited']))}; "
+                       + ("the kept one passes" if g["passed"] else "none passes - export will block this set"),
+                       err=not g["passed"])
     if not syn.meta["complete"]:
         typer.echo("warning: distillation incomplete", err=True)

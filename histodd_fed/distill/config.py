@@ -26,7 +26,7 @@ LATER_FIELDS = {"init_mix": 16, "init_grid": 2, "init_colour_pool": 0, "init_anc
                 "privacy_topk": 4, "dp_noise": 0.0, "dp_clip": 1.0, "dp_delta": 1e-5,
                 "formation": 1, "candidates": 1, "candidate_holdout": 500, "candidate_epochs": 200,
                 "candidate_eval_seeds": 2, "candidate_augmentation": "flip_rotate", "dm_layers": "last",
-                "dm_moments": 1}
+                "dm_moments": 1, "candidate_gate": False}
 
 
 @dataclass
@@ -123,6 +123,10 @@ class DistillConfig:
     candidate_epochs: int = 200
     candidate_eval_seeds: int = 2
     candidate_augmentation: str = "flip_rotate"
+    #: best of K: keep the best candidate that passes the export gate (histodd_fed.privacy.gate, shipped
+    #: configs/privacy.yaml) audited against all the patches it was distilled from; candidates are audited
+    #: in order of held-out accuracy until one passes (none passes: the best is kept, with a warning)
+    candidate_gate: bool = False
     # run
     seed: int = 0
     device: str = "auto"                          #: auto | cpu | cuda | cuda:N
@@ -192,6 +196,8 @@ class DistillConfig:
             from histodd_fed.augment import parse_strategy as _parse
 
             _parse(self.candidate_augmentation)
+        if not isinstance(self.candidate_gate, bool):
+            raise ConfigError(f"distill config: candidate_gate must be true or false, got {self.candidate_gate!r}")
         if self.dp_noise > 0:
             from histodd_fed.augment import build_augmentation
 

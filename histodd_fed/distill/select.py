@@ -8,6 +8,12 @@ a fresh evaluation network on each candidate (``candidate_epochs``, ``candidate_
 reveals at most log2(K) bits about the held-out patches; the export gate still audits the chosen set
 against all of the centre's real patches.
 
+With ``candidate_gate`` the choice also asks the export gate (:func:`histodd_fed.privacy.gate.check_export`,
+the shipped ``configs/privacy.yaml``): candidates are audited against every patch given to the run, in
+order of held-out accuracy, and the first that passes is kept - the most useful set the centre can
+actually send. When none passes, the most accurate is kept with a warning (``export`` will block
+it). ``export`` audits the chosen set again, also in the other views of the raw patches.
+
 Candidate ``k`` is an ordinary run (``candidates: 1``) with seed ``seed * 1000 + k``, so each is
 checkpointed and resumable on its own, and candidate 0 of seed 0 is not the plain seed-0 run.
 """
@@ -57,7 +63,7 @@ def run_best_of(real: PatchSet, config, work_dir: Path | None = None, progress: 
     source, held = real.subset(keep), resize_to(real.subset(hold), config.image_size)
     scores, results, accs = [], [], []
     for k in range(config.candidates):
-        cand_cfg = dataclasses.replace(config, candidates=1, seed=int(config.seed) * 1000 + k)
+        cand_cfg = dataclasses.replace(config, candidates=1, candidate_gate=False, seed=int(config.seed) * 1000 + k)
         res = run_distillation(source, cand_cfg, work_dir, progress, resume=resume)
         ev = evaluate_sets({f"candidate {k}": res.patchset}, held, config.model,
                            seeds=config.candidate_eval_seeds, epochs=config.candidate_epochs,
@@ -69,7 +75,13 @@ def run_best_of(real: PatchSet, config, work_dir: Path | None = None, progress: 
         accs.append(acc)
         log.info("distill: candidate %d/%d (seed %d): held-out accuracy %.4f", k + 1, config.candidates,
                  cand_cfg.seed, acc)
-    chosen = scores[int(np.argmax(accs))]      # the first of equals
+    order = sorted(range(len(accs)), key=lambda i: (-accs[i], i))   # best first, the first of equals
+    gate = None
+    if config.candidate_gate:
+        chosen_i, gate = _first_passing(order, results, real, scores)
+    else:
+        chosen_i = order[0]
+    chosen = scores[chosen_i]
     best_res = results[chosen["candidate"]]
     meta = dict(best_res.patchset.meta)
     meta["config"] = config.to_dict()        # the run's own config (the candidate's seed is in selection)
@@ -80,5 +92,27 @@ def run_best_of(real: PatchSet, config, work_dir: Path | None = None, progress: 
                          "distilled_from_images": int(len(keep)), "epochs": config.candidate_epochs,
                          "augmentation": config.candidate_augmentation, "eval_seeds": config.candidate_eval_seeds,
                          "seconds": round(time.perf_counter() - t0, 1)}
+    if gate is not None:
+        meta["selection"]["gate"] = gate
     best_res.patchset.meta = meta
     return best_res
+
+
+def _first_passing(order: list[int], results: list, real: PatchSet, scores: list[dict]) -> tuple[int, dict]:
+    """The first candidate in ``order`` that the export gate passes (audited against ``real``), and a
+    record of the audits; the first in ``order`` when none passes. Sets ``gate_passed`` in ``scores``."""
+    from histodd_fed.privacy.gate import check_export
+
+    audited = []
+    for i in order:
+        t = time.perf_counter()
+        decision = check_export(synthetic=results[i].patchset, real=real, raise_on_block=False)
+        scores[i]["gate_passed"] = bool(decision.passed)
+        audited.append(i)
+        log.info("distill: candidate %d: export gate %s (%.0fs)%s", i, "passed" if decision.passed else "blocks it",
+                 time.perf_counter() - t, "" if decision.passed else f": {decision.reasons[0]}")
+        if decision.passed:
+            return i, {"audited": audited, "passed": True}
+    log.warning("distill: none of the %d candidates passes the export gate; keeping the most accurate (export "
+                "will block it: lower ipc, raise init_mix or add privacy_step)", len(order))
+    return order[0], {"audited": audited, "passed": False}
