@@ -1,15 +1,21 @@
-"""Diagnostic for the demo's slide columns: CLAM on the row's FINE-TUNED encoder instead of the frozen
-pre-trained one.
+"""The demo's slide columns with each slide encoder (preset field ``slide_encoder``), on finished demos.
 
-For each finished ``coordinator demo --out DIR`` (use VALIDATION copies): fine-tune C2's classifier by
-the demo's sequential protocol (no transfer / ipc 10 / Full), then encode C2's own train bags, the
-received slide bags (the per-slide set the demo sent; Full: C1's real train slides) and C2's test
-bags with THAT classifier, fine-tune a copy of C2's pre-trained CLAM head on them exactly as the demo
-does (received bags alone, then own bags; ``slide_level``'s settings) and report slide AUC / calibrated
-accuracy, next to the demo's way (frozen pre-trained encoder: ``slide_level.fine_tune``).
+For each finished ``coordinator demo --out DIR`` (use VALIDATION copies): re-run C2's rows "no transfer",
+ipc 10 and Full through the library path the demo itself runs (``local_work.own_only_fine_tune`` and
+``local_work._fine_tune_opened``: classifier fine-tune, then CLAM via ``local_work.slide_fine_tune``),
+for every protocol of the preset and every slide encoder asked for, on the sets C1 produced in that run
+(its ipc 10 patch set and per-slide set from its synthetic cache; Full: its prepared train split).
+``frozen``: CLAM on C2's pre-trained classifier (reproduces the demo's slide columns of a frozen-encoder
+run); ``fine_tuned``: every bag of a row re-encoded with that row's fine-tuned classifier. Nothing is
+cached (the demo's own caches are not written).
 
-    .venv/bin/python benchmarks/diag_demo_slides_encoder.py DEMO_DIR [DEMO_DIR ...]
+    .venv/bin/python benchmarks/diag_demo_slides_encoder.py DEMO_DIR [DEMO_DIR ...] [--encoders=frozen,fine_tuned]
+
+Prints one JSON line per copy, encoder and protocol: slide AUC / calibrated slide accuracy / patch
+balanced accuracy of each row; writes DEMO_DIR/diag-slide-encoder.json.
 """
+from __future__ import annotations
+
 import json
 import sys
 from pathlib import Path
@@ -18,11 +24,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from histodd_fed.federation import local_work, slide_level  # noqa: E402
+from histodd_fed.atomic import atomic_write_json  # noqa: E402
+from histodd_fed.federation import local_work  # noqa: E402
 from histodd_fed.federation.centre import CentreConfig  # noqa: E402
 from histodd_fed.federation.presets import get_preset  # noqa: E402
 from histodd_fed.patchset import PatchSet  # noqa: E402
 from screen_demo_protocols import demo_set  # noqa: E402
+
+EPOCHS = 5  # configs/demo.yaml fine_tune_epochs
 
 
 def per_slide_set(src: CentreConfig) -> PatchSet:
@@ -32,52 +41,39 @@ def per_slide_set(src: CentreConfig) -> PatchSet:
     raise SystemExit("no per-slide set in the source's cache")
 
 
-def clam_on(encoder_model, received, own, root, preset, seed, epochs):
-    """slide_level.fine_tune's sequential path, with every bag (test included) from ``encoder_model``."""
-    from histodd_fed.mil.bags import bags_from_patchset
-    from histodd_fed.mil.train import load_mil, train_mil
-
-    head, _ = load_mil(root / slide_level.MIL_DIR)
-    enc = slide_level.encoder_for(encoder_model, preset)
-    own_bags = list(bags_from_patchset(own, enc, progress=False))
-    test_bags = list(bags_from_patchset(TEST[root], enc, progress=False))
-    if received is not None:
-        rec_bags = list(bags_from_patchset(received, enc, progress=False))
-        head = train_mil(rec_bags, preset.mil_model, epochs=epochs, lr=preset.mil_fine_tune_lr, seed=seed,
-                         model=head, progress=False).model
-    head = train_mil(own_bags, preset.mil_model, epochs=epochs, lr=preset.mil_fine_tune_lr, seed=seed,
-                     model=head, progress=False).model
-    return slide_level.slide_metrics(head, test_bags, own_bags)
-
-
-TEST: dict = {}
+def _short(r: dict) -> dict:
+    return {"slide_auc": round(r["slide_auc"], 3), "slide_acc": round(r["slide_accuracy"], 3),
+            "patch_bal_acc": round(r["patch_balanced_accuracy"], 3)}
 
 
 def main(argv: list[str]) -> int:
-    from histodd_fed.training import load_model
-
-    for root in map(Path, argv):
-        preset = get_preset("cpu")
-        pre = preset.for_protocol("sequential")
+    encoders = ["frozen", "fine_tuned"]
+    roots = []
+    for a in argv:
+        if a.startswith("--encoders="):
+            encoders = a.split("=", 1)[1].split(",")
+        else:
+            roots.append(Path(a))
+    local_work._threads()
+    for root in roots:
         nodes = {n["centre-id"]: CentreConfig.from_node_config(n) for n in json.loads((root / "nodes.json").read_text())}
         src, tgt = nodes["C1"], nodes["C2"]
-        local_work._threads()
-        p_src, p_tgt = local_work.prepare(src, preset), local_work.prepare(tgt, preset)
-        TEST[p_tgt.root] = p_tgt.test
-        patch_sets = {"none": None, "ipc10": demo_set(src), "Full": p_src.train}
-        slide_sets = {"none": None, "ipc10": per_slide_set(src), "Full": p_src.train}
-        out = {}
-        for row in ("none", "ipc10", "Full"):
-            rec = None if patch_sets[row] is None else local_work.prepare_received(patch_sets[row], p_tgt, pre)[0]
-            srec = None if slide_sets[row] is None else local_work.prepare_received(slide_sets[row], p_tgt, pre)[0]
-            model, _ = local_work._fine_tune_classifier(p_tgt, pre if rec is not None else preset.for_protocol("union"),
-                                                        rec, epochs=5, seed=tgt.seed)
-            new = clam_on(model, srec, p_tgt.train, p_tgt.root, pre, tgt.seed, 5)
-            old = slide_level.fine_tune(load_model(p_tgt.classifier_dir), srec, p_tgt.train, p_tgt.root, pre,
-                                        tgt.seed, epochs=5)
-            out[row] = {"frozen_auc": round(old["slide_auc"], 3), "frozen_acc": round(old["slide_accuracy"], 3),
-                        "finetuned_auc": round(new["slide_auc"], 3), "finetuned_acc": round(new["slide_accuracy"], 3)}
-        print(root.name, json.dumps(out), flush=True)
+        out: dict = {}
+        for enc in encoders:
+            preset = get_preset("cpu", slide_encoder=enc)
+            p_src, p_tgt = local_work.prepare(src, preset), local_work.prepare(tgt, preset)
+            sets = {"ipc10": (demo_set(src), per_slide_set(src)), "Full": (p_src.train, p_src.train)}
+            # "no transfer": the own-only fine-tune (union's; the same row for both protocols)
+            none = local_work.own_only_fine_tune(p_tgt, preset.for_protocol("union"), epochs=EPOCHS, seed=tgt.seed)
+            for proto in preset.protocols():
+                pre = preset.for_protocol(proto)
+                res = {"none": _short(none)}
+                for row, (patch, slides) in sets.items():
+                    res[row] = _short(local_work._fine_tune_opened(tgt, pre, p_tgt, patch=patch, slides=slides,
+                                                                    epochs=EPOCHS))
+                out.setdefault(enc, {})[proto] = res
+                print(root.name, enc, proto, json.dumps(res), flush=True)
+        atomic_write_json(root / "diag-slide-encoder.json", out)
     return 0
 
 

@@ -491,17 +491,50 @@ def fine_tune_and_score(prepared: Prepared, preset: CentrePreset, received: Patc
     ``preset.fine_tune_seeds`` seeds (``seed``, ``seed + 1``, ...) and averaged; per-seed balanced
     accuracies in ``info["patch_balanced_accuracy_by_seed"]``. The info (received-phase seconds included)
     is the first seed's: the cost of one fine-tune."""
+    metrics, info, _ = _fine_tune_scored(prepared, preset, received, epochs=epochs, seed=seed)
+    return metrics, info
+
+
+def _fine_tune_scored(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, *, epochs: int,
+                      seed: int) -> tuple[dict[str, float], dict[str, Any], Any]:
+    """:func:`fine_tune_and_score` plus the first seed's fine-tuned classifier (the row's slide encoder
+    when ``preset.slide_encoder`` is ``fine_tuned``)."""
     n = int(preset.fine_tune_seeds)
     runs = []
+    first = None
     for k in range(n):
         model, info = _fine_tune_classifier(prepared, preset, received, epochs=epochs, seed=seed + k)
         runs.append((patch_metrics(model, prepared.test), info))
+        first = model if first is None else first
     metrics = {key: float(np.mean([m[key] for m, _ in runs])) for key in runs[0][0]}
     info = dict(runs[0][1])
     if n > 1:
         info.update(fine_tune_seeds=n, patch_balanced_accuracy_by_seed=[
             round(m["patch_balanced_accuracy"], 4) for m, _ in runs])
-    return metrics, info
+    return metrics, info, first
+
+
+def slide_fine_tune(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, *, row_model: Any,
+                    epochs: int, seed: int) -> dict[str, Any]:
+    """The row's CLAM fine-tune (:func:`slide_level.fine_tune`) on the encoder ``preset.slide_encoder`` names.
+
+    ``frozen``: the pre-trained classifier (the saved test bags). ``fine_tuned``: ``row_model``, this
+    row's fine-tuned classifier, encodes every bag of the row (own train, ``received``, test); with
+    ``row_model=None`` (a row without a patch set) the classifier is fine-tuned here by the preset's
+    protocol without received patches. ``received``: the row's received slide set, already prepared.
+    """
+    from histodd_fed.federation import slide_level
+    from histodd_fed.training import load_model
+
+    own = prepared.train if preset.fine_tune_protocol in ("union", "sequential") else None
+    if preset.slide_encoder == "frozen":
+        encoder, test = load_model(prepared.classifier_dir), None
+    else:
+        if row_model is None:
+            row_model, _ = _fine_tune_classifier(prepared, preset, None, epochs=epochs, seed=seed)
+        encoder, test = row_model, prepared.test
+    res = slide_level.fine_tune(encoder, received, own, prepared.root, preset, seed, epochs=epochs, test=test)
+    return {**res, "slide_encoder": preset.slide_encoder}
 
 
 def _fine_tune_classifier(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, *, epochs: int,
@@ -591,21 +624,20 @@ def evaluate_baseline(cfg: CentreConfig, preset: CentrePreset, prepared: Prepare
     cache = cfg.work_dir / "received" / f"own-{prepared.config_hash[:8]}-{_own_key(preset)}-e{epochs}.json"
     if cache.exists():
         return {**json.loads(cache.read_text()), "fine_tune_protocol": protocol, "cached": True}
-    from histodd_fed.federation import slide_level
-
     _threads()
-    t0 = time.perf_counter()
-    metrics, info = fine_tune_and_score(prepared, own_only, None, epochs=epochs, seed=cfg.seed)
-    row.update(info)
-    row.update(metrics)
-    if prepared.has_mil:
-        from histodd_fed.training import load_model
-
-        row.update(slide_level.fine_tune(load_model(prepared.classifier_dir), None, prepared.train, prepared.root,
-                                         own_only, cfg.seed, epochs=epochs))
-    row.update(fine_tune_seconds=round(time.perf_counter() - t0, 2), epochs=epochs, own_data_only=True)
+    row.update(own_only_fine_tune(prepared, own_only, epochs=epochs, seed=cfg.seed))
     atomic_write_json(cache, row)
     return {**row, "fine_tune_protocol": protocol, "cached": False}
+
+
+def own_only_fine_tune(prepared: Prepared, preset: CentrePreset, *, epochs: int, seed: int) -> dict[str, Any]:
+    """The "no transfer" fine-tune itself (no cache): classifier and, with MIL, CLAM on own data only."""
+    t0 = time.perf_counter()
+    metrics, info, model = _fine_tune_scored(prepared, preset, None, epochs=epochs, seed=seed)
+    out: dict[str, Any] = {**info, **metrics}
+    if prepared.has_mil:
+        out.update(slide_fine_tune(prepared, preset, None, row_model=model, epochs=epochs, seed=seed))
+    return {**out, "fine_tune_seconds": round(time.perf_counter() - t0, 2), "epochs": epochs, "own_data_only": True}
 
 
 def _own_key(preset: CentrePreset) -> str:
@@ -614,6 +646,8 @@ def _own_key(preset: CentrePreset) -> str:
            "mil_fine_tune_lr": preset.mil_fine_tune_lr}
     if preset.fine_tune_seeds != 1:  # as before the field existed at its default
         own["fine_tune_seeds"] = preset.fine_tune_seeds
+    if preset.slide_encoder != "frozen":  # likewise
+        own["slide_encoder"] = preset.slide_encoder
     return config_hash({"own": own, "version": 4})[:8]
 
 
@@ -667,16 +701,16 @@ def _fine_tune_opened(cfg: CentreConfig, preset: CentrePreset, prepared: Prepare
                       slides: PatchSet | None, epochs: int) -> dict[str, Any]:
     """One protocol's fine-tune of copies of the pre-trained models on opened received sets; metrics."""
     from histodd_fed.federation import slide_level
-    from histodd_fed.training import load_model
 
     out: dict[str, Any] = {"epochs": epochs, "fine_tune_protocol": preset.fine_tune_protocol}
     t0 = time.perf_counter()
     received_s = 0.0
+    row_model = None  # the row's fine-tuned classifier (its slide encoder under slide_encoder: fine_tuned)
     if patch is not None:
         received, stain_info = prepare_received(patch, prepared, preset)
         out.update(stain_info)
         tp = time.perf_counter()
-        metrics, info = fine_tune_and_score(prepared, preset, received, epochs=epochs, seed=cfg.seed)
+        metrics, info, row_model = _fine_tune_scored(prepared, preset, received, epochs=epochs, seed=cfg.seed)
         out.update(info)
         received_s += float(info.get("received_train_seconds") or 0.0)
         out["patch_fine_tune_seconds"] = round(time.perf_counter() - tp, 2)
@@ -687,9 +721,7 @@ def _fine_tune_opened(cfg: CentreConfig, preset: CentrePreset, prepared: Prepare
             received, stain_info = prepare_received(slides, prepared, preset)
             out.setdefault("received_stain", stain_info["received_stain"])
             ts = time.perf_counter()
-            own = prepared.train if preset.fine_tune_protocol in ("union", "sequential") else None
-            res = slide_level.fine_tune(load_model(prepared.classifier_dir), received, own, prepared.root,
-                                        preset, cfg.seed, epochs=epochs)
+            res = slide_fine_tune(prepared, preset, received, row_model=row_model, epochs=epochs, seed=cfg.seed)
             received_s += float(res.get("slide_received_train_seconds") or 0.0)
             out.update(res)
             out["slide_fine_tune_seconds"] = round(time.perf_counter() - ts, 2)

@@ -13,6 +13,8 @@ from histodd_fed.errors import ConfigError
 
 #: how a target fine-tunes on received data (docs/federation.md "Fine-tuning protocol")
 PROTOCOLS = ("union", "sequential", "received")
+#: which classifier encodes a row's MIL bags (docs/federation.md "Slide level")
+SLIDE_ENCODERS = ("frozen", "fine_tuned")
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,11 @@ class CentrePreset:
     # Macenko-map received images into the target's colour space. Off by default: on the validation
     # copies (docs/results.md) it scored lower in 3 of 4 comparisons.
     stain_normalise_received: bool = False
+    # Slide level: the patch encoder of every row's CLAM fine-tune. "frozen": the centre's pre-trained
+    # classifier (bags encoded once; the test bags saved at prepare time). "fine_tuned": the row's own
+    # fine-tuned classifier (the one its patch columns score; the first seed's when fine_tune_seeds > 1)
+    # re-encodes the own train bags, the received slide bags and the test bags of that row only.
+    slide_encoder: str = "frozen"
     # --- patch-store centres (benchmarks such as pcam-c17; 0 / False: off, as before) ---
     crop_center: int = 0             # keep the central N px of every patch before resizing (PCam: 32)
     # Map every image the centre's classifier sees (own train, own test, received) to the reference
@@ -80,9 +87,10 @@ class CentrePreset:
     #: fields that only affect how a target fine-tunes on received data (not preparation)
     RECEIVE_FIELDS = ("fine_tune_protocol", "also_protocols", "received_share", "fine_tune_lr_scale",
                       "sequential_lr_scale", "stain_normalise_received", "sequential_min_steps",
-                      "sequential_replay", "fine_tune_seeds")
+                      "sequential_replay", "fine_tune_seeds", "slide_encoder")
     #: receive fields added later: left out of the protocol key at their default (same cache keys as before)
-    _RECEIVE_DEFAULTS = {"sequential_min_steps": 0, "sequential_replay": 0.0, "fine_tune_seeds": 1}
+    _RECEIVE_DEFAULTS = {"sequential_min_steps": 0, "sequential_replay": 0.0, "fine_tune_seeds": 1,
+                         "slide_encoder": "frozen"}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "also_protocols", tuple(self.also_protocols))
@@ -101,6 +109,9 @@ class CentrePreset:
         if self.sequential_min_steps < 0:
             raise ConfigError(f"preset {self.name!r}: sequential_min_steps must be >= 0, "
                               f"got {self.sequential_min_steps}")
+        if self.slide_encoder not in SLIDE_ENCODERS:
+            raise ConfigError(f"preset {self.name!r}: slide_encoder must be one of {SLIDE_ENCODERS}, "
+                              f"got {self.slide_encoder!r}")
         if self.fine_tune_seeds < 1:
             raise ConfigError(f"preset {self.name!r}: fine_tune_seeds must be >= 1, got {self.fine_tune_seeds}")
 
@@ -190,6 +201,10 @@ PRESETS: dict[str, CentrePreset] = {
         # the received phase takes at least 25 steps (20 images: 25 epochs; Full's 600 keep their 5 epochs,
         # 95 steps), and the own phase replays the received set at a quarter of each epoch
         sequential_min_steps=25, sequential_replay=0.25,
+        # slide columns: CLAM on each row's own fine-tuned classifier, chosen on validation demo copies
+        # 102-105 (docs/results.md "session 6"): Full ranks C2's test slides above "no transfer" on all four
+        # copies under both protocols (mean +0.22 union / +0.13 sequential AUC; frozen: +0.06 / +0.07)
+        slide_encoder="fine_tuned",
     ),
     "paper": CentrePreset(
         name="paper", image_size=64, patch_size=256, mpp=1.0, pretrain_epochs=20, fine_tune_epochs=5,
@@ -211,7 +226,8 @@ PRESETS["cpu-gm"] = replace(PRESETS["cpu"], name="cpu-gm", distill_overrides=DEM
 # gate-passing; pinned so its tables stay reproducible), 600 source train patches (as the demo). No MIL.
 PRESETS["pcam-c17"] = replace(
     PRESETS["cpu"], name="pcam-c17", crop_center=32, distill_config="configs/preset-pcam.yaml",
-    distill_overrides=DEMO_DM_RECIPE, also_protocols=())   # union only, as its tables
+    distill_overrides=DEMO_DM_RECIPE, also_protocols=(),   # union only, as its tables
+    slide_encoder="frozen")   # no slides there; keeps its cache keys as before the field existed
 # the recipe the first pcam-c17 runs used (gradient matching from real patches moved far: lr_img 1.0,
 # 30 x 5 steps, as the cpu preset); kept to re-run those tables
 PRESETS["pcam-c17-gm"] = replace(

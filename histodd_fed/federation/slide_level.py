@@ -1,8 +1,10 @@
 """Slide-level models of a centre, through :mod:`histodd_fed.mil`.
 
-A centre's slide encoder is its own pre-trained patch classifier (frozen, ``features()``): every bag
-(one per slide) is encoded with it, so the real test bags are encoded once at prepare time and
-saved, and a received set only needs its own patches encoded.
+A centre's slide encoder is one of its patch classifiers (``features()``), per the preset's
+``slide_encoder``: ``frozen`` (default) - its own pre-trained classifier, so the real test bags are
+encoded once at prepare time and saved, and a received set only needs its own patches encoded;
+``fine_tuned`` - each row's own fine-tuned classifier, which re-encodes that row's own train bags,
+received bags and test bags (nothing encoded with one row's classifier is reused in another row).
 
 - :func:`pretrain`    CLAM on the centre's own real train bags; saves head + test bags
 - :func:`fine_tune`   copy of the pre-trained head fine-tuned on bags of a RECEIVED patch set (plus own bags)
@@ -96,7 +98,7 @@ def _oversample(bags: list, n: int) -> list:
 
 
 def fine_tune(encoder_model, received: PatchSet | None, own_train: PatchSet | None, root: Path,
-              preset: CentrePreset, seed: int, *, epochs: int) -> dict[str, Any]:
+              preset: CentrePreset, seed: int, *, epochs: int, test: PatchSet | None = None) -> dict[str, Any]:
     """Fine-tune the pre-trained CLAM; metrics on the saved real test bags.
 
     Bags come from ``received`` (already stain-normalised by the caller) and, when ``own_train`` is
@@ -106,7 +108,11 @@ def fine_tune(encoder_model, received: PatchSet | None, own_train: PatchSet | No
     alone first (``slide_received_train_seconds``), then on the own bags alone, ``epochs`` each.
     ``received=None`` fine-tunes on own bags only ("no transfer", the same for both protocols). Slide
     accuracy is taken at a threshold calibrated on the own bags (:func:`slide_metrics`).
-    ``encoder_model`` must be the centre's frozen pre-trained classifier (the test bags' encoder).
+    ``test=None``: the test bags saved at prepare time, so ``encoder_model`` must be the centre's frozen
+    pre-trained classifier (their encoder). ``test`` given (the centre's real test split): its bags are
+    encoded with ``encoder_model`` too - every bag of the row, test included, from one encoder (the
+    ``fine_tuned`` slide encoder: the row's fine-tuned classifier). The CLAM head fine-tuned is the
+    pre-trained one either way.
     """
     from histodd_fed.mil.bags import bags_from_patchset, load_bags
     from histodd_fed.mil.train import load_mil, train_mil
@@ -114,8 +120,8 @@ def fine_tune(encoder_model, received: PatchSet | None, own_train: PatchSet | No
     if received is None and own_train is None:
         raise ValueError("fine_tune needs received and/or own bags")
     head, _ = load_mil(root / MIL_DIR)
-    test_bags = load_bags(root / TEST_BAGS_DIR)
     enc = encoder_for(encoder_model, preset)
+    test_bags = load_bags(root / TEST_BAGS_DIR) if test is None else bags_from_patchset(test, enc, progress=False)
     rec_bags = list(bags_from_patchset(received, enc, progress=False)) if received is not None else []
     own_bags = list(bags_from_patchset(own_train, enc, progress=False)) if own_train is not None else []
     calibration = list(own_bags)

@@ -16,7 +16,7 @@ COLUMNS = ["source", "target", "transfer", "protocol", "images", "patch_bal_acc"
            "slide_auc", "fine_tune_s", "received_s", "epochs", "bytes", "time_vs_full", "bytes_vs_full"]
 #: extra CSV columns (not in the printed table)
 CSV_EXTRA = ["patch_acc", "slide_bal_acc", "slide_acc_argmax", "slide_threshold", "slide_images", "train_total",
-             "received_epochs", "sequential_replay"]
+             "received_epochs", "sequential_replay", "slide_encoder"]
 PROTOCOL_ORDER = {"union": 0, "sequential": 1, "received": 2}
 METRICS = [("patch_bal_acc", "patch balanced acc."), ("patch_auc", "patch AUC"),
            ("slide_acc", "slide accuracy"), ("slide_auc", "slide AUC")]
@@ -65,6 +65,7 @@ def table_rows(outcome: StudyOutcome) -> list[dict[str, Any]]:
                      "fine_tune_s": r.get("fine_tune_seconds"), "received_s": r.get("received_seconds"),
                      "epochs": r.get("epochs"), "bytes": r.get("bytes", 0), "train_total": r.get("train_total"),
                      "received_epochs": r.get("received_epochs"), "sequential_replay": r.get("sequential_replay"),
+                     "slide_encoder": r.get("slide_encoder"),
                      "time_vs_full": None, "bytes_vs_full": None})
     measured: dict[tuple, float] = {}
     for r in rows:
@@ -105,6 +106,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     if replay:
         notes.append("sequential: the own phase replays the received set at "
                      f"{'/'.join(f'{x:g}' for x in replay)} of each epoch")
+    if any(r.get("slide_encoder") == "fine_tuned" for r in rows):
+        notes.append("slide columns: CLAM on each row's own fine-tuned classifier (the one its patch columns "
+                     "score): that row's own train, received and test bags re-encoded with it (preset "
+                     "slide_encoder: fine_tuned)")
     if any(r.get("slide_threshold") is not None for r in rows):
         shifted = [f"{r['transfer']} ({r['protocol']}) {_fmt(r['slide_acc_argmax'])} at 0.5 "
                    f"(threshold {_fmt(r['slide_threshold'])})"
