@@ -298,7 +298,13 @@ def main() -> None:
     real, test, hold = (apply_view(p, VIEW) for p in (real_raw, test_raw, hold_raw))
     print(f"[frontier] split {split}: distil-from {len(real)} test {len(test)} non-members {len(hold)} "
           f"({VIEW.describe()}), loaded in {time.perf_counter() - t0:.0f}s", flush=True)
-    for method in args.methods.split(","):
+    methods: list[str] = []   # "a,b@k=v,k2=v2": the overrides of one recipe are comma-separated too
+    for part in args.methods.split(","):
+        if "=" in part and "@" not in part and methods:
+            methods[-1] += "," + part
+        else:
+            methods.append(part)
+    for method in methods:
         seeds = [0] if method == "full" else [int(s) for s in args.set_seeds.split(",")]
         for seed in seeds:
             key = (method, args.ipc, seed, split)

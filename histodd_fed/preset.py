@@ -4,6 +4,8 @@ A preset fixes what must agree between the commands that build, audit and evalua
 
 - ``view``: the preprocessing of the raw patches (:class:`histodd_fed.preprocess.ViewSpec`),
 - ``distill``: the distillation recipe (``DistillConfig`` fields),
+- ``distill_by_ipc``: changes to that recipe for one ipc (``{50: {init_mix: 4}}``), applied when the
+  run's ipc (the preset's, or ``--ipc``) matches; explicit flags still win,
 - ``coreset``: the coreset options (``CoresetConfig`` fields other than method / ipc / seed),
 - ``eval``: the evaluation recipe (network, epochs, learning rate, batch, augmentation, seeds).
 
@@ -53,17 +55,22 @@ class Preset:
     distill: dict[str, Any] = field(default_factory=dict)
     coreset: dict[str, Any] = field(default_factory=dict)
     eval: EvalRecipe = field(default_factory=EvalRecipe)
+    distill_by_ipc: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "path": str(self.path), "description": self.description,
                 "view": None if self.view is None else self.view.to_dict(), "distill": dict(self.distill),
+                "distill_by_ipc": {k: dict(v) for k, v in self.distill_by_ipc.items()},
                 "coreset": dict(self.coreset), "eval": asdict(self.eval)}
 
     def distill_config(self, **overrides: Any):
-        """The preset's ``DistillConfig``; ``None`` overrides are ignored (CLI flags pass straight through)."""
+        """The preset's ``DistillConfig`` for the run's ipc (``distill`` plus that ipc's ``distill_by_ipc``
+        entry); ``None`` overrides are ignored (CLI flags pass straight through) and others win."""
         from histodd_fed.distill.config import DistillConfig
 
-        return DistillConfig.from_dict(dict(self.distill), where=f"{self.path} distill", **overrides)
+        ipc = overrides.get("ipc") if overrides.get("ipc") is not None else self.distill.get("ipc", 10)
+        recipe = {**self.distill, **self.distill_by_ipc.get(int(ipc), {})}
+        return DistillConfig.from_dict(recipe, where=f"{self.path} distill (ipc {ipc})", **overrides)
 
     def coreset_config(self, **overrides: Any):
         """The preset's ``CoresetConfig``; ``None`` overrides are ignored."""
@@ -104,7 +111,7 @@ def load_preset(name_or_path: str | Path) -> Preset:
     if not path.is_file():
         raise InputError(f"{path}: no such preset (known: {', '.join(preset_names()) or 'none'})")
     data = read_yaml_mapping(path, "preset sections")
-    unknown = sorted(set(data) - {"name", "description", "view", "distill", "coreset", "eval"})
+    unknown = sorted(set(data) - {"name", "description", "view", "distill", "distill_by_ipc", "coreset", "eval"})
     if unknown:
         raise ConfigError(f"{path}: unknown preset section(s) {unknown}")
     view = None if data.get("view") is None else ViewSpec.from_dict(data["view"], where=str(path))
@@ -116,9 +123,18 @@ def load_preset(name_or_path: str | Path) -> Preset:
     bad = sorted(set(coreset) & {"method", "ipc", "seed"})
     if bad:
         raise ConfigError(f"{path}: coreset options {bad} are per command (--method, --ipc, --seed)")
+    by_ipc = {}
+    for k, v in _section(data, "distill_by_ipc", str(path)).items():
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or not isinstance(v, dict) or "ipc" in v:
+            raise ConfigError(f"{path}: distill_by_ipc must map an ipc (a positive integer) to distill options "
+                              f"other than ipc, got {k!r}: {v!r}")
+        by_ipc[k] = dict(v)
     preset = Preset(name=str(data.get("name") or path.stem.removeprefix(PREFIX)), path=path,
                     description=str(data.get("description") or "").strip(), view=view,
-                    distill=_section(data, "distill", str(path)), coreset=coreset, eval=EvalRecipe(**ev))
+                    distill=_section(data, "distill", str(path)), coreset=coreset, eval=EvalRecipe(**ev),
+                    distill_by_ipc=by_ipc)
     preset.distill_config()   # validate now: a bad preset fails before any data is read
+    for ipc in by_ipc:
+        preset.distill_config(ipc=ipc)
     preset.coreset_config(method="random").validate()
     return preset

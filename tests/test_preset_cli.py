@@ -61,6 +61,22 @@ def test_preset_pcam_loads_and_validates(tmp_path):
         load_preset(bad)
 
 
+def test_distill_by_ipc_changes_the_recipe_for_that_ipc_only_and_flags_still_win(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("distill: {ipc: 10, init: mixture, init_mix: 2, objective: distribution}\n"
+                 "distill_by_ipc: {50: {init_mix: 4, privacy_step: 0.01}}\n")
+    pre = load_preset(p)
+    assert (pre.distill_config().init_mix, pre.distill_config().privacy_step) == (2, 0.0)
+    assert (pre.distill_config(ipc=50).init_mix, pre.distill_config(ipc=50).privacy_step) == (4, 0.01)
+    assert pre.distill_config(ipc=50, init_mix=8).init_mix == 8       # an explicit flag wins
+    assert pre.to_dict()["distill_by_ipc"] == {50: {"init_mix": 4, "privacy_step": 0.01}}
+    for body in ("distill_by_ipc: {fifty: {init_mix: 4}}", "distill_by_ipc: {50: {ipc: 20}}",
+                 "distill_by_ipc: {50: {init_mix: -1}}"):
+        p.write_text("distill: {init: mixture}\n" + body + "\n")
+        with pytest.raises(ConfigError, match="distill"):
+            load_preset(p)
+
+
 def test_commands_that_must_work(tmp_path, data):
     train, test = data / "train", data / "test"
     S, H, R = tmp_path / "S", tmp_path / "H", tmp_path / "R"
