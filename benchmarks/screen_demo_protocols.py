@@ -9,6 +9,7 @@ accuracy / AUC on the target's test split, next to "no transfer" (own data only,
 all variants: no variant changes the own-only fine-tune).
 
     .venv/bin/python benchmarks/screen_demo_protocols.py DEMO_DIR [variant,variant,...] [--seeds=3] [--preset=cpu] [--control]
+        [--out=screen-protocols.json]
 
 ``--control``: also score 20 uniform-noise images (10 per class) with every variant: what the variant's
 extra steps do without any information from the source.
@@ -38,10 +39,16 @@ from histodd_fed.patchset import PatchSet  # noqa: E402
 #: whatever the preset ships, so a variant name means the same thing under any preset
 BASE = {"sequential_min_steps": 0, "sequential_replay": 0.0, "sequential_lr_scale": 10.0, "received_share": 0.5,
         "fine_tune_seeds": 1}
-#: name -> (protocol, CentrePreset overrides of the receive fields, on top of BASE)
+#: name -> (protocol, CentrePreset overrides of the receive fields, on top of BASE). ``epochs``: fine-tune
+#: epochs of the variant's rows (default: the preset's); "no transfer" is then re-run with the same epochs
+#: (its own-only fine-tune), and the variant's share is against that baseline.
 VARIANTS: dict[str, tuple[str, dict]] = {
     "union": ("union", {}),
     "union_s25": ("union", {"received_share": 0.25}),
+    "union_s75": ("union", {"received_share": 0.75}),
+    "union_s90": ("union", {"received_share": 0.9}),
+    "union_e10": ("union", {"epochs": 10}),
+    "union_s75_e10": ("union", {"received_share": 0.75, "epochs": 10}),
     "seq": ("sequential", {}),
     "seq_steps25": ("sequential", {"sequential_min_steps": 25}),
     "seq_steps50": ("sequential", {"sequential_min_steps": 50}),
@@ -80,14 +87,14 @@ def main(argv: list[str]) -> int:
     ipc10 = demo_set(src) or local_work.distil_cached(src, preset, p_src, ipc=10, seed=src.seed).patchset
     results: list[dict] = []
 
-    def score(variant: str, row: str, pre, received) -> list[float]:
+    def score(variant: str, row: str, pre, received, epochs: int = epochs) -> list[float]:
         rec = None if received is None else local_work.prepare_received(received, p_tgt, pre)[0]
         accs = []
         for k in range(n_seeds):
             t0 = time.perf_counter()
             model, info = local_work._fine_tune_classifier(p_tgt, pre, rec, epochs=epochs, seed=tgt.seed + k)
             m = local_work.patch_metrics(model, p_tgt.test)
-            r = {"variant": variant, "row": row, "ft_seed": tgt.seed + k,
+            r = {"variant": variant, "row": row, "ft_seed": tgt.seed + k, "epochs": epochs,
                  "bal_acc": round(m["patch_balanced_accuracy"], 4), "auc": round(m["patch_auc"], 4),
                  "received_s": info.get("received_train_seconds"), "received_epochs": info.get("received_epochs"),
                  "s": round(time.perf_counter() - t0, 1)}
@@ -96,15 +103,21 @@ def main(argv: list[str]) -> int:
             print(json.dumps(r), flush=True)
         return accs
 
-    none = score("-", "no transfer", replace(preset, fine_tune_protocol="union", also_protocols=()), None)
+    own_only = replace(preset, fine_tune_protocol="union", also_protocols=())
+    nones = {epochs: score("-", "no transfer", own_only, None)}
     summary = []
     for name in names:
         proto, over = VARIANTS[name]
+        over = dict(over)
+        n_epochs = int(over.pop("epochs", epochs))
+        if n_epochs not in nones:  # a longer schedule: "no transfer" with the same epochs
+            nones[n_epochs] = score("-", f"no transfer e{n_epochs}", own_only, None, n_epochs)
+        none = nones[n_epochs]
         pre = replace(preset, fine_tune_protocol=proto, also_protocols=(), **{**BASE, **over})
-        ipc = score(name, "ipc10", pre, ipc10)
-        full = score(name, "Full", pre, p_src.train)
+        ipc = score(name, "ipc10", pre, ipc10, n_epochs)
+        full = score(name, "Full", pre, p_src.train, n_epochs)
         n, i, f = float(np.mean(none)), float(np.mean(ipc)), float(np.mean(full))
-        s = {"variant": name, "none": round(n, 4), "ipc10": round(i, 4), "full": round(f, 4),
+        s = {"variant": name, "epochs": n_epochs, "none": round(n, 4), "ipc10": round(i, 4), "full": round(f, 4),
              "share": round((i - n) / (f - n), 3) if f != n else None,
              "ipc10_by_seed": [round(x, 4) for x in ipc], "full_by_seed": [round(x, 4) for x in full],
              "none_by_seed": [round(x, 4) for x in none]}
@@ -113,11 +126,11 @@ def main(argv: list[str]) -> int:
             imgs = rng.integers(0, 256, (20, *p_src.train.images.shape[1:]), dtype=np.uint8)
             noise = PatchSet(images=imgs, labels=np.repeat([0, 1], 10).astype(np.int64),
                              class_names=list(p_src.train.class_names), kind="synthetic")
-            c = float(np.mean(score(name, "control_noise", pre, noise)))
+            c = float(np.mean(score(name, "control_noise", pre, noise, n_epochs)))
             s.update(control_noise=round(c, 4), control_share=round((c - n) / (f - n), 3) if f != n else None)
         summary.append(s)
         print("SUMMARY " + json.dumps(s), flush=True)
-    (root / "screen-protocols.json").write_text(json.dumps({"runs": results, "summary": summary}, indent=1) + "\n")
+    (root / opts.get("out", "screen-protocols.json")).write_text(json.dumps({"runs": results, "summary": summary}, indent=1) + "\n")
     return 0
 
 
