@@ -99,7 +99,7 @@ def _oversample(bags: list, n: int) -> list:
 
 def fine_tune(encoder_model, received: PatchSet | None, own_train: PatchSet | None, root: Path,
               preset: CentrePreset, seed: int, *, epochs: int, test: PatchSet | None = None) -> dict[str, Any]:
-    """Fine-tune the pre-trained CLAM; metrics on the saved real test bags.
+    """Fine-tune the pre-trained CLAM; metrics on the real test bags (saved, or re-encoded: ``test``).
 
     Bags come from ``received`` (already stain-normalised by the caller) and, when ``own_train`` is
     given (the "union" protocol), also from the centre's own train slides. Own bags are repeated so
