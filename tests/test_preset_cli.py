@@ -52,6 +52,8 @@ def test_preset_pcam_loads_and_validates(tmp_path):
     assert p.view == CROP and p.eval.arch == "convnet" and p.eval.augmentation == "flip_rotate"
     assert p.distill_config().image_size == 32 and p.distill_config(ipc=3).ipc == 3
     assert p.distill_config().candidates == 5 and p.distill_config(candidates=1).candidates == 1
+    assert p.distill_config().candidate_gate and p.distill_config().privacy_step == 0
+    assert p.distill_config(ipc=50).privacy_step > 0      # ipc 50: the privacy term (docs/pcam-tuning.md)
     assert p.coreset_config(method="herding", ipc=2).arch == "convnet"
     with pytest.raises(InputError, match="no such preset"):
         load_preset("nope")
