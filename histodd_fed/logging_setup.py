@@ -25,7 +25,10 @@ def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
 
 
 def progress_enabled() -> bool:
-    """Progress bars are shown unless ``--quiet`` or ``HISTODD_NO_PROGRESS=1``."""
+    """Progress bars are shown unless ``--quiet``, ``HISTODD_NO_PROGRESS=1`` or tqdm's own ``TQDM_DISABLE``
+    (which tqdm itself ignores once a caller passes ``disable=`` explicitly, as these bars do)."""
+    if os.environ.get("TQDM_DISABLE", "").strip().lower() in {"1", "true", "yes"}:
+        return False
     return os.environ.get("HISTODD_NO_PROGRESS", "0") != "1"
 
 

@@ -438,7 +438,7 @@ class PrivacyGuard:
         k = min(self.topk, c.shape[1])
         pen = (c.topk(k, dim=1).values - self.corr_thr).clamp_min(0).sum() \
             + (self.l2_thr - d.topk(k, dim=1, largest=False).values).clamp_min(0).sum()
-        if float(pen) <= 0:
+        if float(pen.detach()) <= 0:
             return 0
         g = torch.autograd.grad(pen, x)[0]
         rms = g.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12).view(-1, 1, 1, 1)

@@ -104,6 +104,7 @@ def _first_passing(order: list[int], results: list, real: PatchSet, scores: list
     from histodd_fed.privacy.gate import check_export
 
     audited = []
+    t0 = time.perf_counter()
     for i in order:
         t = time.perf_counter()
         decision = check_export(synthetic=results[i].patchset, real=real, raise_on_block=False)
@@ -112,7 +113,7 @@ def _first_passing(order: list[int], results: list, real: PatchSet, scores: list
         log.info("distill: candidate %d: export gate %s (%.0fs)%s", i, "passed" if decision.passed else "blocks it",
                  time.perf_counter() - t, "" if decision.passed else f": {decision.reasons[0]}")
         if decision.passed:
-            return i, {"audited": audited, "passed": True}
+            return i, {"audited": audited, "passed": True, "seconds": round(time.perf_counter() - t0, 1)}
     log.warning("distill: none of the %d candidates passes the export gate; keeping the most accurate (export "
                 "will block it: lower ipc, raise init_mix or add privacy_step)", len(order))
-    return order[0], {"audited": audited, "passed": False}
+    return order[0], {"audited": audited, "passed": False, "seconds": round(time.perf_counter() - t0, 1)}
