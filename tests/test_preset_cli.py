@@ -54,6 +54,7 @@ def test_preset_pcam_loads_and_validates(tmp_path):
     assert p.distill_config().candidates == 5 and p.distill_config(candidates=1).candidates == 1
     assert p.distill_config().candidate_gate and p.distill_config().privacy_step == 0
     assert p.distill_config(ipc=50).privacy_step > 0      # ipc 50: the privacy term (docs/pcam-tuning.md)
+    assert p.distill_config(ipc=20).privacy_step > 0      # ipc 20 too (session 7: 1 of 3 sets blocked without)
     assert p.coreset_config(method="herding", ipc=2).arch == "convnet"
     with pytest.raises(InputError, match="no such preset"):
         load_preset("nope")
