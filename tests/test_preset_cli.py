@@ -140,3 +140,15 @@ def test_help_texts_explain_the_preset():
         assert "--preset" in text and "pcam" in text and "centre" in text and "override" in text, cmd
     text = " ".join(ok("export", "--help").split())
     assert "view" in text and "--preset" in text
+
+
+def test_distill_takes_a_patch_set_imported_from_a_folder(tmp_path, data):
+    # DIR may be a PatchSet: the natural one is `tile --patches FOLDER` (no slides, so no slide splits);
+    # distill used to select the empty 'train' split of it and stop with "no patches to distil"
+    store, S = tmp_path / "store", tmp_path / "S"
+    ok("-q", "tile", "--patches", data / "train", "--out", store)
+    assert PatchSet.load(store).meta["slide_splits"] == {}
+    ok("-q", "distill", "--patches", store, "--preset", "pcam", "--ipc", 2, "--outer-steps", 1, "--inner-steps", 1,
+       "--init", "noise", "--candidates", 1, "--out", S)
+    syn = PatchSet.load(S)
+    assert syn.class_counts() == {"normal": 2, "tumour": 2} and recorded_view(syn) == CROP

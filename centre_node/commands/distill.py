@@ -97,7 +97,7 @@ def distill_command(
                     slide_mpp=slide_mpp, seed=cfg.seed)
         patches = store
     real = PatchSet.load(patches)
-    if isinstance(real.meta.get("slide_splits"), dict):
+    if real.meta.get("slide_splits"):     # a tiled slide store; an imported patch folder has none ({})
         from histodd_fed.slides.manifest import select_split
 
         real = select_split(real, split)
