@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from histodd_fed.errors import ConfigError
 from histodd_fed.federation.presets import get_preset
+from tests.test_federation_study import with_slides
 
 PCAM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pcam-ai4all"
 
@@ -27,23 +27,14 @@ def test_bad_slide_encoder_is_a_config_error():
 
 
 def _centre(tmp_path: Path):
-    """A tiny centre on real PCam patches with 8 slides (6 train, 2 test), prepared with the tiny preset."""
+    """A tiny centre on real PCam patches with 8 slides (5 train, 3 test), prepared with the tiny preset."""
     if not PCAM.exists():
         pytest.skip(f"real PCam patches not found at {PCAM}")
     from histodd_fed.federation import local_work
     from histodd_fed.federation.centre import CentreConfig
     from histodd_fed.patchset import load_image_folder
 
-    ps = load_image_folder(PCAM / "valid", limit_per_class=24, seed=2)
-    tumour = ps.labels == ps.class_names.index("tumour")
-    slide = np.zeros(len(ps), dtype=np.int64)
-    slide[tumour] = 1 + 2 * (np.arange(tumour.sum()) % 4)      # tumour patches on odd slides
-    slide[~tumour] = np.arange((~tumour).sum()) % 8            # normal tissue on every slide
-    ps.slide_index = slide.astype(ps.slide_index.dtype)
-    ps.slide_ids = [f"s{j}" for j in range(8)]
-    ps.slide_labels = {f"s{j}": j % 2 for j in range(8)}
-    ps.meta["slide_splits"] = {f"s{j}": "test" if j >= 5 else "train" for j in range(8)}
-    ps.save(tmp_path / "data")
+    with_slides(load_image_folder(PCAM / "valid", limit_per_class=24, seed=2), first_test=5).save(tmp_path / "data")
     cfg = CentreConfig("C2", tmp_path / "data", tmp_path / "keys", tmp_path / "work", preset="tiny", seed=3)
     preset = get_preset("tiny", fine_tune_protocol="sequential", slide_encoder="fine_tuned")
     return cfg, preset, local_work.prepare(cfg, preset)

@@ -13,8 +13,8 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PCAM = DATA / "pcam-ai4all"
 
 
-def _with_slides(ps):
-    """Give real PCam patches a slide table: 8 slides (odd ones tumour), slides 6-7 held out."""
+def with_slides(ps, first_test: int = 6):
+    """Give real PCam patches a slide table: 8 slides (odd ones tumour), slides ``first_test``-7 held out."""
     import numpy as np
 
     tumour = ps.labels == ps.class_names.index("tumour")
@@ -24,7 +24,7 @@ def _with_slides(ps):
     ps.slide_index = slide.astype(ps.slide_index.dtype)
     ps.slide_ids = [f"s{j}" for j in range(8)]
     ps.slide_labels = {f"s{j}": j % 2 for j in range(8)}
-    ps.meta["slide_splits"] = {f"s{j}": "test" if j >= 6 else "train" for j in range(8)}
+    ps.meta["slide_splits"] = {f"s{j}": "test" if j >= first_test else "train" for j in range(8)}
     return ps
 
 
@@ -38,7 +38,7 @@ def _centres(root: Path, faults=None, slides: bool = False, **enrol_kw):
         d = root / "data" / cid
         if not d.exists():
             ps = load_image_folder(PCAM / split, limit_per_class=24, seed=seed)
-            (_with_slides(ps) if slides else ps).save(d)
+            (with_slides(ps) if slides else ps).save(d)
     from histodd_fed.federation.centre import ExportPolicy
 
     # both centres' own policies allow the "Full" comparison (real patches) to each other
