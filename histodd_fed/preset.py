@@ -6,6 +6,8 @@ A preset fixes what must agree between the commands that build, audit and evalua
 - ``distill``: the distillation recipe (``DistillConfig`` fields),
 - ``distill_by_ipc``: changes to that recipe for one ipc (``{50: {init_mix: 4}}``), applied when the
   run's ipc (the preset's, or ``--ipc``) matches; explicit flags still win,
+- ``distill_dp``: the recipe's DP version (overrides applied last, after ``distill_by_ipc``), used when
+  a run asks for a privacy budget (``centre-node distill --epsilon``; histodd_fed.distill.dm_dp),
 - ``coreset``: the coreset options (``CoresetConfig`` fields other than method / ipc / seed),
 - ``eval``: the evaluation recipe (network, epochs, learning rate, batch, augmentation, seeds).
 
@@ -56,21 +58,28 @@ class Preset:
     coreset: dict[str, Any] = field(default_factory=dict)
     eval: EvalRecipe = field(default_factory=EvalRecipe)
     distill_by_ipc: dict[int, dict[str, Any]] = field(default_factory=dict)
+    distill_dp: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "path": str(self.path), "description": self.description,
                 "view": None if self.view is None else self.view.to_dict(), "distill": dict(self.distill),
                 "distill_by_ipc": {k: dict(v) for k, v in self.distill_by_ipc.items()},
+                "distill_dp": dict(self.distill_dp),
                 "coreset": dict(self.coreset), "eval": asdict(self.eval)}
 
-    def distill_config(self, **overrides: Any):
+    def distill_config(self, *, dp: bool = False, **overrides: Any):
         """The preset's ``DistillConfig`` for the run's ipc (``distill`` plus that ipc's ``distill_by_ipc``
-        entry); ``None`` overrides are ignored (CLI flags pass straight through) and others win."""
+        entry, plus ``distill_dp`` when ``dp``); ``None`` overrides are ignored (CLI flags pass straight
+        through) and others win. ``dp`` on a preset without ``distill_dp`` is a ``ConfigError``."""
         from histodd_fed.distill.config import DistillConfig
 
+        if dp and not self.distill_dp:
+            raise ConfigError(f"{self.path}: preset {self.name!r} has no DP recipe (distill_dp section); "
+                              "--epsilon needs one")
         ipc = overrides.get("ipc") if overrides.get("ipc") is not None else self.distill.get("ipc", 10)
-        recipe = {**self.distill, **self.distill_by_ipc.get(int(ipc), {})}
-        return DistillConfig.from_dict(recipe, where=f"{self.path} distill (ipc {ipc})", **overrides)
+        recipe = {**self.distill, **self.distill_by_ipc.get(int(ipc), {}), **(self.distill_dp if dp else {})}
+        where = f"{self.path} distill{'_dp' if dp else ''} (ipc {ipc})"
+        return DistillConfig.from_dict(recipe, where=where, **overrides)
 
     def coreset_config(self, **overrides: Any):
         """The preset's ``CoresetConfig``; ``None`` overrides are ignored."""
@@ -111,7 +120,7 @@ def load_preset(name_or_path: str | Path) -> Preset:
     if not path.is_file():
         raise InputError(f"{path}: no such preset (known: {', '.join(preset_names()) or 'none'})")
     data = read_yaml_mapping(path, "preset sections")
-    unknown = sorted(set(data) - {"name", "description", "view", "distill", "distill_by_ipc", "coreset", "eval"})
+    unknown = sorted(set(data) - {"name", "description", "view", "distill", "distill_by_ipc", "distill_dp", "coreset", "eval"})
     if unknown:
         raise ConfigError(f"{path}: unknown preset section(s) {unknown}")
     view = None if data.get("view") is None else ViewSpec.from_dict(data["view"], where=str(path))
@@ -132,9 +141,14 @@ def load_preset(name_or_path: str | Path) -> Preset:
     preset = Preset(name=str(data.get("name") or path.stem.removeprefix(PREFIX)), path=path,
                     description=str(data.get("description") or "").strip(), view=view,
                     distill=_section(data, "distill", str(path)), coreset=coreset, eval=EvalRecipe(**ev),
-                    distill_by_ipc=by_ipc)
+                    distill_by_ipc=by_ipc, distill_dp=_section(data, "distill_dp", str(path)))
     preset.distill_config()   # validate now: a bad preset fails before any data is read
     for ipc in by_ipc:
         preset.distill_config(ipc=ipc)
+    if preset.distill_dp:
+        if "dp_epsilon" in preset.distill_dp:
+            raise ConfigError(f"{path}: distill_dp must not fix dp_epsilon (the run's --epsilon sets it)")
+        for ipc in sorted({int(preset.distill.get("ipc", 10)), *by_ipc}):
+            preset.distill_config(dp=True, ipc=ipc, dp_epsilon=1.0)
     preset.coreset_config(method="random").validate()
     return preset

@@ -43,7 +43,15 @@ def distill_command(
     model: Optional[str] = typer.Option(None, "--model", help="convnet | resnetap10."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize patches to this size."),
     per_slide: Optional[bool] = typer.Option(None, "--per-slide/--per-class", help="Slide-level mode (for MIL)."),
-    init: Optional[str] = typer.Option(None, "--init", help="real (paper) | noise | herding (start from the herding coreset)."),
+    init: Optional[str] = typer.Option(None, "--init", help="real (paper) | noise | herding (start from the herding coreset) | "
+                                       "public (with --epsilon: PUBLIC images from --public-dir)."),
+    epsilon: Optional[float] = typer.Option(None, "--epsilon",
+                                            help="Differential privacy: distil with the preset's DP recipe (distill_dp: "
+                                                 "one-shot DP mean embeddings, dm-dp) at this epsilon (> 0)."),
+    delta: Optional[float] = typer.Option(None, "--delta", help="DP delta, in (0, 1) (default 1e-5; with --epsilon)."),
+    public_dir: Optional[Path] = typer.Option(None, "--public-dir",
+                                              help="With --epsilon: folder of PUBLIC images (never the centre's patches) "
+                                                   "to start from and centre the embeddings on."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     candidates: Optional[int] = typer.Option(None, "--candidates",
                                              help="Best of K: distil K candidate sets from all but a held-out part of "
@@ -60,8 +68,18 @@ def distill_command(
     With --preset (e.g. pcam) the patches are put in the preset's view (pcam: centre 32 px of each
     96-px patch) and distilled with its recipe; the synthetic set records the view in its meta.
     """
+    import math
+
     from histodd_fed.errors import InputError
 
+    if epsilon is not None and not (math.isfinite(epsilon) and epsilon > 0):
+        raise InputError(f"distill: --epsilon must be a finite number > 0, got {epsilon}")
+    if delta is not None and epsilon is None:
+        raise InputError("distill: --delta needs --epsilon")
+    if delta is not None and not 0 < delta < 1:
+        raise InputError(f"distill: --delta must be in (0, 1), got {delta}")
+    if public_dir is not None and epsilon is None:
+        raise InputError("distill: --public-dir is for DP runs (--epsilon)")
     if (patches is None) == (slides is None):
         raise InputError("distill: give exactly one of --patches STORE or --slides DIR")
     if preset is not None and config is not None:
@@ -74,13 +92,16 @@ def distill_command(
     overrides = dict(ipc=ipc, outer_steps=outer_steps, inner_steps=inner_steps, lr_img=lr_img, model=model,
                      image_size=image_size, per_slide=per_slide, init=init, seed=seed, device=device,
                      candidates=candidates)
+    dp = epsilon is not None
+    if dp:
+        overrides.update(dp_epsilon=epsilon, dp_delta=delta, public_dir=None if public_dir is None else str(public_dir))
     pre = None
     if preset is not None:
         from histodd_fed.preset import load_preset
 
         pre = load_preset(preset)
         cfg_path = pre.path
-        cfg = pre.distill_config(**overrides)
+        cfg = pre.distill_config(dp=dp, **overrides)
     elif cfg_path.exists() or config is not None:
         cfg = DistillConfig.from_yaml(cfg_path, **overrides)
     else:
@@ -113,7 +134,8 @@ def distill_command(
              cfg.ipc, cfg.outer_steps, cfg.inner_steps)
     res = run_distillation(real, cfg, work_dir=work, resume=resume)
     syn = res.patchset
-    syn.meta["source"] = str(patches)
+    if not dp:    # a DP set's meta holds nothing the accounting does not cover (the path is in run_config.json)
+        syn.meta["source"] = str(patches)
     syn.meta["split"] = split
     syn.meta.setdefault("view", current_view(real).with_size(cfg.image_size).to_dict())
     if pre is not None:
@@ -129,6 +151,12 @@ def distill_command(
     save_loss_curve(syn.meta["loss_curve"], out / "loss_curve.png")
     save_grid(res.initial_images, syn.images, syn.labels, syn.class_names, out / "synthetic_grid.png")
     t = syn.meta["timings"]
+    if dp:
+        d = syn.meta["dp"]
+        typer.echo(f"wrote {len(syn)} synthetic patches to {out}: dm-dp, ({d['epsilon']:.3f}, {d['delta']:g})-DP "
+                   f"per patch (noise multiplier {d['noise_multiplier']:.3f}, clip {d['clip']:g}, {d['accountant']}); "
+                   f"matching {t['matching_s']:.1f}s")
+        return
     typer.echo(f"wrote {len(syn)} synthetic patches {syn.class_counts()} to {out} "
                f"(pool {t['pool_s']:.1f}s{' cached' if syn.meta['pool']['reused'] else ''}, "
                f"matching {t['matching_s']:.1f}s, total {t['total_s']:.1f}s)")

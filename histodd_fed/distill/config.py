@@ -9,7 +9,7 @@ from typing import Any
 from histodd_fed.errors import ConfigError
 
 DISTANCES = ("l1", "l1_mean", "cosine", "mse")
-INITS = ("real", "noise", "herding", "mixture", "mosaic")
+INITS = ("real", "noise", "herding", "mixture", "mosaic", "public")
 UPDATES = ("joint", "per_class")
 DSA_MODES = ("all", "single")
 LR_SCHEDULES = ("constant", "cosine")
@@ -26,7 +26,8 @@ LATER_FIELDS = {"init_mix": 16, "init_grid": 2, "init_colour_pool": 0, "init_anc
                 "privacy_topk": 4, "dp_noise": 0.0, "dp_clip": 1.0, "dp_delta": 1e-5,
                 "formation": 1, "candidates": 1, "candidate_holdout": 500, "candidate_epochs": 200,
                 "candidate_eval_seeds": 2, "candidate_augmentation": "flip_rotate", "dm_layers": "last",
-                "dm_moments": 1, "candidate_gate": False}
+                "dm_moments": 1, "candidate_gate": False, "dp_epsilon": 0.0, "dp_nets": 8, "dp_augs": 4,
+                "public_dir": "", "public_scale": 4, "public_pick": "project"}
 
 
 @dataclass
@@ -111,6 +112,21 @@ class DistillConfig:
     dp_noise: float = 0.0
     dp_clip: float = 1.0
     dp_delta: float = 1e-5
+    # DP distribution matching (dm-dp, histodd_fed.distill.dm_dp): one-shot DP class-mean embeddings. Target
+    # (epsilon, ``dp_delta``) (0: off); every real patch's embedding under ``dp_nets`` fixed random networks
+    # (averaged over ``dp_augs`` augmentations), clipped to ``dp_clip``, summed per class with a count
+    # coordinate, one Gaussian noise draw calibrated by Opacus's PRV accountant; the synthetic images
+    # (``init`` noise | public) are then matched to the noisy means (post-processing)
+    dp_epsilon: float = 0.0
+    dp_nets: int = 8
+    dp_augs: int = 4
+    #: PUBLIC images (never the centre's patches) for ``init: public`` and for centring the embeddings:
+    #: a folder of image files (e.g. the Camelyon17 stain tiles), each downscaled by ``public_scale`` and
+    #: cut into ``image_size`` patches; ``public_pick`` project: per class the public patches whose
+    #: embedding lies furthest toward the class's noisy mean (post-processing), random: random patches
+    public_dir: str = ""
+    public_scale: int = 4
+    public_pick: str = "project"
     #: fast: one augmentation call for all classes, class-stacked gradients (torch.func vmap on GPU, a
     #: class loop on CPU), no second-order network gradients; same random draws as ``reference`` (the
     #: plain per-class loop), equal to float rounding. Batch-norm networks always use ``reference``.
@@ -212,6 +228,12 @@ class DistillConfig:
             if leaks:
                 raise ConfigError("distill config: DP matching (dp_noise > 0) lets real patches in only through the "
                                   "noised gradients; these settings would leak them: " + "; ".join(leaks))
+        if self.dp_epsilon:
+            from histodd_fed.distill.dm_dp import validate_dm_dp
+
+            validate_dm_dp(self)
+        elif self.init == "public":
+            raise ConfigError("distill config: init 'public' is for DP distribution matching (dp_epsilon > 0)")
         if not isinstance(self.init_coreset, dict):
             raise ConfigError(f"distill config: init_coreset must be a mapping, got {self.init_coreset!r}")
         bad = sorted(set(self.init_coreset) - set(INIT_CORESET_KEYS))

@@ -475,6 +475,10 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
     config.validate()
     if len(real) == 0:
         raise InputError("distill: the real patch set is empty")
+    if config.dp_epsilon > 0:   # DP distribution matching: one-shot DP mean embeddings (histodd_fed.distill.dm_dp)
+        from histodd_fed.distill.dm_dp import run_dm_dp
+
+        return run_dm_dp(real, config, progress)
     if config.candidates > 1:   # best of K on the centre's own held-out patches (histodd_fed.distill.select)
         if stop_after_steps is not None:
             raise InputError("distill: stop_after_steps is for single runs; best-of-K runs resume per candidate")
