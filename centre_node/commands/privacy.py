@@ -1,4 +1,4 @@
-"""`centre-node audit`: privacy audit of a synthetic (or coreset) patch set."""
+"""`centre-node audit`: privacy audit of a synthetic (or coreset) patch set (threshold attacks and/or LiRA)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,17 @@ def audit(
     no_membership: bool = typer.Option(False, "--no-membership", help="Skip the membership-inference attack."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads during the audit."),
     fail_on_risk: bool = typer.Option(False, "--fail-on-risk", help="Exit 3 when a gate rule fires."),
+    attack: str = typer.Option("threshold", "--attack", help="threshold: the audit (memorisation + loss / confidence "
+                               "threshold attacks); lira: only LiRA, shadow re-runs of the set's recorded recipe on "
+                               "halves of a member / non-member pool (needs --holdout); all: both."),
+    shadows: int = typer.Option(16, "--shadows", help="LiRA: shadow runs of the recipe (each patch IN for half)."),
+    pool: int = typer.Option(2000, "--pool", help="LiRA: pool size, half members drawn from --patches, half "
+                             "non-members from --holdout (seeded)."),
+    shadow_candidates: Optional[int] = typer.Option(None, "--shadow-candidates", help="LiRA, distilled sets: "
+                                                    "best-of-K candidates per shadow run instead of the recorded "
+                                                    "number (cheaper, not the exact recipe; recorded in audit.json)."),
+    lira_epochs: Optional[int] = typer.Option(None, "--lira-epochs", help="LiRA: epochs of the evaluation "
+                                              "classifier trained on each shadow set and on the set (default 200)."),
 ) -> None:
     """Audit a synthetic set for memorisation and membership leakage; write a Markdown + JSON + PNG report.
 
@@ -44,10 +55,34 @@ def audit(
     (meta "view": the crop / resize it was made from) and in the other plausible view of its size;
     the worst view decides (per-view rows in audit.md / audit.json). Patches that cannot be put in
     that view are refused with one line.
+
+    --attack lira runs LiRA instead (docs/privacy.md, "LiRA (attack-based audit)"): the set's
+    recorded recipe (distill config or coreset method) is re-run --shadows times on random halves of
+    a pool of --pool patches (half members from --patches, half non-members from --holdout); writes
+    audit.json ("lira": AUC, TPR at 1% / 0.1% FPR, ...), audit.md and lira_roc.png. --attack all:
+    the audit above plus LiRA.
     """
+    from histodd_fed.errors import InputError
     from histodd_fed.patchset import PatchSet
 
+    if attack not in ATTACKS:
+        raise InputError(f"audit: --attack must be one of {', '.join(ATTACKS)}, got {attack!r}")
+    if attack != "threshold":   # every LiRA input checked before anything is read or written
+        if holdout is None:
+            raise InputError(f"audit --attack {attack}: give --holdout HELD_OUT_DIR (the pool's non-members)")
+        if shadows < 2 or pool < 4:
+            raise InputError(f"audit --attack {attack}: need --shadows >= 2 and --pool >= 4 (got {shadows}, {pool})")
+        if lira_epochs is not None and lira_epochs < 1:
+            raise InputError(f"audit --attack {attack}: --lira-epochs must be >= 1")
     syn = PatchSet.load(synthetic)  # bad input fails here, before torch is imported
+    recipe = None
+    if attack != "threshold":
+        recipe = _recipe(syn, synthetic, shadow_candidates)
+    if attack == "lira":
+        _lira_only(syn, recipe, synthetic, patches, holdout, out, seed=seed, shadows=shadows, pool=pool,
+                   limit_per_class=limit_per_class, holdout_limit_per_class=holdout_limit_per_class,
+                   threads=threads, epochs=lira_epochs)
+        return
     real = _load(patches, limit_per_class, seed)
     hold = None if holdout is None else _load(holdout, holdout_limit_per_class, seed)
 
@@ -81,9 +116,164 @@ def audit(
     for v in s.get("views") or []:
         typer.echo(f"  view {v['view_text']}: {'FLAGGED' if v['flagged'] else 'passes'} (max SSIM {v.get('ssim', float('nan')):.3f})")
     typer.echo(("FLAGGED: " + "; ".join(report.risks)) if report.flagged else "passes the gate rules")
+    if attack == "all":
+        lira = _run_lira(syn, recipe, real, hold, patches, holdout, seed=seed, shadows=shadows, pool=pool,
+                         threads=threads, epochs=lira_epochs)
+        _write_lira(out, lira, merge=True)
     typer.echo(f"report: {out / 'audit.md'}")
     if fail_on_risk and report.flagged:
         raise typer.Exit(3)
+
+# ---------------------------------------------------------------------------- LiRA
+ATTACKS = ("threshold", "lira", "all")
+
+
+def _recipe(syn, path: Path, shadow_candidates: Optional[int]):
+    """The set's recorded recipe (one-line error when it records none), with --shadow-candidates."""
+    from histodd_fed.errors import InputError
+    from histodd_fed.release.recipes import recipe_from_set
+
+    recipe = recipe_from_set(syn, where=str(path))
+    if shadow_candidates is not None:
+        if recipe.kind != "distill" or shadow_candidates < 1:
+            raise InputError(f"audit: --shadow-candidates N (N >= 1) applies to distilled sets; {path} is a "
+                             f"{recipe.kind} ({recipe.method})")
+        recipe = recipe_from_set(syn, overrides={"candidates": shadow_candidates}, where=str(path))
+    return recipe
+
+
+def _sample(ps, n: int, seed: int, salt: int):
+    import numpy as np
+
+    rng = np.random.default_rng([int(seed), salt])
+    return ps.subset(np.sort(rng.choice(len(ps), n, replace=False)))
+
+
+def _made_from(meta: dict) -> Optional[int]:
+    """How many real patches the set was made from, as its meta records it (None: not recorded)."""
+    sel = meta.get("selection") or {}
+    for v in (sel.get("distilled_from_images"), meta.get("source_num_images"), meta.get("source_size")):
+        if v is not None:
+            return int(v)
+    return None
+
+
+def _run_lira(syn, recipe, real, hold, patches: Path, holdout: Path, *, seed: int, shadows: int, pool: int,
+              threads: Optional[int], epochs: Optional[int]):
+    """LiRA on ``syn``: (LiraResult, the ``lira`` JSON with the pool, recipe and design recorded)."""
+    import dataclasses
+
+    import torch
+
+    from histodd_fed.errors import InputError
+    from histodd_fed.privacy.lira import DEFAULT_TRAIN_SPEC, run_lira
+    from histodd_fed.release.recipes import in_set_view
+
+    n_side = min(pool // 2, len(real), len(hold))
+    if n_side < 2:
+        raise InputError(f"audit --attack lira: need at least 2 members and 2 non-members (got {len(real)}, {len(hold)})")
+    members = in_set_view(syn, _sample(real, n_side, seed, 1), where=str(patches))
+    non_members = in_set_view(syn, _sample(hold, n_side, seed, 2), where=str(holdout))
+    spec = DEFAULT_TRAIN_SPEC if epochs is None else dataclasses.replace(DEFAULT_TRAIN_SPEC, epochs=int(epochs))
+    prev = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        res = run_lira(syn, members, non_members, recipe, shadows=shadows, train_spec=spec, seed=seed, progress=True)
+    finally:
+        torch.set_num_threads(prev)
+    made_from = _made_from(syn.meta)
+    d = res.to_dict()
+    d["recipe"] = recipe.to_dict()
+    d["pool"] = {"size": 2 * n_side, "members": n_side, "non_members": n_side, "members_from": str(patches),
+                 "non_members_from": str(holdout), "requested": pool, "view": members.meta.get("view")}
+    d["design"] = {
+        "target": (f"the set as released: made from all of --patches ({made_from} patches, as its meta records)"
+                   if made_from is not None else "the set as released: made from all of --patches (count not recorded)"),
+        "shadows": f"{shadows} re-runs of its recipe, each on a random half of the pool (~{n_side} patches); every "
+                   f"pool patch is IN for {shadows // 2} of them",
+        "what_it_means": "The IN / OUT Gaussians describe membership in a recipe run on ~half the pool, not in the "
+                         "run that made the released set. When the set was made from more patches than that, a member "
+                         "weighs less in it than an IN patch does in a shadow (a random coreset, for one, picks a "
+                         "given patch with probability ipc / class size), so the test is mis-specified: the numbers "
+                         "say how well this calibrated attack tells these members from these non-members, not the "
+                         "leakage of an idealised experiment, and an AUC near 0.5 means 'not detected by this "
+                         "attack', not a bound. benchmarks/bench_lira_pcam.py runs the textbook design (the target "
+                         "made from exactly the members half of the pool).",
+        "target_made_from": made_from}
+    return res, d
+
+
+def _lira_markdown(d: dict) -> str:
+    rows = [("LiRA online", d["auc"], d["tpr_at_fpr"]), ("LiRA offline", d["offline"]["auc"], d["offline"]["tpr_at_fpr"]),
+            ("global threshold (no shadows)", d["baseline_global_threshold"]["auc"],
+             d["baseline_global_threshold"]["tpr_at_fpr"])]
+    lines = ["## LiRA (shadow re-runs of the set's recipe)", "",
+             f"Recipe: {d['recipe']['description']}. {d['shadows']} shadows, {d['members']} members vs "
+             f"{d['non_members']} non-members (FPR resolution {d['fpr_resolution']:.4f}); variance: {d['variance']}; "
+             f"queries: {', '.join(d['augmentations'])}.", "",
+             "| attack | ROC AUC | TPR @ 1% FPR | TPR @ 0.1% FPR |", "|---|---|---|---|"]
+    lines += [f"| {n} | {a:.4f} | {t['0.01']:.4f} | {t['0.001']:.4f} |" for n, a, t in rows]
+    lines += ["", f"Target: {d['design']['target']}; shadows: {d['design']['shadows']}.", "",
+              d["design"]["what_it_means"], "", "![LiRA ROC](lira_roc.png)", "",
+              "An empirical attack, not a privacy guarantee; see docs/privacy.md, \"LiRA (attack-based audit)\".", ""]
+    return "\n".join(lines)
+
+
+def _write_lira(out: Path, res, d: dict, *, merge: bool, header: Optional[dict] = None) -> None:
+    """Write ``lira_roc.png`` and the ``lira`` entry of ``audit.json`` (merged into an existing audit, or a
+    LiRA-only ``audit.json`` / ``audit.md``), each file atomically."""
+    import json
+
+    from histodd_fed.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+    from histodd_fed.privacy.audit import AUDIT_FORMAT, AUDIT_VERSION
+    from histodd_fed.privacy.lira import lira_roc_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "lira_roc.png", lira_roc_png(res))
+    if merge:
+        doc = json.loads((out / "audit.json").read_text())
+        doc["lira"] = d
+        doc.setdefault("files", {})["lira_roc"] = "lira_roc.png"
+        atomic_write_json(out / "audit.json", doc)
+        atomic_write_text(out / "audit.md", (out / "audit.md").read_text() + "\n" + _lira_markdown(d))
+        return
+    doc = {"format": AUDIT_FORMAT, "version": AUDIT_VERSION, "attack": "lira", **(header or {}), "lira": d,
+           "files": {"json": "audit.json", "markdown": "audit.md", "lira_roc": "lira_roc.png"}}
+    atomic_write_json(out / "audit.json", doc)
+    h = header or {}
+    atomic_write_text(out / "audit.md", "\n".join(["# Privacy audit: LiRA", "",
+                                                   f"- synthetic set: {h.get('synthetic', {}).get('path')}",
+                                                   f"- members from: {d['pool']['members_from']}",
+                                                   f"- non-members from: {d['pool']['non_members_from']}",
+                                                   f"- seed {h.get('seed')}", ""]) + "\n" + _lira_markdown(d))
+
+
+def _lira_only(syn, recipe, synthetic: Path, patches: Path, holdout: Path, out: Path, *, seed: int, shadows: int,
+               pool: int, limit_per_class: Optional[int], holdout_limit_per_class: Optional[int],
+               threads: Optional[int], epochs: Optional[int]) -> None:
+    """``audit --attack lira``: LiRA only; image folders are read only as far as the pool needs."""
+    from histodd_fed.runconfig import write_run_config
+
+    per_class = -(-(pool // 2) // max(1, syn.num_classes))
+    real = _load(patches, limit_per_class or per_class, seed)
+    hold = _load(holdout, holdout_limit_per_class or per_class, seed + 1)
+    res, d = _run_lira(syn, recipe, real, hold, patches, holdout, seed=seed, shadows=shadows, pool=pool,
+                       threads=threads, epochs=epochs)
+    header = {"seed": seed, "synthetic": {"path": str(synthetic), "kind": syn.kind, "n": len(syn),
+                                          "method": syn.meta.get("method"), "image_size": syn.image_size,
+                                          "view": syn.meta.get("view")},
+              "real": {"path": str(patches)}, "holdout": {"path": str(holdout)}}
+    _write_lira(out, res, d, merge=False, header=header)
+    write_run_config(out, "centre-node audit --attack lira", {"synthetic": str(synthetic), "patches": str(patches),
+                                                              "holdout": str(holdout), "seed": seed, "shadows": shadows,
+                                                              "pool": pool, "recipe": recipe.to_dict(),
+                                                              "train_spec": d["train_spec"]})
+    t = d["tpr_at_fpr"]
+    typer.echo(f"LiRA ({shadows} shadows, {d['members']} members vs {d['non_members']} non-members, recipe: "
+               f"{recipe.describe()}): AUC {d['auc']:.3f}, TPR {t['0.01']:.3f} at 1% FPR, {t['0.001']:.3f} at 0.1% "
+               f"(global threshold AUC {d['baseline_global_threshold']['auc']:.3f})")
+    typer.echo(f"report: {out / 'audit.json'}, {out / 'lira_roc.png'}")
 
 
 def register(app: typer.Typer) -> None:
