@@ -22,6 +22,9 @@ trust_app = typer.Typer(name="trust", help="Manage the centres this node trusts 
 DEFAULT_PASSPHRASE_ENV = "HISTODD_KEY_PASSPHRASE"
 PASSPHRASE_ENV_HELP = "Read the private-key passphrase from this environment variable."
 PASSPHRASE_FD_HELP = "Read the private-key passphrase from this file descriptor (e.g. a pipe: 3<<<\"$PW\")."
+#: the release budget's defaults (= histodd_fed.bundle.releases.DEFAULT_*; literal here so the CLI
+#: starts without importing the bundle package)
+DEFAULT_MAX_EPSILON, DEFAULT_MAX_EPSILON_TOTAL, DEFAULT_MAX_RELEASES = 8.0, 16.0, 10
 SCRYPT_HELP = ("scrypt cost as log2(n) for new key files (default 17: ~0.3 s and 128 MiB per guess); "
                "recorded in the key file. Lower only for tests.")
 
@@ -226,6 +229,14 @@ def export(
     passphrase_env: Optional[str] = typer.Option(None, "--passphrase-env", help=PASSPHRASE_ENV_HELP),
     passphrase_fd: Optional[int] = typer.Option(None, "--passphrase-fd", help=PASSPHRASE_FD_HELP),
     chunk_size: int = typer.Option(1 << 20, "--chunk-size", help="Plaintext bytes per encrypted chunk."),
+    max_epsilon: float = typer.Option(DEFAULT_MAX_EPSILON, "--max-epsilon",
+                                      help="Release budget: refuse a DP set (meta dp) whose epsilon is above this."),
+    max_epsilon_total: float = typer.Option(DEFAULT_MAX_EPSILON_TOTAL, "--max-epsilon-total",
+                                            help="Release budget: refuse when the epsilons of all DP sets released "
+                                                 "to a recipient would sum above this (basic composition)."),
+    max_releases: int = typer.Option(DEFAULT_MAX_RELEASES, "--max-releases",
+                                     help="Release budget: distinct sets (DP or not) a recipient may receive; "
+                                          "re-sending the identical set is not a new release."),
 ) -> None:
     """Seal a synthetic patch set for the given centres (encrypted for them, signed by this centre).
 
@@ -234,24 +245,54 @@ def export(
     (meta "view", e.g. the centre 32 px of 96-px patches) to the --patches as they sit on disk, and
     also audits the other plausible view (resize only / centre crop); the worst view decides. No
     --preset is needed: the view comes from the set.
+
+    Every export is recorded per recipient in the key dir's release ledger (releases.json); the
+    release budget (--max-epsilon, --max-epsilon-total, --max-releases) is checked before the gate
+    and again, under the ledger lock, just before sealing. A refused export writes nothing.
     """
     from histodd_fed.bundle import inspect as bundle_inspect
     from histodd_fed.bundle import load_identity, seal
+    from histodd_fed.bundle.releases import ReleaseBudget, ReleaseLedger, SetRelease
     from histodd_fed.bundle.trust import TrustStore
     from histodd_fed.patchset import PatchSet
 
+    budget = ReleaseBudget(max_epsilon=max_epsilon, max_epsilon_total=max_epsilon_total, max_releases=max_releases)
     ps = PatchSet.load(synthetic)
     sender = load_identity(keys, passphrase_source=_source(passphrase_env, passphrase_fd, f"the keys in {keys}"))
     store = TrustStore.load(keys)
     names = [c.strip() for c in to.split(",") if c.strip()]
     recipients = store.recipients(names)
+    release = SetRelease.of(ps, where=str(synthetic))
+    ledger = ReleaseLedger.in_key_dir(keys)
+    ledger.check(release, names, budget, who=f"export to {', '.join(names)}")  # before the (slow) gate
     report = _privacy_gate(ps, synthetic, accept_privacy_risk, patches, holdout)
-    path = seal(ps, sender, recipients, out=out, privacy_report=report,
-                extra_manifest={"accepted_privacy_risk": accept_privacy_risk},  # no local paths leave
-                chunk_size=chunk_size)
+    with ledger.claim(release, names, budget, who=f"export to {', '.join(names)}") as claim:
+        claim.bundle_id = os.urandom(16).hex()
+        path = seal(ps, sender, recipients, out=out, privacy_report=report,
+                    extra_manifest={"accepted_privacy_risk": accept_privacy_risk},  # no local paths leave
+                    chunk_size=chunk_size, release=claim.manifest(), bundle_id=claim.bundle_id)
     h = bundle_inspect(path)
     typer.echo(f"sealed {len(ps)} patches for {', '.join(names)}: {path} "
                f"(bundle {h.bundle_id}, {h.file_size} bytes)")
+    typer.echo("release: " + _release_line(release.dp, claim.manifest(), budget.summary(),
+                                             {r: v["new"] for r, v in claim.recipients.items()}))
+
+
+def _release_line(dp: Optional[dict], counts: dict, budget: Optional[dict] = None,
+                  new: Optional[dict] = None) -> str:
+    """One line: the set's DP guarantee (or "no formal bound") and each recipient's release count."""
+    parts = [f"dp epsilon {dp['epsilon']:g} delta {dp['delta']:g} ({dp['accountant']})" if dp
+             else "not DP (no formal privacy bound)"]
+    for r, v in counts.items():
+        s = f"{r}: release {v['count']}"
+        if budget:
+            s += f" of max {budget['max_releases']}, epsilon {v['epsilon_total']:g} of {budget['max_epsilon_total']:g}"
+        else:
+            s += f", epsilon total {v['epsilon_total']:g}"
+        if new is not None and not new.get(r, True):
+            s += " (same set as before: not a new release)"
+        parts.append(s)
+    return "; ".join(parts)
 
 
 def inspect(
@@ -273,7 +314,16 @@ def inspect(
                       "status": f"valid; signer {header.source_centre} is trusted"}
         except BundleError as exc:
             status = {"checked": True, "valid": False, "error": type(exc).__name__, "status": str(exc)}
-    summary = _printable({**header.summary(), "signature": status})
+    summary = {**header.summary(), "signature": status}
+    if keys is not None:  # a bundle this centre sealed: its release ledger says what it released
+        from histodd_fed.bundle.releases import ReleaseLedger
+
+        sealed = ReleaseLedger.in_key_dir(keys).find_bundle(header.bundle_id)
+        if sealed:
+            summary["dp"] = next(iter(sealed.values()))["entry"].get("dp")
+            summary["release"] = {r: {"count": v["count"], "epsilon_total": v["epsilon_total"]}
+                                  for r, v in sealed.items()}
+    summary = _printable(summary)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -282,6 +332,12 @@ def inspect(
             v = ", ".join(f"{r['centre']} ({r['kem_key_id']})" for r in v)
         elif k == "signature":
             v = v["status"] if "error" not in v else f"{v['error']}: {v['status']}"
+        elif k == "dp":
+            v = "not DP (no formal privacy bound)" if v is None else \
+                f"epsilon {v['epsilon']:g} delta {v['delta']:g} ({v['accountant']})"
+        elif k == "release":
+            v = "; ".join(f"{r}: release {e['count']}, epsilon total {e['epsilon_total']:g} (sealed here)"
+                          for r, e in v.items())
         elif isinstance(v, dict):
             v = json.dumps(v)
         typer.echo(f"{k:>15}: {v}")
@@ -335,6 +391,10 @@ def open_cmd(
     ps = opened.patchset
     typer.echo(f"opened bundle {opened.header.bundle_id} from {opened.header.source_centre}: "
                f"{len(ps)} patches {ps.class_counts()} -> {out}")
+    m = opened.manifest
+    if "dp" in m or "release" in m:
+        typer.echo("release (as the sender states it): " + _printable(_release_line(m.get("dp"), {r: v for r, v in (m.get("release") or {}).items()
+                                                 if r == ident.centre_id})))
 
 
 def register(app: typer.Typer) -> None:

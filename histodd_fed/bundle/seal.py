@@ -73,6 +73,9 @@ _ABS_PATH = re.compile(r"^(/|~|\\\\|[A-Za-z]:[\\/]|\.\.?/)")
 MANIFEST_KEYS = {"format", "format_version", "bundle_id", "source_centre", "created", "kind", "class_names",
                  "class_counts", "num_images", "ipc", "mode", "image_shape", "distillation_config",
                  "distillation_config_sha256", "code_version", "payload_parts", "privacy_report", "extra"}
+#: optional manifest fields: ``dp`` (the set's DP guarantee, from meta["dp"]) and ``release`` (per
+#: recipient: the sender's release count and epsilon spent, histodd_fed.bundle.releases)
+MANIFEST_OPTIONAL_KEYS = {"dp", "release"}
 
 
 def chunk_nonce(index: int) -> bytes:
@@ -192,9 +195,16 @@ def strip_local_paths(obj: object) -> object:
 
 
 def _manifest(ps: PatchSet, bundle_id: str, sender: Identity, created: str, parts: list[PayloadPart],
-              privacy_report: dict | None, extra: dict | None) -> dict:
+              privacy_report: dict | None, extra: dict | None, release: dict | None = None) -> dict:
+    from histodd_fed.bundle.releases import dp_of
+    from histodd_fed.errors import InputError
+
     counts = ps.class_counts()
     meta = strip_local_paths(dict(ps.meta))  # the recipients learn no local directory of the sender
+    try:
+        dp = dp_of(meta, f"seal bundle {bundle_id}")  # the set's DP guarantee, as sealed in the config
+    except InputError as exc:
+        raise FormatError(str(exc)) from exc
     privacy_report = strip_local_paths(privacy_report) if privacy_report is not None else None
     extra = strip_local_paths(extra) if extra else extra
     ipc = meta.get("ipc")
@@ -214,6 +224,7 @@ def _manifest(ps: PatchSet, bundle_id: str, sender: Identity, created: str, part
         "distillation_config": meta, "distillation_config_sha256": config_hash(meta),
         "code_version": __version__, "payload_parts": plist,
         "privacy_report": privacy_report, "extra": extra or {},
+        **({"dp": dp} if dp is not None else {}), **({"release": release} if release else {}),
     }
 
 
@@ -310,10 +321,14 @@ def _b64(b: bytes) -> str:
 
 def seal(patchset: PatchSet, sender: Identity, recipients: list[PublicIdentity], out: str | Path | None = None,
          privacy_report: dict | None = None, extra_manifest: dict | None = None, *,
-         chunk_size: int = DEFAULT_CHUNK_SIZE, version: int = FORMAT_VERSION) -> bytes | Path:
+         chunk_size: int = DEFAULT_CHUNK_SIZE, version: int = FORMAT_VERSION,
+         release: dict | None = None, bundle_id: str | None = None) -> bytes | Path:
     """Encrypt ``patchset`` for ``recipients`` and sign it as ``sender`` (format ``version``, 2 by default).
 
-    Local paths are removed from the manifest (``strip_local_paths``) before sealing.
+    Local paths are removed from the manifest (``strip_local_paths``) before sealing. The set's
+    ``meta["dp"]`` (epsilon, delta, accountant) is copied into the manifest's ``dp`` field;
+    ``release`` (recipient -> {"count", "epsilon_total"}, from the sender's release ledger) goes to
+    its ``release`` field. ``bundle_id``: 32 lowercase hex digits (default: random).
 
     Returns the bundle bytes, or the path ``out`` (written atomically) when given.
     """
@@ -328,10 +343,13 @@ def seal(patchset: PatchSet, sender: Identity, recipients: list[PublicIdentity],
     if not MIN_CHUNK_SIZE <= chunk_size <= Limits().max_chunk_size:
         raise FormatError(f"seal: chunk_size {chunk_size} outside {MIN_CHUNK_SIZE}..{Limits().max_chunk_size}")
     patchset.validate("seal")
-    bundle_id = os.urandom(16).hex()
+    if bundle_id is None:
+        bundle_id = os.urandom(16).hex()
+    elif not re.fullmatch(r"[0-9a-f]{32}", bundle_id):
+        raise FormatError(f"seal: bundle_id must be 32 lowercase hex digits, got {bundle_id!r}")
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     parts = payload_parts(patchset)
-    manifest = _manifest(patchset, bundle_id, sender, created, parts, privacy_report, extra_manifest)
+    manifest = _manifest(patchset, bundle_id, sender, created, parts, privacy_report, extra_manifest, release)
     if out is None:
         buf = io.BytesIO()
         _write_bundle(buf, sender, uniq, manifest, parts, bundle_id, created, chunk_size, version)
@@ -536,8 +554,9 @@ def _check_manifest(m: object, header: BundleHeader) -> dict:
     where = header.name
     if not isinstance(m, dict) or m.get("format") != "histodd-bundle-manifest" or m.get("format_version") != 1:
         raise SemanticError(f"{where}: manifest is not a version-1 histodd manifest")
-    if set(m) != MANIFEST_KEYS:
+    if not MANIFEST_KEYS <= set(m) <= MANIFEST_KEYS | MANIFEST_OPTIONAL_KEYS:
         raise SemanticError(f"{where}: manifest fields differ from version 1")
+    _check_release_fields(m, where)
     if m["bundle_id"] != header.bundle_id or m["source_centre"] != header.source_centre:
         raise SemanticError(f"{where}: manifest names bundle {m['bundle_id']} from {m['source_centre']}, "
                             f"header says {header.bundle_id} from {header.source_centre}")
@@ -561,6 +580,30 @@ def _check_manifest(m: object, header: BundleHeader) -> dict:
     if off != header.fields["payload_size"]:
         raise ManifestHashError(f"{where}: manifest parts cover {off} bytes, payload has {header.fields['payload_size']}")
     return m
+
+
+def _check_release_fields(m: dict, where: str) -> None:
+    """The optional ``dp`` and ``release`` fields: well formed, and ``dp`` equal to the sealed config's."""
+    import math
+
+    if "dp" in m:
+        dp = m["dp"]
+        ok = isinstance(dp, dict) and set(dp) == {"epsilon", "delta", "accountant"}
+        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        if not ok or not num(dp["epsilon"]) or dp["epsilon"] < 0 or not num(dp["delta"]) \
+                or not 0 <= dp["delta"] < 1 or not isinstance(dp["accountant"], str):
+            raise SemanticError(f"{where}: manifest dp must be {{epsilon >= 0, delta in [0, 1), accountant}}")
+        cfg_dp = m["distillation_config"].get("dp") if isinstance(m["distillation_config"], dict) else None
+        if not isinstance(cfg_dp, dict) or any(cfg_dp.get(k) != dp[k] for k in dp):
+            raise SemanticError(f"{where}: manifest dp differs from the sealed distillation config's dp")
+    if "release" in m:
+        rel = m["release"]
+        if not isinstance(rel, dict) or not all(
+                isinstance(k, str) and isinstance(v, dict) and set(v) == {"count", "epsilon_total"}
+                and type(v["count"]) is int and v["count"] >= 0
+                and isinstance(v["epsilon_total"], (int, float)) and not isinstance(v["epsilon_total"], bool)
+                for k, v in rel.items()):
+            raise SemanticError(f"{where}: manifest release must map centres to {{count, epsilon_total}}")
 
 
 def _part_sha256(done: _Pass, start: int, end: int) -> str:

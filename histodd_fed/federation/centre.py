@@ -12,7 +12,10 @@ key directory, work directory, preset, seed). It answers three actions
               passes the export gate (:func:`histodd_fed.privacy.gate.check_export` against the
               real train patches) whose summary is sealed into the manifest; a blocked set is
               announced ``blocked`` and not sent. ``full`` seals the whole real train split (risk
-              accepted by definition, recorded). Replies the sealed bundles as blobs.
+              accepted by definition, recorded). The seed is the centre's (``ExportPolicy.pick_seed``)
+              and every sealed set is checked against and recorded in its release ledger
+              (:mod:`histodd_fed.bundle.releases`); a set over budget is announced ``blocked``.
+              Replies the sealed bundles as blobs.
 ``train``     verify and open every bundle addressed to it; per row (ipc or full) fine-tune its
               pre-trained classifier on the patch-level set and its pre-trained CLAM on bags of
               the received per-slide set; evaluate on its held-out real test split; metrics only.
@@ -51,6 +54,10 @@ from histodd_fed.federation.presets import CentrePreset, get_preset
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_IPC = 50
+#: release budget defaults (= histodd_fed.bundle.releases.DEFAULT_*, literal so this module stays light)
+DEFAULT_MAX_EPSILON = 8.0
+DEFAULT_MAX_EPSILON_TOTAL = 16.0
+DEFAULT_MAX_RELEASES = 10
 
 
 class PolicyError(HistoddError):
@@ -70,6 +77,38 @@ def _as_bool(v: Any, key: str) -> bool:
     raise ConfigError(f"node config {key!r}: expected true/false, got {v!r}")
 
 
+def _as_number(get, key: str, default: float) -> float:
+    import math
+
+    v = get(key, default)
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"node config {key!r}: expected a number, got {v!r}") from None
+    if isinstance(v, bool) or not math.isfinite(x) or x < 0:
+        raise ConfigError(f"node config {key!r} must be a finite number >= 0, got {v!r}")
+    return x
+
+
+def _as_count(get, key: str, default: int) -> int:
+    v = get(key, default)
+    try:
+        n = int(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"node config {key!r}: expected an integer, got {v!r}") from None
+    if isinstance(v, bool) or (isinstance(v, float) and v != n) or n < 0:
+        raise ConfigError(f"node config {key!r} must be an integer >= 0, got {v!r}")
+    return n
+
+
+def _as_seeds(v: Any) -> tuple[int, ...]:
+    items = v if isinstance(v, (list, tuple)) else str(v or "").split(",")
+    try:
+        return tuple(dict.fromkeys(int(str(x).strip()) for x in items if str(x).strip()))
+    except ValueError:
+        raise ConfigError(f"node config 'export-seeds': expected comma-separated integers, got {v!r}") from None
+
+
 @dataclass(frozen=True)
 class ExportPolicy:
     """What this centre lets leave it: set by the centre (node config), never widened by a request.
@@ -78,12 +117,23 @@ class ExportPolicy:
     trust store). ``max_ipc``: the largest images-per-class a request may ask for. ``real``:
     whether real patches (the "Full" comparison) may ever leave; off by default. ``gate``: the
     privacy export gate on synthetic sets (on by default; off is recorded in every manifest).
+
+    Release budget per recipient (:mod:`histodd_fed.bundle.releases`, the centre's ``releases.json``):
+    ``max_epsilon`` caps the epsilon of one DP set, ``max_epsilon_total`` the sum of the epsilons of
+    all DP sets released to one recipient (basic composition), ``max_releases`` the number of
+    distinct sets (DP or not) one recipient may receive. ``seeds``: the distillation seeds a request
+    may ask for (empty: only the centre's own ``seed``); the centre, not the coordinator, decides how
+    many differently seeded sets exist.
     """
 
     recipients: tuple[str, ...] = ()
     max_ipc: int = DEFAULT_MAX_IPC
     real: bool = False
     gate: bool = True
+    max_epsilon: float = DEFAULT_MAX_EPSILON
+    max_epsilon_total: float = DEFAULT_MAX_EPSILON_TOTAL
+    max_releases: int = DEFAULT_MAX_RELEASES
+    seeds: tuple[int, ...] = ()
 
     @classmethod
     def from_node_config(cls, get) -> "ExportPolicy":
@@ -101,20 +151,59 @@ class ExportPolicy:
             raise ConfigError(f"node config 'export-max-ipc' must be >= 0, got {max_ipc}")
         return cls(recipients=recipients, max_ipc=max_ipc,
                    real=_as_bool(get("export-real", False), "export-real"),
-                   gate=_as_bool(get("export-gate", True), "export-gate"))
+                   gate=_as_bool(get("export-gate", True), "export-gate"),
+                   max_epsilon=_as_number(get, "export-max-epsilon", DEFAULT_MAX_EPSILON),
+                   max_epsilon_total=_as_number(get, "export-max-epsilon-total", DEFAULT_MAX_EPSILON_TOTAL),
+                   max_releases=_as_count(get, "export-max-releases", DEFAULT_MAX_RELEASES),
+                   seeds=_as_seeds(get("export-seeds", "")))
 
     def to_node_config(self) -> dict[str, str | int]:
         out: dict[str, str | int] = {"export-max-ipc": int(self.max_ipc),
                                      "export-real": "true" if self.real else "false",
-                                     "export-gate": "on" if self.gate else "off"}
+                                     "export-gate": "on" if self.gate else "off",
+                                     "export-max-epsilon": f"{float(self.max_epsilon):g}",
+                                     "export-max-epsilon-total": f"{float(self.max_epsilon_total):g}",
+                                     "export-max-releases": int(self.max_releases)}
         if self.recipients:
             out["export-recipients"] = ",".join(self.recipients)
+        if self.seeds:
+            out["export-seeds"] = ",".join(str(x) for x in self.seeds)
         return out
 
     def summary(self) -> dict[str, Any]:
         """What the coordinator (and every manifest) is told of the policy."""
         return {"recipients": list(self.recipients) or "trust-store", "max_ipc": self.max_ipc,
-                "real": self.real, "gate": self.gate}
+                "real": self.real, "gate": self.gate, "max_epsilon": self.max_epsilon,
+                "max_epsilon_total": self.max_epsilon_total, "max_releases": self.max_releases,
+                "seeds": list(self.seeds) or "own"}
+
+    def budget(self):
+        """The release budget (:class:`histodd_fed.bundle.releases.ReleaseBudget`) this policy sets."""
+        from histodd_fed.bundle.releases import ReleaseBudget
+
+        return ReleaseBudget(max_epsilon=float(self.max_epsilon), max_epsilon_total=float(self.max_epsilon_total),
+                             max_releases=int(self.max_releases))
+
+    def pick_seed(self, centre_id: str, requested: Any, own_seed: int) -> int:
+        """The distillation seed for a request: the centre's own unless the request names one this
+        policy lists (``export-seeds``); any other seed is refused (each new seed is a new set, i.e.
+        a new release)."""
+        if requested is None:
+            return int(own_seed)
+        if isinstance(requested, bool):
+            raise PolicyError(f"{centre_id}: request seed must be an integer, got {requested!r}")
+        try:
+            seed = int(requested)
+        except (TypeError, ValueError):
+            raise PolicyError(f"{centre_id}: request seed must be an integer, got {str(requested)[:40]!r}") from None
+        if isinstance(requested, float) and requested != seed:
+            raise PolicyError(f"{centre_id}: request seed must be an integer, got {requested!r}")
+        allowed = self.seeds or (int(own_seed),)
+        if seed not in allowed:
+            why = "export-seeds " + ",".join(map(str, self.seeds)) if self.seeds else f"its own seed {own_seed}"
+            raise PolicyError(f"{centre_id}: export policy refuses seed {seed} (the centre picks its seeds: {why}; "
+                              "every new seed is a new release)")
+        return seed
 
     def check(self, centre_id: str, recipients: list[str], ipcs: list[int], full: bool,
               trusted: set[str]) -> None:
@@ -292,6 +381,7 @@ class CentreNode:
         return Envelope(body=body)
 
     def distil(self, request: Envelope) -> Envelope:
+        from histodd_fed.bundle.releases import ReleaseBudgetError
         from histodd_fed.bundle.trust import TrustStore
         from histodd_fed.federation import local_work, slide_level
 
@@ -307,7 +397,7 @@ class CentreNode:
         policy = self.config.policy
         # the centre's own policy decides; a request can only ask for less (checked before any work)
         policy.check(self.config.centre_id, recipients, ipcs, full, set(TrustStore.load(self.config.key_dir).centres))
-        seed = int(request.body.get("seed", self.config.seed))
+        seed = policy.pick_seed(self.config.centre_id, request.body.get("seed"), self.config.seed)
         prepared = local_work.prepare(self.config, self.preset)
         with_slides = slide_level.has_slides(prepared.train)
         blobs: dict[str, bytes] = {}
@@ -332,8 +422,12 @@ class CentreNode:
                 if blocked:  # gate off by the centre's own policy: sealed, the decision recorded
                     report = dict(report, accepted_risk=True,
                                   accepted_by=f"centre {self.config.centre_id} policy export-gate=off")
-                data = local_work.seal_for(self.config, res.patchset, recipients, label=name, privacy_report=report,
-                                           extra=extra)
+                try:  # the release budget (per recipient, the centre's release ledger) decides last
+                    data = local_work.seal_for(self.config, res.patchset, recipients, label=name,
+                                               privacy_report=report, extra=extra, seed=seed)
+                except ReleaseBudgetError as exc:
+                    items.append(dict(item, blocked=True, budget=True, error=scrub(str(exc), self.config), bytes=0))
+                    continue
                 blobs[name] = self.faults.on_bundle(data)
                 items.append(dict(item, bytes=len(data)))
         if request.body.get("extras"):  # benchmark extras: coreset baselines, distillation variants
@@ -346,13 +440,19 @@ class CentreNode:
             report = dict(local_work.full_privacy_report(prepared),
                           accepted_by=f"centre {self.config.centre_id} policy export-real=true")
             total = prepared.summary()["n_train_total"]
-            data = local_work.seal_for(self.config, prepared.train, recipients, label="full", privacy_report=report,
-                                       extra={"row": "full", "part": "both", "train_total": total, **decided})
-            blobs["full"] = self.faults.on_bundle(data)
-            items.append({"name": "full", "row": "full", "part": "both", "ipc": None, "mode": "full",
-                          "images": len(prepared.train), "train_total": total,
-                          "config_hash": prepared.config_hash, "cached": True, "distil_seconds": 0.0,
-                          "bytes": len(data), "privacy": report.get("gate", {})})
+            item = {"name": "full", "row": "full", "part": "both", "ipc": None, "mode": "full",
+                    "images": len(prepared.train), "train_total": total,
+                    "config_hash": prepared.config_hash, "cached": True, "distil_seconds": 0.0,
+                    "privacy": report.get("gate", {})}
+            try:
+                data = local_work.seal_for(self.config, prepared.train, recipients, label="full",
+                                           privacy_report=report,
+                                           extra={"row": "full", "part": "both", "train_total": total, **decided})
+            except ReleaseBudgetError as exc:
+                items.append(dict(item, blocked=True, budget=True, error=scrub(str(exc), self.config), bytes=0))
+            else:
+                blobs["full"] = self.faults.on_bundle(data)
+                items.append(dict(item, bytes=len(data)))
         return Envelope(body={"bundles": items, "recipients": recipients}, blobs=blobs)
 
     def train(self, request: Envelope) -> Envelope:

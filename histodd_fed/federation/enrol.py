@@ -13,15 +13,18 @@ from histodd_fed.federation.centre import CentreConfig, ExportPolicy
 
 
 def policy_from_settings(d: dict | None) -> ExportPolicy:
-    """An :class:`ExportPolicy` from YAML-style settings (``export_real``, ``max_ipc``, ``recipients``, ``gate``)."""
+    """An :class:`ExportPolicy` from YAML-style settings (``export_real``, ``max_ipc``, ``recipients``, ``gate``,
+    ``max_epsilon``, ``max_epsilon_total``, ``max_releases``, ``seeds``)."""
     from histodd_fed.errors import ConfigError
 
     d = dict(d or {})
-    bad = set(d) - {"export_real", "max_ipc", "recipients", "gate"}
+    known = {"export_real": "export-real", "max_ipc": "export-max-ipc", "recipients": "export-recipients",
+             "gate": "export-gate", "max_epsilon": "export-max-epsilon", "max_epsilon_total": "export-max-epsilon-total",
+             "max_releases": "export-max-releases", "seeds": "export-seeds"}
+    bad = set(d) - set(known)
     if bad:
-        raise ConfigError(f"centre policy: unknown key(s) {sorted(bad)} (export_real, max_ipc, recipients, gate)")
-    vals = {"export-real": d.get("export_real", False), "export-max-ipc": d.get("max_ipc", ExportPolicy.max_ipc),
-            "export-recipients": d.get("recipients", ""), "export-gate": d.get("gate", True)}
+        raise ConfigError(f"centre policy: unknown key(s) {sorted(bad)} ({', '.join(known)})")
+    vals = {known[k]: v for k, v in d.items()}
     return ExportPolicy.from_node_config(lambda k, default=None: vals.get(k, default))
 
 

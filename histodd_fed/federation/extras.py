@@ -49,6 +49,7 @@ def _check(extra: Any) -> dict[str, Any]:
 def distil_extras(node, extras: list[Any], prepared, recipients: list[str], seed: int,
                   decided: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
     """Build, gate (or policy-check) and seal each extra set: (announced items, sealed blobs)."""
+    from histodd_fed.bundle.releases import ReleaseBudgetError
     from histodd_fed.federation import local_work
 
     if not isinstance(extras, list):
@@ -90,7 +91,12 @@ def distil_extras(node, extras: list[Any], prepared, recipients: list[str], seed
             extra.update(variant=e["overrides"])
         item.update(images=len(res.patchset), config_hash=res.config_hash, cached=res.cached,
                     distil_seconds=res.seconds)
-        data = local_work.seal_for(cfg, res.patchset, recipients, label=name, privacy_report=report, extra=extra)
+        try:  # the centre's release budget (per recipient) decides last
+            data = local_work.seal_for(cfg, res.patchset, recipients, label=name, privacy_report=report, extra=extra,
+                                       seed=seed)
+        except ReleaseBudgetError as exc:
+            items.append(dict(item, blocked=True, budget=True, bytes=0, error=str(exc)))
+            continue
         blobs[name] = data
         items.append(dict(item, bytes=len(data)))
     return items, blobs

@@ -343,17 +343,35 @@ def full_privacy_report(prepared: Prepared) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- bundles
 def seal_for(cfg: CentreConfig, ps: PatchSet, recipients: list[str], label: str,
-             privacy_report: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> bytes:
-    """Seal ``ps`` from this centre to ``recipients`` (all must be in its trust store)."""
+             privacy_report: dict[str, Any] | None = None, extra: dict[str, Any] | None = None, *,
+             seed: int | None = None) -> bytes:
+    """Seal ``ps`` from this centre to ``recipients`` (all must be in its trust store).
+
+    The release is checked against the centre's release budget (``cfg.policy``) and recorded per
+    recipient in its release ledger (``releases.json`` in the key dir) under one lock;
+    :class:`~histodd_fed.bundle.releases.ReleaseBudgetError` when refused (nothing sealed or recorded).
+    ``seed``: the distillation seed the centre picked (recorded in the ledger).
+    """
+    import os
+
     from histodd_fed.bundle import seal
+    from histodd_fed.bundle.releases import ReleaseBudget, ReleaseLedger, SetRelease
     from histodd_fed.bundle.trust import TrustStore
 
     ident = load_or_create_identity(cfg)
     trust = TrustStore.load(cfg.key_dir)
-    return seal(ps, ident, trust.recipients(recipients), privacy_report=privacy_report,
-                extra_manifest={"transfer": label,
-                                "accepted_privacy_risk": bool((privacy_report or {}).get("accepted_risk")),
-                                **(extra or {})})
+    keys = trust.recipients(recipients)
+    policy = getattr(cfg, "policy", None)
+    budget = policy.budget() if policy is not None else ReleaseBudget()
+    release = SetRelease.of(ps, seed=seed, where=f"{cfg.centre_id} set {label}")
+    with ReleaseLedger.in_key_dir(cfg.key_dir).claim(release, recipients, budget,
+                                                     who=f"{cfg.centre_id}: {label}") as claim:
+        claim.bundle_id = os.urandom(16).hex()
+        return seal(ps, ident, keys, privacy_report=privacy_report, release=claim.manifest(),
+                    bundle_id=claim.bundle_id,
+                    extra_manifest={"transfer": label,
+                                    "accepted_privacy_risk": bool((privacy_report or {}).get("accepted_risk")),
+                                    **(extra or {})})
 
 
 def open_received_bundle(cfg: CentreConfig, data: bytes):
