@@ -195,8 +195,10 @@ def test_init_public_starts_from_public_patches_only(tmp_path):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(pub / f"t{i}.png")
     patches, names = dm_dp.load_public_patches(str(pub), 16, 1)
     assert patches.shape == (27, 16, 16, 3)
-    res = dm_dp.run_dm_dp(toy_real(8), tiny_cfg(init="public", public_dir=str(pub), public_scale=1, outer_steps=2),
-                          progress=False)
+    cfg = tiny_cfg(init="public", public_dir=str(pub), public_scale=1, outer_steps=2, dp_pool=1)
+    nets = dm_dp.make_nets(cfg, 2)
+    assert dm_dp.embed(nets, torch.rand(3, 3, 16, 16), "all", 1).shape == (3, 2 * 2 * 8)   # T x blocks x width
+    res = dm_dp.run_dm_dp(toy_real(8), cfg, progress=False)
     init = res.initial_images
     assert all(any(np.array_equal(im, p) for p in patches) for im in init)
     assert res.patchset.meta["init_public"]["pick"] == "project" and res.patchset.meta["dp"]["embedding"]["centred_on_public"]

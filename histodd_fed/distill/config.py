@@ -26,7 +26,7 @@ LATER_FIELDS = {"init_mix": 16, "init_grid": 2, "init_colour_pool": 0, "init_anc
                 "privacy_topk": 4, "dp_noise": 0.0, "dp_clip": 1.0, "dp_delta": 1e-5,
                 "formation": 1, "candidates": 1, "candidate_holdout": 500, "candidate_epochs": 200,
                 "candidate_eval_seeds": 2, "candidate_augmentation": "flip_rotate", "dm_layers": "last",
-                "dm_moments": 1, "candidate_gate": False, "dp_epsilon": 0.0, "dp_nets": 8, "dp_augs": 4,
+                "dm_moments": 1, "candidate_gate": False, "dp_epsilon": 0.0, "dp_nets": 8, "dp_augs": 4, "dp_pool": 0,
                 "public_dir": "", "public_scale": 4, "public_pick": "project"}
 
 
@@ -120,6 +120,9 @@ class DistillConfig:
     dp_epsilon: float = 0.0
     dp_nets: int = 8
     dp_augs: int = 4
+    #: dm-dp embedding: 0 the flattened block outputs (as the recipe's DM); p > 0 each block's output
+    #: average-pooled to p x p (1: per-block channel means; far fewer coordinates for the noise)
+    dp_pool: int = 0
     #: PUBLIC images (never the centre's patches) for ``init: public`` and for centring the embeddings:
     #: a folder of image files (e.g. the Camelyon17 stain tiles), each downscaled by ``public_scale`` and
     #: cut into ``image_size`` patches; ``public_pick`` project: per class the public patches whose

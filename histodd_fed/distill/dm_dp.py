@@ -70,6 +70,8 @@ def validate_dm_dp(config) -> None:
     if config.candidates != 1:
         raise ConfigError("distill config: dm-dp (dp_epsilon > 0) refuses best-of-K selection (candidates "
                           f"{config.candidates}): it reads held-out real patches outside the DP accounting; set candidates: 1")
+    if isinstance(config.dp_pool, bool) or not isinstance(config.dp_pool, int) or config.dp_pool < 0:
+        raise ConfigError(f"distill config: dp_pool must be an integer >= 0, got {config.dp_pool!r}")
     for name in ("dp_nets", "dp_augs", "public_scale"):
         v = getattr(config, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -137,28 +139,38 @@ def make_nets(config, num_classes: int) -> list[torch.nn.Module]:
     return nets
 
 
-def embed(nets: list[torch.nn.Module], x: torch.Tensor, layers: str) -> torch.Tensor:
-    """(B, D) embedding: per net, every block's flattened output (``all``; each scaled by
-    sqrt(d_last / (d_block * L))) or the ``features`` output (``last``), concatenated, / sqrt(T).
-    ``||mean embed(a) - mean embed(b)||^2`` is then the mean over the nets of the recipe's DM distance."""
-    from histodd_fed.distill.engine import _dm_embedding
-
-    cfg = type("C", (), {"dm_layers": layers, "model": type(nets[0]).__name__})
+def embed(nets: list[torch.nn.Module], x: torch.Tensor, layers: str, pool: int = 0) -> torch.Tensor:
+    """(B, D) embedding: per net, every block's output (``all``; each scaled by sqrt(d_last / (d_block * L)))
+    or the last block's (``last``), concatenated, / sqrt(T). ``pool`` 0: the flattened feature maps (then
+    ``||mean embed(a) - mean embed(b)||^2`` is the mean over the nets of the recipe's DM distance); ``pool``
+    p > 0: each block's map average-pooled to p x p first (p = 1: per-block channel means), far fewer
+    coordinates for the noise to land on."""
     parts = []
     for net in nets:
-        outs = _dm_embedding(net, cfg)(x)
+        body = getattr(net, "body", None)
+        if not isinstance(body, torch.nn.Sequential):
+            raise InputError(f"dm-dp needs a network with a Sequential body of blocks (convnet), not {type(net).__name__}")
+        outs, h = [], x
+        for layer in body:
+            h = layer(h)
+            if isinstance(layer, (torch.nn.AvgPool2d, torch.nn.MaxPool2d)):
+                outs.append((torch.nn.functional.adaptive_avg_pool2d(h, pool) if pool else h).flatten(1))
+        outs = outs or [h.flatten(1)]
+        if layers == "last":
+            outs = outs[-1:]
         d_last = outs[-1].shape[1]
         parts += [o * math.sqrt(d_last / (o.shape[1] * len(outs))) for o in outs]
     return torch.cat(parts, 1) / math.sqrt(len(nets))
 
 
-def augmented_embedding(nets, x: torch.Tensor, aug, n_augs: int, gen: torch.Generator, layers: str) -> torch.Tensor:
+def augmented_embedding(nets, x: torch.Tensor, aug, n_augs: int, gen: torch.Generator, layers: str,
+                        pool: int = 0) -> torch.Tensor:
     """Mean over ``n_augs`` per-image augmentation draws (from ``gen``, data-independent) of :func:`embed`."""
     if not aug.ops:
-        return embed(nets, x, layers)
+        return embed(nets, x, layers, pool)
     acc = None
     for _ in range(n_augs):
-        e = embed(nets, aug(x, gen), layers)
+        e = embed(nets, aug(x, gen), layers, pool)
         acc = e if acc is None else acc + e
     return acc / n_augs
 
@@ -171,11 +183,14 @@ def clip_rows(e: torch.Tensor, clip: float) -> torch.Tensor:
 
 def private_class_means(x_real: torch.Tensor, y_real: torch.Tensor, num_classes: int, nets, aug, config,
                         centre: torch.Tensor | None, noise_multiplier: float, *, batch: int = 256,
-                        progress: bool = True, noise_gen: torch.Generator | None = None) -> dict:
+                        progress: bool = True, noise_gen: torch.Generator | None = None,
+                        sums_cache: dict | None = None) -> dict:
     """The one DP release: per class, noisy (sum of clipped centred embeddings, count); returns the noisy
     means (targets, centre added back) and noisy counts. ``noise_multiplier`` 0 releases the exact means
     (a no-noise control for benchmarks only). ``noise_gen`` (the real patches' augmentation draws and the
-    noise) defaults to a generator seeded from the OS entropy pool; tests may pass their own."""
+    noise) defaults to a generator seeded from the OS entropy pool; tests may pass their own.
+    ``sums_cache`` (benchmarks only: several epsilons from one embedding pass) keeps the exact clipped sums
+    between calls with the same data, nets and clip; each call still adds its own fresh noise."""
     from histodd_fed.logging_setup import progress as progress_bar
 
     if noise_gen is None:
@@ -183,11 +198,13 @@ def private_class_means(x_real: torch.Tensor, y_real: torch.Tensor, num_classes:
     gen = noise_gen        # per-patch augmentation draws: secret, i.i.d., independent of the data
     clip, c = float(config.dp_clip), COUNT_SCALE * float(config.dp_clip)
     sums, counts = None, torch.zeros(num_classes, dtype=torch.float64)
-    bar = progress_bar(total=len(x_real), desc="dm-dp embed", disable=not progress)
+    if sums_cache:
+        sums, counts = sums_cache["sums"].clone(), sums_cache["counts"].clone()
+    bar = progress_bar(total=len(x_real), desc="dm-dp embed", disable=not progress or sums is not None)
     with torch.no_grad():
-        for s in range(0, len(x_real), batch):
+        for s in range(0, 0 if sums_cache else len(x_real), batch):
             xb, yb = x_real[s:s + batch], y_real[s:s + batch].cpu()
-            e = augmented_embedding(nets, xb, aug, config.dp_augs, gen, config.dm_layers)
+            e = augmented_embedding(nets, xb, aug, config.dp_augs, gen, config.dm_layers, config.dp_pool)
             if centre is not None:
                 e = e - centre
             e = clip_rows(e, clip).double().cpu()
@@ -197,6 +214,8 @@ def private_class_means(x_real: torch.Tensor, y_real: torch.Tensor, num_classes:
             counts += torch.bincount(yb, minlength=num_classes).double()
             bar.update(len(xb))
     bar.close()
+    if sums_cache is not None and not sums_cache:
+        sums_cache.update(sums=sums.clone(), counts=counts.clone())
     sens = math.sqrt(clip ** 2 + c ** 2)
     std = noise_multiplier * sens
     noisy_sums = sums + std * torch.randn(sums.shape, generator=noise_gen, dtype=torch.float64)
@@ -278,7 +297,7 @@ def pick_public(pub_emb: torch.Tensor, targets: torch.Tensor, ipc: int, how: str
 
 # ------------------------------------------------------------------------------------------------- run
 def run_dm_dp(real, config, progress: bool = True, *, add_noise: bool = True,
-              noise_gen: torch.Generator | None = None):
+              noise_gen: torch.Generator | None = None, sums_cache: dict | None = None):
     """Distil ``real`` with dm-dp; returns a ``DistillResult``. ``add_noise=False`` is the no-noise control
     of the benchmark (same pipeline, exact means; its meta ``dp`` is None and ``method`` ``dm-nodp``)."""
     from histodd_fed.augment import build_augmentation
@@ -310,13 +329,13 @@ def run_dm_dp(real, config, progress: bool = True, *, add_noise: bool = True,
         pub_x = torch.from_numpy(pub_u8).permute(0, 3, 1, 2).float().div(255.0).to(device)
         pgen = torch.Generator().manual_seed(int(config.seed) + 4242)
         with torch.no_grad():
-            pub_emb = torch.cat([augmented_embedding(nets, pub_x[s:s + 256], aug, config.dp_augs, pgen, config.dm_layers)
+            pub_emb = torch.cat([augmented_embedding(nets, pub_x[s:s + 256], aug, config.dp_augs, pgen, config.dm_layers, config.dp_pool)
                                  for s in range(0, len(pub_x), 256)]).cpu()
         centre = pub_emb.mean(0).to(device)
 
     # ---- the one DP release (the only read of the real patches)
     rel = private_class_means(x_real, y_real, k, nets, aug, config, centre, sigma, progress=progress,
-                              noise_gen=noise_gen)
+                              noise_gen=noise_gen, sums_cache=sums_cache)
     del x_real, y_real, images
     targets = rel["targets"].to(device)            # (k, D)
 
@@ -344,7 +363,7 @@ def run_dm_dp(real, config, progress: bool = True, *, add_noise: bool = True,
         if config.lr_schedule == "cosine":
             opt.param_groups[0]["lr"] = config.lr_img * 0.5 * (1 + math.cos(math.pi * step / total))
         xa = aug(x_syn, gen) if aug.ops else x_syn
-        e = embed(nets, xa, config.dm_layers).reshape(k, config.ipc, -1).mean(1)
+        e = embed(nets, xa, config.dm_layers, config.dp_pool).reshape(k, config.ipc, -1).mean(1)
         loss = (e - targets).pow(2).sum()
         opt.zero_grad(set_to_none=True)
         x_syn.grad = torch.autograd.grad(loss, x_syn)[0]
@@ -358,7 +377,7 @@ def run_dm_dp(real, config, progress: bool = True, *, add_noise: bool = True,
     bar.close()
     with torch.no_grad():   # the final loss, without augmentation noise in the comparison's sense: one more draw
         xa = aug(x_syn, gen) if aug.ops else x_syn
-        final = float((embed(nets, xa, config.dm_layers).reshape(k, config.ipc, -1).mean(1) - targets).pow(2).sum()) / k
+        final = float((embed(nets, xa, config.dm_layers, config.dp_pool).reshape(k, config.ipc, -1).mean(1) - targets).pow(2).sum()) / k
     out = (x_syn.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     init_u8 = (initial.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     labels = np.repeat(np.arange(k), config.ipc).astype(np.int64)
@@ -369,6 +388,7 @@ def run_dm_dp(real, config, progress: bool = True, *, add_noise: bool = True,
               "epsilon_requested": float(config.dp_epsilon), "unit": "patch", "adjacency": "add/remove",
               "count_value": rel["count_value"], "sensitivity": rel["sensitivity"],
               "embedding": {"nets": config.dp_nets, "augs": config.dp_augs, "layers": config.dm_layers,
+                            "pool": config.dp_pool,
                             "centred_on_public": centre is not None},
               "noisy_class_counts": {real.class_names[j]: round(float(rel["noisy_counts"][j]), 1) for j in range(k)},
               "noisy_counts_note": "noisy (Gaussian mechanism output), not the real class counts"}
