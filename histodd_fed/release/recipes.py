@@ -4,7 +4,7 @@ An attack that re-runs the recipe on other data (LiRA's shadow sets, :mod:`histo
 needs the recipe as a function. The privacy layer must not import the distillation, so the function
 is built here, above both, and injected:
 
-- a distilled set (``meta["method"] == "histo-dd"``) records its whole ``DistillConfig`` in
+- a distilled set (``meta["method"]`` ``histo-dd`` or ``dm-dp``) records its whole ``DistillConfig`` in
   ``meta["config"]`` (a best-of-K run: the run's config, ``candidates`` > 1); the recipe is that config
   with only the seed changed, run by :func:`histodd_fed.distill.run_distillation` (which does best-of-K,
   the gate-aware choice and DP exactly as the original run did, on the patches it is given);
@@ -24,7 +24,10 @@ from typing import Any
 from histodd_fed.errors import HistoddError, InputError
 from histodd_fed.patchset import PatchSet
 
-DISTILL_METHODS = ("histo-dd",)
+#: methods whose ``meta["config"]`` is a DistillConfig that ``run_distillation`` re-runs as recorded (dm-dp:
+#: the DP distribution matching, ``dp_epsilon`` > 0; its noise is drawn from OS entropy, so shadows differ
+#: from run to run even for a seed). Not ``dm-nodp``: that no-noise control is not reachable from a config.
+DISTILL_METHODS = ("histo-dd", "dm-dp")
 CORESET_METHODS = ("random", "herding", "forgetting")
 
 
@@ -64,9 +67,10 @@ class Recipe:
         if self.kind == "coreset":
             text = f"coreset {self.method}, ipc {c.get('ipc')}"
         else:
-            text = (f"histo-dd {c.get('objective', 'gradient')} matching, {c.get('model')}, ipc {c.get('ipc')}, "
+            text = (f"{self.method} {c.get('objective', 'gradient')} matching, {c.get('model')}, ipc {c.get('ipc')}, "
                     f"init {c.get('init')}, {c.get('outer_steps')}x{c.get('inner_steps')} steps, "
-                    f"candidates {c.get('candidates', 1)}" + (f", dp_noise {c['dp_noise']}" if c.get("dp_noise") else ""))
+                    f"candidates {c.get('candidates', 1)}" + (f", dp_noise {c['dp_noise']}" if c.get("dp_noise") else "")
+                    + (f", DP epsilon {c['dp_epsilon']}" if c.get("dp_epsilon") else ""))
         if self.overrides:
             text += " (overridden: " + ", ".join(f"{k}={v}" for k, v in self.overrides.items()) + ")"
         return text
