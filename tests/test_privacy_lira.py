@@ -217,6 +217,19 @@ def test_cli_default_attack_is_unchanged(stores, monkeypatch, capsys):
     assert "lira" not in d and "summary" in d and not (out / "lira_roc.png").exists()
 
 
+def test_cli_attack_all_adds_lira_to_the_full_audit(stores, monkeypatch, capsys):
+    out = stores / "ALL"
+    code, stdout, err = _cli(monkeypatch, capsys, "audit", "--synthetic", stores / "core", "--patches",
+                             stores / "real", "--holdout", stores / "hold", "--attack", "all", "--shadows", 2,
+                             "--pool", 60, "--lira-epochs", 5, "--out", out)
+    assert code in (0, None), err
+    d = json.loads((out / "audit.json").read_text())
+    assert "summary" in d and "membership" in d                       # the threshold audit is all there
+    assert d["lira"]["shadows"] == 2 and d["files"]["lira_roc"] == "lira_roc.png"
+    assert (out / "lira_roc.png").is_file() and "## LiRA" in (out / "audit.md").read_text()
+    assert "LiRA (2 shadows" in stdout
+
+
 @pytest.mark.parametrize("case", ["no-holdout", "no-recipe", "bad-attack", "one-shadow"])
 def test_cli_bad_input_is_one_line_exit_2_nothing_written(stores, monkeypatch, capsys, case):
     """(d) no --holdout, a set without a recipe, ...: one line on stderr, exit 2, no output folder."""

@@ -117,9 +117,10 @@ def audit(
         typer.echo(f"  view {v['view_text']}: {'FLAGGED' if v['flagged'] else 'passes'} (max SSIM {v.get('ssim', float('nan')):.3f})")
     typer.echo(("FLAGGED: " + "; ".join(report.risks)) if report.flagged else "passes the gate rules")
     if attack == "all":
-        lira = _run_lira(syn, recipe, real, hold, patches, holdout, seed=seed, shadows=shadows, pool=pool,
-                         threads=threads, epochs=lira_epochs)
-        _write_lira(out, lira, merge=True)
+        res, d = _run_lira(syn, recipe, real, hold, patches, holdout, seed=seed, shadows=shadows, pool=pool,
+                           threads=threads, epochs=lira_epochs)
+        _write_lira(out, res, d, merge=True)
+        _echo_lira(d, recipe)
     typer.echo(f"report: {out / 'audit.md'}")
     if fail_on_risk and report.flagged:
         raise typer.Exit(3)
@@ -269,11 +270,15 @@ def _lira_only(syn, recipe, synthetic: Path, patches: Path, holdout: Path, out: 
                                                               "holdout": str(holdout), "seed": seed, "shadows": shadows,
                                                               "pool": pool, "recipe": recipe.to_dict(),
                                                               "train_spec": d["train_spec"]})
+    _echo_lira(d, recipe)
+    typer.echo(f"report: {out / 'audit.json'}, {out / 'lira_roc.png'}")
+
+
+def _echo_lira(d: dict, recipe) -> None:
     t = d["tpr_at_fpr"]
-    typer.echo(f"LiRA ({shadows} shadows, {d['members']} members vs {d['non_members']} non-members, recipe: "
+    typer.echo(f"LiRA ({d['shadows']} shadows, {d['members']} members vs {d['non_members']} non-members, recipe: "
                f"{recipe.describe()}): AUC {d['auc']:.3f}, TPR {t['0.01']:.3f} at 1% FPR, {t['0.001']:.3f} at 0.1% "
                f"(global threshold AUC {d['baseline_global_threshold']['auc']:.3f})")
-    typer.echo(f"report: {out / 'audit.json'}, {out / 'lira_roc.png'}")
 
 
 def register(app: typer.Typer) -> None:

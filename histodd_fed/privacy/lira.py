@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -263,7 +263,6 @@ def run_lira(target_set: PatchSet, members: PatchSet, non_members: PatchSet, mak
     correct = pred == y.numpy()
     online, offline = lira_scores(target_phi, shadow_phi, keep, gv)
     main = _attack(online, is_member, fprs)
-    from dataclasses import asdict
 
     return LiraResult(auc=main["auc"], tpr_at_fpr=main["tpr_at_fpr"], shadows=shadows, members=len(members),
                       non_members=len(non_members), fpr=main["fpr"], tpr=main["tpr"], scores=online,
