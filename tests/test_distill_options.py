@@ -214,19 +214,22 @@ def test_gate_aware_selection_skips_a_candidate_the_export_gate_blocks():
                    class_names=real.class_names)
     results = [DistillResult(copy, copy.images), DistillResult(far, far.images)]
     scores = [{"candidate": 0}, {"candidate": 1}]
-    chosen, record = _first_passing([0, 1], results, real, scores)
+    from histodd_fed.release.choose import candidate_check
+
+    check = candidate_check(real)
+    chosen, record = _first_passing([0, 1], results, check, scores)
     assert (chosen, record["audited"], record["passed"]) == (1, [0, 1], True)
     assert record["seconds"] >= 0
     assert [s["gate_passed"] for s in scores] == [False, True]
     # nothing passes: the first in order is kept and the record says so
-    chosen, record = _first_passing([0], results[:1], real, scores[:1])
+    chosen, record = _first_passing([0], results[:1], check, scores[:1])
     assert (chosen, record["passed"]) == (0, False)
     # through the engine: a gate-aware best-of-3 records its audits; the flag is validated
     cfg = DistillConfig.from_yaml(TINY, objective="distribution", pool_epochs=0, net_steps=0, outer_steps=2,
                                   inner_steps=1, lr_img=0.1, augmentation="none", batch_real=8, init="noise",
                                   candidates=3, candidate_holdout=4, candidate_epochs=2, candidate_eval_seeds=1,
                                   candidate_augmentation="flip", candidate_gate=True)
-    sel = run_distillation(real, cfg, progress=False).patchset.meta["selection"]
+    sel = run_distillation(real, cfg, progress=False, candidate_check=check).patchset.meta["selection"]
     assert sel["gate"]["audited"][0] == max(range(3), key=lambda i: (sel["candidates"][i]["heldout_accuracy"], -i))
     assert sel["gate"]["passed"] == sel["candidates"][sel["chosen"]]["gate_passed"]
     with pytest.raises(ConfigError, match="candidate_gate"):

@@ -25,9 +25,10 @@ def textured(n: int, seed: int, size: int = 16) -> PatchSet:
     return PatchSet(images=(img * 255).round().astype(np.uint8), labels=labels, class_names=["a", "b"])
 
 
-def tiny_config(features: bool = False, **gate) -> AuditConfig:
+def tiny_config(features: bool = False, copies: bool = False, **gate) -> AuditConfig:
+    # the copy detector is off here: these tests isolate the calibrated rules (tests/test_privacy_copies.py has it)
     return AuditConfig.from_dict({
-        "seed": 0, "closest_pairs": 4,
+        "seed": 0, "closest_pairs": 4, "copies": {"enabled": copies},
         "memorisation": {"reference_size": 60, "ssim_candidates": 8, "feature_metric": features,
                          "encoder": {"model": "convnet", "model_kwargs": {"width": 8, "depth": 2}, "epochs": 1}},
         "membership": {"max_per_side": 40, "target": {"model": "convnet", "model_kwargs": {"width": 8, "depth": 2},
@@ -95,17 +96,19 @@ def test_structure_rule_catches_a_noisy_recoloured_copy(real):
     assert check_export(fresh, real, tiny_config(auc_block=None), accept_risk=True).passed
 
 
-def test_bundle_style_call_uses_the_source_recorded_in_meta(real, tmp_path):
+def test_the_reference_comes_from_the_centre_never_from_the_sets_meta(real, tmp_path):
+    # a set naming a decoy folder in its meta: the gate does not use it; without --patches / real_patches it refuses
     real.save(tmp_path / "real")
     core = real.subset([5], kind="coreset", meta={"source": str(tmp_path / "real")})
     core.save(tmp_path / "core")
-    with pytest.raises(PrivacyRiskError, match="real patch 5"):
+    with pytest.raises(PrivacyRiskError, match="no reference"):
         check_export(patchset=core, synthetic_dir=tmp_path / "core", accept_risk=False, config=tiny_config())
-    lost = real.subset([5], kind="coreset", meta={})
-    d = check_export(patchset=lost, accept_risk=False, config=tiny_config())
-    assert d.passed and not d.audited and d.to_dict()["gate"]["audited"] is False
-    with pytest.raises(PrivacyRiskError, match="no real patches"):
-        check_export(patchset=lost, accept_risk=False, config=tiny_config(require_audit=True))
+    # --accept-privacy-risk does not turn a missing reference into an export
+    d = check_export(patchset=core, accept_risk=True, config=tiny_config(), raise_on_block=False)
+    assert d.blocked and not d.audited and d.to_dict()["gate"]["audited"] is False
+    # the centre's own reference (real_dir, as `export --patches` passes it) audits it
+    with pytest.raises(PrivacyRiskError, match="real patch 5"):
+        check_export(patchset=core, real_dir=tmp_path / "real", accept_risk=False, config=tiny_config())
 
 
 def test_run_audit_writes_markdown_json_png(real, tmp_path):

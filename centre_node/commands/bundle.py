@@ -192,9 +192,11 @@ def _privacy_gate(ps, synthetic: Path, accept_risk: bool, patches: Optional[Path
     """Run the export gate (:func:`histodd_fed.privacy.gate.check_export`) with an audit required.
 
     ``patches`` (the centre's real patches) become the gate's ``real_dir`` and ``holdout`` its
-    held-out set. With no real patches found (``--patches``, the privacy config's
-    ``real_patches``, or the set's recorded source) the gate refuses unless ``accept_risk``; a
-    fired rule refuses likewise. The returned decision summary is sealed into the manifest.
+    held-out set. With no reference (``--patches`` or the privacy config's ``real_patches``; a path in
+    the set's meta is never used) the gate refuses, ``accept_risk`` or not; a fired rule refuses unless
+    ``accept_risk``. The returned decision summary is sealed into the manifest;
+    for a DP set (meta "dp") only the verdict, not the audit's statistics of the real patches (the
+    accounting does not cover them).
     """
     from histodd_fed.errors import InputError
     from histodd_fed.patchset import PatchSet, load_image_folder
@@ -209,7 +211,12 @@ def _privacy_gate(ps, synthetic: Path, accept_risk: bool, patches: Optional[Path
     decision = check_export(synthetic=ps, synthetic_dir=synthetic, accept_risk=accept_risk, real_dir=patches,
                             holdout=hold, require_audit=True)
     typer.echo(decision.message())
-    return decision.to_dict()
+    report = decision.to_dict()
+    if ps.meta.get("dp"):
+        report = {"gate": report["gate"], "accepted_risk": report["accepted_risk"],
+                  "note": "DP set: the audit's statistics of the real patches stay at the centre (not covered by "
+                          "the DP accounting); the verdict is a 1-bit function of them"}
+    return report
 
 
 def export(
@@ -224,8 +231,8 @@ def export(
     holdout: Optional[Path] = typer.Option(None, "--holdout",
                                            help="Held-out real patches (enables the gate's membership attack)."),
     accept_privacy_risk: bool = typer.Option(False, "--accept-privacy-risk",
-                                             help="Export even if the privacy gate flags a risk or cannot audit "
-                                                  "(no real patches found); recorded in the manifest."),
+                                             help="Export even if a privacy gate rule fires; recorded in the "
+                                                  "manifest. A missing reference (no --patches) is refused regardless."),
     passphrase_env: Optional[str] = typer.Option(None, "--passphrase-env", help=PASSPHRASE_ENV_HELP),
     passphrase_fd: Optional[int] = typer.Option(None, "--passphrase-fd", help=PASSPHRASE_FD_HELP),
     chunk_size: int = typer.Option(1 << 20, "--chunk-size", help="Plaintext bytes per encrypted chunk."),

@@ -59,6 +59,9 @@ def distill_command(
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda."),
     split: str = typer.Option("train", "--split", help="Slide split to distil when the store has one."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Pool cache + checkpoints (default: OUT.work)."),
+    gate: bool = typer.Option(True, "--gate/--no-gate",
+                              help="After distilling, run the export gate on the set against the raw --patches (the "
+                                   "same call `export --patches` makes) and print its verdict to OUT/gate.json."),
     resume: bool = typer.Option(True, "--resume/--no-resume",
                                 help="Continue from the checkpoint of the same data + config in the work dir "
                                      "(after a kill, no work lost); --no-resume starts from step 0."),
@@ -118,6 +121,7 @@ def distill_command(
                     slide_mpp=slide_mpp, seed=cfg.seed)
         patches = store
     real = PatchSet.load(patches)
+    reference = real          # the export gate's reference: every raw patch of the store, as `export --patches` loads it
     if real.meta.get("slide_splits"):     # a tiled slide store; an imported patch folder has none ({})
         from histodd_fed.slides.manifest import select_split
 
@@ -132,7 +136,10 @@ def distill_command(
         log.info("preset %s: patches in view %s", pre.name, pre.view.describe())
     log.info("distilling %d patches %s with %s ipc=%d K=%d U=%d", len(real), real.class_counts(), cfg.model,
              cfg.ipc, cfg.outer_steps, cfg.inner_steps)
-    res = run_distillation(real, cfg, work_dir=work, resume=resume)
+    from histodd_fed.release.choose import candidate_check, release_verdict
+
+    res = run_distillation(real, cfg, work_dir=work, resume=resume,
+                           candidate_check=candidate_check(reference) if cfg.candidate_gate else None)
     syn = res.patchset
     if not dp:    # a DP set's meta holds nothing the accounting does not cover (the path is in run_config.json)
         syn.meta["source"] = str(patches)
@@ -146,6 +153,13 @@ def distill_command(
                                                   "work_dir": str(work), "config_file": str(cfg_path),
                                                   "preset": None if pre is None else pre.to_dict(),
                                                   "view": syn.meta["view"]})
+    verdict = None
+    if gate:
+        from histodd_fed.atomic import atomic_write_json
+
+        log.info("export gate on the written set (the same check `export --patches %s` makes)", patches)
+        verdict = release_verdict(syn, reference)
+        atomic_write_json(out / "gate.json", {**verdict, "reference": str(patches)})
     from histodd_fed.distill.plots import save_grid, save_loss_curve
 
     save_loss_curve(syn.meta["loss_curve"], out / "loss_curve.png")
@@ -153,6 +167,7 @@ def distill_command(
     t = syn.meta["timings"]
     if dp:
         d = syn.meta["dp"]
+        _echo_verdict(verdict)
         typer.echo(f"wrote {len(syn)} synthetic patches to {out}: dm-dp, ({d['epsilon']:.3f}, {d['delta']:g})-DP "
                    f"per patch (noise multiplier {d['noise_multiplier']:.3f}, clip {d['clip']:g}, {d['accountant']}); "
                    f"matching {t['matching_s']:.1f}s")
@@ -167,8 +182,21 @@ def distill_command(
                    f"{sel['heldout_images']} of the centre's own patches, {sel['seconds']:.0f}s in all)")
         g = sel.get("gate")
         if g:
-            typer.echo(f"export gate during selection: audited candidate(s) {', '.join(map(str, g['audited']))}; "
-                       + ("the kept one passes" if g["passed"] else "none passes - export will block this set"),
-                       err=not g["passed"])
+            typer.echo(f"candidate choice (the gate's calibrated rules): checked candidate(s) "
+                       f"{', '.join(map(str, g['audited']))}; " + ("the kept one passes them" if g["passed"] else
+                                                                   "none passes them"))
+    _echo_verdict(verdict)
     if not syn.meta["complete"]:
         typer.echo("warning: distillation incomplete", err=True)
+
+
+def _echo_verdict(verdict: dict | None) -> None:
+    """The export gate's verdict on the written set: what `export` with the same --patches will decide."""
+    if verdict is None:
+        return
+    if verdict["passed"]:
+        typer.echo("export gate (every rule, as `export` runs it): passes")
+    else:
+        typer.echo(f"export gate (every rule, as `export` runs it): BLOCKED - {verdict['reasons'][0]}"
+                   + (f" (+{len(verdict['reasons']) - 1} more)" if len(verdict["reasons"]) > 1 else "")
+                   + "; `export` will refuse this set (details: gate.json)", err=True)

@@ -456,15 +456,19 @@ class DistillResult:
 
 
 def distill(real: PatchSet, config: DistillConfig, work_dir: Path | None = None, progress: bool = True, *,
-            stop_after_steps: int | None = None, resume: bool = True) -> PatchSet:
+            stop_after_steps: int | None = None, resume: bool = True, candidate_check=None) -> PatchSet:
     """Distil ``real`` into a synthetic PatchSet (kind ``synthetic``, uint8); see :func:`run_distillation`."""
     return run_distillation(real, config, work_dir, progress, stop_after_steps=stop_after_steps,
-                            resume=resume).patchset
+                            resume=resume, candidate_check=candidate_check).patchset
 
 
 def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | None = None, progress: bool = True, *,
-                     stop_after_steps: int | None = None, resume: bool = True) -> DistillResult:
+                     stop_after_steps: int | None = None, resume: bool = True,
+                     candidate_check=None) -> DistillResult:
     """Distil ``real`` into a synthetic PatchSet (``ipc`` per class, or per class per slide).
+
+    ``candidate_check`` (``set -> (passed, reason)``): the gate-aware choice of a best-of-K run
+    (``candidate_gate``); given by the release layer (:mod:`histodd_fed.release.choose`).
 
     ``work_dir`` holds the model-pool cache and the checkpoints (None: nothing cached, no resume).
     ``stop_after_steps`` ends this call after that many outer steps (checkpointed first) for
@@ -484,7 +488,7 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
             raise InputError("distill: stop_after_steps is for single runs; best-of-K runs resume per candidate")
         from histodd_fed.distill.select import run_best_of
 
-        return run_best_of(real, config, work_dir, progress, resume=resume)
+        return run_best_of(real, config, work_dir, progress, resume=resume, candidate_check=candidate_check)
     device = resolve_device(config.device)
     src_hash = data_hash(real)
     cfg_hash = config_hash(config.result_dict())

@@ -8,11 +8,13 @@ a fresh evaluation network on each candidate (``candidate_epochs``, ``candidate_
 reveals at most log2(K) bits about the held-out patches; the export gate still audits the chosen set
 against all of the centre's real patches.
 
-With ``candidate_gate`` the choice also asks the export gate (:func:`histodd_fed.privacy.gate.check_export`,
-the shipped ``configs/privacy.yaml``): candidates are audited against every patch given to the run, in
-order of held-out accuracy, and the first that passes is kept - the most useful set the centre can
-actually send. When none passes, the most accurate is kept with a warning (``export`` will block
-it). ``export`` audits the chosen set again, also in the other views of the raw patches.
+With ``candidate_gate`` the choice also asks a ``candidate_check`` (``set -> (passed, reason)``) given by
+the caller - the export gate's calibrated rules against the centre's raw reference patches
+(:func:`histodd_fed.release.choose.candidate_check`; this package never imports the privacy code):
+candidates are checked in order of held-out accuracy and the first that passes is kept. When none
+passes, the most accurate is kept with a warning. The gate's independent rule (the copy detector) is
+never consulted here; the caller applies the full gate to the chosen set (the same call ``export``
+makes) and reports that verdict.
 
 Candidate ``k`` is an ordinary run (``candidates: 1``) with seed ``seed * 1000 + k``, so each is
 checkpointed and resumable on its own, and candidate 0 of seed 0 is not the plain seed-0 run.
@@ -52,7 +54,7 @@ def holdout_split(real: PatchSet, per_class: int, seed: int) -> tuple[np.ndarray
 
 
 def run_best_of(real: PatchSet, config, work_dir: Path | None = None, progress: bool = True, *,
-                resume: bool = True):
+                resume: bool = True, candidate_check=None):
     """The best of ``config.candidates`` distillations (see the module doc); a DistillResult whose meta
     records every candidate's held-out accuracy in ``meta["selection"]``."""
     from histodd_fed.distill.engine import run_distillation
@@ -77,8 +79,10 @@ def run_best_of(real: PatchSet, config, work_dir: Path | None = None, progress: 
                  cand_cfg.seed, acc)
     order = sorted(range(len(accs)), key=lambda i: (-accs[i], i))   # best first, the first of equals
     gate = None
-    if config.candidate_gate:
-        chosen_i, gate = _first_passing(order, results, real, scores)
+    if config.candidate_gate and candidate_check is None:
+        log.warning("distill: candidate_gate is set but no gate check was given; choosing by held-out accuracy only")
+    if config.candidate_gate and candidate_check is not None:
+        chosen_i, gate = _first_passing(order, results, candidate_check, scores)
     else:
         chosen_i = order[0]
     chosen = scores[chosen_i]
@@ -98,21 +102,19 @@ def run_best_of(real: PatchSet, config, work_dir: Path | None = None, progress: 
     return best_res
 
 
-def _first_passing(order: list[int], results: list, real: PatchSet, scores: list[dict]) -> tuple[int, dict]:
-    """The first candidate in ``order`` that the export gate passes (audited against ``real``), and a
-    record of the audits; the first in ``order`` when none passes. Sets ``gate_passed`` in ``scores``."""
-    from histodd_fed.privacy.gate import check_export
-
+def _first_passing(order: list[int], results: list, check, scores: list[dict]) -> tuple[int, dict]:
+    """The first candidate in ``order`` that ``check(set) -> (passed, reason)`` passes, and a record of the
+    audits; the first in ``order`` when none passes. Sets ``gate_passed`` in ``scores``."""
     audited = []
     t0 = time.perf_counter()
     for i in order:
         t = time.perf_counter()
-        decision = check_export(synthetic=results[i].patchset, real=real, raise_on_block=False)
-        scores[i]["gate_passed"] = bool(decision.passed)
+        passed, reason = check(results[i].patchset)
+        scores[i]["gate_passed"] = bool(passed)
         audited.append(i)
-        log.info("distill: candidate %d: export gate %s (%.0fs)%s", i, "passed" if decision.passed else "blocks it",
-                 time.perf_counter() - t, "" if decision.passed else f": {decision.reasons[0]}")
-        if decision.passed:
+        log.info("distill: candidate %d: calibrated gate rules %s (%.0fs)%s", i, "pass" if passed else "block it",
+                 time.perf_counter() - t, "" if passed else f": {reason}")
+        if passed:
             return i, {"audited": audited, "passed": True, "seconds": round(time.perf_counter() - t0, 1)}
     log.warning("distill: none of the %d candidates passes the export gate; keeping the most accurate (export "
                 "will block it: lower ipc, raise init_mix or add privacy_step)", len(order))

@@ -30,6 +30,7 @@ from histodd_fed.formation import decode_set, formation_factor, tiles
 from histodd_fed.patchset import PatchSet
 from histodd_fed.preprocess import ViewSpec, apply_view, audit_views, recorded_view, resize_to
 from histodd_fed.privacy.classifier import TrainSpec
+from histodd_fed.privacy.copies import CopyDetectorConfig, CopyReport, detect_copies
 from histodd_fed.privacy.membership import MembershipConfig, MembershipResult, membership_audit
 from histodd_fed.privacy.memorisation import MemorisationConfig, MemorisationResult, analyse_memorisation
 from histodd_fed.privacy.risk import GateThresholds, find_risks
@@ -49,6 +50,7 @@ class AuditConfig:
     memorisation: MemorisationConfig = field(default_factory=MemorisationConfig)
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     gate: GateThresholds = field(default_factory=GateThresholds)
+    copies: CopyDetectorConfig = field(default_factory=CopyDetectorConfig)
     closest_pairs: int = 12
     num_threads: int | None = None
     real_patches: str | None = None      #: the gate's real patches when the caller gives none
@@ -77,10 +79,11 @@ class AuditConfig:
         if "fprs" in mia:
             mia["fprs"] = tuple(float(f) for f in mia["fprs"])
         gate = build(GateThresholds, top.pop("gate", None) or {}, "gate")
+        copies = build(CopyDetectorConfig, top.pop("copies", None) or {}, "copies")
         try:
             cfg = cls(memorisation=MemorisationConfig(**mem, encoder=TrainSpec(**{**asdict(MemorisationConfig().encoder), **enc})),
                       membership=MembershipConfig(**mia, target=TrainSpec(**{**asdict(MembershipConfig().target), **tgt})),
-                      gate=GateThresholds(**gate), **top)
+                      gate=GateThresholds(**gate), copies=CopyDetectorConfig(**copies), **top)
         except TypeError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
         cfg.validate(where)
@@ -107,6 +110,7 @@ class AuditConfig:
             raise ConfigError(f"{where}: ssim_candidates must be >= 1 and reference_size >= 2")
         if self.membership.max_per_side < 1 or not all(0 < f < 1 for f in self.membership.fprs):
             raise ConfigError(f"{where}: membership.max_per_side must be >= 1 and fprs in (0, 1)")
+        self.copies.validate(f"{where}: copies")
         g = self.gate
         for name in ("l2_block_percentile", "structure_block_percentile"):
             v = getattr(g, name)
@@ -136,6 +140,8 @@ class AuditReport:
     view: dict[str, Any] | None = None
     #: with :func:`run_view_audits`: one summary per audited view (this report is the worst one)
     views: list[dict[str, Any]] = field(default_factory=list)
+    #: the transform-invariant copy detector's findings (:mod:`histodd_fed.privacy.copies`), all views
+    copies: CopyReport | None = None
 
     @property
     def flagged(self) -> bool:
@@ -176,6 +182,11 @@ class AuditReport:
         out["view"] = self.view
         if self.views:
             out["views"] = list(self.views)
+        if self.copies is not None:
+            out["copies"] = self.copies.summary()
+            out["copies"]["flagged_images"] = [{"synthetic": f.synthetic, "kind": f.kind, "r2": round(f.r2, 4),
+                                                "sources": f.sources, "transform": f.transform, "view": f.view}
+                                               for f in self.copies.flagged]
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,6 +195,8 @@ class AuditReport:
                              "holdout": self.holdout_info, "memorisation": self.memorisation.summary(),
                              "per_synthetic": self.memorisation.per_synthetic(), "config": to_jsonable(self.config),
                              "files": self.files, "seconds": self.seconds}
+        if self.copies is not None:
+            d["copies"] = self.copies.to_dict()
         if self.membership is not None:
             d["membership"] = self.membership.summary()
             d["roc"] = {n: {"fpr": a.fpr.tolist(), "tpr": a.tpr.tolist()} for n, a in self.membership.attacks.items()}
@@ -252,6 +265,20 @@ class AuditReport:
             lines += [f"![closest pairs]({self.files['closest_pairs']})", ""]
         if "nn_distribution" in self.files:
             lines += [f"![nearest-neighbour distributions]({self.files['nn_distribution']})", ""]
+        if self.copies is not None:
+            c = self.copies
+            lines += ["## Copy detector (transform-invariant)", "",
+                      f"Each synthetic image's best explanation by one real patch (any dihedral transform, any position "
+                      f"inside the raw patch, an affine RGB colour map) or a pixel mixture of up to {c.config.max_mix}; "
+                      f"flagged at R^2 >= {c.threshold:g}. {c.n_real} real patches, views: {', '.join(c.views)}; "
+                      f"{c.seconds:.1f} s.", "",
+                      "| syn | kind | R^2 | copy R^2 | mixture R^2 (1..k) | sources | transform | flagged |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for f in c.findings:
+                lines.append(f"| {f.synthetic} | {f.kind} | {f.r2:.3f} | {f.copy_r2:.3f} | "
+                             f"{', '.join(f'{v:.2f}' for v in f.mixture_r2)} | "
+                             f"{', '.join(str(x) for x in f.sources)} | {f.transform} | {'**yes**' if f.flagged else 'no'} |")
+            lines.append("")
         lines += ["## Membership inference", ""]
         if mia is None:
             lines += ["Not run (no held-out real patches given, or disabled).", ""]
@@ -412,11 +439,13 @@ def audit_inputs(synthetic: PatchSet, real: PatchSet, holdout: PatchSet | None =
 
 def run_view_audits(synthetic: PatchSet, real: PatchSet, holdout: PatchSet | None, config: AuditConfig | None = None,
                     out_dir: str | Path | None = None, *, encoder=None,
-                    paths: dict[str, str] | None = None) -> AuditReport:
+                    paths: dict[str, str] | None = None, copies: bool = True) -> AuditReport:
     """:func:`run_audit` in every view of :func:`audit_inputs`; the worst report, with ``views`` set.
 
     The worst view decides: a rule that fires in any view flags the set (its reasons carry the view
-    when more than one was audited). ``out_dir`` receives the worst view's report.
+    when more than one was audited). ``out_dir`` receives the worst view's report. With ``copies`` (and
+    ``config.copies.enabled``) the copy detector (:func:`copy_audit`) runs too and its flagged images
+    join the risks, one line each.
     """
     # a multi-formation set (histodd_fed.formation) is audited twice: as the decoded training images, and
     # as its small tiles against the real patches downscaled to the tiles' size (where a tile that copies a
@@ -440,6 +469,29 @@ def run_view_audits(synthetic: PatchSet, real: PatchSet, holdout: PatchSet | Non
             text = reports[i].view_summary()["view_text"]
             tagged += [f"{r} [real patches as {text}]" for r in reports[i].risks]
         worst.risks = tagged
+    cfg = config or AuditConfig()
+    if copies and cfg.copies.enabled:
+        worst.copies = copy_audit(synthetic, real, cfg, num_threads=cfg.num_threads)
+        worst.risks = list(worst.risks) + worst.copies.reasons()
     if out_dir is not None:
         worst.write(out_dir, triples[worst_i][0], triples[worst_i][2])
     return worst
+
+
+def copy_audit(synthetic: PatchSet, real: PatchSet, config: AuditConfig | None = None, *,
+               num_threads: int | None = None) -> CopyReport:
+    """The copy detector on ``synthetic`` (decoded) against ``real``: raw patches are searched in every view of
+    :func:`histodd_fed.preprocess.audit_views` (windows anywhere inside the raw patch at each view's scale);
+    patches already in a view are searched as they are."""
+    cfg = config or AuditConfig()
+    syn = decode_set(synthetic)
+    have = recorded_view(real)
+    if have is not None and not have.is_identity:
+        ref = resize_to(real, syn.image_size)
+        views: list[ViewSpec | None] = [None]
+    else:
+        ref = real
+        views = list(audit_views(recorded_view(syn), real.image_size, syn.image_size))
+    if list(ref.class_names) != list(syn.class_names):
+        raise InputError(f"real patches: classes {ref.class_names} differ from the synthetic set's {syn.class_names}")
+    return detect_copies(syn.images, ref.images, views, cfg.copies, num_threads=num_threads)

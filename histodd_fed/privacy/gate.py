@@ -17,11 +17,17 @@ resize it was distilled or selected from) and in the other plausible view of its
 manifest's summary lists every view (``views``). Real patches that cannot be put in the set's view
 (already cropped otherwise, another patch size) raise ``InputError``.
 
-Real patches come from ``real`` / ``real_dir``, else ``real_patches`` in the config, else the
-source path recorded in the set's meta (``source``, ``source_dir``, ``real_source``; coresets
-record ``source``). When none can be found the set cannot be audited: the gate then blocks if
-``require_audit`` is set (the config's ``gate.require_audit``), else passes with
-``audited: false`` in the manifest and a warning.
+The reference comes only from the centre's own data: ``real`` / ``real_dir`` (``--patches``, the node's
+data), else ``real_patches`` in the centre's privacy config - never from a path recorded in the set's
+meta (a sender could point it at a decoy). No reference, no export: the gate refuses, and
+``--accept-privacy-risk`` does not override that.
+
+Two groups of rules (docs/privacy.md, "Which rules are independent"): the *calibrated* rules of
+:mod:`histodd_fed.privacy.risk` (SSIM, L2 and structure against the real-real distribution; the
+membership threshold attack), which the distillation's privacy term and the gate-aware candidate
+choice may read (``independent_rules=False``), and the *independent* rule, the transform-invariant
+copy detector (:mod:`histodd_fed.privacy.copies`), which neither reads. The export decision applies
+both; ``distill`` reports the same full decision for the set it writes.
 """
 
 from __future__ import annotations
@@ -37,7 +43,6 @@ from histodd_fed.patchset import PatchSet, load_image_folder
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "privacy.yaml"
-META_SOURCE_KEYS = ("real_source", "source_dir", "source")
 
 
 class PrivacyRiskError(HistoddError):
@@ -67,10 +72,11 @@ class GateDecision:
     def message(self) -> str:
         """One line: the first reason, how many more, and the override."""
         if self.passed:
-            return "privacy gate: passed" + ("" if self.audited else " (not audited: no real patches found)")
+            return "privacy gate: passed"
         more = f" (+{len(self.reasons) - 1} more rule(s))" if len(self.reasons) > 1 else ""
         head = "privacy risk accepted (--accept-privacy-risk): " if self.accepted_risk else "export blocked by the privacy gate: "
-        tail = "" if self.accepted_risk else "; re-run with --accept-privacy-risk to export anyway (recorded in the manifest)"
+        tail = "" if self.accepted_risk or not self.audited else (
+            "; re-run with --accept-privacy-risk to export anyway (recorded in the manifest)")
         return f"{head}{self.reasons[0]}{more}{tail}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,26 +96,28 @@ def _load_real(path: Path) -> PatchSet:
     raise InputError(f"{path}: not a patch set directory or image folder")
 
 
-def resolve_real_source(synthetic: PatchSet, config_path: str | None = None) -> Path | None:
-    """Where the set's real patches live: config ``real_patches``, else a path recorded in meta."""
-    candidates = [config_path] + [synthetic.meta.get(k) for k in META_SOURCE_KEYS]
-    for c in candidates:
-        if isinstance(c, (str, Path)) and str(c) and Path(c).exists():
-            return Path(c)
+def resolve_real_source(config_path: str | None = None) -> Path | None:
+    """The centre's own reference named in its privacy config (``real_patches``); never the set's meta."""
+    if isinstance(config_path, (str, Path)) and str(config_path) and Path(config_path).exists():
+        return Path(config_path)
     return None
 
 
 def check_export(synthetic: PatchSet | None = None, real: PatchSet | None = None, config=None,
                  accept_risk: bool = False, *, patchset: PatchSet | None = None, synthetic_dir: str | Path | None = None,
                  real_dir: str | Path | None = None, holdout: PatchSet | None = None, require_audit: bool | None = None,
-                 raise_on_block: bool = True) -> GateDecision:
+                 raise_on_block: bool = True, independent_rules: bool = True) -> GateDecision:
     """Audit ``synthetic`` against ``real`` and decide whether it may be exported.
 
     ``patchset``/``synthetic_dir`` are accepted as the bundle command passes them (``synthetic``
     wins; the directory is loaded when no set is given). ``config``: an ``AuditConfig``, a YAML
     path, or None for ``configs/privacy.yaml`` (defaults when absent). Raises
     :class:`PrivacyRiskError` when a rule fires and ``accept_risk`` is false (unless
-    ``raise_on_block`` is false: then the returned decision has ``blocked`` set).
+    ``raise_on_block`` is false: then the returned decision has ``blocked`` set). Without a reference
+    (``real``, ``real_dir`` or the config's ``real_patches``) the decision is a refusal that
+    ``accept_risk`` cannot override (``require_audit`` is kept for old callers and has no effect).
+    ``independent_rules=False`` leaves out the copy detector: only for choosing among candidates
+    (the rule must stay unread by the optimisation); an export always applies every rule.
     """
     from histodd_fed.privacy.audit import AuditConfig, run_view_audits
 
@@ -124,21 +132,17 @@ def check_export(synthetic: PatchSet | None = None, real: PatchSet | None = None
         cfg = AuditConfig.from_yaml(config)
     else:
         cfg = config
-    if require_audit is None:
-        require_audit = bool(cfg.gate.require_audit)
     paths = {"synthetic": None if synthetic_dir is None else str(synthetic_dir)}
     if real is None:
-        src = Path(real_dir) if real_dir is not None else resolve_real_source(syn, cfg.real_patches)
+        src = Path(real_dir) if real_dir is not None else resolve_real_source(cfg.real_patches)
         if src is None:
-            reason = ("no real patches to audit against (give --patches, set real_patches in the privacy config, "
-                      "or record the source in the set's meta)")
-            decision = GateDecision(passed=not require_audit, accepted_risk=bool(accept_risk and require_audit),
-                                    reasons=[] if not require_audit else [reason],
+            reason = ("no reference: the gate audits against the centre's own real patches only (give --patches, "
+                      "or set real_patches in the centre's privacy config); a path in the set's meta is not used")
+            decision = GateDecision(passed=False, accepted_risk=False, reasons=[reason],
                                     summary={"audited": False, "note": reason}, audited=False,
                                     override_requested=bool(accept_risk))
-            if decision.blocked and raise_on_block:
+            if raise_on_block:
                 raise PrivacyRiskError(decision.message(), decision)
-            log.warning("privacy gate: %s", reason)
             return decision
         real = _load_real(src)
         paths["real"] = str(src)
@@ -147,7 +151,7 @@ def check_export(synthetic: PatchSet | None = None, real: PatchSet | None = None
         if hp.exists():
             holdout = _load_real(hp)
             paths["holdout"] = str(hp)
-    report = run_view_audits(syn, real, holdout, cfg, paths=paths)
+    report = run_view_audits(syn, real, holdout, cfg, paths=paths, copies=independent_rules)
     summary = report.summary()
     decision = GateDecision(passed=not report.risks, accepted_risk=bool(accept_risk) and bool(report.risks),
                             reasons=list(report.risks), summary=summary, audited=True,
