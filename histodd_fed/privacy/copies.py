@@ -77,7 +77,7 @@ class CopyDetectorConfig:
     bland_std: float = 0.03       #: images with low-passed grey std below this are bland (skipped)
     var_floor: float = 0.05       #: times the template's variance, added to window variances (flat windows correlate weakly)
     chunk: int = 256              #: real patches per batch of the coarse search
-    calibration_probes: int = 24  #: own patches explained by the others: the tissue's natural R^2 level
+    calibration_probes: int = 0   #: own patches explained by the others (0: off; see docs/privacy.md)
     calibration_margin: float = 0.05   #: threshold in force = max(threshold, natural max R^2 + this)
     calibration_copy_level: float = 0.97   #: probes explained at least this well are copies inside the data
     calibration_seed: int = 0
