@@ -381,6 +381,13 @@ def _dp_meta(stages: list[list[Group]], config: DistillConfig, steps_done: int) 
             "epsilon": max(c["epsilon"] for c in per_class)}
 
 
+def method_name(config: DistillConfig) -> str:
+    """What made a set, honestly: ``histo-dd`` is the paper's gradient matching; ``dm`` distribution matching;
+    ``-dp`` when the run is differentially private (dm-dp sets come from histodd_fed.distill.dm_dp)."""
+    base = "dm" if config.objective == "distribution" else "histo-dd"
+    return base + ("-dp" if config.dp_noise > 0 else "")
+
+
 class PrivacyGuard:
     """Keeps synthetic images away from their nearest real patches (the privacy term).
 
@@ -695,7 +702,7 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
     labels = np.concatenate([[g.label] * config.ipc for stage in stages for g in stage]).astype(np.int64)
     slide_idx = np.concatenate([[g.slide] * config.ipc for stage in stages for g in stage]).astype(np.int32)
     meta = {
-        "method": "histo-dd",
+        "method": method_name(config),
         "complete": complete,
         "steps_done": done,
         "steps_total": total_steps,

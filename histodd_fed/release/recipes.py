@@ -27,7 +27,7 @@ from histodd_fed.patchset import PatchSet
 #: methods whose ``meta["config"]`` is a DistillConfig that ``run_distillation`` re-runs as recorded (dm-dp:
 #: the DP distribution matching, ``dp_epsilon`` > 0; its noise is drawn from OS entropy, so shadows differ
 #: from run to run even for a seed). Not ``dm-nodp``: that no-noise control is not reachable from a config.
-DISTILL_METHODS = ("histo-dd", "dm-dp")
+DISTILL_METHODS = ("histo-dd", "dm", "histo-dd-dp", "dm-dp")
 CORESET_METHODS = ("random", "herding", "forgetting")
 
 
@@ -36,7 +36,7 @@ class Recipe:
     """A callable ``(real patches, seed) -> released set`` rebuilt from a set's recorded recipe."""
 
     kind: str                        #: "distill" or "coreset"
-    method: str                      #: histo-dd | random | herding | forgetting
+    method: str                      #: histo-dd | dm | histo-dd-dp | dm-dp | random | herding | forgetting
     config: dict[str, Any]           #: the recorded config with ``overrides`` applied (seed: per call)
     overrides: dict[str, Any] = field(default_factory=dict)
     progress: bool = False           #: inner progress bars of the distillation / coreset network
