@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from centre_node.cli import app
+from histodd_fed.privacy.gate import PrivacyRiskError
 from histodd_fed.bundle import (KeyFileError, NotARecipientError, ReplayError, RevokedSignerError,
                                 SignatureError, TrustConflictError, UntrustedSignerError)
 from histodd_fed.patchset import PatchSet
@@ -42,13 +43,18 @@ def test_cli_roundtrip(tmp_path, tiny_patchset):
     listing = json.loads(_ok("trust", "list", "--keys", k["C2"], "--json"))
     assert [r["centre"] for r in listing["trusted"]] == ["C1"]
 
+    real = tiny_patchset.save(tmp_path / "real")      # the centre's own reference for the gate
     tiny_patchset.kind = "synthetic"
     syn = tiny_patchset.save(tmp_path / "syn")
     bundle = tmp_path / "out.hdb"
     _fails(KeyFileError, "export", "--synthetic", syn, "--to", "C2", "--keys", k["C1"], "--out", bundle)  # no passphrase
     _fails(UntrustedSignerError, "export", "--synthetic", syn, "--to", "C9", "--keys", k["C1"], "--out", bundle,
            "--passphrase-env", "PW", env=env)
-    out = _ok("export", "--synthetic", syn, "--to", "C2", "--keys", k["C1"], "--out", bundle,
+    # no reference: refused even with --accept-privacy-risk
+    _fails(PrivacyRiskError, "export", "--synthetic", syn, "--to", "C2", "--keys", k["C1"], "--out", bundle,
+           "--passphrase-env", "PW", "--accept-privacy-risk", env=env)
+    assert not bundle.exists()
+    out = _ok("export", "--synthetic", syn, "--patches", real, "--to", "C2", "--keys", k["C1"], "--out", bundle,
               "--passphrase-env", "PW", "--chunk-size", "512", "--accept-privacy-risk", env=env)
     assert "sealed 12 patches" in out and bundle.exists()
 

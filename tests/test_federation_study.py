@@ -130,7 +130,7 @@ def test_silent_centre_is_reported_and_study_goes_on(tmp_path):
     from histodd_fed.federation.coordinator import LocalTransport, run_transfer_study
 
     cfgs, trust = _centres(tmp_path, faults={"C2": "hang:train:90"})
-    cfg = _study(tmp_path, trust, both_directions=True, reply_timeout=8)
+    cfg = _study(tmp_path, trust, both_directions=True, reply_timeout=20)
     t0 = time.monotonic()
     out = run_transfer_study(LocalTransport({1: CentreNode(cfgs[0]), 2: CentreNode(cfgs[1])}), cfg)
     assert time.monotonic() - t0 < 85  # did not wait for the silent centre
