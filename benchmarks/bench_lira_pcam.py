@@ -180,7 +180,7 @@ def main() -> None:
                "pool": len(pool), "variance": res.summary()["variance"], "seconds": round(secs, 1),
                "seconds_target_set": round(t_target, 1),
                "seconds_parts": {k: round(v, 1) for k, v in res.seconds.items()}, "seed": args.seed,
-               "train_spec": res.train_spec, "threads": args.threads}
+               "train_spec": res.train_spec, "threads": args.threads, "recipe_config": make_set.to_dict()}
         records[name] = rec
         if args.arrays is not None:
             args.arrays.mkdir(parents=True, exist_ok=True)
