@@ -54,11 +54,12 @@ def test_attack_manifest_does_not_leak_local_paths(tmp_path):
         s.add(load_public_identity(other))
         s.save()
     ps = _ps()
+    ref = ps.save(tmp_path / "hospital-share" / "patients-2026")     # the gate's reference: --patches
     ps.meta = {"seed": 0, "source": str(tmp_path / "hospital-share" / "patients-2026"), "ipc": 2}
     syn = ps.save(tmp_path / "hospital-share" / "synthetic-set")
     out = tmp_path / "b.hdb"
-    r = runner.invoke(app, ["export", "--synthetic", str(syn), "--to", "C2", "--keys", str(k1), "--out", str(out),
-                            "--accept-privacy-risk"])
+    r = runner.invoke(app, ["export", "--synthetic", str(syn), "--patches", str(ref), "--to", "C2", "--keys", str(k1),
+                            "--out", str(out), "--accept-privacy-risk"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["open", str(out), "--keys", str(k2), "--out", str(tmp_path / "opened")])
     assert r.exit_code == 0, r.output
