@@ -34,10 +34,10 @@ def test_export_requires_an_audit_and_blocks_copies(tmp_path):
     copy.meta = {}
     syn_dir = copy.save(tmp_path / "syn")
     args = ["export", "--synthetic", str(syn_dir), "--to", "C2", "--keys", str(k["C1"])]
-    # no real patches anywhere: the gate cannot audit, so it refuses
+    # no reference given: the gate cannot audit, so it refuses (a path in the set's meta would not count)
     r = runner.invoke(app, args + ["--out", str(tmp_path / "a.hdb")])
     assert r.exit_code != 0 and isinstance(r.exception, PrivacyRiskError), r.output
-    assert "no real patches" in str(r.exception) and not (tmp_path / "a.hdb").exists()
+    assert "no reference" in str(r.exception) and not (tmp_path / "a.hdb").exists()
     # audited against --patches: copies of real patches are blocked
     r = runner.invoke(app, args + ["--patches", str(real_dir), "--out", str(tmp_path / "b.hdb")])
     assert isinstance(r.exception, PrivacyRiskError) and not (tmp_path / "b.hdb").exists()
