@@ -27,11 +27,10 @@ part for the copy search, all of it for mixtures) by the best such explanation:
 2. **mixture**: orthogonal matching pursuit over the real patches in the view (each in any of the 8
    dihedral transforms), up to ``max_mix`` atoms and a constant; R^2 of the least-squares fit.
 
-A synthetic image is flagged when its R^2 reaches the threshold in force: ``threshold`` (fixed), raised
-on tissue whose own patches explain each other better - the best R^2 of ``calibration_probes`` of the
-centre's real patches explained by the others, plus ``calibration_margin`` (simple tissue, such as the
-generated demo slides, matches itself more easily than real H&E). Neither number is derived from the set
-or the recipe; each flagged image is reported on its own, with its real source(s), transform and
+A synthetic image is flagged when its R^2 reaches ``threshold`` (fixed). With ``calibration_probes`` > 0
+it is raised on tissue whose own patches explain each other better: the best R^2 of that many of the
+centre's real patches explained by the others, plus ``calibration_margin``. This is off by default,
+because PCam's own overlapping patches reach 0.905. Neither number is derived from the set or the recipe; each flagged image is reported on its own, with its real source(s), transform and
 R^2, so copies cannot hide behind the rest of the set. Images whose low-passed grey varies less than
 ``bland_std`` (background, fat) are *bland*: no layout to identify them by, so this rule skips them
 (an exact copy of a bland patch still meets the L2 / SSIM rules).
