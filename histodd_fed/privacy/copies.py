@@ -106,12 +106,13 @@ class CopyFinding:
     flagged: bool = False
     source_names: list[str] = field(default_factory=list)
 
-    def describe(self) -> str:
+    def describe(self, threshold: float) -> str:
         names = [f"{s}" + (f" ({n})" if n else "") for s, n in zip(self.sources, self.source_names or [""] * len(self.sources))]
         what = ("a copy of real patch " + names[0]) if self.kind == "copy" else (
             f"a mixture of real patches {', '.join(names)}")
+        where = "as given" if self.view == "as given" else f"as {self.view}"
         return (f"synthetic image {self.synthetic} is {what} [{self.transform}; R^2 {self.r2:.3f} >= "
-                f"{'{thr}'}; real patches " + ("as given]" if self.view == "as given" else f"as {self.view}]"))
+                f"{threshold:g}; real patches {where}]")
 
 
 @dataclass
@@ -132,7 +133,7 @@ class CopyReport:
 
     def reasons(self) -> list[str]:
         """One line per flagged image (all of them, not just the worst)."""
-        return [f.describe().replace("{thr}", f"{self.threshold:g}") for f in self.flagged]
+        return [f.describe(self.threshold) for f in self.flagged]
 
     def summary(self) -> dict[str, Any]:
         r2 = [f.r2 for f in self.findings if f.kind != "bland"]

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from histodd_fed.preprocess import ViewSpec, apply_view_images, crop_images, resize_images
+from histodd_fed.preprocess import ViewSpec, apply_view_images, resize_images
 
 Attack = Callable[[np.ndarray, ViewSpec, np.random.Generator], tuple[np.ndarray, list[list[int]]]]
 
@@ -151,4 +151,4 @@ def make_attack(name: str, raw: np.ndarray, view: ViewSpec, seed: int = 0) -> tu
     return ATTACKS[name](raw, view, np.random.default_rng(seed))
 
 
-__all__ = ["ATTACKS", "make_attack", "crop_images"]
+__all__ = ["ATTACKS", "make_attack"]
