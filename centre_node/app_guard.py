@@ -4,8 +4,10 @@
 centre next to its SuperNode) takes each task from the SuperNode's local Runtime API and starts
 one ClientApp process per task, as Flower's own SuperExec would, with one difference: inside that
 process the FAB is checked (:func:`histodd_fed.federation.app_trust.check_fab` against the
-centre's ``app-trust.json``) BEFORE Flower unpacks, installs or imports anything from it. An
-unapproved FAB gets an error reply naming the FAB hash, and none of its code runs.
+centre's ``app-trust.json``) BEFORE Flower unpacks, installs or imports anything from it, and the run's ``fab_id`` /
+``fab_version`` / FAB hash (which name the folder Flower loads) must be those of the approved bytes
+(:func:`~histodd_fed.federation.app_trust.check_run_binding`). An unapproved FAB or run gets an
+error reply naming the FAB hash, and none of its code runs.
 
     python -m centre_node.app_guard launch --runtime-api-address 127.0.0.1:PORT --app-trust FILE --insecure
 
@@ -59,20 +61,32 @@ def launch(args: argparse.Namespace) -> None:
 
 
 def clientapp(args: argparse.Namespace) -> None:
-    """One ClientApp task: Flower's ``flwr-clientapp`` with the FAB checked before it is installed."""
+    """One ClientApp task: Flower's ``flwr-clientapp`` with the FAB checked before it is installed.
+
+    The check covers the bytes (pinned hash or consortium signature) AND the run's ``fab_id`` /
+    ``fab_version`` / FAB hash, which name the folder Flower then loads the ClientApp from."""
     import flwr.supernode.runtime.run_clientapp as rc
 
-    from histodd_fed.federation.app_trust import AppTrust, check_fab
+    from histodd_fed.federation.app_trust import AppTrust, UnapprovedAppError, approve_run
 
     trust = AppTrust.load(args.app_trust)
-    install = rc.install_from_fab
+    install, pull = rc.install_from_fab, rc.pull_task_input
+    pulled: dict = {}
 
-    def guarded_install(fab_file, *a, **kw):  # noqa: ANN001
+    def remembering_pull(client):  # noqa: ANN001, ANN202 - Flower's signature
+        message, context, run, fab = pull(client)
+        pulled.update(fab_id=run.fab_id, fab_version=run.fab_version, hash_str=fab.hash_str)
+        return message, context, run, fab
+
+    def guarded_install(fab_file, *a, **kw):  # noqa: ANN001, ANN202
         data = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
-        how = check_fab(data, trust)  # raises UnapprovedAppError: Flower replies an error, runs nothing
+        if not pulled:
+            raise UnapprovedAppError("no run metadata to bind the FAB to")
+        how = approve_run(data, trust, **pulled)  # raises UnapprovedAppError: Flower replies an error, runs nothing
         log.info("app guard: %s", how)
         return install(fab_file, *a, **kw)
 
+    rc.pull_task_input = remembering_pull
     rc.install_from_fab = guarded_install
     certificates = Path(args.root_certificates).read_bytes() if args.root_certificates and not args.insecure else None
     rc.run_clientapp(runtime_api_address=args.runtime_api_address, token=args.token, insecure=args.insecure,

@@ -10,6 +10,7 @@ import io
 import json
 import shutil
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,11 @@ def _zip(files: dict[str, bytes]) -> bytes:
         for name, data in files.items():
             z.writestr(name, data)
     return buf.getvalue()
+
+
+def _stage(dep, tmp_path):
+    """The consortium's signed release of the app, staged for the deployment."""
+    return dep.stage_app()
 
 
 def test_fab_approval_rules(tmp_path):
@@ -77,7 +83,7 @@ def test_attack_modified_fab_is_refused_before_its_code_runs(tmp_path):
                       runtime="deployment", reply_timeout=90, identity_timeout=90, discovery_timeout=20)
     with Deployment(tmp_path / "dep") as dep:
         dep.start_superlink()
-        app = dep.stage_app()
+        app = _stage(dep, tmp_path)
         dep.add_supernode("C1", cfgs[0].node_config_string())
         evil = tmp_path / "evil-app"
         shutil.copytree(app, evil)
@@ -95,3 +101,77 @@ def test_attack_modified_fab_is_refused_before_its_code_runs(tmp_path):
               or f["stage"] == "identity"]
     assert any("does not match its signature" in f["detail"] for f in faults), report["faults"]
     assert "UnapprovedAppError" in logs
+
+
+def _retarget_trigger(planted_stem: Path) -> str:
+    """SQL the SuperLink's operator adds to its own database: every new run's ``fab_version`` is
+    rewritten so that Flower's loader path ``apps/<pub>.<name>.<version>.<hash8>`` climbs out of the
+    approved app's folder into ``<planted_stem>.<hash8>``."""
+    ups = "/".join([".."] * 40)
+    tail = str(planted_stem).lstrip("/").replace("'", "''")
+    return ("CREATE TRIGGER retarget AFTER INSERT ON run BEGIN UPDATE run SET fab_version = "
+            f"NEW.fab_version || '.' || substr(NEW.fab_hash, 1, 8) || '/{ups}/{tail}' "
+            "WHERE run_id = NEW.run_id; END")
+
+
+@pytest.mark.flower
+def test_attack_run_metadata_points_the_loader_at_a_planted_app(tmp_path):
+    """The SuperLink's operator submits the approved, signed app, but its database rewrites the run's
+    ``fab_version`` (``<version>.<hash8>/../../../<planted folder>``). The centre's guard approves the
+    FAB's bytes; Flower's loader then imports the ClientApp of a planted folder (any folder the
+    attacker could write on the centre, e.g. a shared /tmp). The guard must bind the run's fab_id,
+    fab_version and FAB hash to the approved bytes and refuse path parts."""
+    import hashlib
+    import sqlite3
+
+    from coordinator.cli import run_config_for
+    from histodd_fed.federation.coordinator import StudyConfig
+    from histodd_fed.federation.deployment import Deployment
+    from histodd_fed.federation.enrol import enrol
+
+    (tmp_path / "d1").mkdir()
+    cfgs, trust = enrol(tmp_path / "fed", {"C1": tmp_path / "d1"}, preset="tiny")
+    marker = tmp_path / "MARKER-planted-code-ran"
+    cfg = StudyConfig(source="C1", target="C2", ipcs=[1], preset="tiny", study_dir=tmp_path / "study", trust=trust,
+                      runtime="deployment", reply_timeout=90, identity_timeout=90, discovery_timeout=20)
+    with Deployment(tmp_path / "dep") as dep:
+        dep.start_superlink()
+        app = _stage(dep, tmp_path)
+        h8 = hashlib.sha256(dep.build_fab(app)).hexdigest()[:8]
+        planted = tmp_path / "shared-tmp" / f"planted.{h8}"
+        planted.mkdir(parents=True)
+        (planted / "pyproject.toml").write_text((app / "pyproject.toml").read_text().replace(
+            'clientapp = "centre_node.client_app:app"', 'clientapp = "planted_client:app"'))
+        (planted / "planted_client.py").write_text(f"open({str(marker)!r}, 'w').write('planted code ran')\n"
+                                                   "import centre_node.client_app as _c\napp = _c.app\n")
+        with sqlite3.connect(dep.root / "superlink.db") as con:
+            con.execute(_retarget_trigger(planted.with_name("planted")))
+        dep.add_supernode("C1", cfgs[0].node_config_string())
+        dep.run_app(run_config_for(cfg), timeout=400)
+        logs = "".join(p.read_text(errors="replace") for p in (dep.root / "logs").glob("app-guard-*.log"))
+    assert not marker.exists(), "Flower imported a planted ClientApp after the guard approved the FAB"
+    assert "UnapprovedAppError" in logs and "fab_version" in logs
+
+
+def test_run_binding_rules(tmp_path):
+    """The run must name exactly the approved FAB: hash, publisher/name, version; no path parts."""
+    from histodd_fed.federation.app_trust import UnapprovedAppError, check_run_binding, fab_sha256
+
+    pp = b'[project]\nname = "histodd-fed"\nversion = "0.1.0"\n[tool.flwr.app]\npublisher = "histodd-fed"\n'
+    fab = _zip({"pyproject.toml": pp, "x.py": b"x = 1\n"})
+    h = fab_sha256(fab)
+    check_run_binding(fab, "histodd-fed/histodd-fed", "0.1.0", h)
+    bad = {
+        "hash": ("histodd-fed/histodd-fed", "0.1.0", "0" * 64),
+        "id": ("histodd-fed/other", "0.1.0", h),
+        "version": ("histodd-fed/histodd-fed", "0.2.0", h),
+        "traversal": ("histodd-fed/histodd-fed", "0.1.0/../../x", h),
+        "two slashes": ("histodd-fed/histodd-fed/x", "0.1.0", h),
+    }
+    for what, (fid, ver, hs) in bad.items():
+        with pytest.raises(UnapprovedAppError) as ei:
+            check_run_binding(fab, fid, ver, hs)
+        assert "\n" not in str(ei.value), what
+    evil = _zip({"pyproject.toml": pp.replace(b'"0.1.0"', b'"0.1.0/../../x"')})
+    with pytest.raises(UnapprovedAppError, match="path"):
+        check_run_binding(evil, "histodd-fed/histodd-fed", "0.1.0/../../x", fab_sha256(evil))

@@ -10,6 +10,11 @@ file (``app-trust.json``, kept with its keys). A FAB is approved when
   consortium's app-release key, pinned by the centre) over :func:`app_digest` of the FAB, i.e. every
   other file's path and SHA-256. Any added, removed or changed file breaks the signature.
 
+Approving the bytes is not enough: Flower loads the app from the folder named by the run's
+``fab_id`` / ``fab_version`` / FAB ``hash_str`` (sent by the SuperLink, not read from the bytes).
+:func:`check_run_binding` ties them to the approved bytes: the hash is their SHA-256, id and version
+are those of the FAB's own ``pyproject.toml``, and none holds a path part (``/``, ``\\``, ``..``).
+
 Everything here reads the FAB as a zip in memory; no file of it is written or executed.
 """
 
@@ -20,6 +25,7 @@ import binascii
 import hashlib
 import io
 import json
+import tomllib
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +151,41 @@ def check_fab(fab: bytes, trust: AppTrust) -> str:
     except (InvalidSignature, ValueError):
         raise UnapprovedAppError(f"FAB {h[:16]}: bad signature by app key {kid}") from None
     return f"FAB {h[:16]} signed by app key {kid}"
+
+
+def _safe_part(what: str, value: str) -> str:
+    if (not value or "/" in value or "\\" in value or ".." in value or value.startswith(".")
+            or any(ord(c) < 32 for c in value) or len(value) > 128):
+        raise UnapprovedAppError(f"run {what} {value[:80]!r} holds a path part or is not a plain name")
+    return value
+
+
+def check_run_binding(fab: bytes, fab_id: str, fab_version: str, hash_str: str) -> None:
+    """Refuse (:class:`UnapprovedAppError`) a run whose ``fab_id`` / ``fab_version`` / ``hash_str`` are
+    not exactly those of ``fab``: Flower loads the folder they name, so they must name these bytes."""
+    h = fab_sha256(fab)
+    if hash_str != h:
+        raise UnapprovedAppError(f"run FAB hash {str(hash_str)[:64]!r} is not the SHA-256 of the approved FAB ({h[:16]})")
+    try:
+        project = tomllib.loads(_members(fab)["pyproject.toml"].decode("utf-8"))
+        own_id = f"{project['tool']['flwr']['app']['publisher']}/{project['project']['name']}"
+        own_version = str(project["project"]["version"])
+    except (KeyError, TypeError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        raise UnapprovedAppError(f"FAB {h[:16]}: no readable pyproject.toml with publisher, name and version") from None
+    publisher, _, name = own_id.partition("/")
+    for what, value in (("publisher", publisher), ("project name", name), ("fab_version", own_version)):
+        _safe_part(what, value)
+    if fab_id != own_id:
+        raise UnapprovedAppError(f"run fab_id {str(fab_id)[:80]!r} is not the approved FAB's {own_id!r}")
+    if fab_version != own_version:
+        raise UnapprovedAppError(f"run fab_version {str(fab_version)[:80]!r} is not the approved FAB's {own_version!r}")
+
+
+def approve_run(fab: bytes, trust: AppTrust, fab_id: str, fab_version: str, hash_str: str) -> str:
+    """:func:`check_fab` on the bytes, then :func:`check_run_binding` on what Flower will load."""
+    how = check_fab(fab, trust)
+    check_run_binding(fab, fab_id, fab_version, hash_str)
+    return f"{how}; run bound to {fab_id} {fab_version}"
 
 
 # ---------------------------------------------------------------------------- the consortium's side
