@@ -145,12 +145,21 @@ def run_study(cfg, node_cfgs: list[dict]):
                                           say=lambda m: log.info("[study] %s", m))
         return _outcome_from_report(json.loads(report_path.read_text()))
 
+    from histodd_fed.federation.app_release import release_app
+    from histodd_fed.federation.app_trust import generate_app_key
     from histodd_fed.federation.centre import CentreConfig
     from histodd_fed.federation.deployment import Deployment
 
+    # every party on this one machine: the local consortium signs the app in its own folder (a real
+    # deployment: examples/deploy/, where the coordinator gets only the signed release)
+    consortium = cfg.study_dir / "consortium"
+    key = consortium / "app-key.pem"
+    if not key.exists():
+        generate_app_key(key)
+    release = release_app(consortium / "release", key)
     with Deployment(cfg.study_dir / "deployment") as dep:
         dep.start_superlink()
-        dep.stage_app()  # the app the centres' guards approve (signed by the consortium app key)
+        dep.use_release(release)
         for nc in node_cfgs:
             c = CentreConfig.from_node_config(nc)
             dep.add_supernode(c.centre_id, c.node_config_string())

@@ -30,9 +30,34 @@ def _zip(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
+def consortium_release(tmp_path) -> Path:
+    """The consortium's signed app release (its key kept in its own folder, away from the coordinator)."""
+    from histodd_fed.federation.app_release import main
+
+    key, release = tmp_path / "consortium" / "app-key.pem", tmp_path / "consortium-release"
+    if not key.exists():
+        main(["keygen", str(key)])
+        main(["sign", "--key", str(key), "--out", str(release)])
+    return release
+
+
 def _stage(dep, tmp_path):
-    """The consortium's signed release of the app, staged for the deployment."""
-    return dep.stage_app()
+    """The consortium's signed release of the app, taken by the deployment."""
+    return dep.use_release(consortium_release(tmp_path))
+
+
+def _recipe_args(tmp_path, dep_dir, nodes) -> list[str]:
+    """Arguments of examples/deploy/start.sh as the coordinator runs it: the consortium's signed
+    release (examples/deploy/sign-app.sh, its key in the consortium's folder) is all it gets."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    key, release = tmp_path / "consortium" / "app-key.pem", tmp_path / "release"
+    subprocess.run([str(repo / ".venv/bin/python"), "-m", "histodd_fed.federation.app_release", "keygen", str(key)],
+                   check=True, cwd=repo, capture_output=True)
+    subprocess.run(["bash", str(repo / "examples/deploy/sign-app.sh"), str(key), str(release)], check=True,
+                   capture_output=True)
+    return [str(dep_dir), str(nodes), str(release)]
 
 
 def test_fab_approval_rules(tmp_path):
@@ -175,3 +200,71 @@ def test_run_binding_rules(tmp_path):
     evil = _zip({"pyproject.toml": pp.replace(b'"0.1.0"', b'"0.1.0/../../x"')})
     with pytest.raises(UnapprovedAppError, match="path"):
         check_run_binding(evil, "histodd-fed/histodd-fed", "0.1.0/../../x", fab_sha256(evil))
+
+
+def _ed25519_keys_under(root: Path) -> list[Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    found = []
+    for f in sorted(root.rglob("*")):
+        if f.is_file() and f.stat().st_size < 100_000 and b"PRIVATE KEY" in f.read_bytes():
+            try:
+                key = serialization.load_pem_private_key(f.read_bytes(), password=None)
+            except (ValueError, TypeError):
+                continue
+            if isinstance(key, ed25519.Ed25519PrivateKey):
+                found.append(f)
+    return found
+
+
+def _pinned_app_trusts(dep_dir: Path) -> list[Path]:
+    """The app trust files the running guards were started with (their command lines)."""
+    out = []
+    for line in (dep_dir / "pids.txt").read_text().splitlines():
+        pid, name = line.split()[:2]
+        if name.startswith("app-guard-"):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            out.append(Path(argv[argv.index(b"--app-trust") + 1].decode()))
+    return out
+
+
+@pytest.mark.flower
+def test_attack_coordinator_signs_its_own_app_with_the_recipe_key(tmp_path):
+    """The coordinator runs the shipped recipe (examples/deploy/start.sh). Afterwards it searches
+    everything the recipe wrote for the consortium's app-signing key, signs its own ClientApp with it
+    and checks that app against the app trust each centre's guard pinned: accepted means it can run
+    code on every centre. The recipe must take an app the consortium signed, never make the key."""
+    import subprocess
+
+    from histodd_fed.federation.app_trust import SIGNATURE_FILE, AppTrust, UnapprovedAppError, check_fab, sign_fab
+    from histodd_fed.federation.enrol import enrol
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "d1").mkdir()
+    cfgs, _ = enrol(tmp_path / "fed", {"C1": tmp_path / "d1"}, preset="tiny")
+    nodes = tmp_path / "nodes.json"
+    nodes.write_text(json.dumps([c.to_node_config() for c in cfgs]))
+    dep = tmp_path / "coordinator-deploy"
+    args = _recipe_args(tmp_path, dep, nodes)
+    try:
+        r = subprocess.run(["bash", str(repo / "examples/deploy/start.sh"), *args], capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        pinned = _pinned_app_trusts(dep)
+    finally:
+        subprocess.run(["bash", str(repo / "examples/deploy/stop.sh"), str(dep)], capture_output=True, timeout=120)
+    assert pinned, "no app guard was started"
+    evil = {"pyproject.toml": b'[project]\nname = "histodd-fed"\nversion = "0.1.0"\n'
+                              b'[tool.flwr.app]\npublisher = "histodd-fed"\n',
+            "evil.py": b"import os\nos.system('id')\n"}
+    accepted = []
+    for key in _ed25519_keys_under(dep):
+        signed = _zip({**evil, SIGNATURE_FILE: json.dumps(sign_fab(_zip(evil), key)).encode()})
+        for trust in pinned:
+            try:
+                check_fab(signed, AppTrust.load(trust))
+                accepted.append((key.name, trust.name))
+            except UnapprovedAppError:
+                pass
+    assert not accepted, f"the coordinator signed its own app with a key the recipe left it: {accepted}"

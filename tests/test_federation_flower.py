@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from test_attack_federation_fab import consortium_release
 from test_federation_study import _centres, _study
 
 
@@ -41,7 +42,7 @@ def test_deployment_tls_auth_full_transfer(tmp_path, monkeypatch):
     cfg = _study(tmp_path, trust, runtime="deployment", reply_timeout=240, discovery_timeout=60)
     with Deployment(tmp_path / "dep") as dep:
         dep.start_superlink()
-        dep.stage_app()  # signed by the consortium app key; each centre's app guard pins it
+        dep.use_release(consortium_release(tmp_path))  # signed by the consortium; each centre's guard pins it
         for c in cfgs:  # SuperNodes in process isolation, each with its app guard; centre policies on
             assert "export-real" in c.node_config_string()
             dep.add_supernode(c.centre_id, c.node_config_string())

@@ -9,10 +9,10 @@ on 127.0.0.1 only), registers each node's public key with ``flwr supernode regis
 (``centre_node.app_guard``: only an approved FAB is ever installed or imported), and records every
 pid in ``pids.txt`` so ``stop`` (or ``examples/deploy/stop.sh``) always cleans up.
 
-App approval: :meth:`Deployment.stage_app` copies the app's sources into ``<root>/app``, signs
-that FAB with the consortium's app key (``<root>/app-key.pem``, made on first use) and writes
-``<root>/app-trust.json`` (the key's public half) which each centre pins; ``run_app`` submits
-exactly that staged app.
+App approval: the consortium signs the app with its app key, which the coordinator never holds
+(:mod:`histodd_fed.federation.app_release`); :meth:`Deployment.use_release` copies that signed
+release's app into ``<root>/app`` (``run_app`` submits exactly that app) and starts each centre's
+guard with the release's ``app-trust.json`` (public key only).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class Deployment:
     root: Path
     port: int = 0
     procs: list[subprocess.Popen] = field(default_factory=list)
+    pinned_trust: Path | None = None   # the release's app-trust.json the centres' guards pin
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
@@ -123,61 +124,38 @@ class Deployment:
     def app_dir(self) -> Path:
         return self.root / "app"
 
-    @property
-    def app_trust(self) -> Path:
-        return self.root / "app-trust.json"
-
     def build_fab(self, app_dir: Path) -> bytes:
         """The FAB ``flwr run app_dir`` submits (Flower's own builder, in a subprocess)."""
-        code = ("import sys; from pathlib import Path; from flwr.cli.build import build_fab_from_disk; "
-                "sys.stdout.buffer.write(build_fab_from_disk(Path(sys.argv[1])))")
-        r = subprocess.run([sys.executable, "-c", code, str(app_dir)], env=self.env(), capture_output=True,
-                           timeout=300)
-        if r.returncode != 0:
-            raise DeploymentError(f"building the FAB of {app_dir} failed: {r.stderr.decode()[-400:]}")
-        return r.stdout
+        from histodd_fed.federation.app_release import build_fab
 
-    def stage_app(self, app_key: Path | None = None) -> Path:
-        """Copy the app into ``<root>/app``, sign it with the consortium app key, write the app trust."""
-        import base64
+        return build_fab(app_dir, env=self.env())
+
+    def use_release(self, release: str | Path) -> Path:
+        """Take the consortium's signed release (``release/app``, ``release/app-trust.json``,
+        :mod:`histodd_fed.federation.app_release`); the coordinator never holds the app key."""
         import shutil
 
-        from histodd_fed.federation.app_trust import SIGNATURE_FILE, AppTrust, check_fab, generate_app_key, sign_fab
+        from histodd_fed.federation.app_trust import AppTrust, check_fab
 
-        app = self.app_dir
-        if app.exists():
-            shutil.rmtree(app)
-        app.mkdir(parents=True)
-        shutil.copy2(REPO_ROOT / "pyproject.toml", app / "pyproject.toml")
-        keep = {".py", ".yaml", ".json", ".toml"}
-        for pkg in ("centre_node", "coordinator", "histodd_fed"):
-            for f in sorted((REPO_ROOT / pkg).rglob("*")):
-                if f.is_file() and f.suffix in keep and "__pycache__" not in f.parts:
-                    dst = app / f.relative_to(REPO_ROOT)
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(f, dst)
-        key = Path(app_key) if app_key else self.root / "app-key.pem"
-        if not key.exists():
-            _, pub = generate_app_key(key)
-        else:
-            from cryptography.hazmat.primitives import serialization
-
-            pub = serialization.load_pem_private_key(key.read_bytes(), password=None).public_key().public_bytes(
-                serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        atomic_write_text(app / SIGNATURE_FILE, json.dumps(sign_fab(self.build_fab(app), key), indent=1) + "\n")
-        atomic_write_text(self.app_trust, json.dumps({"format": "histodd-app-trust", "format_version": 1,
-                                                      "digests": [], "keys": [base64.b64encode(pub).decode()]}))
-        check_fab(self.build_fab(app), AppTrust.load(self.app_trust))  # what flwr run will submit passes
-        return app
+        release = Path(release).resolve()
+        if not (release / "app").is_dir() or not (release / "app-trust.json").is_file():
+            raise DeploymentError(f"{release}: not a signed app release (app/, app-trust.json; "
+                                  f"python -m histodd_fed.federation.app_release sign)")
+        if self.app_dir.exists():
+            shutil.rmtree(self.app_dir)
+        shutil.copytree(release / "app", self.app_dir)
+        self.pinned_trust = release / "app-trust.json"
+        check_fab(self.build_fab(self.app_dir), AppTrust.load(self.pinned_trust))  # what flwr run submits passes
+        return self.app_dir
 
     def add_supernode(self, name: str, node_config: str, app_trust: Path | None = None) -> subprocess.Popen:
         """Register ``name``'s EC P-384 key; start its SuperNode (process isolation) and its app guard.
 
-        ``app_trust``: the centre's pinned app trust (default: the staged app's, see :meth:`stage_app`).
+        ``app_trust``: the centre's pinned app trust (default: the release's, see :meth:`use_release`).
         """
-        trust = Path(app_trust) if app_trust else self.app_trust
-        if not trust.exists():
-            raise DeploymentError(f"{trust}: no app trust file (call stage_app() first)")
+        trust = Path(app_trust) if app_trust else self.pinned_trust
+        if trust is None or not trust.exists():
+            raise DeploymentError(f"{trust}: no app trust file (call use_release() first)")
         keys = make_node_keys(self.root / "node-keys", name)
         r = subprocess.run([_bin("flwr"), "supernode", "register", str(keys["public"]), CONNECTION],
                            env=self.env(), cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=120)
@@ -197,7 +175,9 @@ class Deployment:
     def run_app(self, run_config: dict[str, Any], timeout: float = 1800.0, app_dir: Path | None = None) -> str:
         """``flwr run <staged app> histodd --stream`` with ``run_config``; returns its output."""
         rc = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-        app = Path(app_dir) if app_dir else (self.app_dir if self.app_dir.exists() else self.stage_app())
+        app = Path(app_dir) if app_dir else self.app_dir
+        if not app.is_dir():
+            raise DeploymentError(f"{app}: no app to submit (call use_release() first)")
         args = [_bin("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config", rc]
         try:
             r = subprocess.run(args, env=self.env(), cwd=str(REPO_ROOT), capture_output=True, text=True,
