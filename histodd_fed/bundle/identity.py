@@ -319,6 +319,12 @@ def read_passphrase(source: PassphraseSource, env: Mapping[str, str] | None = No
     return out
 
 
+def forget_env_passphrase(source: PassphraseSource | None) -> None:
+    """Remove ``NAME`` of an ``env:NAME`` source from ``os.environ`` (after the keys are unlocked)."""
+    if isinstance(source, str) and source.startswith("env:"):
+        os.environ.pop(source[4:], None)
+
+
 def _write_private_keys(key_dir: Path, sk, kk, pw: bytes | None, scrypt_log2n: int) -> None:
     if pw is None:
         blobs = [(_pem_clear(sk)), (_pem_clear(kk))]
@@ -393,7 +399,7 @@ def load_public_identity(path: str | Path) -> PublicIdentity:
 
 def load_identity(key_dir: str | Path, passphrase: str | bytes | None = None, *,
                   passphrase_source: PassphraseSource | None = None,
-                  env: Mapping[str, str] | None = None) -> Identity:
+                  env: Mapping[str, str] | None = None, consume_env: bool = True) -> Identity:
     """Load (unlock) a centre's private identity; the private keys must match ``identity.json``.
 
     ``passphrase``: the passphrase itself; or ``passphrase_source``: where to read it when the
@@ -403,6 +409,8 @@ def load_identity(key_dir: str | Path, passphrase: str | bytes | None = None, *,
     ``prompt`` is only asked when a key is encrypted. This is what a SuperNode calls at start, e.g.
     ``load_identity(key_dir, passphrase_source="env:HISTODD_KEY_PASSPHRASE")``.
     Key files readable by group/others are refused (:class:`KeyPermissionError`).
+    ``consume_env``: once the keys are unlocked from ``env:NAME`` of the process environment, NAME
+    is removed from ``os.environ``, so no process started afterwards inherits the passphrase.
     """
     key_dir = Path(key_dir)
     if not key_dir.is_dir():
@@ -424,6 +432,8 @@ def load_identity(key_dir: str | Path, passphrase: str | bytes | None = None, *,
     kk = _load_private(files[1][0], pw, files[1][1], cache)
     if _raw_public(sk) != pub.sign_public or _raw_public(kk) != pub.kem_public:
         raise KeyFileError(f"{key_dir}: private keys do not match {IDENTITY_FILE}")
+    if consume_env and env is None and isinstance(passphrase_source, str) and passphrase_source.startswith("env:"):
+        forget_env_passphrase(passphrase_source)
     return Identity(public=pub, signing_key=sk, kem_private=kk, key_dir=key_dir)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -37,6 +38,11 @@ from histodd_fed.federation.certs import make_node_keys, make_tls
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONNECTION = "histodd"
+#: environment variables never passed to a Flower process (the key passphrase of the CLIs, and any
+#: name that looks like a secret); a centre's own ``key-passphrase=env:NAME`` goes to its guard only
+PASSPHRASE_ENV = "HISTODD_KEY_PASSPHRASE"
+_SECRET_NAME = re.compile(r"PASSPHRASE|PASSWORD|PASSWD|SECRET|PRIVATE|(?:^|_)PW(?:$|_)", re.IGNORECASE)
+_NODE_PASSPHRASE_ENV = re.compile(r'(?:^|\s)key-passphrase="?env:([A-Za-z_][A-Za-z0-9_]*)')
 
 
 class DeploymentError(HistoddError):
@@ -62,6 +68,7 @@ class Deployment:
     port: int = 0
     procs: list[subprocess.Popen] = field(default_factory=list)
     pinned_trust: Path | None = None   # the release's app-trust.json the centres' guards pin
+    secret_envs: set[str] = field(default_factory=lambda: {PASSPHRASE_ENV})  # never passed on, see env()
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
@@ -72,16 +79,19 @@ class Deployment:
     def flwr_home(self) -> Path:
         return self.root / "flwr-home"
 
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
+    def env(self, secrets: tuple[str, ...] = ()) -> dict[str, str]:
+        """A child's environment: without key passphrases (``secret_envs`` and secret-looking names),
+        except the ``secrets`` this child needs (a centre's guard: its own ``key-passphrase`` variable)."""
+        env = {k: v for k, v in os.environ.items()
+               if k in secrets or not (k in self.secret_envs or _SECRET_NAME.search(k))}
         env.update(FLWR_HOME=str(self.flwr_home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                    PYTHONUNBUFFERED="1")
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         return env
 
-    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
+    def _spawn(self, args: list[str], log_name: str, secrets: tuple[str, ...] = ()) -> subprocess.Popen:
         logf = open(self.root / "logs" / log_name, "ab")  # noqa: SIM115 - owned by the child
-        p = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, env=self.env(), cwd=str(REPO_ROOT),
+        p = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, env=self.env(secrets), cwd=str(REPO_ROOT),
                              start_new_session=True)
         self.procs.append(p)
         with open(self.root / "pids.txt", "a") as f:
@@ -153,6 +163,8 @@ class Deployment:
 
         ``app_trust``: the centre's pinned app trust (default: the release's, see :meth:`use_release`).
         """
+        passphrase = tuple(_NODE_PASSPHRASE_ENV.findall(node_config))  # this centre's guard only
+        self.secret_envs.update(passphrase)
         trust = Path(app_trust) if app_trust else self.pinned_trust
         if trust is None or not trust.exists():
             raise DeploymentError(f"{trust}: no app trust file (call use_release() first)")
@@ -168,7 +180,8 @@ class Deployment:
                             "--isolation", "process", "--host", "127.0.0.1",
                             "--port", str(runtime_port), "--node-config", node_config], f"supernode-{name}.log")
         self._spawn([sys.executable, "-m", "centre_node.app_guard", "launch", "--runtime-api-address",
-                     f"127.0.0.1:{runtime_port}", "--app-trust", str(trust), "--insecure"], f"app-guard-{name}.log")
+                     f"127.0.0.1:{runtime_port}", "--app-trust", str(trust), "--insecure"], f"app-guard-{name}.log",
+                    secrets=passphrase)
         return node
 
     # -------------------------------------------------------------- run

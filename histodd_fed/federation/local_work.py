@@ -41,22 +41,30 @@ _IDENTITIES: dict[tuple, Any] = {}
 
 
 def load_or_create_identity(cfg: CentreConfig):
-    """The centre's identity from its key dir (created on first use)."""
-    from histodd_fed.bundle.identity import IDENTITY_FILE, generate_identity, load_identity
+    """The centre's identity from its key dir (created on first use), unlocked once per process.
 
-    from histodd_fed.bundle.identity import SIGNING_KEY_FILE, read_passphrase
+    An ``env:NAME`` passphrase source is removed from ``os.environ`` once read (no process this
+    centre starts afterwards inherits it); each key dir's unlocked identity is kept for the process."""
+    from histodd_fed.bundle.identity import (IDENTITY_FILE, SIGNING_KEY_FILE, forget_env_passphrase,
+                                             generate_identity, load_identity, read_passphrase)
 
     source = getattr(cfg, "key_passphrase", "") or None   # node config key-passphrase: env:NAME, file:PATH, fd:N
+    pw = None
     if not (cfg.key_dir / IDENTITY_FILE).exists():
         log.info("%s: no identity in %s, generating one", cfg.centre_id, cfg.key_dir)
-        generate_identity(cfg.centre_id, cfg.key_dir, passphrase=read_passphrase(source) if source else None)
+        pw = read_passphrase(source) if source else None
+        generate_identity(cfg.centre_id, cfg.key_dir, passphrase=pw)
     f = cfg.key_dir / SIGNING_KEY_FILE
-    memo = (str(cfg.key_dir.resolve()), source, f.stat().st_mtime_ns if f.exists() else 0)
+    where = str(cfg.key_dir.resolve())
+    memo = (where, source, f.stat().st_mtime_ns if f.exists() else 0)
     ident = _IDENTITIES.get(memo)
     if ident is None:  # unlock once per process (scrypt at login cost)
-        ident = load_identity(cfg.key_dir, passphrase_source=source)
-        _IDENTITIES.clear()
+        ident = (load_identity(cfg.key_dir, pw) if pw is not None
+                 else load_identity(cfg.key_dir, passphrase_source=source))
+        for old in [m for m in _IDENTITIES if m[0] == where]:
+            del _IDENTITIES[old]
         _IDENTITIES[memo] = ident
+    forget_env_passphrase(source)
     if ident.centre_id != cfg.centre_id:
         raise ConfigError(f"{cfg.key_dir}: holds the identity of {ident.centre_id!r}, not {cfg.centre_id!r}")
     return ident
