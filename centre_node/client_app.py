@@ -19,6 +19,7 @@ from histodd_fed.errors import ConfigError
 from histodd_fed.federation.centre import CentreConfig, CentreNode
 from histodd_fed.federation.envelope import ACTIONS, Envelope, ProtocolError
 from histodd_fed.federation.flower_records import envelope_to_recorddict, recorddict_to_envelope
+from histodd_fed.federation.reply_errors import error_fields
 
 SIM_NODES_ENV = "HISTODD_SIM_NODES"
 
@@ -46,8 +47,9 @@ def handle(msg: Message, context: Context) -> Message:
     try:
         node = CentreNode(centre_config(context))
         request = recorddict_to_envelope(msg.content)
-    except (ConfigError, ProtocolError) as exc:
-        reply = Envelope(body={"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    except (ConfigError, ProtocolError) as exc:  # a code and a fixed message leave; the detail is logged
+        reply = Envelope(body={"ok": False, **error_fields(exc, str(context.node_config.get("centre-id", "?")),
+                                                           action)})
     else:
         reply = node.handle(action, request, run_id=context.run_id, node_id=context.node_id)
     return Message(envelope_to_recorddict(reply), reply_to=msg)

@@ -29,8 +29,8 @@ def _files(d: Path) -> set[Path]:
 
 @pytest.mark.parametrize("body,node_config,expect", [
     ({"recipients": ["C2"], "ipcs": [], "full": True}, {}, "export-real is off"),           # real patches
-    ({"recipients": ["C3"], "ipcs": [1]}, {"export-recipients": "C2"}, "recipient 'C3'"),   # unlisted recipient
-    ({"recipients": ["C2"], "ipcs": [2]}, {"export-max-ipc": 1}, "ipc 2"),                  # above max ipc
+    ({"recipients": ["C3"], "ipcs": [1]}, {"export-recipients": "C2"}, "requested recipient"),   # unlisted recipient
+    ({"recipients": ["C2"], "ipcs": [2]}, {"export-max-ipc": 1}, "requested ipc"),                  # above max ipc
     ({"recipients": ["C2"], "ipcs": [1], "full": "yes"}, {"export-real": "false"}, "export-real is off"),
 ])
 def test_attack_coordinator_widens_the_export(tmp_path, body, node_config, expect):
@@ -141,4 +141,56 @@ def test_encrypted_centre_keys_unlock_from_the_node_config_source(tmp_path, monk
 
     local_work._IDENTITIES.clear()
     rep = node.handle("identity", Envelope(body={"prepare": False, "nonce": NONCE}))
-    assert rep.body["ok"] is False and "HISTODD_TEST_PW" in rep.body["error"] and str(tmp_path) not in rep.body["error"]
+    assert rep.body["ok"] is False and rep.body["error_code"] == "KeyFileError" and str(tmp_path) not in rep.body["error"]
+
+
+def _patient_ward(tmp_path):
+    """A data folder named after a patient and a birth date, a slide id holding a record number,
+    the slide file missing: every request that reads the data fails."""
+    ward = tmp_path / "Doe_Jane_1961-04-12"
+    ward.mkdir()
+    (ward / "slides.csv").write_text("slide_id,path,label,split\nMRN-4471234,MRN-4471234.tiff,tumour,train\n")
+    return ward
+
+
+def _assert_no_detail(err: str, tmp_path) -> None:
+    for secret in ("MRN-4471234", "Doe_Jane", "1961-04-12", str(tmp_path), ".tiff", "slides.csv"):
+        assert secret not in err, f"{secret!r} left the centre: {err}"
+
+
+def test_attack_failing_requests_reply_slide_ids_and_path_tails(tmp_path, caplog):
+    """A coordinator provokes identity / distil failures: the reply must carry a code and a fixed
+    message, never the slide ids or path tails of the exception's text (those stay in the centre's log)."""
+    import logging
+
+    cfgs, _ = _centres(tmp_path)
+    ward = _patient_ward(tmp_path)
+    node = _node(cfgs[0], **{"data": str(ward / "slides.csv")})
+    caplog.set_level(logging.WARNING)
+    for action, body in (("identity", {"prepare": True}), ("distil", {"recipients": ["C2"], "ipcs": [1]})):
+        rep = node.handle(action, Envelope(body={**body, "nonce": NONCE}))
+        assert rep.body["ok"] is False, rep.body
+        _assert_no_detail(rep.body["error"], tmp_path)
+        assert rep.body["error_code"] == "InputError" and rep.body["error_ref"] in caplog.text
+    assert "MRN-4471234" in caplog.text  # the detail is in the centre's own log
+
+
+def test_attack_clientapp_error_reply_is_not_scrubbed(tmp_path, monkeypatch):
+    """The ClientApp's own failures (its node table) went out as raw exception text."""
+    from flwr.app import Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from centre_node.client_app import handle
+    from histodd_fed.federation.flower_records import envelope_to_recorddict, recorddict_to_envelope
+
+    ward = _patient_ward(tmp_path)
+    (ward / "nodes-MRN-4471234.json").write_text("[]")
+    monkeypatch.setenv("HISTODD_SIM_NODES", str(ward / "nodes-MRN-4471234.json"))
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 3}, state=RecordDict(), run_config={})
+    msg = Message(envelope_to_recorddict(Envelope(body={"prepare": False, "nonce": NONCE})), dst_node_id=7,
+                  message_type="query.identity")
+    rep = recorddict_to_envelope(handle(msg, ctx).content)
+    assert rep.body["ok"] is False
+    _assert_no_detail(rep.body["error"], tmp_path)
+    assert rep.body["error_code"] == "ConfigError"

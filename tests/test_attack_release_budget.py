@@ -324,7 +324,7 @@ def test_attack_coordinator_picks_new_seeds(centre):
     cfgs, calls, _ = centre
     node = _node(cfgs[0])  # no export-seeds: only the centre's own seed (0)
     rep = _ask(node, ipcs=[1], seed=7)
-    assert rep.body["ok"] is False and "PolicyError" in rep.body["error"] and "seed 7" in rep.body["error"], rep.body
+    assert rep.body["ok"] is False and "PolicyError" in rep.body["error"] and "requested seed" in rep.body["error"], rep.body
     assert calls == [] and not (cfgs[0].key_dir / "releases.json").exists()  # refused before any work
     rep = _ask(node, ipcs=[1])  # no seed asked: the centre's own
     assert rep.body["ok"] and calls == [(1, 0)], rep.body

@@ -74,7 +74,7 @@ def test_clientapp_answers_identity_through_flower_messages(tmp_path):
     # a node config without its data path is reported, not crashed
     bad = Context(run_id=1, node_id=7, node_config={"centre-id": "C1"}, state=RecordDict(), run_config={})
     rep = recorddict_to_envelope(handle(msg, bad).content)
-    assert not rep.body["ok"] and "data" in rep.body["error"]
+    assert not rep.body["ok"] and rep.body["error_code"] == "ConfigError"
 
 
 def test_study_full_transfer_then_restart_reuses_bundles(tmp_path):

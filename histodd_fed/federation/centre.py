@@ -20,8 +20,9 @@ key directory, work directory, preset, seed). It answers three actions
               pre-trained classifier on the patch-level set and its pre-trained CLAM on bags of
               the received per-slide set; evaluate on its held-out real test split; metrics only.
 
-Every handler returns an :class:`Envelope`; a :class:`HistoddError` becomes a reply with
-``ok: false`` and a one-line ``error`` instead of a crashed message.
+Every handler returns an :class:`Envelope`; a failure becomes a reply with ``ok: false``, an
+``error_code`` (the exception's class) and a fixed one-line ``error`` (:mod:`reply_errors`); the
+exception's text stays in the centre's log.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from histodd_fed.federation.envelope import (
 )
 from histodd_fed.federation.faults import FaultInjection
 from histodd_fed.federation.presets import CentrePreset, get_preset
+from histodd_fed.federation.reply_errors import error_fields
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,12 @@ DEFAULT_MAX_RELEASES = 10
 
 
 class PolicyError(HistoddError):
-    """A request the centre's own export policy does not allow."""
+    """A request the centre's own export policy does not allow; ``rule``: which rule refused it
+    (the reply carries only that rule's fixed message, :mod:`histodd_fed.federation.reply_errors`)."""
+
+    def __init__(self, message: str, rule: str = ""):
+        super().__init__(message)
+        self.rule = rule
 
 
 def _as_bool(v: Any, key: str) -> bool:
@@ -191,38 +198,39 @@ class ExportPolicy:
         if requested is None:
             return int(own_seed)
         if isinstance(requested, bool):
-            raise PolicyError(f"{centre_id}: request seed must be an integer, got {requested!r}")
+            raise PolicyError(f"{centre_id}: request seed must be an integer, got {requested!r}", "seed")
         try:
             seed = int(requested)
         except (TypeError, ValueError):
-            raise PolicyError(f"{centre_id}: request seed must be an integer, got {str(requested)[:40]!r}") from None
+            raise PolicyError(f"{centre_id}: request seed must be an integer, got {str(requested)[:40]!r}",
+                              "seed") from None
         if isinstance(requested, float) and requested != seed:
-            raise PolicyError(f"{centre_id}: request seed must be an integer, got {requested!r}")
+            raise PolicyError(f"{centre_id}: request seed must be an integer, got {requested!r}", "seed")
         allowed = self.seeds or (int(own_seed),)
         if seed not in allowed:
             why = "export-seeds " + ",".join(map(str, self.seeds)) if self.seeds else f"its own seed {own_seed}"
             raise PolicyError(f"{centre_id}: export policy refuses seed {seed} (the centre picks its seeds: {why}; "
-                              "every new seed is a new release)")
+                              "every new seed is a new release)", "seed")
         return seed
 
     def check(self, centre_id: str, recipients: list[str], ipcs: list[int], full: bool,
               trusted: set[str]) -> None:
         """Refuse a distil request this policy does not allow (before any work is done)."""
         if not recipients:
-            raise PolicyError(f"{centre_id}: the request names no recipient")
+            raise PolicyError(f"{centre_id}: the request names no recipient", "recipient")
         allowed = set(self.recipients) if self.recipients else trusted
         for r in recipients:
             if r == centre_id:
-                raise PolicyError(f"{centre_id}: export policy refuses sealing to itself")
+                raise PolicyError(f"{centre_id}: export policy refuses sealing to itself", "recipient")
             if r not in allowed:
                 why = ("export-recipients " + ",".join(self.recipients)) if self.recipients \
                     else "its trust store"
-                raise PolicyError(f"{centre_id}: export policy refuses recipient {r!r} (not in {why})")
+                raise PolicyError(f"{centre_id}: export policy refuses recipient {r!r} (not in {why})", "recipient")
         for i in ipcs:
             if i <= 0 or i > self.max_ipc:
-                raise PolicyError(f"{centre_id}: export policy refuses ipc {i} (export-max-ipc {self.max_ipc})")
+                raise PolicyError(f"{centre_id}: export policy refuses ipc {i} (export-max-ipc {self.max_ipc})", "ipc")
         if full and not self.real:
-            raise PolicyError(f"{centre_id}: export policy refuses real patches (export-real is off)")
+            raise PolicyError(f"{centre_id}: export policy refuses real patches (export-real is off)", "real")
 
 
 @dataclass
@@ -337,12 +345,11 @@ class CentreNode:
             else:
                 raise ProtocolError(f"unknown action {action!r}")
             reply.body.setdefault("ok", True)
-        except HistoddError as exc:
-            log.warning("%s: %s failed: %s", self.config.centre_id, action, exc)
-            reply = Envelope(body={"ok": False, "error": scrub(f"{type(exc).__name__}: {exc}", self.config)})
+        except HistoddError as exc:  # a code and a fixed message leave; the detail stays in the log
+            reply = Envelope(body={"ok": False, **error_fields(exc, self.config.centre_id, action)})
         except Exception as exc:  # noqa: BLE001 - report, never crash the node
             log.error("%s: %s crashed:\n%s", self.config.centre_id, action, traceback.format_exc())
-            reply = Envelope(body={"ok": False, "error": scrub(f"{type(exc).__name__}: {exc}", self.config)})
+            reply = Envelope(body={"ok": False, **error_fields(exc, self.config.centre_id, action)})
         reply.body["centre_id"] = self.config.centre_id
         reply.body["protocol"] = PROTOCOL_VERSION
         reply.body["seconds"] = round(time.perf_counter() - t0, 3)
@@ -490,7 +497,7 @@ class CentreNode:
                 rows.append({**row, **res, **labels, "ok": True})
                 rows.extend({**row, **r, **labels, "ok": True} for r in others.values())
             except HistoddError as exc:
-                row.update(ok=False, error=scrub(f"{type(exc).__name__}: {exc}", self.config))
+                row.update(ok=False, **error_fields(exc, self.config.centre_id, f"train row {row_name}"))
                 rows.append(row)
         return Envelope(body={"rows": rows, "epochs": epochs})
 
