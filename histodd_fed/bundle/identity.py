@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from histodd_fed.atomic import atomic_write_bytes, atomic_write_json
 from histodd_fed.bundle.encoding import b64decode_exact, b64encode
 from histodd_fed.bundle.errors import KeyFileError, KeyPermissionError
+from histodd_fed.file_modes import refuse_shared_writable
 
 log = logging.getLogger(__name__)
 
@@ -408,13 +409,15 @@ def load_identity(key_dir: str | Path, passphrase: str | bytes | None = None, *,
     other than ``prompt`` given for clear keys is an error (a misconfigured node); a callable or
     ``prompt`` is only asked when a key is encrypted. This is what a SuperNode calls at start, e.g.
     ``load_identity(key_dir, passphrase_source="env:HISTODD_KEY_PASSPHRASE")``.
-    Key files readable by group/others are refused (:class:`KeyPermissionError`).
+    Key files readable by group/others, and a key folder writable by them, are refused
+    (:class:`KeyPermissionError`).
     ``consume_env``: once the keys are unlocked from ``env:NAME`` of the process environment, NAME
     is removed from ``os.environ``, so no process started afterwards inherits the passphrase.
     """
     key_dir = Path(key_dir)
     if not key_dir.is_dir():
         raise KeyFileError(f"{key_dir}: no such key directory")
+    refuse_shared_writable(key_dir, "key folder", KeyPermissionError)
     if passphrase is not None and passphrase_source is not None:
         raise KeyFileError(f"{key_dir}: give a passphrase or a passphrase source, not both")
     pub = load_public_identity(key_dir)

@@ -14,9 +14,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from histodd_fed.atomic import atomic_write_json
-from histodd_fed.bundle.errors import (KeyFileError, RevokedSignerError, TrustConflictError,
+from histodd_fed.bundle.errors import (KeyFileError, KeyPermissionError, RevokedSignerError, TrustConflictError,
                                        UntrustedSignerError)
 from histodd_fed.bundle.identity import PublicIdentity
+from histodd_fed.file_modes import refuse_shared_writable_file_and_folder
 
 TRUST_FILE = "trust.json"
 
@@ -37,9 +38,12 @@ class TrustStore:
     # ------------------------------------------------------------------ io
     @classmethod
     def load(cls, key_dir_or_file: str | Path) -> "TrustStore":
-        """Load ``trust.json`` from a key dir (or the file itself); a missing file is an empty store."""
+        """Load ``trust.json`` from a key dir (or the file itself); a missing file is an empty store.
+
+        The file and its folder must not be writable by group/others (:class:`KeyPermissionError`)."""
         p = Path(key_dir_or_file)
         f = p / TRUST_FILE if p.is_dir() or p.suffix != ".json" else p
+        refuse_shared_writable_file_and_folder(f, "trust store", KeyPermissionError)
         store = cls(path=f)
         if not f.exists():
             return store

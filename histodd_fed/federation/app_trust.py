@@ -93,7 +93,11 @@ class AppTrust:
 
     @classmethod
     def load(cls, path: str | Path) -> "AppTrust":
+        """Read ``app-trust.json``; it and its folder must not be writable by group/others."""
+        from histodd_fed.file_modes import refuse_shared_writable_file_and_folder
+
         p = Path(path)
+        refuse_shared_writable_file_and_folder(p, "app trust file", ConfigError)
         try:
             d = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
