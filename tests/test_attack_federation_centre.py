@@ -4,6 +4,7 @@ crafted requests to the centre's message handlers (``CentreNode.handle``, what t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,42 @@ def test_attack_clientapp_error_reply_is_not_scrubbed(tmp_path, monkeypatch):
     assert rep.body["ok"] is False
     _assert_no_detail(rep.body["error"], tmp_path)
     assert rep.body["error_code"] == "ConfigError"
+
+
+def _per_slide_set(kind="synthetic"):
+    import numpy as np
+
+    from histodd_fed.patchset import PatchSet
+
+    rng = np.random.default_rng(0)
+    return PatchSet(images=rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), labels=[0, 1, 0, 1],
+                    class_names=["normal", "tumour"], slide_index=[0, 0, 1, 1],
+                    slide_ids=["MRN-4471234", "MRN-5550001"], slide_labels={"MRN-4471234": 0, "MRN-5550001": 1},
+                    kind=kind, meta={"init_source_indices": [17, 4242, 90210, 31337]})
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_attack_recipient_reads_real_slide_ids_from_a_per_slide_bundle(tmp_path, allow):
+    """The recipient (or anyone it shares the opened set with) reads the source's real slide ids and
+    the real patch indices the synthetic images were initialised from. Unless the source's policy
+    allows them (export-slide-ids), a bundle carries per-bundle random pseudonyms."""
+    from histodd_fed.bundle import Ledger, load_identity, open_bundle
+    from histodd_fed.bundle.trust import TrustStore
+    from histodd_fed.federation import local_work
+    from histodd_fed.federation.centre import CentreConfig
+
+    cfgs, _ = _centres(tmp_path)
+    c1, c2 = cfgs
+    nc = dict(c1.to_node_config(), **({"export-slide-ids": "true"} if allow else {}))
+    data = local_work.seal_for(CentreConfig.from_node_config(nc), _per_slide_set(), ["C2"], label="ipc1-slides")
+    got = open_bundle(data, load_identity(c2.key_dir), TrustStore.load(c2.key_dir), Ledger.in_key_dir(c2.key_dir))
+    ps = got.patchset
+    real_ids, real_init = {"MRN-4471234", "MRN-5550001"}, [17, 4242, 90210, 31337]
+    if allow:
+        assert set(ps.slide_ids) == real_ids and ps.meta["init_source_indices"] == real_init
+        return
+    assert not real_ids & set(ps.slide_ids) and not real_ids & set(ps.slide_labels), ps.slide_ids
+    assert "MRN" not in json.dumps(got.manifest) and "MRN" not in json.dumps(ps.meta)
+    assert ps.meta.get("init_source_indices") != real_init
+    assert len(set(ps.slide_ids)) == 2 and sorted(ps.slide_labels.values()) == [0, 1]  # bags still work
+    assert list(ps.slide_index) == [0, 0, 1, 1]

@@ -141,6 +141,7 @@ class ExportPolicy:
     max_epsilon_total: float = DEFAULT_MAX_EPSILON_TOTAL
     max_releases: int = DEFAULT_MAX_RELEASES
     seeds: tuple[int, ...] = ()
+    slide_ids: bool = False   # real slide ids / source indices may leave (else per-bundle pseudonyms)
 
     @classmethod
     def from_node_config(cls, get) -> "ExportPolicy":
@@ -162,7 +163,8 @@ class ExportPolicy:
                    max_epsilon=_as_number(get, "export-max-epsilon", DEFAULT_MAX_EPSILON),
                    max_epsilon_total=_as_number(get, "export-max-epsilon-total", DEFAULT_MAX_EPSILON_TOTAL),
                    max_releases=_as_count(get, "export-max-releases", DEFAULT_MAX_RELEASES),
-                   seeds=_as_seeds(get("export-seeds", "")))
+                   seeds=_as_seeds(get("export-seeds", "")),
+                   slide_ids=_as_bool(get("export-slide-ids", False), "export-slide-ids"))
 
     def to_node_config(self) -> dict[str, str | int]:
         out: dict[str, str | int] = {"export-max-ipc": int(self.max_ipc),
@@ -175,6 +177,8 @@ class ExportPolicy:
             out["export-recipients"] = ",".join(self.recipients)
         if self.seeds:
             out["export-seeds"] = ",".join(str(x) for x in self.seeds)
+        if self.slide_ids:
+            out["export-slide-ids"] = "true"
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -182,7 +186,7 @@ class ExportPolicy:
         return {"recipients": list(self.recipients) or "trust-store", "max_ipc": self.max_ipc,
                 "real": self.real, "gate": self.gate, "max_epsilon": self.max_epsilon,
                 "max_epsilon_total": self.max_epsilon_total, "max_releases": self.max_releases,
-                "seeds": list(self.seeds) or "own"}
+                "seeds": list(self.seeds) or "own", "slide_ids": self.slide_ids}
 
     def budget(self):
         """The release budget (:class:`histodd_fed.bundle.releases.ReleaseBudget`) this policy sets."""

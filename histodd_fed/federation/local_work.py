@@ -361,7 +361,8 @@ def seal_for(cfg: CentreConfig, ps: PatchSet, recipients: list[str], label: str,
     The release is checked against the centre's release budget (``cfg.policy``) and recorded per
     recipient in its release ledger (``releases.json`` in the key dir) under one lock;
     :class:`~histodd_fed.bundle.releases.ReleaseBudgetError` when refused (nothing sealed or recorded).
-    ``seed``: the distillation seed the centre picked (recorded in the ledger).
+    ``seed``: the distillation seed the centre picked (recorded in the ledger). Slide ids and source
+    indices are replaced by per-bundle pseudonyms unless the policy allows them (``export-slide-ids``).
     """
     import os
 
@@ -375,6 +376,10 @@ def seal_for(cfg: CentreConfig, ps: PatchSet, recipients: list[str], label: str,
     policy = getattr(cfg, "policy", None)
     budget = policy.budget() if policy is not None else ReleaseBudget()
     release = SetRelease.of(ps, seed=seed, where=f"{cfg.centre_id} set {label}")
+    if policy is None or not policy.slide_ids:  # real slide ids / source indices stay home
+        from histodd_fed.federation.pseudonyms import pseudonymise
+
+        ps = pseudonymise(ps)
     with ReleaseLedger.in_key_dir(cfg.key_dir).claim(release, recipients, budget,
                                                      who=f"{cfg.centre_id}: {label}") as claim:
         claim.bundle_id = os.urandom(16).hex()
