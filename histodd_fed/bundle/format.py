@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import BinaryIO, Union
 
 from histodd_fed.bundle.encoding import b64decode_exact
+from histodd_fed.bundle.bounded_json import loads_bounded
 from histodd_fed.bundle.errors import (FormatError, SizeLimitError, UnsupportedAlgorithmError,
                                        VersionError)
 
@@ -295,9 +296,10 @@ def parse_header(src: BundleSource, limits: Limits = Limits()) -> BundleHeader:
         raise SizeLimitError(f"{where}: header declares {hlen} bytes but the file has only {src.size} (truncated)")
     raw = src.read_at(PREFIX_SIZE, hlen)
     try:
-        fields = json.loads(raw.decode("ascii"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise FormatError(f"{where}: header is not valid JSON") from exc
+        raw.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{where}: header is not ASCII") from exc
+    fields = loads_bounded(raw, f"{where}: header", FormatError)
     if not isinstance(fields, dict):
         raise FormatError(f"{where}: header is not a JSON object")
     try:

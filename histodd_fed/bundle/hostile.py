@@ -192,9 +192,11 @@ class Mutator:
 
 # ---------------------------------------------------------------------- attacker tooling
 def forge_bundle(ps, sender, recipients, *, bundle_id: str | None = None, created: str | None = None,
-                 chunk_size: int = 256, extra: dict | None = None, **writer_kw) -> bytes:
+                 chunk_size: int = 256, extra: dict | None = None, manifest_fields: dict | None = None,
+                 **writer_kw) -> bytes:
     """A bundle sealed by ``sender`` with an attacker-chosen ``bundle_id`` / ``created`` (the writer
-    itself, so the result is validly signed by whoever holds ``sender``'s key)."""
+    itself, so the result is validly signed by whoever holds ``sender``'s key). ``manifest_fields``
+    replace manifest fields as they are, after the sealing checks (``seal`` would refuse them)."""
     import io
     import os
     from datetime import datetime, timezone
@@ -205,7 +207,7 @@ def forge_bundle(ps, sender, recipients, *, bundle_id: str | None = None, create
     parts = payload_parts(ps)
     bid = bundle_id or os.urandom(16).hex()
     created = created or datetime.now(timezone.utc).isoformat(timespec="seconds")
-    m = _manifest(ps, bid, sender, created, parts, None, extra)
+    m = {**_manifest(ps, bid, sender, created, parts, None, extra), **(manifest_fields or {})}
     buf = io.BytesIO()
     _write_bundle(buf, sender, list(recipients), m, parts, bid, created, chunk_size, **writer_kw)
     return buf.getvalue()

@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from histodd_fed.bundle.bounded_json import loads_bounded
 from histodd_fed.bundle.errors import SemanticError
 from histodd_fed.bundle.format import canonical_json
 from histodd_fed.patchset import KINDS, PatchSet
@@ -102,13 +103,6 @@ def payload_parts(ps: PatchSet) -> list[PayloadPart]:
 
 
 # ---------------------------------------------------------------------- reading
-def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        raise ValueError("duplicate key in JSON object")
-    return d
-
-
 def _nonneg_int(v: object) -> bool:
     return type(v) is int and v >= 0
 
@@ -125,10 +119,7 @@ def parse_tensors(buf: memoryview, where: str) -> dict[str, np.ndarray]:
     (hlen,) = struct.unpack_from("<Q", buf, 0)
     if hlen > buf.nbytes - 8 or hlen > MAX_TENSORS_HEADER:
         raise SemanticError(f"{where}: tensors header length {hlen} does not fit the {buf.nbytes}-byte part")
-    try:
-        header = json.loads(bytes(buf[8:8 + hlen]).decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise SemanticError(f"{where}: tensors header is not valid JSON ({exc})") from exc
+    header = loads_bounded(buf[8:8 + hlen], f"{where}: tensors header", SemanticError)
     if not isinstance(header, dict):
         raise SemanticError(f"{where}: tensors header is not a JSON object")
     names = set(header)
@@ -188,11 +179,7 @@ def decode_payload(payload: memoryview, manifest: dict, where: str) -> PatchSet:
         raise SemanticError(f"{where}: labels {lab.shape} / slide_index {si.shape} do not match {n} images")
     if coords is not None and coords.shape != (n, 2):
         raise SemanticError(f"{where}: coords shape {coords.shape} is not ({n}, 2)")
-    try:
-        slides = json.loads(bytes(payload[t_end:t_end + spart["size"]]).decode("utf-8"),
-                            object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise SemanticError(f"{where}: slides part is not valid JSON") from exc
+    slides = loads_bounded(payload[t_end:t_end + spart["size"]], f"{where}: slides part", SemanticError)
     if not isinstance(slides, dict) or set(slides) != {"slide_ids", "slide_labels"}:
         raise SemanticError(f"{where}: slides part must hold exactly slide_ids and slide_labels")
     sids, slabels = slides["slide_ids"], slides["slide_labels"]

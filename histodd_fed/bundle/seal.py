@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from histodd_fed import __version__
 from histodd_fed.atomic import atomic_directory, atomic_write_json, atomic_writer
+from histodd_fed.bundle.bounded_json import MAX_DEPTH, check_bounds, loads_bounded
 from histodd_fed.bundle.errors import (DecryptionError, FormatError, KeyCommitmentError, KeyFileError,
                                        ManifestHashError, NotARecipientError, OutputExistsError, SemanticError,
                                        SignatureError, SizeLimitError, StaleBundleError, VersionError)
@@ -348,8 +349,12 @@ def seal(patchset: PatchSet, sender: Identity, recipients: list[PublicIdentity],
     elif not re.fullmatch(r"[0-9a-f]{32}", bundle_id):
         raise FormatError(f"seal: bundle_id must be 32 lowercase hex digits, got {bundle_id!r}")
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for name, value in (("distillation_config", patchset.meta), ("privacy_report", privacy_report),
+                        ("extra", extra_manifest)):  # what every reader refuses, before any recursive walk
+        check_bounds(value, f"seal bundle {bundle_id}: manifest {name}", FormatError, max_depth=MAX_DEPTH - 1)
     parts = payload_parts(patchset)
     manifest = _manifest(patchset, bundle_id, sender, created, parts, privacy_report, extra_manifest, release)
+    check_bounds(manifest, f"seal bundle {bundle_id}: manifest", FormatError)
     if out is None:
         buf = io.BytesIO()
         _write_bundle(buf, sender, uniq, manifest, parts, bundle_id, created, chunk_size, version)
@@ -701,10 +706,7 @@ def open_bundle(data_or_path: Source, identity: Identity, trust: TrustStore, led
     if done.bad_chunk is not None:
         raise DecryptionError(f"{header.name}: chunk {done.bad_chunk} of {header.num_chunks} failed authentication "
                               "(reordered, truncated or altered)")
-    try:
-        manifest = json.loads(mraw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise SemanticError(f"{header.name}: manifest is not valid JSON") from exc
+    manifest = loads_bounded(mraw, f"{header.name}: manifest", SemanticError)
     manifest = _check_manifest(manifest, header)
     for p in manifest["payload_parts"]:
         if _part_sha256(done, p["offset"], p["offset"] + p["size"]) != p["sha256"]:
