@@ -234,3 +234,42 @@ def test_attack_recipient_reads_real_slide_ids_from_a_per_slide_bundle(tmp_path,
     assert ps.meta.get("init_source_indices") != real_init
     assert len(set(ps.slide_ids)) == 2 and sorted(ps.slide_labels.values()) == [0, 1]  # bags still work
     assert list(ps.slide_index) == [0, 0, 1, 1]
+
+
+def _in_thread(fn, timeout: float):
+    import threading
+
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(rep=fn()), daemon=True)
+    t.start()
+    t.join(timeout)
+    return out.get("rep"), t.is_alive()
+
+
+@pytest.mark.parametrize("action", ["distil", "train"])
+def test_attack_request_override_ties_up_the_hospital(tmp_path, action):
+    """The coordinator asks for 10**12 distillation outer steps (a benchmark 'variant') or 10**12
+    fine-tuning epochs: the hospital's machine would be busy forever. Every override is bounded by
+    the centre's policy and an out-of-range one refuses the request before any work."""
+    import numpy as np
+
+    from histodd_fed.federation import local_work
+    from histodd_fed.patchset import PatchSet
+
+    cfgs, _ = _centres(tmp_path)
+    c1, c2 = cfgs
+    if action == "distil":
+        node = _node(c1)
+        body = {"recipients": ["C2"], "ipcs": [], "extras": [
+            {"name": "v1", "kind": "variant", "ipc": 1, "overrides": {"outer_steps": 10**12}}]}
+        blobs = {}
+    else:
+        data = local_work.seal_for(c1, PatchSet.load(c1.data).subset(np.arange(4), kind="synthetic"), ["C2"],
+                                   label="ipc1", extra={"row": "ipc1", "part": "patch", "ipc": 2})
+        node = _node(c2)
+        body = {"bundles": [{"name": "x", "row": "ipc1", "part": "patch"}], "epochs": 10**12, "baseline": False}
+        blobs = {"x": data}
+    rep, busy = _in_thread(lambda: node.handle(action, Envelope(body={**body, "nonce": NONCE}, blobs=blobs)), 120)
+    assert not busy, f"the centre is still working on a {action} request with a 10**12 override"
+    assert rep.body["ok"] is False and rep.body["error_code"] == "PolicyError", rep.body
+    assert "outside the centre's limits" in rep.body["error"]

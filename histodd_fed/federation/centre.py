@@ -60,6 +60,12 @@ DEFAULT_MAX_IPC = 50
 DEFAULT_MAX_EPSILON = 8.0
 DEFAULT_MAX_EPSILON_TOTAL = 16.0
 DEFAULT_MAX_RELEASES = 10
+#: limits on what a request may override (node config export-max-outer-steps, -inner-steps, -epochs)
+DEFAULT_MAX_OUTER_STEPS = 2000
+DEFAULT_MAX_INNER_STEPS = 50
+DEFAULT_MAX_EPOCHS = 100
+MAX_LR_IMG = 100.0
+_OVERRIDE_WORD = re.compile(r"^[A-Za-z0-9_+,.-]{1,64}$")
 
 
 class PolicyError(HistoddError):
@@ -142,6 +148,9 @@ class ExportPolicy:
     max_releases: int = DEFAULT_MAX_RELEASES
     seeds: tuple[int, ...] = ()
     slide_ids: bool = False   # real slide ids / source indices may leave (else per-bundle pseudonyms)
+    max_outer_steps: int = DEFAULT_MAX_OUTER_STEPS   # request overrides: distillation outer steps
+    max_inner_steps: int = DEFAULT_MAX_INNER_STEPS   # ... inner steps
+    max_epochs: int = DEFAULT_MAX_EPOCHS             # ... fine-tuning epochs of a train request
 
     @classmethod
     def from_node_config(cls, get) -> "ExportPolicy":
@@ -164,7 +173,10 @@ class ExportPolicy:
                    max_epsilon_total=_as_number(get, "export-max-epsilon-total", DEFAULT_MAX_EPSILON_TOTAL),
                    max_releases=_as_count(get, "export-max-releases", DEFAULT_MAX_RELEASES),
                    seeds=_as_seeds(get("export-seeds", "")),
-                   slide_ids=_as_bool(get("export-slide-ids", False), "export-slide-ids"))
+                   slide_ids=_as_bool(get("export-slide-ids", False), "export-slide-ids"),
+                   max_outer_steps=_as_count(get, "export-max-outer-steps", DEFAULT_MAX_OUTER_STEPS),
+                   max_inner_steps=_as_count(get, "export-max-inner-steps", DEFAULT_MAX_INNER_STEPS),
+                   max_epochs=_as_count(get, "export-max-epochs", DEFAULT_MAX_EPOCHS))
 
     def to_node_config(self) -> dict[str, str | int]:
         out: dict[str, str | int] = {"export-max-ipc": int(self.max_ipc),
@@ -179,6 +191,11 @@ class ExportPolicy:
             out["export-seeds"] = ",".join(str(x) for x in self.seeds)
         if self.slide_ids:
             out["export-slide-ids"] = "true"
+        for key, value, default in (("export-max-outer-steps", self.max_outer_steps, DEFAULT_MAX_OUTER_STEPS),
+                                    ("export-max-inner-steps", self.max_inner_steps, DEFAULT_MAX_INNER_STEPS),
+                                    ("export-max-epochs", self.max_epochs, DEFAULT_MAX_EPOCHS)):
+            if value != default:
+                out[key] = int(value)
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -186,7 +203,9 @@ class ExportPolicy:
         return {"recipients": list(self.recipients) or "trust-store", "max_ipc": self.max_ipc,
                 "real": self.real, "gate": self.gate, "max_epsilon": self.max_epsilon,
                 "max_epsilon_total": self.max_epsilon_total, "max_releases": self.max_releases,
-                "seeds": list(self.seeds) or "own", "slide_ids": self.slide_ids}
+                "seeds": list(self.seeds) or "own", "slide_ids": self.slide_ids,
+                "max_outer_steps": self.max_outer_steps, "max_inner_steps": self.max_inner_steps,
+                "max_epochs": self.max_epochs}
 
     def budget(self):
         """The release budget (:class:`histodd_fed.bundle.releases.ReleaseBudget`) this policy sets."""
@@ -216,6 +235,32 @@ class ExportPolicy:
             raise PolicyError(f"{centre_id}: export policy refuses seed {seed} (the centre picks its seeds: {why}; "
                               "every new seed is a new release)", "seed")
         return seed
+
+    def check_overrides(self, centre_id: str, overrides: Any) -> None:
+        """Refuse (``PolicyError``, rule ``override``) a distillation override outside this policy's limits."""
+        import math
+
+        if not isinstance(overrides, dict):
+            raise PolicyError(f"{centre_id}: overrides must be an object", "override")
+        ints = {"outer_steps": self.max_outer_steps, "inner_steps": self.max_inner_steps}
+        for key, value in overrides.items():
+            if key in ints:
+                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= ints[key]:
+                    raise PolicyError(f"{centre_id}: override {key}={str(value)[:40]} outside 1..{ints[key]}",
+                                      "override")
+            elif key == "lr_img":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                        or not 0 < value <= MAX_LR_IMG:
+                    raise PolicyError(f"{centre_id}: override lr_img={str(value)[:40]} outside (0, {MAX_LR_IMG}]",
+                                      "override")
+            elif not isinstance(value, str) or not _OVERRIDE_WORD.match(value):
+                raise PolicyError(f"{centre_id}: override {str(key)[:40]} is not a short plain word", "override")
+
+    def check_epochs(self, centre_id: str, epochs: Any) -> int:
+        """The fine-tuning epochs a train request asks for, within ``1..max_epochs``."""
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= self.max_epochs:
+            raise PolicyError(f"{centre_id}: train epochs {str(epochs)[:40]} outside 1..{self.max_epochs}", "override")
+        return epochs
 
     def check(self, centre_id: str, recipients: list[str], ipcs: list[int], full: bool,
               trusted: set[str]) -> None:
@@ -408,6 +453,10 @@ class CentreNode:
         policy = self.config.policy
         # the centre's own policy decides; a request can only ask for less (checked before any work)
         policy.check(self.config.centre_id, recipients, ipcs, full, set(TrustStore.load(self.config.key_dir).centres))
+        extras = request.body.get("extras") or []
+        for e in extras if isinstance(extras, list) else []:  # every override within the policy, before any work
+            if isinstance(e, dict) and e.get("overrides"):
+                policy.check_overrides(self.config.centre_id, e["overrides"])
         seed = policy.pick_seed(self.config.centre_id, request.body.get("seed"), self.config.seed)
         prepared = local_work.prepare(self.config, self.preset)
         with_slides = slide_level.has_slides(prepared.train)
@@ -475,7 +524,8 @@ class CentreNode:
         """
         from histodd_fed.federation import local_work
 
-        epochs = int(request.body.get("epochs", self.preset.fine_tune_epochs))
+        epochs = self.config.policy.check_epochs(self.config.centre_id,
+                                                 request.body.get("epochs", self.preset.fine_tune_epochs))
         prepared = local_work.prepare(self.config, self.preset)
         rows: list[dict[str, Any]] = []
         if request.body.get("baseline", True):  # one "no transfer" row per reported protocol
