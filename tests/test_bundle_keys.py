@@ -113,7 +113,7 @@ def test_ledger(tmp_path):
             raise RuntimeError("boom")
     assert set(led.entries()) == {f"{k}:{'a' * 32}"}
     (tmp_path / "ledger.json").write_text("oops")
-    with pytest.raises(KeyFileError, match="unreadable ledger"):
+    with pytest.raises(KeyFileError, match="unreadable replay ledger"):
         led.check(k, "c" * 32)
 
 
@@ -126,6 +126,6 @@ def test_version_1_ledger_still_refuses_its_entries(tmp_path):
     led.check("k" * 32, "a" * 32, source="C3")  # a legacy entry no longer blocks another centre's id
     led.record("k" * 32, "b" * 32, "d" * 64, {"source": "C1"})
     d = json.loads((tmp_path / "ledger.json").read_text())
-    assert d["format_version"] == 2 and len(d["opened"]) == 2
+    assert d["format_version"] == 3 and len(d["opened"]) == 2
     with pytest.raises(ReplayError):
         Ledger.in_key_dir(tmp_path).check("k" * 32, "a" * 32, source="C1")

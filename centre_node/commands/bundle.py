@@ -187,6 +187,30 @@ def trust_remove(
     typer.echo(f"revoked: {centre} sign key {pub.sign_key_id}")
 
 
+ledger_app = typer.Typer(name="ledger", help="The replay ledger (ledger.json in the key dir).", no_args_is_help=True)
+
+
+@ledger_app.command("reset")
+def ledger_reset(
+    keys: Path = typer.Option(..., "--keys", help="This centre's key directory."),
+    reason: str = typer.Option(..., "--reason", help="Why (recorded in KEYDIR/ledger-resets.log and the log)."),
+    passphrase_env: Optional[str] = typer.Option(None, "--passphrase-env", help=PASSPHRASE_ENV_HELP),
+    passphrase_fd: Optional[int] = typer.Option(None, "--passphrase-fd", help=PASSPHRASE_FD_HELP),
+) -> None:
+    """After a real loss of the replay ledger: start a new, empty one (needs the unlocked keys).
+
+    Every bundle created before the reset is refused from then on (its earlier opening may have been
+    lost with the old ledger); the old file, if any, is kept as ledger.json.before-reset-TIME, and a
+    line goes to KEYDIR/ledger-resets.log.
+    """
+    from histodd_fed.bundle import Ledger, load_identity
+
+    ident = load_identity(keys, passphrase_source=_source(passphrase_env, passphrase_fd, f"the keys in {keys}"))
+    rec = Ledger.in_key_dir(keys).bound(ident).reset(reason)
+    typer.echo(_printable(f"replay ledger {rec['ledger']} reset ({rec['reason']}; previous: {rec['previous']}); "
+                          f"bundles created before {rec['time']} are refused; logged in {Path(keys) / 'ledger-resets.log'}"))
+
+
 def _privacy_gate(ps, synthetic: Path, accept_risk: bool, patches: Optional[Path],
                   holdout: Optional[Path]) -> dict:
     """Run the export gate (:func:`histodd_fed.privacy.gate.check_export`) with an audit required.
@@ -409,6 +433,7 @@ def register(app: typer.Typer) -> None:
     app.command("keygen")(keygen)
     app.command("rekey")(rekey)
     app.add_typer(trust_app, name="trust")
+    app.add_typer(ledger_app, name="ledger")
     app.command("export")(export)
     app.command("inspect")(inspect)
     app.command("verify")(verify_cmd)

@@ -53,6 +53,7 @@ KEY_ID_HEX = 32
 CENTRE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ENVELOPE_LABEL = "HISTODD ENCRYPTED PRIVATE KEY"
 ENVELOPE_FORMAT = "histodd-private-key"
+REPLAY_LEDGER_REQUIRED = "required"
 SCRYPT_LOG2N = 17          # interactive-login cost: ~0.3 s and 128 MiB per guess on the dev VMs
 SCRYPT_R, SCRYPT_P = 8, 1
 SCRYPT_MAX_LOG2N, SCRYPT_MAX_R, SCRYPT_MAX_P = 22, 32, 16  # a hostile key file cannot ask for more
@@ -145,6 +146,7 @@ class Identity:
     signing_key: ed25519.Ed25519PrivateKey
     kem_private: x25519.X25519PrivateKey
     key_dir: Path | None = None
+    replay_ledger: bool = False   # anchored: its KEYDIR/ledger.json must exist (see bundle.ledger)
 
     @property
     def centre_id(self) -> str:
@@ -172,17 +174,21 @@ def _envelope_aad(head: dict) -> bytes:
 
 
 def encrypt_key_file(key, passphrase: bytes, *, scrypt_log2n: int = SCRYPT_LOG2N, salt: bytes | None = None,
-                     derived: bytes | None = None) -> bytes:
+                     derived: bytes | None = None, replay_ledger: bool = True) -> bytes:
     """The passphrase-protected key file for ``key``: scrypt + AES-256-GCM over its PKCS8 DER.
 
     The kdf parameters, salt and key type are in the clear (and bound as AES-GCM associated data).
     ``derived``: the scrypt output for (passphrase, salt, parameters) when the caller already has it.
+    ``replay_ledger``: envelope version 2 with ``"replay_ledger": "required"`` (bound like the rest:
+    the anchor of the replay ledger, which cannot be edited out without the passphrase).
     """
     salt = salt or os.urandom(16)
     kind = "Ed25519" if isinstance(key, ed25519.Ed25519PrivateKey) else "X25519"
-    head = {"format": ENVELOPE_FORMAT, "format_version": 1, "key_type": kind, "cipher": "AES-256-GCM",
-            "kdf": {"name": "scrypt", "n": 1 << scrypt_log2n, "r": SCRYPT_R, "p": SCRYPT_P,
-                    "salt": base64.b64encode(salt).decode("ascii")}}
+    head = {"format": ENVELOPE_FORMAT, "format_version": 2 if replay_ledger else 1, "key_type": kind,
+            "cipher": "AES-256-GCM", "kdf": {"name": "scrypt", "n": 1 << scrypt_log2n, "r": SCRYPT_R, "p": SCRYPT_P,
+                                             "salt": base64.b64encode(salt).decode("ascii")}}
+    if replay_ledger:
+        head["replay_ledger"] = REPLAY_LEDGER_REQUIRED
     nonce = os.urandom(12)
     k = derived or _scrypt(passphrase, salt, scrypt_log2n, SCRYPT_R, SCRYPT_P)
     ct = AESGCM(k).encrypt(nonce, _der(key), _envelope_aad({**head, "nonce": base64.b64encode(nonce).decode()}))
@@ -199,8 +205,10 @@ def _parse_envelope(data: bytes, where: str) -> dict:
         body = json.loads(lines[1])
         kdf = body["kdf"]
         n, r, p = kdf["n"], kdf["r"], kdf["p"]
-        if (body["format"] != ENVELOPE_FORMAT or body["format_version"] != 1 or body["cipher"] != "AES-256-GCM"
-                or kdf["name"] != "scrypt" or body["key_type"] not in ("Ed25519", "X25519")):
+        if (body["format"] != ENVELOPE_FORMAT or body["format_version"] not in (1, 2)
+                or body["cipher"] != "AES-256-GCM" or kdf["name"] != "scrypt"
+                or body["key_type"] not in ("Ed25519", "X25519")
+                or (body["format_version"] == 2) != (body.get("replay_ledger") == REPLAY_LEDGER_REQUIRED)):
             raise ValueError("unsupported envelope")
         if not all(type(v) is int for v in (n, r, p)) or n < 2 or n & (n - 1) or n > 1 << SCRYPT_MAX_LOG2N \
                 or not 1 <= r <= SCRYPT_MAX_R or not 1 <= p <= SCRYPT_MAX_P:
@@ -227,7 +235,8 @@ def decrypt_key_file(data: bytes, passphrase: bytes | None, where: str = "key fi
         k = cache.get(ck) if cache is not None else None
         if k is None:
             k = _scrypt(passphrase, body["_salt"], body["_log2n"], kdf["r"], kdf["p"])
-        head = {x: body[x] for x in ("format", "format_version", "key_type", "cipher", "kdf", "nonce")}
+        head = {x: body[x] for x in ("format", "format_version", "key_type", "cipher", "kdf", "nonce", "replay_ledger")
+                if x in body}
         try:
             der = AESGCM(k).decrypt(body["_nonce"], body["_ct"], _envelope_aad(head))
         except (InvalidTag, ValueError) as exc:
@@ -337,6 +346,20 @@ def _write_private_keys(key_dir: Path, sk, kk, pw: bytes | None, scrypt_log2n: i
     atomic_write_bytes(key_dir / KEM_KEY_FILE, blobs[1], mode=0o600)
 
 
+def _anchor_replay_ledger(ident: "Identity") -> "Identity":
+    """Anchor the key dir's replay ledger in the identity: ``identity.json`` says so (the sealed key
+    files already do), and the ledger exists from now on (an existing one is adopted, signed)."""
+    from dataclasses import replace
+
+    from histodd_fed.bundle.ledger import Ledger
+
+    key_dir = Path(ident.key_dir)
+    atomic_write_json(key_dir / IDENTITY_FILE, {**ident.public.to_dict(), "replay_ledger": REPLAY_LEDGER_REQUIRED})
+    ident = replace(ident, replay_ledger=True)
+    Ledger.in_key_dir(key_dir).bound(ident).initialise()
+    return ident
+
+
 def _pem_clear(key) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
@@ -363,8 +386,7 @@ def generate_identity(centre_id: str, key_dir: str | Path, passphrase: str | byt
     pub = PublicIdentity(centre_id=centre_id, sign_public=_raw_public(sk), kem_public=_raw_public(kk),
                          created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     _write_private_keys(key_dir, sk, kk, pw, scrypt_log2n)
-    atomic_write_json(key_dir / IDENTITY_FILE, pub.to_dict())
-    return Identity(public=pub, signing_key=sk, kem_private=kk, key_dir=key_dir)
+    return _anchor_replay_ledger(Identity(public=pub, signing_key=sk, kem_private=kk, key_dir=key_dir))
 
 
 def _is_encrypted(data: bytes) -> bool:
@@ -374,15 +396,26 @@ def _is_encrypted(data: bytes) -> bool:
 
 
 def _load_private(path: Path, pw: bytes | None, kind: type, cache: dict):
+    """(the private key, whether its sealed envelope anchors the replay ledger)."""
     check_private_file_mode(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise KeyFileError(f"{path}: cannot read key file ({exc.strerror or exc})") from exc
-    key = decrypt_key_file(data, pw, str(path), cache)
+    key = decrypt_key_file(data, pw, str(path), cache)  # authenticates the envelope's fields
     if not isinstance(key, kind):
         raise KeyFileError(f"{path}: expected a {kind.__name__}, found {type(key).__name__}")
-    return key
+    anchored = data.lstrip().startswith(f"-----BEGIN {ENVELOPE_LABEL}-----".encode()) and \
+        _parse_envelope(data, str(path))["format_version"] == 2
+    return key, anchored
+
+
+def _identity_json_anchors(key_dir: Path) -> bool:
+    try:
+        return json.loads((key_dir / IDENTITY_FILE).read_text(encoding="utf-8")).get("replay_ledger") \
+            == REPLAY_LEDGER_REQUIRED
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load_public_identity(path: str | Path) -> PublicIdentity:
@@ -431,13 +464,14 @@ def load_identity(key_dir: str | Path, passphrase: str | bytes | None = None, *,
         if encrypted or not lazy:
             pw = read_passphrase(passphrase_source, env, prompt=f"Passphrase for the keys in {key_dir}: ")
     cache: dict = {}
-    sk = _load_private(files[0][0], pw, files[0][1], cache)
-    kk = _load_private(files[1][0], pw, files[1][1], cache)
+    sk, anchored_s = _load_private(files[0][0], pw, files[0][1], cache)
+    kk, anchored_k = _load_private(files[1][0], pw, files[1][1], cache)
     if _raw_public(sk) != pub.sign_public or _raw_public(kk) != pub.kem_public:
         raise KeyFileError(f"{key_dir}: private keys do not match {IDENTITY_FILE}")
     if consume_env and env is None and isinstance(passphrase_source, str) and passphrase_source.startswith("env:"):
         forget_env_passphrase(passphrase_source)
-    return Identity(public=pub, signing_key=sk, kem_private=kk, key_dir=key_dir)
+    return Identity(public=pub, signing_key=sk, kem_private=kk, key_dir=key_dir,
+                    replay_ledger=anchored_s or anchored_k or _identity_json_anchors(key_dir))
 
 
 def rekey_identity(key_dir: str | Path, passphrase: str | bytes | None = None,
@@ -445,7 +479,8 @@ def rekey_identity(key_dir: str | Path, passphrase: str | bytes | None = None,
                    scrypt_log2n: int = SCRYPT_LOG2N) -> Identity:
     """Re-encrypt a key directory's private keys (new passphrase, or legacy PBKDF2 -> scrypt).
 
-    ``new_passphrase=None`` writes clear keys. The public identity does not change."""
+    ``new_passphrase=None`` writes clear keys. The public identity does not change. The new key
+    files anchor the replay ledger (an existing ledger is adopted and signed; none: an empty one)."""
     ident = load_identity(key_dir, passphrase, passphrase_source=passphrase_source)
     _write_private_keys(Path(key_dir), ident.signing_key, ident.kem_private, _as_bytes(new_passphrase), scrypt_log2n)
-    return ident
+    return _anchor_replay_ledger(ident)

@@ -15,7 +15,7 @@ what any one recipient accumulates:
 
 A non-DP set has no epsilon and NO formal bound: it counts toward ``max_releases`` only.
 
-The ledger is written like the replay ledger (:mod:`histodd_fed.bundle.ledger`): under a file lock,
+The ledger is written like the replay ledger (:mod:`histodd_fed.bundle.statefile`): under a file lock,
 to a temporary file renamed into place, the directory fsync'd, with a state marker beside it
 (``.releases.json.state``) so a ledger that vanished or was rolled back to an older copy refuses
 every export (fail closed) instead of silently resetting every budget. :meth:`ReleaseLedger.claim`
@@ -26,17 +26,15 @@ under one lock: a refused or failed export writes nothing.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from histodd_fed.atomic import atomic_write_json
-from histodd_fed.bundle.errors import KeyFileError, LedgerMissingError
+from histodd_fed.bundle.errors import KeyFileError
+from histodd_fed.bundle.statefile import StateFile, now_iso
 from histodd_fed.errors import HistoddError, InputError
 
 RELEASES_FILE = "releases.json"
@@ -51,10 +49,6 @@ _TOL = 1e-9
 
 class ReleaseBudgetError(HistoddError):
     """An export the centre's release budget does not allow (nothing is sealed or recorded)."""
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _fmt(x: float) -> str:
@@ -190,63 +184,29 @@ class ReleaseLedger:
         return cls(Path(key_dir) / RELEASES_FILE)
 
     @property
-    def marker(self) -> Path:
-        return self.path.with_name(f".{self.path.name}.state")
+    def _state(self) -> StateFile:
+        return StateFile(self.path, "histodd-releases", "release ledger", "refusing to export without it")
 
-    def _marker(self) -> dict | None:
-        if not self.marker.exists():
-            return None
-        try:
-            d = json.loads(self.marker.read_text(encoding="utf-8"))
-            if not isinstance(d, dict) or d.get("format") != "histodd-releases-state" or type(d.get("entries")) is not int:
-                raise ValueError("not a release ledger state marker")
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            raise KeyFileError(f"{self.marker}: unreadable release ledger marker ({exc})") from exc
-        return d
+    @property
+    def marker(self) -> Path:
+        return self._state.marker
 
     def _read(self) -> dict[str, dict]:
-        marker = self._marker()
-        if not self.path.exists():
-            if marker is not None:
-                raise LedgerMissingError(
-                    f"{self.path}: release ledger has vanished ({marker['entries']} releases per {self.marker.name}); "
-                    "restore it from backup - refusing to export without it")
+        d, marker = self._state.read()
+        if d is None:
             return {}
-        try:
-            d = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise KeyFileError(f"{self.path}: unreadable release ledger ({exc})") from exc
-        if not isinstance(d, dict) or d.get("format") != "histodd-releases" or d.get("format_version") != RELEASES_VERSION \
-                or not isinstance(d.get("releases"), dict):
+        if d.get("format_version") != RELEASES_VERSION or not isinstance(d.get("releases"), dict):
             raise KeyFileError(f"{self.path}: not a histodd release ledger")
         rel = d["releases"]
-        if marker is not None and len(rel) < marker["entries"]:
-            raise LedgerMissingError(
-                f"{self.path}: release ledger holds {len(rel)} releases but {self.marker.name} records "
-                f"{marker['entries']} (rolled back to an older copy?); restore the current ledger")
+        self._state.check_entries(len(rel), marker)
         return rel
 
     def _write(self, rel: dict[str, dict]) -> None:
-        from histodd_fed.bundle.ledger import fsync_dir
+        self._state.write({"format": "histodd-releases", "format_version": RELEASES_VERSION,
+                           "composition": COMPOSITION, "releases": rel}, len(rel))
 
-        atomic_write_json(self.path, {"format": "histodd-releases", "format_version": RELEASES_VERSION,
-                                      "composition": COMPOSITION, "releases": rel})
-        fsync_dir(self.path.parent)
-        prev = self._marker()
-        atomic_write_json(self.marker, {"format": "histodd-releases-state", "ledger": self.path.name,
-                                        "initialised": prev.get("initialised", _now()) if prev else _now(),
-                                        "entries": len(rel)})
-        fsync_dir(self.path.parent)
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(f".{self.path.name}.lock"), "a+") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    def _locked(self):
+        return self._state.locked()
 
     # -------------------------------------------------------------- queries
     def entries(self) -> dict[str, dict]:
@@ -310,7 +270,7 @@ class ReleaseLedger:
             rel = self._read()
             claim = self._decide(rel, release, recipients, budget, who)
             yield claim
-            now = _now()
+            now = now_iso()
             for r, v in claim.recipients.items():
                 key = f"{r}:{release.digest}"
                 e = rel.get(key)

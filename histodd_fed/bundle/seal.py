@@ -690,8 +690,9 @@ def open_bundle(data_or_path: Source, identity: Identity, trust: TrustStore, led
         # ---- signature verified: the header and every ciphertext byte are the sender's
         check_fresh(header, limits)
         if isinstance(ledger, Ledger):
+            ledger = ledger.bound(identity)  # signed; the identity's own anchored ledger must exist
             ledger.check(header.sign_key_id, header.bundle_id, where=header.name, digest=digest.hex(),
-                         source=header.source_centre)
+                         source=header.source_centre, created=header.created)
         key = _unwrap_key(header, identity)
         _check_commitment(header, key, identity)
         aead = AESGCM(key)
