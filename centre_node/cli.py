@@ -14,6 +14,7 @@ import typer
 from centre_node.commands import benchmark_data, bundle, distill, evaluate, mil, privacy, slides
 from histodd_fed.errors import HistoddError
 from histodd_fed.logging_setup import configure_logging
+from histodd_fed.terminal import error_line
 
 app = typer.Typer(
     name="centre-node",
@@ -45,7 +46,7 @@ def main() -> None:
         app()
     except HistoddError as exc:
         logging.getLogger("centre-node").debug("error", exc_info=True)
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(error_line(exc), err=True)
         sys.exit(2)
 
 

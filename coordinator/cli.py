@@ -255,7 +255,9 @@ def main() -> None:
         app()
     except HistoddError as exc:
         logging.getLogger("coordinator").debug("error", exc_info=True)
-        typer.echo(f"error: {exc}", err=True)
+        from histodd_fed.terminal import error_line
+
+        typer.echo(error_line(exc), err=True)
         sys.exit(2)
 
 

@@ -15,6 +15,8 @@ from typing import Optional
 
 import typer
 
+from histodd_fed.terminal import printable
+
 trust_app = typer.Typer(name="trust", help="Manage the centres this node trusts (trust.json in the key dir).",
                         no_args_is_help=True)
 
@@ -109,9 +111,9 @@ def keygen(
 
     pw = _new_passphrase(passphrase_env, passphrase_fd, no_passphrase, f"the new keys in {out}")
     ident = generate_identity(centre_id, out, passphrase=pw, scrypt_log2n=scrypt_log2n)
-    typer.echo(f"identity {ident.centre_id}: sign key {ident.public.sign_key_id}, "
-               f"kem key {ident.public.kem_key_id} ({'encrypted' if pw else 'NOT encrypted'}); "
-               f"share {out / 'identity.json'}")
+    typer.echo(printable(f"identity {ident.centre_id}: sign key {ident.public.sign_key_id}, "
+                         f"kem key {ident.public.kem_key_id} ({'encrypted' if pw else 'NOT encrypted'}); "
+                         f"share {out / 'identity.json'}"))
 
 
 def rekey(
@@ -166,9 +168,9 @@ def trust_list(
         typer.echo(json.dumps({"trusted": rows, "revoked": store.revoked}, indent=2))
         return
     for r in rows:
-        typer.echo(f"trusted  {r['centre']:<16} sign {r['sign_key_id']}  kem {r['kem_key_id']}")
+        typer.echo(printable(f"trusted  {r['centre']:<16} sign {r['sign_key_id']}  kem {r['kem_key_id']}"))
     for r in store.revoked:
-        typer.echo(f"revoked  {r.get('centre_id', '?'):<16} sign {r['sign_key_id']}  ({r.get('reason', '')})")
+        typer.echo(printable(f"revoked  {r.get('centre_id', '?'):<16} sign {r['sign_key_id']}  ({r.get('reason', '')})"))
     if not rows and not store.revoked:
         typer.echo("trust store is empty")
 
@@ -207,7 +209,7 @@ def ledger_reset(
 
     ident = load_identity(keys, passphrase_source=_source(passphrase_env, passphrase_fd, f"the keys in {keys}"))
     rec = Ledger.in_key_dir(keys).bound(ident).reset(reason)
-    typer.echo(_printable(f"replay ledger {rec['ledger']} reset ({rec['reason']}; previous: {rec['previous']}); "
+    typer.echo(printable(f"replay ledger {rec['ledger']} reset ({rec['reason']}; previous: {rec['previous']}); "
                           f"bundles created before {rec['time']} are refused; logged in {Path(keys) / 'ledger-resets.log'}"))
 
 
@@ -303,8 +305,8 @@ def export(
                     extra_manifest={"accepted_privacy_risk": accept_privacy_risk},  # no local paths leave
                     chunk_size=chunk_size, release=claim.manifest(), bundle_id=claim.bundle_id)
     h = bundle_inspect(path)
-    typer.echo(f"sealed {len(ps)} patches for {', '.join(names)}: {path} "
-               f"(bundle {h.bundle_id}, {h.file_size} bytes)")
+    typer.echo(printable(f"sealed {len(ps)} patches for {', '.join(names)}: {path} "
+                         f"(bundle {h.bundle_id}, {h.file_size} bytes)"))
     typer.echo("release: " + _release_line(release.dp, claim.manifest(), budget.summary(),
                                              {r: v["new"] for r, v in claim.recipients.items()}))
 
@@ -354,7 +356,7 @@ def inspect(
             summary["dp"] = next(iter(sealed.values()))["entry"].get("dp")
             summary["release"] = {r: {"count": v["count"], "epsilon_total": v["epsilon_total"]}
                                   for r, v in sealed.items()}
-    summary = _printable(summary)
+    summary = printable(summary)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -374,18 +376,6 @@ def inspect(
         typer.echo(f"{k:>15}: {v}")
 
 
-def _printable(obj):
-    """Escape control and non-ASCII characters in strings bound for a terminal (defence in depth:
-    the header is validated, but is unverified input when inspect runs without --keys)."""
-    if isinstance(obj, dict):
-        return {_printable(k): _printable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_printable(v) for v in obj]
-    if isinstance(obj, str) and not (obj.isascii() and obj.isprintable()):
-        return ascii(obj)[1:-1]
-    return obj
-
-
 def verify_cmd(
     file: Path = typer.Argument(..., help="Bundle file."),
     keys: Path = typer.Option(..., "--keys", help="Key dir (or trust dir) holding trust.json."),
@@ -395,8 +385,8 @@ def verify_cmd(
     from histodd_fed.bundle.trust import TrustStore
 
     h = verify(file, TrustStore.load(keys))
-    typer.echo(f"OK: bundle {h.bundle_id} signed by trusted {h.source_centre} "
-               f"(key {h.sign_key_id}) for {', '.join(h.recipient_centres)}")
+    typer.echo(printable(f"OK: bundle {h.bundle_id} signed by trusted {h.source_centre} "
+                         f"(key {h.sign_key_id}) for {', '.join(h.recipient_centres)}"))
 
 
 def open_cmd(
@@ -420,11 +410,11 @@ def open_cmd(
     limits = Limits(max_age_seconds=int(max_age_days * 86400))
     opened = open_bundle(file, ident, TrustStore.load(keys), Ledger.in_key_dir(keys), out_dir=out, limits=limits)
     ps = opened.patchset
-    typer.echo(f"opened bundle {opened.header.bundle_id} from {opened.header.source_centre}: "
-               f"{len(ps)} patches {ps.class_counts()} -> {out}")
+    typer.echo(printable(f"opened bundle {opened.header.bundle_id} from {opened.header.source_centre}: "
+                         f"{len(ps)} patches {ps.class_counts()} -> {out}"))
     m = opened.manifest
     if "dp" in m or "release" in m:
-        typer.echo("release (as the sender states it): " + _printable(_release_line(m.get("dp"), {r: v for r, v in (m.get("release") or {}).items()
+        typer.echo("release (as the sender states it): " + printable(_release_line(m.get("dp"), {r: v for r, v in (m.get("release") or {}).items()
                                                  if r == ident.centre_id})))
 
 
