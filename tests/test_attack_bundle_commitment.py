@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from typer.testing import CliRunner
 
 from centre_node.cli import app
-from histodd_fed.bundle import (NO_LEDGER, KeyCommitmentError, TrustStore, VersionError, generate_identity,
+from histodd_fed.bundle import (NO_LEDGER, KeyCommitmentError, Ledger, TrustStore, VersionError, generate_identity,
                                 inspect, open_bundle, seal, verify)
 from histodd_fed.bundle.format import BundleSource, key_commitment, parse_header
 from histodd_fed.bundle.hostile import forge_split_key_bundle, gcm_two_key_ciphertext
@@ -76,7 +76,7 @@ def test_attack_v2_split_key_bundle_is_refused_before_decryption(world, tmp_path
     r = runner.invoke(app, ["open", str(f), "--keys", str(root / "C3"), "--out", str(tmp_path / "o")])
     assert type(r.exception) is KeyCommitmentError and "\n" not in str(r.exception), repr(r.exception)
     assert "commits" in str(r.exception)
-    assert not (tmp_path / "o").exists() and not (root / "C3" / "ledger.json").exists()
+    assert not (tmp_path / "o").exists() and Ledger.in_key_dir(root / "C3").entries() == {}  # no ledger entry
 
 
 def test_v2_is_written_by_default_and_v1_still_opens(world):

@@ -15,7 +15,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from centre_node.cli import app
-from histodd_fed.bundle import SignatureError, TrustStore, generate_identity
+from histodd_fed.bundle import Ledger, SignatureError, TrustStore, generate_identity
 from histodd_fed.bundle.hostile import forge_bundle
 from histodd_fed.patchset import PatchSet
 
@@ -50,5 +50,5 @@ def test_attack_forged_bundle_costs_no_payload_memory(tmp_path):
     finally:
         tracemalloc.stop()
     assert type(r.exception) is SignatureError and "\n" not in str(r.exception), repr(r.exception)
-    assert not (tmp_path / "o").exists() and not (tmp_path / "C2" / "ledger.json").exists()
+    assert not (tmp_path / "o").exists() and Ledger.in_key_dir(tmp_path / "C2").entries() == {}  # no ledger entry
     assert peak < 8 * 1024 * 1024, f"{peak / 1e6:.1f} MB allocated before the signature failed"
