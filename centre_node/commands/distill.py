@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from histodd_fed.terminal import escape
+
 log = logging.getLogger(__name__)
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRESET_HELP = ("Named preset (configs/preset-NAME.yaml, or a YAML path): fixes the preprocessing and the "
@@ -116,9 +118,16 @@ def distill_command(
 
         store = work / "tiles"
         log.info("tiling %s into %s", slides, store)
-        tile_slides(slides, store, labels_csv=labels_csv, annotations_dir=annotations_dir, patch_size=patch_size,
-                    mpp=mpp, magnification=magnification, tissue_threshold=tissue_threshold, workers=workers,
-                    slide_mpp=slide_mpp, seed=cfg.seed)
+        from histodd_fed.slides.store_checks import check_distillable, tiling_warnings
+
+        tiled = tile_slides(slides, store, labels_csv=labels_csv, annotations_dir=annotations_dir,
+                            patch_size=patch_size, mpp=mpp, magnification=magnification,
+                            tissue_threshold=tissue_threshold, workers=workers, slide_mpp=slide_mpp, seed=cfg.seed)
+        # say what tiling did, and refuse a store that cannot give ipc images per class with its real cause
+        for line in tiling_warnings(tiled):
+            typer.echo(f"warning: {escape(line)}", err=True)
+        check_distillable(tiled, ipc=1 if cfg.per_slide else cfg.ipc, mpp=mpp, patch_size=patch_size,
+                          magnification=magnification)
         patches = store
     real = PatchSet.load(patches)
     reference = real          # the export gate's reference: every raw patch of the store, as `export --patches` loads it
