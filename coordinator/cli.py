@@ -5,6 +5,7 @@ Commands (thin; torch and flwr are imported inside them so ``--help`` is fast):
 - ``coordinator certs --out DIR``      CA + SuperLink certificate, SuperNode auth keys
 - ``coordinator transfer``             the transfer study (simulation or deployment runtime)
 - ``coordinator demo``                 demo slides for C1/C2, keys, trust, the study, the table
+- ``coordinator verify-report R``      check R/report.json's rows against the centres' signatures
 """
 
 from __future__ import annotations
@@ -165,11 +166,7 @@ def run_study(cfg, node_cfgs: list[dict]):
             dep.add_supernode(c.centre_id, c.node_config_string())
         dep.run_app(run_config_for(cfg), timeout=cfg.reply_timeout * 3 + 300)
     report = json.loads((cfg.study_dir / "report.json").read_text())
-    from histodd_fed.federation.coordinator import StudyOutcome
-    from histodd_fed.federation.faults import Fault
-
-    return StudyOutcome(rows=report["raw_rows"], faults=[Fault(**f) for f in report["faults"]],
-                        centres=report["centres"], messages=report["messages"], seconds=report["seconds"])
+    return _outcome_from_report(report)
 
 
 def run_config_for(cfg) -> dict:
@@ -186,8 +183,31 @@ def _outcome_from_report(report: dict):
     from histodd_fed.federation.coordinator import StudyOutcome
     from histodd_fed.federation.faults import Fault
 
+    # the attestations (signed statements and bodies) travel on: the report rewritten from this
+    # outcome must still verify (coordinator verify-report)
     return StudyOutcome(rows=report["raw_rows"], faults=[Fault(**f) for f in report["faults"]],
-                        centres=report["centres"], messages=report["messages"], seconds=report["seconds"])
+                        centres=report["centres"], messages=report["messages"], seconds=report["seconds"],
+                        attestations=list(report.get("attestations") or []))
+
+
+@app.command("verify-report")
+def verify_report(
+    report: Path = typer.Argument(..., help="A study's results folder (holding report.json), or report.json."),
+    trust: Path = typer.Option(..., "--trust", help="Trust store holding the centres' public identities "
+                               "(trust.json, or a key folder holding one): the reader's own, not the report's."),
+) -> None:
+    """Check every signed reply in REPORT against --trust and every number shown against the signed rows."""
+    from histodd_fed.bundle.trust import TrustStore
+    from histodd_fed.federation.report_verify import verify_report as check_report
+    from histodd_fed.terminal import escape
+
+    store = TrustStore.load(trust)
+    if not store.centres:
+        raise ConfigError(f"{trust}: trust store holds no centre identities")
+    res = check_report(report, store)
+    signers = ", ".join(f"{c} key {k}" for c, k in sorted(res.signers.items()))
+    typer.echo(escape(f"OK: {report}: {res.rows} rows, {res.raw_rows} raw rows, {res.attestations} signed "
+                      f"replies ({signers}) verified against {trust}; checked {', '.join(res.files)}"))
 
 
 @app.command()

@@ -26,7 +26,8 @@ from typing import Any, Callable, Protocol
 from histodd_fed.atomic import atomic_write_bytes, atomic_write_json
 from histodd_fed.errors import ConfigError, HistoddError
 from histodd_fed.federation.envelope import (ACTION_DISTIL, ACTION_IDENTITY, ACTION_TRAIN, PROOF_IDENTITY,
-                                             PROOF_REPLY, Envelope, check_proof, digest, new_nonce, statement)
+                                             PROOF_REPLY, Envelope, attestation, check_proof, digest, new_nonce,
+                                             statement)
 from histodd_fed.federation.faults import Fault
 from histodd_fed.runconfig import config_hash
 
@@ -182,7 +183,7 @@ def _reply_fault(centre: str, action: str, rep: Any, timeout: float, *, nonce: s
     if why:
         return Fault(centre, action, "untrusted", why)
     if out is not None:
-        out.attestations.append({"centre": centre, "action": action, "proof": rep.body["proof"]})
+        out.attestations.append(attestation(centre, action, rep.body))
     return None
 
 
@@ -239,7 +240,7 @@ def run_transfer_study(transport: Transport, cfg: StudyConfig,
             node_of[cid] = -1
             continue
         node_of[cid] = n
-        out.attestations.append({"centre": cid, "action": "identity", "proof": rep.body["proof"]})
+        out.attestations.append(attestation(cid, "identity", rep.body))
         out.centres[cid] = {k: rep.body.get(k) for k in ("class_counts", "n_train", "n_test", "preset",
                                                          "baseline", "seconds", "prepared_hash", "export_policy")}
         out.centres[cid]["sign_key_id"] = (rep.body.get("identity") or {}).get("sign_key_id")

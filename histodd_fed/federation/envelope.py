@@ -63,6 +63,23 @@ def canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
+def signed_body(body: dict[str, Any]) -> bytes:
+    """The bytes a reply's proof binds (``content_sha256``): the canonical reply body without its proof."""
+    return canonical({k: v for k, v in body.items() if k != "proof"})
+
+
+def attestation(centre: str, action: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A verified reply as the report keeps it: the proof plus the exact signed bytes, so a reader can
+    check it offline (``statement_b64``: the bytes the signature covers; ``body_b64``: the bytes whose
+    SHA-256 is the statement's ``content_sha256``; histodd_fed/federation/report_verify.py)."""
+    import base64
+
+    proof = body["proof"]
+    return {"centre": centre, "action": action, "proof": proof,
+            "statement_b64": base64.b64encode(canonical(proof["statement"])).decode(),
+            "body_b64": base64.b64encode(signed_body(body)).decode()}
+
+
 def digest(obj: Any) -> str:
     import hashlib
 
