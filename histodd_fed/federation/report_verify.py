@@ -203,13 +203,18 @@ def _check_table(rep: dict[str, Any], expected: list[dict[str, Any]]) -> None:
                                   + f" ({len(shown)} rows shown, {len(expected)} signed)")
 
 
+def _read_utf8(path: Path) -> str:
+    """The file's text, exactly as written (no newline translation); unreadable -> ReportFormatError."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReportFormatError(f"{path}: unreadable ({exc})") from None
+
+
 def _check_csv(path: Path, expected: list[dict[str, Any]]) -> None:
     from histodd_fed.federation.study import csv_text
 
-    try:
-        text = path.read_bytes().decode("utf-8")   # as written: csv rows end in \r\n
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ReportFormatError(f"{path}: unreadable ({exc})") from None
+    text = _read_utf8(path)   # as written: csv rows end in \r\n
     want_text = csv_text(expected)
     if text == want_text:
         return
@@ -226,10 +231,7 @@ def _check_csv(path: Path, expected: list[dict[str, Any]]) -> None:
 def _check_markdown(path: Path, expected: list[dict[str, Any]]) -> None:
     from histodd_fed.federation.study import COLUMNS, markdown_table
 
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ReportFormatError(f"{path}: unreadable ({exc})") from None
+    text = _read_utf8(path)
     want = markdown_table(expected)
     if want in text:
         return
