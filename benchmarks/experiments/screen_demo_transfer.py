@@ -8,7 +8,7 @@ each protocol (``union``, ``sequential``; ``local_work._fine_tune_classifier``) 
 balanced accuracy / AUC on the target's test split, next to "no transfer" (own data only) and Full
 (the source's train split). A blocked recipe is still scored (marked), to see what the gate costs.
 
-    .venv/bin/python benchmarks/screen_demo_transfer.py DEMO_DIR [recipe,recipe,...] [--preset=cpu]
+    .venv/bin/python benchmarks/experiments/screen_demo_transfer.py DEMO_DIR [recipe,recipe,...] [--preset=cpu]
 
 ``control_noise``: 10 uniform-noise images per class instead of a distilled set (a control: what
 the extra fine-tuning steps do without any information from the source).
@@ -23,7 +23,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from histodd_fed.federation import local_work  # noqa: E402

@@ -7,7 +7,7 @@ from C1's synthetic cache) / Full, then score every test slide by the mean of it
 tumour probabilities (and by its max) and print the slide AUCs [top-3, max] per row. Compare with
 the demo's slide_auc column (CLAM on C2's frozen pre-trained encoder).
 
-    .venv/bin/python benchmarks/diag_demo_slides.py DEMO_DIR [DEMO_DIR ...]
+    .venv/bin/python benchmarks/experiments/diag_demo_slides.py DEMO_DIR [DEMO_DIR ...]
 """
 import json
 import sys
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 

@@ -9,9 +9,9 @@ saved synthetic sets given with ``--sets NAME=DIR,DIR,...`` (sets the frontier b
 ``--recipes`` (see RECIPES). One JSON row per (recipe, set) is appended to ``<out>/records.jsonl``
 (skipped when present, so a killed run continues); ``--table`` prints the comparison.
 
-    .venv/bin/python benchmarks/screen_eval_recipe.py --split tune --out /tmp/ev-t0 \\
+    .venv/bin/python benchmarks/experiments/screen_eval_recipe.py --split tune --out /tmp/ev-t0 \\
         --sets dm=/tmp/fr/best-t0/work/sets/dm_cmix2_best5-ipc10-s0,... --recipes base,dsa --full
-    .venv/bin/python benchmarks/screen_eval_recipe.py --out /tmp/ev-t0 --table
+    .venv/bin/python benchmarks/experiments/screen_eval_recipe.py --out /tmp/ev-t0 --table
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 

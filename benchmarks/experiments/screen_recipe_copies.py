@@ -4,7 +4,7 @@ Distils one set per variant (the pcam preset's recipe, one candidate, overrides 
 `train` minus 1,000 patches per class, runs the copy detector against the distil-from raw patches (both
 views) and evaluates the set on the held-back 1,000 / class with the preset's evaluation recipe.
 
-    .venv/bin/python benchmarks/screen_recipe_copies.py --variants "mix2:init_mix=2" "mix8:init_mix=8,init_colour_pool=32" \
+    .venv/bin/python benchmarks/experiments/screen_recipe_copies.py --variants "mix2:init_mix=2" "mix8:init_mix=8,init_colour_pool=32" \
         --seed 0 --out benchmarks/results/recipe_copies.jsonl
 """
 
@@ -24,7 +24,7 @@ from histodd_fed.preset import load_preset
 from histodd_fed.privacy.copies import detect_copies
 from histodd_fed.training.evaluation import evaluate_sets
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pcam-ai4all"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "pcam-ai4all"
 
 
 def parse(v: str) -> tuple[str, dict]:

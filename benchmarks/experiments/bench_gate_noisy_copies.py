@@ -6,7 +6,7 @@ colour cast), and runs :func:`histodd_fed.privacy.gate.check_export` of the nois
 the store with ``configs/privacy.yaml``. Prints, per sigma, how many patches each rule flags and
 the verdict; writes JSON with ``--json``.
 
-    .venv/bin/python benchmarks/bench_gate_noisy_copies.py --real STORE [--sigmas 0.03,0.06,0.1,0.15,0.25]
+    .venv/bin/python benchmarks/experiments/bench_gate_noisy_copies.py --real STORE [--sigmas 0.03,0.06,0.1,0.15,0.25]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from histodd_fed.patchset import PatchSet  # noqa: E402
 from histodd_fed.privacy.gate import check_export  # noqa: E402

@@ -9,7 +9,7 @@ for every protocol of the preset and every slide encoder asked for, on the sets 
 run); ``fine_tuned``: every bag of a row re-encoded with that row's fine-tuned classifier. Nothing is
 cached (the demo's own caches are not written).
 
-    .venv/bin/python benchmarks/diag_demo_slides_encoder.py DEMO_DIR [DEMO_DIR ...] [--encoders=frozen,fine_tuned]
+    .venv/bin/python benchmarks/experiments/diag_demo_slides_encoder.py DEMO_DIR [DEMO_DIR ...] [--encoders=frozen,fine_tuned]
 
 Prints one JSON line per copy, encoder and protocol: slide AUC / calibrated slide accuracy / patch
 balanced accuracy of each row; writes DEMO_DIR/diag-slide-encoder.json.
@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 

@@ -7,7 +7,7 @@ the 20 images (150 epochs, DSA, 2 seeds) and report balanced accuracy / AUC on C
 patches. It reads the demo's test split, so use it to screen candidates only and confirm on fresh
 demo seeds (docs/results.md "Demo recipe A/B").
 
-    .venv/bin/python benchmarks/screen_demo_recipes.py DEMO_DIR [variant,variant,...]
+    .venv/bin/python benchmarks/experiments/screen_demo_recipes.py DEMO_DIR [variant,variant,...]
 """
 import glob
 import json
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from histodd_fed.distill import DistillConfig, run_distillation  # noqa: E402

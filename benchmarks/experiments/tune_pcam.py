@@ -10,10 +10,10 @@ under ``<out>/sets``) and evaluated on tuning-val with the study's evaluation
 Each evaluated (set, evaluation recipe) pair is appended to ``<out>/records.jsonl`` (and skipped when
 it is already there), so a time-boxed run can be continued; ``--table`` prints the Markdown table.
 
-    timeout 1500 .venv/bin/python benchmarks/tune_pcam.py --out results/pcam-tuning \
+    timeout 1500 .venv/bin/python benchmarks/experiments/tune_pcam.py --out results/pcam-tuning \
         --methods random,herding,forgetting,histodd,full \
         --eval-augs color_crop_cutout_flip_scale_rotate,crop_cutout_flip_scale_rotate,flip_rotate
-    .venv/bin/python benchmarks/tune_pcam.py --out results/pcam-tuning --table
+    .venv/bin/python benchmarks/experiments/tune_pcam.py --out results/pcam-tuning --table
 
 Histo-DD variants (``--variants``) are named in :data:`VARIANTS` (overrides of the ``distill:``
 section of ``--preset``); ``histodd`` alone means the preset's own distillation settings.
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from histodd_fed.runconfig import config_hash, write_run_config  # noqa: E402

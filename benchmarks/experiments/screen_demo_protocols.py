@@ -8,7 +8,7 @@ every fine-tuning seed (``local_work._fine_tune_classifier``, seeds ``demo seed 
 accuracy / AUC on the target's test split, next to "no transfer" (own data only, one computation for
 all variants: no variant changes the own-only fine-tune).
 
-    .venv/bin/python benchmarks/screen_demo_protocols.py DEMO_DIR [variant,variant,...] [--seeds=3] [--preset=cpu] [--control]
+    .venv/bin/python benchmarks/experiments/screen_demo_protocols.py DEMO_DIR [variant,variant,...] [--seeds=3] [--preset=cpu] [--control]
         [--out=screen-protocols.json]
 
 ``--control``: also score 20 uniform-noise images (10 per class) with every variant: what the variant's
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from histodd_fed.federation import local_work  # noqa: E402
