@@ -246,7 +246,7 @@ def tile_stats(syn: PatchSet, real: PatchSet, grid: int = 2, reference: int = 50
     and the real-real p90 and median (PCam repeats tissue between patches: the real-real p99 is 1.0)."""
     import torch
 
-    from histodd_fed.privacy.similarity import structure_vectors
+    from histodd_fed.structure import structure_vectors
 
     xs, _ = syn.to_tensors()
     xr, _ = real.to_tensors()

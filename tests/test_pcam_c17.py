@@ -56,7 +56,7 @@ def test_stain_closer_to_target_than_to_c1(centres):
 
 
 def test_labels_and_morphology_kept(centres):
-    from histodd_fed.privacy.similarity import structure_vectors
+    from histodd_fed.structure import structure_vectors
     from histodd_fed.stain.restain import load_rgb
 
     out, shared = centres

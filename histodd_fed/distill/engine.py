@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from histodd_fed.atomic import atomic_write_bytes
 from histodd_fed.augment import build_augmentation
+from histodd_fed.content_hash import data_hash  # noqa: F401  (re-exported: histodd_fed.distill.data_hash)
 from histodd_fed.distill.config import DistillConfig
 from histodd_fed.distill.matching import batched_matching_loss, class_matching_loss, supports_batched_matching
 from histodd_fed.distill.model_aug import augment_model, matched_weights
@@ -51,17 +52,6 @@ class Group:
     real_idx: np.ndarray      # indices into the real tensors
     init_idx: np.ndarray      # real indices the synthetic images start from (init: real)
     mix_idx: np.ndarray | None = None  # (ipc, init_mix) real indices averaged into each image (init: mixture)
-
-
-def data_hash(real: PatchSet) -> str:
-    """SHA-256 over the images, labels and slide indices of a patch set."""
-    h = hashlib.sha256()
-    h.update(json.dumps({"shape": list(real.images.shape), "classes": real.class_names,
-                         "slides": real.slide_ids}).encode())
-    h.update(np.ascontiguousarray(real.images).tobytes())
-    h.update(real.labels.astype(np.int64).tobytes())
-    h.update(real.slide_index.astype(np.int32).tobytes())
-    return h.hexdigest()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -404,7 +394,7 @@ class PrivacyGuard:
 
     @classmethod
     def build(cls, x_real: torch.Tensor, config: DistillConfig, reference: int = 1000) -> "PrivacyGuard":
-        from histodd_fed.privacy.similarity import structure_vectors
+        from histodd_fed.structure import structure_vectors
 
         gen = torch.Generator().manual_seed(int(config.seed) + 7919)
         q = torch.randperm(len(x_real), generator=gen)[:min(reference, len(x_real))].to(x_real.device)
@@ -424,7 +414,7 @@ class PrivacyGuard:
 
     def violations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(max structure correlation, min normalised L2) of each image to the real patches."""
-        from histodd_fed.privacy.similarity import structure_vectors
+        from histodd_fed.structure import structure_vectors
 
         with torch.no_grad():
             corr = (structure_vectors(x, self.pool).float() @ self.vr.T).max(1).values
@@ -433,7 +423,7 @@ class PrivacyGuard:
 
     def push(self, x_syn: torch.Tensor, step: float) -> int:
         """One step away from the nearest real patches for every image too close; returns how many moved."""
-        from histodd_fed.privacy.similarity import structure_vectors
+        from histodd_fed.structure import structure_vectors
 
         corr, l2 = self.violations(x_syn.detach())
         bad = torch.nonzero((corr > self.corr_thr) | (l2 < self.l2_thr)).flatten()

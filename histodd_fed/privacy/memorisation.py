@@ -33,7 +33,8 @@ from torch import nn
 from histodd_fed.logging_setup import progress
 from histodd_fed.patchset import PatchSet
 from histodd_fed.privacy.classifier import TrainSpec, extract_features, train_model
-from histodd_fed.privacy.similarity import SSIMIndex, cosine_distance_matrix, normalised_l2_matrix, structure_vectors
+from histodd_fed.privacy.similarity import SSIMIndex, cosine_distance_matrix, normalised_l2_matrix
+from histodd_fed.structure import structure_vectors
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ INIT_INDEX_KEYS = ("init_indices", "init_real_indices", "init_source_indices", "
 def _data_sha256(real: PatchSet) -> str:
     """The distiller's fingerprint of a real set (images, labels, slide indices)."""
     try:
-        from histodd_fed.distill.engine import data_hash
+        from histodd_fed.content_hash import data_hash
     except ImportError:  # pragma: no cover - distillation not installed
         return ""
     return data_hash(real)

@@ -8,7 +8,7 @@ A set is flagged (one finding per rule that fires) when
    patch is below this percentile of the real-real nearest-neighbour distances (default 1.0:
    closer than 99% of the centre's own patches are to each other);
 3. ``structure_block_percentile``: some synthetic patch's structure correlation (low-passed grey
-   images, :func:`histodd_fed.privacy.similarity.structure_vectors`) with its nearest
+   images, :func:`histodd_fed.structure.structure_vectors`) with its nearest
    real patch is higher than all but this percentage of the real-real nearest-neighbour
    correlations (default 1.0: above the real-real 99th percentile). Catches a real patch with
    added noise or a colour shift (measured on the demo's C1 patches, 20 real patches + gaussian
