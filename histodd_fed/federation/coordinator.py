@@ -26,7 +26,7 @@ from typing import Any, Callable, Protocol
 from histodd_fed.atomic import atomic_write_bytes, atomic_write_json
 from histodd_fed.errors import ConfigError, HistoddError
 from histodd_fed.federation.envelope import (ACTION_DISTIL, ACTION_IDENTITY, ACTION_TRAIN, PROOF_IDENTITY,
-                                             PROOF_REPLY, Envelope, attestation, check_proof, digest, new_nonce,
+                                             PROOF_REPLY, Envelope, attestation, check_proof, new_nonce,
                                              statement)
 from histodd_fed.federation.faults import Fault
 from histodd_fed.runconfig import config_hash
@@ -155,7 +155,7 @@ def _get(obj: Any, key: str) -> Any:
 def _check_reply_proof(purpose: str, rep: Envelope, centre: str, nonce: str, run_id: Any, node_id: Any,
                        trust) -> str | None:
     """None when ``rep`` is signed by ``centre``'s pinned key over (nonce, centre, run, node, body)."""
-    from histodd_fed.federation.centre import reply_digest
+    from histodd_fed.federation.envelope import reply_digest
 
     pinned = trust.centres.get(centre) if trust is not None else None
     if pinned is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from histodd_fed.federation.centre import CentreConfig, ExportPolicy
+from histodd_fed.federation.centre_config import CentreConfig, ExportPolicy
 
 
 def policy_from_settings(d: dict | None) -> ExportPolicy:

@@ -127,3 +127,8 @@ def check_proof(proof: Any, expected: dict[str, Any], pub: Any) -> str | None:
     except (binascii.Error, ValueError, InvalidSignature):
         return f"proof signature does not verify with the pinned key {pub.sign_key_id} of {pub.centre_id}"
     return None
+
+
+def reply_digest(body: dict[str, Any]) -> str:
+    """Digest of a reply body as signed (everything except the proof itself)."""
+    return digest({k: v for k, v in body.items() if k != "proof"})

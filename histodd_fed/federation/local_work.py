@@ -24,7 +24,7 @@ import numpy as np
 
 from histodd_fed.atomic import atomic_write_json
 from histodd_fed.errors import ConfigError, InputError
-from histodd_fed.federation.centre import CentreConfig
+from histodd_fed.federation.centre_config import CentreConfig
 from histodd_fed.federation.presets import CentrePreset
 from histodd_fed.formation import decode_set
 from histodd_fed.patchset import PatchSet
