@@ -89,14 +89,14 @@ def test_attack_relabelled_rows_and_revoked_sender(tmp_path):
     import numpy as np
 
     from histodd_fed.bundle.trust import TrustStore
-    from histodd_fed.federation import local_work
+    from histodd_fed.federation import centre_bundles
     from histodd_fed.patchset import PatchSet
 
     cfgs, _ = _centres(tmp_path)
     c1, c2 = cfgs
     real = PatchSet.load(c1.data)
     syn = real.subset(np.arange(4), kind="synthetic")
-    data = local_work.seal_for(c1, syn, ["C2"], label="ipc1", extra={"row": "ipc1", "part": "patch", "ipc": 2})
+    data = centre_bundles.seal_for(c1, syn, ["C2"], label="ipc1", extra={"row": "ipc1", "part": "patch", "ipc": 2})
     lie = {"bundles": [{"name": "x", "row": "C9-full", "source": "C9", "mode": "full", "ipc": None,
                         "part": "patch", "train_total": 10**6}], "epochs": 1, "baseline": False, "nonce": NONCE}
     node = _node(c2)
@@ -138,9 +138,9 @@ def test_encrypted_centre_keys_unlock_from_the_node_config_source(tmp_path, monk
 
     assert "HISTODD_TEST_PW" not in os.environ  # gone once the keys were unlocked (issue 24 item 7)
     monkeypatch.delenv("HISTODD_TEST_PW", raising=False)
-    from histodd_fed.federation import local_work
+    from histodd_fed.federation import centre_identity
 
-    local_work._IDENTITIES.clear()
+    centre_identity._IDENTITIES.clear()
     rep = node.handle("identity", Envelope(body={"prepare": False, "nonce": NONCE}))
     assert rep.body["ok"] is False and rep.body["error_code"] == "KeyFileError" and str(tmp_path) not in rep.body["error"]
 
@@ -216,13 +216,13 @@ def test_attack_recipient_reads_real_slide_ids_from_a_per_slide_bundle(tmp_path,
     allows them (export-slide-ids), a bundle carries per-bundle random pseudonyms."""
     from histodd_fed.bundle import Ledger, load_identity, open_bundle
     from histodd_fed.bundle.trust import TrustStore
-    from histodd_fed.federation import local_work
+    from histodd_fed.federation import centre_bundles
     from histodd_fed.federation.centre import CentreConfig
 
     cfgs, _ = _centres(tmp_path)
     c1, c2 = cfgs
     nc = dict(c1.to_node_config(), **({"export-slide-ids": "true"} if allow else {}))
-    data = local_work.seal_for(CentreConfig.from_node_config(nc), _per_slide_set(), ["C2"], label="ipc1-slides")
+    data = centre_bundles.seal_for(CentreConfig.from_node_config(nc), _per_slide_set(), ["C2"], label="ipc1-slides")
     got = open_bundle(data, load_identity(c2.key_dir), TrustStore.load(c2.key_dir), Ledger.in_key_dir(c2.key_dir))
     ps = got.patchset
     real_ids, real_init = {"MRN-4471234", "MRN-5550001"}, [17, 4242, 90210, 31337]
@@ -253,7 +253,7 @@ def test_attack_request_override_ties_up_the_hospital(tmp_path, action):
     the centre's policy and an out-of-range one refuses the request before any work."""
     import numpy as np
 
-    from histodd_fed.federation import local_work
+    from histodd_fed.federation import centre_bundles
     from histodd_fed.patchset import PatchSet
 
     cfgs, _ = _centres(tmp_path)
@@ -264,8 +264,8 @@ def test_attack_request_override_ties_up_the_hospital(tmp_path, action):
             {"name": "v1", "kind": "variant", "ipc": 1, "overrides": {"outer_steps": 10**12}}]}
         blobs = {}
     else:
-        data = local_work.seal_for(c1, PatchSet.load(c1.data).subset(np.arange(4), kind="synthetic"), ["C2"],
-                                   label="ipc1", extra={"row": "ipc1", "part": "patch", "ipc": 2})
+        data = centre_bundles.seal_for(c1, PatchSet.load(c1.data).subset(np.arange(4), kind="synthetic"), ["C2"],
+                                       label="ipc1", extra={"row": "ipc1", "part": "patch", "ipc": 2})
         node = _node(c2)
         body = {"bundles": [{"name": "x", "row": "ipc1", "part": "patch"}], "epochs": 10**12, "baseline": False}
         blobs = {"x": data}

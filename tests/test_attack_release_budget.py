@@ -257,7 +257,7 @@ def centre(tmp_path, monkeypatch):
     """C1 and C2 enrolled; C1's preparation, distillation and gate replaced by fakes (these tests
     attack the policy, not Histo-DD): a request's (ipc, seed) fixes the set's content, and
     ``dp_by_ipc`` makes some of them DP."""
-    from histodd_fed.federation import local_work
+    from histodd_fed.federation import centre_data, distil_cache, privacy_reports
     from histodd_fed.federation.enrol import enrol
 
     data = {c: tmp_path / "data" / c for c in ("C1", "C2")}
@@ -279,11 +279,11 @@ def centre(tmp_path, monkeypatch):
     def distil_cached(cfg, preset, prepared, *, ipc, seed, per_slide=False, extra_overrides=None):
         calls.append((ipc, seed))
         ps = _set(1000 * ipc + seed, dp=dp_by_ipc.get(ipc), seed=seed, n=2 * ipc)
-        return local_work.DistilResult(ps, f"{ipc}-{seed}", False, 0.0)
+        return distil_cache.DistilResult(ps, f"{ipc}-{seed}", False, 0.0)
 
-    monkeypatch.setattr(local_work, "prepare", lambda cfg, preset: FakePrepared())
-    monkeypatch.setattr(local_work, "distil_cached", distil_cached)
-    monkeypatch.setattr(local_work, "gate_report", lambda ps, prepared: (False, {"gate": {"passed": True}}, "ok"))
+    monkeypatch.setattr(centre_data, "prepare", lambda cfg, preset: FakePrepared())
+    monkeypatch.setattr(distil_cache, "distil_cached", distil_cached)
+    monkeypatch.setattr(privacy_reports, "gate_report", lambda ps, prepared: (False, {"gate": {"passed": True}}, "ok"))
     return cfgs, calls, dp_by_ipc
 
 

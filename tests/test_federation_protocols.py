@@ -84,7 +84,7 @@ def _fake_training(monkeypatch):
     import numpy as np
 
     from histodd_fed import training
-    from histodd_fed.federation import local_work
+    from histodd_fed.federation import centre_data, fine_tuning
 
     calls = []
 
@@ -98,38 +98,38 @@ def _fake_training(monkeypatch):
 
     monkeypatch.setattr(training, "fine_tune", fine_tune)
     monkeypatch.setattr(training, "load_model", lambda d: Model())
-    monkeypatch.setattr(local_work, "patch_metrics", lambda m, t: {
+    monkeypatch.setattr(fine_tuning, "patch_metrics", lambda m, t: {
         "patch_accuracy": 0.9, "patch_balanced_accuracy": 0.6 + 0.1 * (m.seed or 0), "patch_auc": 0.9})
     own = PatchSet(images=np.zeros((30, 4, 4, 3), np.uint8), labels=np.array([0] * 27 + [1] * 3),
                    class_names=["normal", "tumour"])
     rec = PatchSet(images=np.full((20, 4, 4, 3), 7, np.uint8), labels=np.repeat([0, 1], 10),
                    class_names=["normal", "tumour"])
-    prepared = local_work.Prepared(None, own, own, None, False, "h" * 16, {})
+    prepared = centre_data.Prepared(None, own, own, None, False, "h" * 16, {})
     return calls, prepared, rec
 
 
 def test_sequential_received_phase_min_steps_and_replay(monkeypatch):
-    from histodd_fed.federation import local_work
+    from histodd_fed.federation import fine_tuning
 
     calls, prepared, rec = _fake_training(monkeypatch)
-    assert local_work.steps_per_epoch(20, 32) == 1 and local_work.steps_per_epoch(600, 32) == 19
-    assert local_work.steps_per_epoch(33, 32) == 1 and local_work.steps_per_epoch(0, 32) == 0
+    assert fine_tuning.steps_per_epoch(20, 32) == 1 and fine_tuning.steps_per_epoch(600, 32) == 19
+    assert fine_tuning.steps_per_epoch(33, 32) == 1 and fine_tuning.steps_per_epoch(0, 32) == 0
     base = get_preset("cpu", sequential_min_steps=0, sequential_replay=0.0).for_protocol("sequential")
     # as before issue 12 section 4: received alone for the row's epochs at 10x lr, then own data only
-    local_work._fine_tune_classifier(prepared, base, rec, epochs=5, seed=0)
+    fine_tuning._fine_tune_classifier(prepared, base, rec, epochs=5, seed=0)
     assert [(c["n"], c["epochs"], c["received"]) for c in calls] == [(20, 5, 20), (54, 5, 0)]
     assert calls[0]["lr"] == pytest.approx(10 * calls[1]["lr"])
     calls.clear()
     assert (get_preset("cpu").sequential_min_steps, get_preset("cpu").sequential_replay) == (25, 0.25)  # the demo's
     p = get_preset("cpu", sequential_min_steps=50, sequential_replay=0.25).for_protocol("sequential")
-    _, info = local_work._fine_tune_classifier(prepared, p, rec, epochs=5, seed=0)
+    _, info = fine_tuning._fine_tune_classifier(prepared, p, rec, epochs=5, seed=0)
     assert calls[0]["epochs"] == 50 and info["received_epochs"] == 50      # 20 images: one step an epoch
     own_phase = calls[1]
     assert own_phase["n"] == 54 + 18 and own_phase["received"] == 18      # received replayed at 25%
     # a big received set already takes more steps than the minimum: epochs unchanged
-    assert local_work.received_phase_epochs(600, 5, p) == 5 and local_work.received_phase_epochs(20, 0, p) == 0
+    assert fine_tuning.received_phase_epochs(600, 5, p) == 5 and fine_tuning.received_phase_epochs(20, 0, p) == 0
     calls.clear()
-    local_work._fine_tune_classifier(prepared, p, None, epochs=5, seed=0)  # no transfer: own phase only
+    fine_tuning._fine_tune_classifier(prepared, p, None, epochs=5, seed=0)  # no transfer: own phase only
     assert [(c["n"], c["received"]) for c in calls] == [(54, 0)]
     assert p.receive_protocol() != base.receive_protocol()
     assert "sequential_replay" not in base.receive_protocol()             # defaults: cache keys as before
@@ -139,18 +139,18 @@ def test_sequential_received_phase_min_steps_and_replay(monkeypatch):
 
 
 def test_fine_tune_seeds_average_the_patch_metrics(monkeypatch):
-    from histodd_fed.federation import local_work
+    from histodd_fed.federation import fine_tuning
 
     calls, prepared, rec = _fake_training(monkeypatch)
     p = get_preset("cpu", fine_tune_seeds=3).for_protocol("union")
-    metrics, info = local_work.fine_tune_and_score(prepared, p, rec, epochs=5, seed=0)
+    metrics, info = fine_tuning.fine_tune_and_score(prepared, p, rec, epochs=5, seed=0)
     assert [c["seed"] for c in calls] == [0, 1, 2]
     assert metrics["patch_balanced_accuracy"] == pytest.approx(0.7)           # mean of 0.6 / 0.7 / 0.8
     assert info["patch_balanced_accuracy_by_seed"] == [0.6, 0.7, 0.8] and info["fine_tune_seeds"] == 3
     calls.clear()
-    metrics, info = local_work.fine_tune_and_score(prepared, replace(p, fine_tune_seeds=1), rec, epochs=5, seed=0)
+    metrics, info = fine_tuning.fine_tune_and_score(prepared, replace(p, fine_tune_seeds=1), rec, epochs=5, seed=0)
     assert len(calls) == 1 and "fine_tune_seeds" not in info
-    assert local_work._own_key(p) != local_work._own_key(get_preset("cpu"))
+    assert fine_tuning._own_key(p) != fine_tuning._own_key(get_preset("cpu"))
 
 
 def test_table_notes_a_longer_received_phase_and_replay():

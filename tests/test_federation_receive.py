@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from histodd_fed.errors import ConfigError
-from histodd_fed.federation.local_work import mixed_training_set, set_stains, stain_normalise_to
+from histodd_fed.federation.fine_tuning import mixed_training_set
+from histodd_fed.federation.stain_mapping import set_stains, stain_normalise_to
 from histodd_fed.federation.presets import get_preset
 from histodd_fed.patchset import PatchSet
 from histodd_fed.stain import macenko

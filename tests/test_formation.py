@@ -118,7 +118,7 @@ def test_check_export_decodes_before_auditing():
 
 
 def test_a_target_centre_trains_on_the_decoded_images_of_a_received_multi_formation_set():
-    from histodd_fed.federation.local_work import prepare_received
+    from histodd_fed.federation.fine_tuning import prepare_received
     from histodd_fed.federation.presets import get_preset
 
     syn = packed(torch.rand(8, 3, 32, 32), np.array([0, 0, 0, 0, 1, 1, 1, 1]), {"view": CROP.to_dict()})

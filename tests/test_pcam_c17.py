@@ -92,7 +92,7 @@ def test_bad_inputs_one_line(centres, tmp_path, args, msg):
 
 # ---------------------------------------------------------------------------- federation side (no training)
 def test_centre_folder_with_train_test_is_its_split(tmp_path, tiny_patchset):
-    from histodd_fed.federation.local_work import load_real_splits
+    from histodd_fed.federation.centre_data import load_real_splits
 
     assert load_real_splits(tmp_path) is None
     tiny_patchset.save(tmp_path / "train")
@@ -135,7 +135,7 @@ def test_benchmark_bad_inputs(tmp_path):
 
 
 def test_reference_normalisation_keeps_relative_darkness(tiny_patchset):
-    from histodd_fed.federation.local_work import normalise_to_reference
+    from histodd_fed.federation.stain_mapping import normalise_to_reference
 
     rng = np.random.default_rng(0)
     base = rng.integers(60, 200, size=(8, 32, 32, 3)).astype(np.uint8)

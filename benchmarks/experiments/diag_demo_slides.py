@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from histodd_fed.federation import local_work  # noqa: E402
+from histodd_fed.federation import centre_data, fine_tuning  # noqa: E402
 from histodd_fed.federation.centre import CentreConfig  # noqa: E402
 from histodd_fed.federation.presets import get_preset  # noqa: E402
 from histodd_fed.training.evaluation import predict_probs  # noqa: E402
@@ -37,8 +37,8 @@ def main(argv: list[str]) -> int:
         preset = get_preset("cpu")
         nodes = {n["centre-id"]: CentreConfig.from_node_config(n) for n in json.loads((root / "nodes.json").read_text())}
         src, tgt = nodes["C1"], nodes["C2"]
-        local_work._threads()
-        p_src, p_tgt = local_work.prepare(src, preset), local_work.prepare(tgt, preset)
+        centre_data.one_thread()
+        p_src, p_tgt = centre_data.prepare(src, preset), centre_data.prepare(tgt, preset)
         test = p_tgt.test
         ids = np.unique(test.slide_index)
         y = np.array([test.slide_labels[test.slide_ids[i]] for i in ids])
@@ -50,8 +50,8 @@ def main(argv: list[str]) -> int:
                 if proto == "sequential" and row == "none":
                     out[f"{proto} {row}"] = out["union none"]   # own data only: the same fine-tune
                     continue
-                r = None if rec is None else local_work.prepare_received(rec, p_tgt, pre)[0]
-                model, _ = local_work._fine_tune_classifier(p_tgt, pre, r, epochs=5, seed=tgt.seed)
+                r = None if rec is None else fine_tuning.prepare_received(rec, p_tgt, pre)[0]
+                model, _ = fine_tuning._fine_tune_classifier(p_tgt, pre, r, epochs=5, seed=tgt.seed)
                 pr = predict_probs(model, test.images, device="cpu")[:, 1]
                 top3 = [np.sort(pr[test.slide_index == i])[-3:].mean() for i in ids]
                 mx = [pr[test.slide_index == i].max() for i in ids]

@@ -1,8 +1,8 @@
 """The demo's slide columns with each slide encoder (preset field ``slide_encoder``), on finished demos.
 
 For each finished ``coordinator demo --out DIR`` (use VALIDATION copies): re-run C2's rows "no transfer",
-ipc 10 and Full through the library path the demo itself runs (``local_work.own_only_fine_tune`` and
-``local_work._fine_tune_opened``: classifier fine-tune, then CLAM via ``local_work.slide_fine_tune``),
+ipc 10 and Full through the library path the demo itself runs (``fine_tuning.own_only_fine_tune`` and
+``fine_tuning._fine_tune_opened``: classifier fine-tune, then CLAM via ``fine_tuning.slide_fine_tune``),
 for every protocol of the preset and every slide encoder asked for, on the sets C1 produced in that run
 (its ipc 10 patch set and per-slide set from its synthetic cache; Full: its prepared train split).
 ``frozen``: CLAM on C2's pre-trained classifier (reproduces the demo's slide columns of a frozen-encoder
@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from histodd_fed.atomic import atomic_write_json  # noqa: E402
-from histodd_fed.federation import local_work  # noqa: E402
+from histodd_fed.federation import centre_data, fine_tuning  # noqa: E402
 from histodd_fed.federation.centre import CentreConfig  # noqa: E402
 from histodd_fed.federation.presets import get_preset  # noqa: E402
 from histodd_fed.patchset import PatchSet  # noqa: E402
@@ -54,22 +54,22 @@ def main(argv: list[str]) -> int:
             encoders = a.split("=", 1)[1].split(",")
         else:
             roots.append(Path(a))
-    local_work._threads()
+    centre_data.one_thread()
     for root in roots:
         nodes = {n["centre-id"]: CentreConfig.from_node_config(n) for n in json.loads((root / "nodes.json").read_text())}
         src, tgt = nodes["C1"], nodes["C2"]
         out: dict = {}
         for enc in encoders:
             preset = get_preset("cpu", slide_encoder=enc)
-            p_src, p_tgt = local_work.prepare(src, preset), local_work.prepare(tgt, preset)
+            p_src, p_tgt = centre_data.prepare(src, preset), centre_data.prepare(tgt, preset)
             sets = {"ipc10": (demo_set(src), per_slide_set(src)), "Full": (p_src.train, p_src.train)}
             # "no transfer": the own-only fine-tune (union's; the same row for both protocols)
-            none = local_work.own_only_fine_tune(p_tgt, preset.for_protocol("union"), epochs=EPOCHS, seed=tgt.seed)
+            none = fine_tuning.own_only_fine_tune(p_tgt, preset.for_protocol("union"), epochs=EPOCHS, seed=tgt.seed)
             for proto in preset.protocols():
                 pre = preset.for_protocol(proto)
                 res = {"none": _short(none)}
                 for row, (patch, slides) in sets.items():
-                    res[row] = _short(local_work._fine_tune_opened(tgt, pre, p_tgt, patch=patch, slides=slides,
+                    res[row] = _short(fine_tuning._fine_tune_opened(tgt, pre, p_tgt, patch=patch, slides=slides,
                                                                     epochs=EPOCHS))
                 out.setdefault(enc, {})[proto] = res
                 print(root.name, enc, proto, json.dumps(res), flush=True)

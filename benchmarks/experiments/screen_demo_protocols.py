@@ -4,7 +4,7 @@ For a finished ``coordinator demo --out DIR`` run (use a VALIDATION copy: a demo
 ``seed``, never the seeds the results report): take the ipc-10 set the source distilled in that run
 (read from the source's synthetic cache: the very set that was sent) and the source's
 train split (Full), and fine-tune the target's pre-trained classifier with every protocol variant and
-every fine-tuning seed (``local_work._fine_tune_classifier``, seeds ``demo seed + k``); patch balanced
+every fine-tuning seed (``fine_tuning._fine_tune_classifier``, seeds ``demo seed + k``); patch balanced
 accuracy / AUC on the target's test split, next to "no transfer" (own data only, one computation for
 all variants: no variant changes the own-only fine-tune).
 
@@ -30,7 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from histodd_fed.federation import local_work  # noqa: E402
+from histodd_fed.federation import centre_data, distil_cache, fine_tuning  # noqa: E402
 from histodd_fed.federation.centre import CentreConfig  # noqa: E402
 from histodd_fed.federation.presets import get_preset  # noqa: E402
 from histodd_fed.patchset import PatchSet  # noqa: E402
@@ -81,19 +81,19 @@ def main(argv: list[str]) -> int:
     preset = get_preset(opts.get("preset", "cpu"))
     nodes = {n["centre-id"]: CentreConfig.from_node_config(n) for n in json.loads((root / "nodes.json").read_text())}
     src, tgt = nodes["C1"], nodes["C2"]
-    local_work._threads()
-    p_src, p_tgt = local_work.prepare(src, preset), local_work.prepare(tgt, preset)
+    centre_data.one_thread()
+    p_src, p_tgt = centre_data.prepare(src, preset), centre_data.prepare(tgt, preset)
     epochs = preset.fine_tune_epochs
-    ipc10 = demo_set(src) or local_work.distil_cached(src, preset, p_src, ipc=10, seed=src.seed).patchset
+    ipc10 = demo_set(src) or distil_cache.distil_cached(src, preset, p_src, ipc=10, seed=src.seed).patchset
     results: list[dict] = []
 
     def score(variant: str, row: str, pre, received, epochs: int = epochs) -> list[float]:
-        rec = None if received is None else local_work.prepare_received(received, p_tgt, pre)[0]
+        rec = None if received is None else fine_tuning.prepare_received(received, p_tgt, pre)[0]
         accs = []
         for k in range(n_seeds):
             t0 = time.perf_counter()
-            model, info = local_work._fine_tune_classifier(p_tgt, pre, rec, epochs=epochs, seed=tgt.seed + k)
-            m = local_work.patch_metrics(model, p_tgt.test)
+            model, info = fine_tuning._fine_tune_classifier(p_tgt, pre, rec, epochs=epochs, seed=tgt.seed + k)
+            m = centre_data.patch_metrics(model, p_tgt.test)
             r = {"variant": variant, "row": row, "ft_seed": tgt.seed + k, "epochs": epochs,
                  "bal_acc": round(m["patch_balanced_accuracy"], 4), "auc": round(m["patch_auc"], 4),
                  "received_s": info.get("received_train_seconds"), "received_epochs": info.get("received_epochs"),

@@ -2,9 +2,9 @@
 
 For a finished ``coordinator demo --out DIR`` run (use a VALIDATION copy: a demo config with another
 ``seed``, never the seeds the results report): distil the source's prepared train split with each
-recipe (``local_work.distil_cached``, cached in the source's work dir), run the source's export gate
-(``local_work.gate_report``), and for every recipe fine-tune the target's pre-trained classifier by
-each protocol (``union``, ``sequential``; ``local_work._fine_tune_classifier``) and report patch
+recipe (``distil_cache.distil_cached``, cached in the source's work dir), run the source's export gate
+(``privacy_reports.gate_report``), and for every recipe fine-tune the target's pre-trained classifier by
+each protocol (``union``, ``sequential``; ``fine_tuning._fine_tune_classifier``) and report patch
 balanced accuracy / AUC on the target's test split, next to "no transfer" (own data only) and Full
 (the source's train split). A blocked recipe is still scored (marked), to see what the gate costs.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from histodd_fed.federation import local_work  # noqa: E402
+from histodd_fed.federation import centre_data, distil_cache, fine_tuning, privacy_reports  # noqa: E402
 from histodd_fed.federation.centre import CentreConfig  # noqa: E402
 from histodd_fed.federation.presets import get_preset  # noqa: E402
 
@@ -53,8 +53,8 @@ def main(argv: list[str]) -> int:
     preset = get_preset(preset_name)
     nodes = {n["centre-id"]: CentreConfig.from_node_config(n) for n in json.loads((root / "nodes.json").read_text())}
     src, tgt = nodes["C1"], nodes["C2"]
-    local_work._threads()
-    p_src, p_tgt = local_work.prepare(src, preset), local_work.prepare(tgt, preset)
+    centre_data.one_thread()
+    p_src, p_tgt = centre_data.prepare(src, preset), centre_data.prepare(tgt, preset)
     epochs = preset.fine_tune_epochs
     results: list[dict] = []
 
@@ -62,9 +62,9 @@ def main(argv: list[str]) -> int:
         for proto in ("union", "sequential"):
             t0 = time.perf_counter()
             pre = replace(preset, fine_tune_protocol=proto, also_protocols=())
-            rec = None if received is None else local_work.prepare_received(received, p_tgt, pre)[0]
-            model, info = local_work._fine_tune_classifier(p_tgt, pre, rec, epochs=epochs, seed=tgt.seed)
-            m = local_work.patch_metrics(model, p_tgt.test)
+            rec = None if received is None else fine_tuning.prepare_received(received, p_tgt, pre)[0]
+            model, info = fine_tuning._fine_tune_classifier(p_tgt, pre, rec, epochs=epochs, seed=tgt.seed)
+            m = centre_data.patch_metrics(model, p_tgt.test)
             row = {"recipe": name, "protocol": proto, "blocked": blocked, **extra,
                    "bal_acc": round(m["patch_balanced_accuracy"], 4), "auc": round(m["patch_auc"], 4),
                    "received_s": info.get("received_train_seconds"), "s": round(time.perf_counter() - t0, 1)}
@@ -89,8 +89,8 @@ def main(argv: list[str]) -> int:
         pre = preset if config is None else replace(preset, distill_config=config, distill_overrides=())
         pre = replace(pre, distill_overrides=tuple({**dict(pre.distill_overrides), **overrides}.items()))
         t0 = time.perf_counter()
-        res = local_work.distil_cached(src, pre, p_src, ipc=10, seed=src.seed)
-        blocked, report, msg = local_work.gate_report(res.patchset, p_src)
+        res = distil_cache.distil_cached(src, pre, p_src, ipc=10, seed=src.seed)
+        blocked, report, msg = privacy_reports.gate_report(res.patchset, p_src)
         score(name, res.patchset, blocked, {"distil_s": res.seconds, "gate": msg[:160],
                                             "screen_s": round(time.perf_counter() - t0, 1)})
     (root / "screen-transfer.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -6,7 +6,7 @@
   and concentration level from its five tiles, per-patch jitter drawn from the spread across those
   tiles); ``target_train_per_class`` labelled patches per class in ``DIR/C2/train``, the rest in
   ``DIR/C2/test``. A centre folder with ``train/`` and ``test/`` patch sets is read as that split by
-  the federation (:func:`histodd_fed.federation.local_work.load_real_splits`).
+  the federation (:func:`histodd_fed.federation.centre_data.load_real_splits`).
 
 C1 and C2 are patch-disjoint by construction (PCam ``train`` vs ``valid``); every patch keeps its
 PCam file name in ``meta["files"]``. ``DIR/manifest.json`` records counts, both stain profiles and

@@ -62,7 +62,7 @@ def check_centres(centres: Path, benchmark: str) -> dict[str, Any]:
 
 def _augmentation_with_stain(preset_name: str) -> str:
     from histodd_fed.distill.config import DistillConfig
-    from histodd_fed.federation.local_work import _distill_config_path
+    from histodd_fed.federation.distil_cache import _distill_config_path
     from histodd_fed.federation.presets import get_preset
 
     p = get_preset(preset_name)

@@ -126,10 +126,10 @@ class CentreNode:
         nonce = request.body.get("nonce")
         if not nonce:
             return
-        from histodd_fed.federation import local_work
+        from histodd_fed.federation.centre_identity import load_or_create_identity
 
         try:
-            ident = local_work.load_or_create_identity(self.config)
+            ident = load_or_create_identity(self.config)
         except HistoddError as exc:  # cannot prove anything: the coordinator will refuse the reply
             log.warning("%s: cannot sign the %s reply: %s", self.config.centre_id, action, exc)
             return
@@ -140,23 +140,24 @@ class CentreNode:
 
     # ------------------------------------------------------------------ actions
     def identity(self, request: Envelope) -> Envelope:
-        from histodd_fed.federation import local_work
+        from histodd_fed.federation import centre_data
+        from histodd_fed.federation.centre_identity import load_or_create_identity
 
         nonce = str(request.body.get("nonce", ""))
         if len(nonce) < 32:
             raise ProtocolError("identity request lacks a fresh nonce (at least 128 bits)")
-        ident = local_work.load_or_create_identity(self.config)
+        ident = load_or_create_identity(self.config)
         body: dict[str, Any] = {"identity": ident.public.to_dict(), "preset": self.preset.name,
                                 "export_policy": self.config.policy.summary()}
         if request.body.get("prepare", True):
-            prepared = local_work.prepare(self.config, self.preset)
+            prepared = centre_data.prepare(self.config, self.preset)
             body.update(prepared.summary())
         return Envelope(body=body)
 
     def distil(self, request: Envelope) -> Envelope:
         from histodd_fed.bundle.releases import ReleaseBudgetError
         from histodd_fed.bundle.trust import TrustStore
-        from histodd_fed.federation import local_work, slide_level
+        from histodd_fed.federation import centre_bundles, centre_data, distil_cache, privacy_reports, slide_level
 
         raw = request.require("recipients")
         if not isinstance(raw, list):
@@ -175,7 +176,7 @@ class CentreNode:
             if isinstance(e, dict) and e.get("overrides"):
                 policy.check_overrides(self.config.centre_id, e["overrides"])
         seed = policy.pick_seed(self.config.centre_id, request.body.get("seed"), self.config.seed)
-        prepared = local_work.prepare(self.config, self.preset)
+        prepared = centre_data.prepare(self.config, self.preset)
         with_slides = slide_level.has_slides(prepared.train)
         blobs: dict[str, bytes] = {}
         items: list[dict[str, Any]] = []
@@ -183,15 +184,15 @@ class CentreNode:
         for ipc in ipcs:
             parts = [("patch", f"ipc{ipc}", False)] + ([("slides", f"ipc{ipc}-slides", True)] if with_slides else [])
             for part, name, per_slide in parts:
-                res = local_work.distil_cached(self.config, self.preset, prepared, ipc=ipc, seed=seed,
-                                               per_slide=per_slide)
+                res = distil_cache.distil_cached(self.config, self.preset, prepared, ipc=ipc, seed=seed,
+                                                 per_slide=per_slide)
                 item = {"name": name, "row": f"ipc{ipc}", "part": part, "ipc": ipc, "mode": "synthetic",
                         "images": len(res.patchset), "config_hash": res.config_hash, "cached": res.cached,
                         "distil_seconds": res.seconds}
                 extra = {"row": f"ipc{ipc}", "part": part, "ipc": ipc, **decided}
                 if per_slide:
                     item["m_per_slide"] = extra["m_per_slide"] = self.preset.slide_ipc
-                blocked, report, message = local_work.gate_report(res.patchset, prepared)
+                blocked, report, message = privacy_reports.gate_report(res.patchset, prepared)
                 item["privacy"] = report.get("gate", {})
                 if blocked and policy.gate:  # never sealed, never sent; the coordinator reports it
                     items.append(dict(item, blocked=True, error=scrub(message, self.config), bytes=0))
@@ -200,8 +201,8 @@ class CentreNode:
                     report = dict(report, accepted_risk=True,
                                   accepted_by=f"centre {self.config.centre_id} policy export-gate=off")
                 try:  # the release budget (per recipient, the centre's release ledger) decides last
-                    data = local_work.seal_for(self.config, res.patchset, recipients, label=name,
-                                               privacy_report=report, extra=extra, seed=seed)
+                    data = centre_bundles.seal_for(self.config, res.patchset, recipients, label=name,
+                                                   privacy_report=report, extra=extra, seed=seed)
                 except ReleaseBudgetError as exc:
                     items.append(dict(item, blocked=True, budget=True, error=scrub(str(exc), self.config), bytes=0))
                     continue
@@ -214,7 +215,7 @@ class CentreNode:
             items += more
             blobs.update({k: self.faults.on_bundle(v) for k, v in more_blobs.items()})
         if full:
-            report = dict(local_work.full_privacy_report(prepared),
+            report = dict(privacy_reports.full_privacy_report(prepared),
                           accepted_by=f"centre {self.config.centre_id} policy export-real=true")
             total = prepared.summary()["n_train_total"]
             item = {"name": "full", "row": "full", "part": "both", "ipc": None, "mode": "full",
@@ -222,9 +223,9 @@ class CentreNode:
                     "config_hash": prepared.config_hash, "cached": True, "distil_seconds": 0.0,
                     "privacy": report.get("gate", {})}
             try:
-                data = local_work.seal_for(self.config, prepared.train, recipients, label="full",
-                                           privacy_report=report,
-                                           extra={"row": "full", "part": "both", "train_total": total, **decided})
+                data = centre_bundles.seal_for(self.config, prepared.train, recipients, label="full",
+                                               privacy_report=report,
+                                               extra={"row": "full", "part": "both", "train_total": total, **decided})
             except ReleaseBudgetError as exc:
                 items.append(dict(item, blocked=True, budget=True, error=scrub(str(exc), self.config), bytes=0))
             else:
@@ -239,14 +240,14 @@ class CentreNode:
         are read from what the bundles' signers sealed, and a listing that disagrees with them is
         refused for that row.
         """
-        from histodd_fed.federation import local_work
+        from histodd_fed.federation import centre_data, fine_tuning
 
         epochs = self.config.policy.check_epochs(self.config.centre_id,
                                                  request.body.get("epochs", self.preset.fine_tune_epochs))
-        prepared = local_work.prepare(self.config, self.preset)
+        prepared = centre_data.prepare(self.config, self.preset)
         rows: list[dict[str, Any]] = []
         if request.body.get("baseline", True):  # one "no transfer" row per reported protocol
-            rows.extend(local_work.evaluate_baseline(self.config, self.preset.for_protocol(p), prepared)
+            rows.extend(fine_tuning.evaluate_baseline(self.config, self.preset.for_protocol(p), prepared)
                         for p in self.preset.protocols())
         groups: dict[str, list[dict[str, Any]]] = {}
         for item in request.body.get("bundles", []):
@@ -261,8 +262,8 @@ class CentreNode:
             patch = by_part.get("patch", by_part.get("both"))
             slides = by_part.get("slides", by_part.get("both"))
             try:
-                res = local_work.fine_tune_on_bundles(self.config, self.preset, prepared, patch=patch,
-                                                      slides=slides, epochs=epochs)
+                res = fine_tuning.fine_tune_on_bundles(self.config, self.preset, prepared, patch=patch,
+                                                       slides=slides, epochs=epochs)
                 labels = _labels_from_manifests(res.get("received_from") or [], patch, slides)
                 others = res.pop("by_protocol", None) or {}
                 rows.append({**row, **res, **labels, "ok": True})

@@ -50,7 +50,7 @@ def distil_extras(node, extras: list[Any], prepared, recipients: list[str], seed
                   decided: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
     """Build, gate (or policy-check) and seal each extra set: (announced items, sealed blobs)."""
     from histodd_fed.bundle.releases import ReleaseBudgetError
-    from histodd_fed.federation import local_work
+    from histodd_fed.federation import centre_bundles, distil_cache, privacy_reports
 
     if not isinstance(extras, list):
         raise ProtocolError("distil: 'extras' must be a list")
@@ -74,16 +74,17 @@ def distil_extras(node, extras: list[Any], prepared, recipients: list[str], seed
                 items.append(dict(item, blocked=True, bytes=0,
                                   error=f"{cfg.centre_id}: export policy refuses real patches (export-real is off)"))
                 continue
-            res = local_work.coreset_cached(cfg, preset, prepared, method=e["method"], ipc=ipc, seed=seed)
-            report = dict(local_work.full_privacy_report(prepared),
+            res = distil_cache.coreset_cached(cfg, preset, prepared, method=e["method"], ipc=ipc, seed=seed)
+            report = dict(privacy_reports.full_privacy_report(prepared),
                           reasons=[f"{e['method']} coreset: {len(res.patchset)} of the source's real train patches"],
                           accepted_by=f"centre {cfg.centre_id} policy export-real=true")
             extra.update(real_patches=True, method=e["method"])
         else:
-            res = local_work.distil_cached(cfg, preset, prepared, ipc=ipc, seed=seed, extra_overrides=e["overrides"])
+            res = distil_cache.distil_cached(cfg, preset, prepared, ipc=ipc, seed=seed,
+                                             extra_overrides=e["overrides"])
             item = {"name": name, "row": name, "part": "patch", "ipc": ipc, "mode": "synthetic",
                     "variant": e["overrides"]}
-            blocked, report, message = local_work.gate_report(res.patchset, prepared)
+            blocked, report, message = privacy_reports.gate_report(res.patchset, prepared)
             item["privacy"] = report.get("gate", {})
             if blocked and getattr(policy, "gate", True):
                 items.append(dict(item, blocked=True, bytes=0, error=message))
@@ -92,8 +93,8 @@ def distil_extras(node, extras: list[Any], prepared, recipients: list[str], seed
         item.update(images=len(res.patchset), config_hash=res.config_hash, cached=res.cached,
                     distil_seconds=res.seconds)
         try:  # the centre's release budget (per recipient) decides last
-            data = local_work.seal_for(cfg, res.patchset, recipients, label=name, privacy_report=report, extra=extra,
-                                       seed=seed)
+            data = centre_bundles.seal_for(cfg, res.patchset, recipients, label=name, privacy_report=report,
+                                           extra=extra, seed=seed)
         except ReleaseBudgetError as exc:
             items.append(dict(item, blocked=True, budget=True, bytes=0, error=str(exc)))
             continue

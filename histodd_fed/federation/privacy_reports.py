@@ -1,0 +1,34 @@
+"""The privacy report sealed into a bundle's manifest: the export gate's decision on a synthetic
+set (:func:`gate_report`), or the risk-accepted report of a set of real patches (:func:`full_privacy_report`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from histodd_fed.federation.centre_data import Prepared, one_thread
+from histodd_fed.patchset import PatchSet
+
+
+def gate_report(ps: PatchSet, prepared: Prepared) -> tuple[bool, dict[str, Any], str]:
+    """Run the export gate on ``ps`` against this centre's real train patches.
+
+    Returns ``(blocked, privacy_report, message)``; the report is what gets sealed into the
+    manifest. Nothing is raised for a blocked set: the caller reports it and does not send it.
+    """
+    from histodd_fed.privacy.gate import check_export
+
+    one_thread()
+    decision = check_export(synthetic=ps, real=prepared.train, accept_risk=False, require_audit=True,
+                            raise_on_block=False)
+    summary = decision.to_dict()
+    return decision.blocked, summary, decision.message()
+
+
+def full_privacy_report(prepared: Prepared) -> dict[str, Any]:
+    """Privacy report for the "Full" comparison: real patches, risk accepted by definition."""
+    from histodd_fed.privacy.gate import GateDecision
+
+    reason = "Full comparison: the source's real train patches (real data by definition)"
+    return GateDecision(passed=False, accepted_risk=True, reasons=[reason],
+                        summary={"audited": False, "kind": "real", "n_real": len(prepared.train)},
+                        audited=False, override_requested=True).to_dict()
