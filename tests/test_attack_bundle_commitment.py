@@ -25,7 +25,8 @@ from histodd_fed.bundle import (NO_LEDGER, KeyCommitmentError, Ledger, TrustStor
                                 inspect, open_bundle, seal, verify)
 from histodd_fed.bundle.format import BundleSource, key_commitment, parse_header
 from histodd_fed.bundle.hostile import forge_split_key_bundle, gcm_two_key_ciphertext
-from histodd_fed.bundle.seal import MANIFEST_AAD, MANIFEST_NONCE, _unwrap_key
+from histodd_fed.bundle.format import MANIFEST_AAD, MANIFEST_NONCE
+from histodd_fed.bundle.seal import _unwrap_key
 from histodd_fed.patchset import PatchSet
 
 runner = CliRunner()

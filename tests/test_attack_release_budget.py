@@ -212,7 +212,7 @@ def test_attack_sender_manifest_dp_that_contradicts_its_config(tmp_path, monkeyp
     a, b = generate_identity("C1", tmp_path / "a"), generate_identity("C2", tmp_path / "b")
     store = TrustStore.load(tmp_path / "b")
     store.add(a.public)
-    real = seal_mod._manifest
+    real = seal_mod.build_manifest
 
     def lying(*args, **kw):
         m = real(*args, **kw)
@@ -220,7 +220,7 @@ def test_attack_sender_manifest_dp_that_contradicts_its_config(tmp_path, monkeyp
         return m
 
     with monkeypatch.context() as mp:
-        mp.setattr(seal_mod, "_manifest", lying)
+        mp.setattr(seal_mod, "build_manifest", lying)
         data = seal(_set(0, dp=4.0), a, [b.public])
     with pytest.raises(SemanticError, match="dp differs"):
         open_bundle(data, b, store, Ledger(tmp_path / "ledger.json"))

@@ -22,12 +22,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from histodd_fed.bundle import (NO_LEDGER, BundleError, DecryptionError, FormatError, NotARecipientError, SemanticError,
                                 SignatureError, TrustStore, generate_identity, open_bundle, seal, verify)
-from histodd_fed.bundle.format import (SIGNATURE_SIZE, TAG_SIZE, BundleSource, canonical_json, chunk_count,
-                                       encode_prefix, parse_header, signed_message)
+from histodd_fed.bundle.format import (CHUNK_AAD, MANIFEST_AAD, MANIFEST_NONCE, SIGNATURE_SIZE, TAG_SIZE, BundleSource,
+                                       canonical_json, chunk_aad, chunk_count, chunk_nonce, encode_prefix, parse_header,
+                                       signed_message)
+from histodd_fed.bundle.manifest import build_manifest
 from histodd_fed.bundle.payload import PayloadPart, payload_parts
-from histodd_fed.bundle.seal import (CHUNK_AAD, MANIFEST_AAD, MANIFEST_NONCE, THREAD_MIN_BYTES,
-                                     _chunks, _manifest, _sealed_header, _unwrap_key, _write_bundle, chunk_aad,
-                                     chunk_nonce)
+from histodd_fed.bundle.seal import _sealed_header, _unwrap_key, _write_bundle
+from histodd_fed.bundle.stream import THREAD_MIN_BYTES, cut_chunks
 from histodd_fed.patchset import PatchSet
 
 
@@ -99,7 +100,7 @@ def _old_write_bundle(out, sender, recipients, manifest, parts, bundle_id, creat
 def _sealed_with(writer, ps: PatchSet, sender, recipient, chunk_size: int, parts=None, edit=None) -> bytes:
     parts = payload_parts(ps) if parts is None else parts
     bid, created = os.urandom(16).hex(), datetime.now(timezone.utc).isoformat(timespec="seconds")
-    m = _manifest(ps, bid, sender, created, parts, None, None)
+    m = build_manifest(ps, bid, sender, created, parts, None, None)
     if edit is not None:
         edit(m)
     buf = io.BytesIO()
@@ -153,12 +154,12 @@ def test_chunks_are_exact_and_zero_copy_inside_pieces():
             lens = [size * 2 - 5, 5, size]
         pieces = [memoryview(rng.bytes(n)) for n in lens]
         whole = b"".join(bytes(p) for p in pieces)
-        blocks = [bytes(b) for b in _chunks(iter(pieces), size)]
+        blocks = [bytes(b) for b in cut_chunks(iter(pieces), size)]
         assert b"".join(blocks) == whole
         assert len(blocks) == chunk_count(len(whole), size), (lens, size)
         assert all(len(b) == size for b in blocks[:-1]) and 0 < len(blocks[-1]) <= size or whole == b""
     big = memoryview(np.arange(4096, dtype=np.uint8))
-    first = next(_chunks(iter([big]), 1024))
+    first = next(cut_chunks(iter([big]), 1024))
     assert first.obj is big.obj  # a block inside one piece is a view, not a copy
 
 

@@ -15,8 +15,9 @@ from histodd_fed.bundle import (BundleError, DecryptionError, Ledger, ManifestHa
                                 generate_identity, open_bundle, seal, verify)
 from histodd_fed.bundle.errors import FormatError, SizeLimitError
 from histodd_fed.bundle.hostile import Mutation, Mutator
+from histodd_fed.bundle.manifest import build_manifest
 from histodd_fed.bundle.payload import payload_parts
-from histodd_fed.bundle.seal import _manifest, _write_bundle
+from histodd_fed.bundle.seal import _write_bundle
 from histodd_fed.patchset import PatchSet
 
 
@@ -159,7 +160,7 @@ def _hostile_sender_bundle(world, edit) -> bytes:
     ps, sender = world["ps"], world["ids"]["C1"]
     parts = payload_parts(ps)
     bid, created = os.urandom(16).hex(), datetime.now(timezone.utc).isoformat(timespec="seconds")
-    m = _manifest(ps, bid, sender, created, parts, None, None)
+    m = build_manifest(ps, bid, sender, created, parts, None, None)
     edit(m)
     buf = io.BytesIO()
     _write_bundle(buf, sender, [world["ids"]["C2"].public], m, parts, bid, created, 256)

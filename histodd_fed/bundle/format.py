@@ -11,7 +11,8 @@
                signature        64 bytes: Ed25519 over DOMAIN || SHA-256(all bytes before it)
 
 This module parses and validates the fixed part (magic, version, header schema, sizes against
-:class:`Limits` and the real length) without any key. Nothing here decrypts.
+:class:`Limits` and the real length) without any key, and names the nonces and associated data of
+the encrypted pieces. Nothing here decrypts.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ SIGNATURE_DOMAIN = b"histodd-bundle/v1/signature\x00"
 WRAP_INFO_DOMAIN = b"histodd-bundle/v1/key-wrap\x00"
 COMMIT_DOMAIN = b"histodd-bundle/v2/key-commitment\x00"
 COMMIT_SIZE = 32
+MANIFEST_AAD = b"histodd-bundle/v1/manifest\x00"   # AES-GCM associated data: prefix || SHA-256(header)
+CHUNK_AAD = b"histodd-bundle/v1/chunk\x00"         # ... || SHA-256(header) || index u64 || last u8
+MANIFEST_NONCE = b"\x00\x00\x00\x01" + bytes(8)     # the manifest's; a chunk's is chunk_nonce(index)
 HEADER_KEYS_V1 = {"format", "bundle_id", "created", "source", "recipients", "algorithms", "chunk_size",
                "num_chunks", "manifest_size", "manifest_ciphertext_size", "payload_size",
                "payload_ciphertext_size"}
@@ -108,6 +112,14 @@ def key_commitment(content_key: bytes, bundle_id: str) -> bytes:
 def chunk_count(payload_size: int, chunk_size: int) -> int:
     """Number of payload chunks: at least one (an empty payload is one empty chunk)."""
     return max(1, math.ceil(payload_size / chunk_size))
+
+
+def chunk_nonce(index: int) -> bytes:
+    return b"\x00\x00\x00\x00" + struct.pack(">Q", index)
+
+
+def chunk_aad(header_sha256: bytes, index: int, last: bool) -> bytes:
+    return CHUNK_AAD + header_sha256 + struct.pack(">QB", index, 1 if last else 0)
 
 
 @dataclass(frozen=True)

@@ -202,12 +202,13 @@ def forge_bundle(ps, sender, recipients, *, bundle_id: str | None = None, create
     from datetime import datetime, timezone
 
     from histodd_fed.bundle.payload import payload_parts
-    from histodd_fed.bundle.seal import _manifest, _write_bundle
+    from histodd_fed.bundle.manifest import build_manifest
+    from histodd_fed.bundle.seal import _write_bundle
 
     parts = payload_parts(ps)
     bid = bundle_id or os.urandom(16).hex()
     created = created or datetime.now(timezone.utc).isoformat(timespec="seconds")
-    m = {**_manifest(ps, bid, sender, created, parts, None, extra), **(manifest_fields or {})}
+    m = {**build_manifest(ps, bid, sender, created, parts, None, extra), **(manifest_fields or {})}
     buf = io.BytesIO()
     _write_bundle(buf, sender, list(recipients), m, parts, bid, created, chunk_size, **writer_kw)
     return buf.getvalue()
@@ -287,16 +288,16 @@ def forge_split_key_bundle(ps, sender, main, other, *, version: int, chunk_size:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     from histodd_fed.bundle.payload import payload_parts
-    from histodd_fed.bundle.seal import (MANIFEST_AAD, MANIFEST_NONCE, _manifest, _sealed_header, chunk_aad,
-                                         chunk_nonce)
-    from histodd_fed.bundle.format import chunk_count
+    from histodd_fed.bundle.format import MANIFEST_AAD, MANIFEST_NONCE, chunk_aad, chunk_count, chunk_nonce
+    from histodd_fed.bundle.manifest import build_manifest
+    from histodd_fed.bundle.seal import _sealed_header
 
     parts = payload_parts(ps)
     payload = b"".join(bytes(piece) for p in parts for piece in p.pieces())
     bid = os.urandom(16).hex()
     from datetime import datetime, timezone
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    manifest_raw = canonical_json(_manifest(ps, bid, sender, created, parts, None, None))
+    manifest_raw = canonical_json(build_manifest(ps, bid, sender, created, parts, None, None))
     k_other = os.urandom(32)
     header_raw, k_main = _sealed_header(sender, [main, other], manifest_raw, len(payload), bid, created,
                                         chunk_size, version, {other.centre_id: k_other})
