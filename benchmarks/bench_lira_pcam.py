@@ -17,7 +17,14 @@ Recipes (``--recipes``, comma-separated, run in order):
 - ``paper``: the paper's gradient matching (``configs/distill-paper.yaml``) on a short CPU schedule
   (``--paper-*`` options; printed and recorded);
 - ``dp``: the preset's DP recipe (dm-dp, ``distill_dp`` section, ``--dp-epsilon``) when
-  ``histodd_fed.distill`` has it; skipped with a message otherwise.
+  ``histodd_fed.distill`` has it; skipped with a message otherwise. ``dp@E`` runs it at epsilon ``E``
+  (``dp@1,dp@8``: several budgets in one run).
+
+The privacy-utility frontier (issue 20) is one command: every row of its table and both panels of its
+plot (accuracy vs LiRA TPR; accuracy vs epsilon) come from this run's records:
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_lira_pcam.py --recipes random,herding,dm,paper,dp@1,dp@8 \
+        --plot docs/img/privacy-frontier.png
 
 Records go to ``--out`` (``benchmarks/results/lira_pcam.json``, merged by recipe name, written after
 each recipe) and a markdown table is printed.
@@ -77,15 +84,22 @@ def build_recipe(name: str, preset, args):
                 f"schedule: {cfg.model} {cfg.model_kwargs}, 32 px, K={cfg.outer_steps} x U={cfg.inner_steps}, pool "
                 f"{cfg.pool_size} x {cfg.pool_epochs} epochs (paper: resnetap10 w64, 64 px, 200 x 100, pool 5 x 5)")
         return _distill_recipe(cfg), note
-    if name == "dp":
+    if name == "dp" or name.startswith("dp@"):
         import inspect
+
+        epsilon = args.dp_epsilon
+        if name.startswith("dp@"):
+            try:
+                epsilon = float(name[3:])
+            except ValueError:
+                raise SystemExit(f"recipe {name!r}: write dp@EPSILON, e.g. dp@1 or dp@8") from None
 
         if "dp" not in inspect.signature(preset.distill_config).parameters or not getattr(preset, "distill_dp", None):
             return None, "skipped: histodd_fed has no DP distillation recipe (preset distill_dp) in this tree"
         try:
             from histodd_fed.distill import dm_dp  # noqa: F401
 
-            cfg = preset.distill_config(dp=True, ipc=args.ipc, dp_epsilon=args.dp_epsilon, device="cpu")
+            cfg = preset.distill_config(dp=True, ipc=args.ipc, dp_epsilon=epsilon, device="cpu")
         except Exception as exc:  # noqa: BLE001 - any failure of the optional recipe is reported and skipped
             return None, f"skipped: DP recipe not usable ({type(exc).__name__}: {exc})"
         note = (f"preset {preset.name} DP recipe (dm-dp), epsilon {cfg.dp_epsilon}, delta {cfg.dp_delta}, init "
@@ -114,6 +128,8 @@ def main() -> None:
     ap.add_argument("--dp-epsilon", type=float, default=1.0)
     ap.add_argument("--arrays", type=Path, default=None, help="also save each recipe's phi arrays (npz) here")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "lira_pcam.json")
+    ap.add_argument("--plot", type=Path, default=None,
+                    help="write the frontier figure (benchmarks/plot_privacy_frontier.py) from --out's records")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -121,7 +137,6 @@ def main() -> None:
     from histodd_fed.preprocess import apply_view
     from histodd_fed.preset import load_preset
     from histodd_fed.privacy.lira import DEFAULT_TRAIN_SPEC, run_lira
-    from histodd_fed.privacy.membership import roc_curve
 
     if not (DATA / "train").is_dir():
         raise SystemExit(f"{DATA}: PCam (pcam-ai4all) absent")
@@ -164,13 +179,16 @@ def main() -> None:
         in_set = None
         if "source_indices" in target.meta:
             held = np.asarray(target.meta["source_indices"], dtype=np.int64)       # rows of ``members``
-            fpr, _, thr = roc_curve(res.scores, res.is_member)
-            cut = thr[np.flatnonzero(fpr <= 0.01 + 1e-12).max()]
-            in_set = {"members_in_set": int(len(held)),
-                      "found_at_1pct_fpr": int((res.scores[:res.members][held] >= cut).sum()) if np.isfinite(cut) else 0}
+            in_set = {"members_in_set": int(len(held)), "found_at_1pct_fpr": res.found_among(held, 0.01),
+                      "found_at_0.1pct_fpr": res.found_among(held, 0.001)}
         rec = {"recipe": name, "description": note, "auc": round(res.auc, 4),
                "tpr_at_1pct_fpr": round(res.tpr_at_fpr["0.01"], 4), "tpr_at_0.1pct_fpr": round(res.tpr_at_fpr["0.001"], 4),
                "offline_auc": round(res.offline["auc"], 4),
+               "set_auc": round(res.set_online["auc"], 4),
+               "set_tpr_at_1pct_fpr": round(res.set_online["tpr_at_fpr"]["0.01"], 4),
+               "set_tpr_at_0.1pct_fpr": round(res.set_online["tpr_at_fpr"]["0.001"], 4),
+               "set_offline_auc": round(res.set_offline["auc"], 4),
+               "set_offline_tpr_at_1pct_fpr": round(res.set_offline["tpr_at_fpr"]["0.01"], 4),
                "global_threshold_auc": round(res.baseline["auc"], 4),
                "global_threshold_tpr_at_1pct_fpr": round(res.baseline["tpr_at_fpr"]["0.01"], 4),
                "target_valid_accuracy": round(acc, 4), "target_set_size": len(target), "coreset_members": in_set,
@@ -180,7 +198,8 @@ def main() -> None:
                "pool": len(pool), "variance": res.summary()["variance"], "seconds": round(secs, 1),
                "seconds_target_set": round(t_target, 1),
                "seconds_parts": {k: round(v, 1) for k, v in res.seconds.items()}, "seed": args.seed,
-               "train_spec": res.train_spec, "threads": args.threads, "recipe_config": make_set.to_dict()}
+               "train_spec": res.train_spec, "threads": args.threads, "recipe_config": make_set.to_dict(),
+               "dp_epsilon": (target.meta.get("dp") or {}).get("epsilon")}
         records[name] = rec
         if args.arrays is not None:
             args.arrays.mkdir(parents=True, exist_ok=True)
@@ -188,8 +207,8 @@ def main() -> None:
                                 keep=res.keep, is_member=res.is_member)
         print(f"{name}: AUC {rec['auc']:.3f}, TPR@1% {rec['tpr_at_1pct_fpr']:.3f}, TPR@0.1% "
               f"{rec['tpr_at_0.1pct_fpr']:.3f} (global threshold AUC {rec['global_threshold_auc']:.3f}), valid acc "
-              f"{acc:.3f}, {secs:.0f}s" + (f"; {in_set['found_at_1pct_fpr']} of the {in_set['members_in_set']} members "
-                                           f"in the set found at 1% FPR" if in_set else ""), flush=True)
+              f"{acc:.3f}, {secs:.0f}s" + (f"; of the {in_set['members_in_set']} members in the set, found at 1% FPR: "
+                                           f"{in_set['found_at_1pct_fpr']}" if in_set else ""), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         doc = {"benchmark": "benchmarks/bench_lira_pcam.py", "design": (
             "pool of PCam train patches (pcam view), random half = members; target = recipe(members); shadows = "
@@ -199,12 +218,23 @@ def main() -> None:
         tmp.write_text(json.dumps(doc, indent=1) + "\n")
         tmp.replace(args.out)
     print()
-    print("| recipe | AUC | TPR @ 1% FPR | TPR @ 0.1% FPR | global-threshold AUC | target valid acc | shadows | pool | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| recipe | model: AUC | TPR @ 1% | TPR @ 0.1% | set images: AUC | TPR @ 1% | TPR @ 0.1% | set members found "
+          "@ 1% (model / set images) | target valid acc | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in records.values():
+        cm = r.get("coreset_members")
+        found = (f"{max(cm['found_at_1pct_fpr'][k] for k in ('online', 'offline', 'global_threshold'))} / "
+                 f"{max(cm['found_at_1pct_fpr'][k] for k in ('set_online', 'set_offline'))} of {cm['members_in_set']}"
+                 if cm and isinstance(cm.get("found_at_1pct_fpr"), dict) else "-")
         print(f"| {r['recipe']} | {r['auc']:.3f} | {r['tpr_at_1pct_fpr']:.3f} | {r['tpr_at_0.1pct_fpr']:.3f} | "
-              f"{r['global_threshold_auc']:.3f} | {r['target_valid_accuracy']:.3f} | {r['shadows']} | {r['pool']} | "
+              f"{r.get('set_auc', float('nan')):.3f} | {r.get('set_tpr_at_1pct_fpr', float('nan')):.3f} | "
+              f"{r.get('set_tpr_at_0.1pct_fpr', float('nan')):.3f} | {found} | {r['target_valid_accuracy']:.3f} | "
               f"{r['seconds']:.0f} |")
+    if args.plot is not None:
+        from plot_privacy_frontier import plot_frontier
+
+        plot_frontier(list(records.values()), args.plot)
+        print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

@@ -100,6 +100,28 @@ def test_a_set_that_is_its_members_is_detected():
     np.testing.assert_allclose(again.scores, res.scores)
 
 
+def test_the_patches_a_small_coreset_holds_are_caught():
+    """Sanity of the issue: a real coreset of the pool - 8 of 64 members - is caught. A model trained on 8
+    noise images is confident on look-alikes too, so the model-based scores miss most of them; LiRA on the
+    released images themselves (distance to the nearest set image) flags every held member at 1% FPR."""
+    from histodd_fed.coreset import build_coreset
+
+    members, non_members = noise_set(64, 1), noise_set(64, 2)
+    core = build_coreset(members, method="random", ipc=4, seed=0)
+    held = np.asarray(core.meta["source_indices"])
+    recipe = recipe_from_set(core)
+    res = run_lira(core, members, non_members, recipe, shadows=4, train_spec=TINY, seed=0, progress=False)
+    found = res.found_among(held, max_fpr=0.01)
+    assert set(found) == {"online", "offline", "global_threshold", "set_online", "set_offline"} and len(held) == 8
+    assert found["set_offline"] == 8, found
+    assert res.set_offline["tpr_at_fpr"]["0.01"] >= 8 / 64 and "auc" in res.summary()["released_set"]
+    # the count is a real threshold: a patch merely near a set image is not found
+    far = np.setdiff1d(np.arange(64), held)
+    assert res.found_among(far, max_fpr=0.01)["set_offline"] <= 1, res.found_among(far)
+    with pytest.raises(InputError, match="member rows"):
+        res.found_among(np.array([64]))
+
+
 def test_a_set_unrelated_to_the_pool_is_at_chance():
     """(b) the released set and every shadow set are noise drawn independently of the pool."""
     members, non_members = noise_set(64, 1), noise_set(64, 2)
@@ -206,6 +228,10 @@ def test_cli_lira_writes_the_promised_keys(stores, monkeypatch, capsys):
     assert len(lira["per_patch"]["score"]) == 60 and lira["shadow_sizes"] == [12] * 4  # ipc 6 x 2 classes
     assert (out / "lira_roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"AUC {lira['auc']:.3f}" in stdout
+    # the second observable: the set's own images (the coreset holds 12 of the 30 members verbatim)
+    rs = lira["released_set"]
+    assert {"auc", "tpr_at_fpr", "offline"} <= set(rs) and f"AUC {rs['auc']:.3f}" in stdout
+    assert "LiRA on the set's images" in (out / "audit.md").read_text()
 
 
 def test_cli_default_attack_is_unchanged(stores, monkeypatch, capsys):

@@ -209,6 +209,10 @@ def _lira_markdown(d: dict) -> str:
     rows = [("LiRA online", d["auc"], d["tpr_at_fpr"]), ("LiRA offline", d["offline"]["auc"], d["offline"]["tpr_at_fpr"]),
             ("global threshold (no shadows)", d["baseline_global_threshold"]["auc"],
              d["baseline_global_threshold"]["tpr_at_fpr"])]
+    if "released_set" in d:
+        rs = d["released_set"]
+        rows += [("LiRA on the set's images, online", rs["auc"], rs["tpr_at_fpr"]),
+                 ("LiRA on the set's images, offline", rs["offline"]["auc"], rs["offline"]["tpr_at_fpr"])]
     lines = ["## LiRA (shadow re-runs of the set's recipe)", "",
              f"Recipe: {d['recipe']['description']}. {d['shadows']} shadows, {d['members']} members vs "
              f"{d['non_members']} non-members (FPR resolution {d['fpr_resolution']:.4f}); variance: {d['variance']}; "
@@ -279,6 +283,10 @@ def _echo_lira(d: dict, recipe) -> None:
     typer.echo(f"LiRA ({d['shadows']} shadows, {d['members']} members vs {d['non_members']} non-members, recipe: "
                f"{recipe.describe()}): AUC {d['auc']:.3f}, TPR {t['0.01']:.3f} at 1% FPR, {t['0.001']:.3f} at 0.1% "
                f"(global threshold AUC {d['baseline_global_threshold']['auc']:.3f})")
+    if "released_set" in d:
+        rs = d["released_set"]
+        typer.echo(f"LiRA on the set's own images: AUC {rs['auc']:.3f}, TPR {rs['tpr_at_fpr']['0.01']:.3f} at 1% FPR, "
+                   f"{rs['tpr_at_fpr']['0.001']:.3f} at 0.1% (offline AUC {rs['offline']['auc']:.3f})")
 
 
 def register(app: typer.Typer) -> None:
