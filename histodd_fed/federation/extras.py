@@ -4,7 +4,7 @@ A distil request may carry ``extras``, a list of
 
 - ``{"name": "herding10", "kind": "coreset", "method": "herding", "ipc": 10}``: a coreset of REAL
   train patches. Real data leaves a centre only under its own explicit policy (node config
-  ``export-real``, :class:`histodd_fed.federation.centre.ExportPolicy`); without it the set is
+  ``export-real``, :class:`histodd_fed.federation.centre_config.ExportPolicy`); without it the set is
   announced ``blocked`` and not sent. Sealed with ``accepted_risk`` and ``real_patches: true`` in
   the manifest (as "Full" is), so the target and the report mark it as real.
 - ``{"name": "ipc10-stain", "kind": "variant", "ipc": 10, "overrides": {...}}``: Histo-DD with
