@@ -65,7 +65,7 @@ if which == "p2":
     rep("public_top10_teacher", ps1)
     rep("public_mix8_teacher", ps2)
 if which == "p3":
-    from histodd_fed.distill.engine import kmeans_anchors
+    from histodd_fed.distill.initialisation import kmeans_anchors
     rng = np.random.default_rng(0)
     X = real.images.astype(np.float32) / 255
     for feat_name in ("rgb", "4x4"):
