@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from histodd_fed.distill import DistillConfig, run_distillation
-from histodd_fed.distill.engine import PrivacyGuard
 from histodd_fed.distill.initialisation import mosaic
+from histodd_fed.distill.privacy_term import PrivacyGuard
 from histodd_fed.errors import ConfigError
 from histodd_fed.preprocess import ViewSpec, apply_view
 from tests.test_distill_run import toy_set
