@@ -7,7 +7,7 @@ holdout: 250 per class of ``pcam-ai4all/valid`` (non-members). Every set is audi
     timeout 900 .venv/bin/python benchmarks/bench_privacy_pcam.py --out runs/privacy-pcam
 
 Writes per-set reports (``audit-NAME/audit.md`` ...), the sets themselves, ``summary.json`` and
-``summary.md`` (the table of docs/results.md), and ``run_config.json``.
+``summary.md`` (the table of docs/notes/2026-11-privacy-audit-pcam.md), and ``run_config.json``.
 """
 
 from __future__ import annotations

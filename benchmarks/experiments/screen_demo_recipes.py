@@ -5,7 +5,7 @@ patches with each named variant (overrides of ``configs/distill-cpu.yaml`` on to
 preset's demo overrides), run the export gate against those patches, train a fresh ConvNet w32 on
 the 20 images (150 epochs, DSA, 2 seeds) and report balanced accuracy / AUC on C2's prepared test
 patches. It reads the demo's test split, so use it to screen candidates only and confirm on fresh
-demo seeds (docs/results.md "Demo recipe A/B").
+demo seeds (docs/notes/2026-11-demo-first-design.md "Demo recipe A/B").
 
     .venv/bin/python benchmarks/experiments/screen_demo_recipes.py DEMO_DIR [variant,variant,...]
 """

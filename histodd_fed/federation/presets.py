@@ -71,7 +71,7 @@ class CentrePreset:
     # mean patch metrics (same data, same design: it only averages out the fine-tune's own noise)
     fine_tune_seeds: int = 1
     # Macenko-map received images into the target's colour space. Off by default: on the validation
-    # copies (docs/results.md) it scored lower in 3 of 4 comparisons.
+    # copies (docs/notes/2026-11-demo-first-design.md) it scored lower in 3 of 4 comparisons.
     stain_normalise_received: bool = False
     # Slide level: the patch encoder of every row's CLAM fine-tune. "frozen": the centre's pre-trained
     # classifier (bags encoded once; the test bags saved at prepare time). "fine_tuned": the row's own
@@ -199,13 +199,14 @@ PRESETS: dict[str, CentrePreset] = {
         distill_overrides=DEMO_DM_RECIPE + (("privacy_step", 0.1),),
         max_train_patches=600, demo_slides=8, slide_ipc=2, slide_outer_steps=10,
         also_protocols=("sequential",),   # the demo reports both ways of using received data
-        # sequential, chosen on validation demo copies 102-105 (docs/results.md "Transfer study: demo"):
+        # sequential, chosen on validation demo copies 102-105 (docs/notes/2026-12-demo-protocol.md):
         # the received phase takes at least 25 steps (20 images: 25 epochs; Full's 600 keep their 5 epochs,
         # 95 steps), and the own phase replays the received set at a quarter of each epoch
         sequential_min_steps=25, sequential_replay=0.25,
         # slide columns: CLAM on each row's own fine-tuned classifier, chosen on validation demo copies
-        # 102-105 (docs/results.md "session 6"): Full ranks C2's test slides above "no transfer" on all four
-        # copies under both protocols (mean +0.22 union / +0.13 sequential AUC; frozen: +0.06 / +0.07)
+        # 102-105 (docs/notes/2026-12-demo-protocol.md "Session 6"): Full ranks C2's test slides above
+        # "no transfer" on all four copies under both protocols (mean +0.22 union / +0.13 sequential AUC;
+        # frozen: +0.06 / +0.07)
         slide_encoder="fine_tuned",
     ),
     "paper": CentrePreset(
@@ -216,7 +217,7 @@ PRESETS: dict[str, CentrePreset] = {
     ),
 }
 # the demo's cpu preset with the `--preset pcam` distillation recipe (distribution matching from
-# colour-coherent mixtures, no privacy term; docs/results.md "Transfer study: demo"): blocked by C1's
+# colour-coherent mixtures, no privacy term; docs/notes/2026-11-demo-first-design.md): blocked by C1's
 # gate on demo seeds 0 and 102
 PRESETS["cpu-dm"] = replace(PRESETS["cpu"], name="cpu-dm", distill_config="configs/preset-pcam.yaml",
                             distill_overrides=DEMO_DM_RECIPE)
