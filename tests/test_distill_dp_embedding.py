@@ -152,7 +152,7 @@ def test_tiny_run_improves_its_matching_loss(tiny_run):
 
 
 def test_meta_holds_the_dp_record_and_nothing_the_accounting_does_not_cover(tiny_run):
-    from histodd_fed.distill.engine import data_hash
+    from histodd_fed.content_hash import data_hash
 
     real, res = tiny_run
     m = res.patchset.meta

@@ -174,19 +174,19 @@ def _held(real, cfg):
 
 
 def test_dm_layer_and_moment_matching_reduce_to_dm_and_lower_their_loss():
-    from histodd_fed.distill.engine import _dm_distance, _dm_embedding
+    from histodd_fed.distill.distribution import dm_distance, dm_embedding
     from histodd_fed.models import create_model
 
     net = create_model("convnet", num_classes=2, image_size=16, width=8, depth=2)
     x, y = torch.rand(6, 3, 16, 16), torch.rand(3, 3, 16, 16)
     last = DistillConfig.from_yaml(TINY, objective="distribution")
     every = DistillConfig.from_yaml(TINY, objective="distribution", dm_layers="all")
-    feats = _dm_embedding(net, every)(x)
+    feats = dm_embedding(net, every)(x)
     assert [f.shape[1] for f in feats] == [8 * 8 * 8, 8 * 4 * 4]      # one embedding per block
     # one embedding, first moments: exactly DM's loss
     dm = (net.features(x).mean(0) - net.features(y).mean(0)).pow(2).sum()
-    assert torch.allclose(_dm_distance(_dm_embedding(net, last)(x), _dm_embedding(net, last)(y), 1), dm)
-    assert _dm_distance(feats, _dm_embedding(net, every)(y), 2) > _dm_distance(feats, _dm_embedding(net, every)(y), 1)
+    assert torch.allclose(dm_distance(dm_embedding(net, last)(x), dm_embedding(net, last)(y), 1), dm)
+    assert dm_distance(feats, dm_embedding(net, every)(y), 2) > dm_distance(feats, dm_embedding(net, every)(y), 1)
     real = toy_set(12)
     cfg = DistillConfig.from_yaml(TINY, objective="distribution", pool_epochs=0, net_steps=0, outer_steps=6,
                                   inner_steps=1, lr_img=1.0, augmentation="none", batch_real=12, init="noise",

@@ -7,7 +7,7 @@ Mechanism (the only place the centre's real patches are read):
 1. ``dp_nets`` (T) networks of the recipe's architecture are initialised from the run's seed and never
    trained (public: they depend on no data). A patch ``x``'s embedding ``phi(x)`` is the recipe's DM
    embedding - every block's output (``dm_layers: all``, each block scaled so its squared distance
-   weighs as in :func:`histodd_fed.distill.engine._dm_distance`) or the last one - concatenated over the
+   weighs as in :func:`histodd_fed.distill.distribution.dm_distance`) or the last one - concatenated over the
    T nets (divided by sqrt(T)), averaged over ``dp_augs`` augmentations of the patch, drawn per patch,
    independently of the data, from a SECRET generator (OS entropy). Why secret: with draws from the
    recorded seed, removing one patch would shift which draw every other patch gets, and the release's
@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from histodd_fed.distill.objectives import Objective, register
 from histodd_fed.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -296,6 +297,18 @@ def pick_public(pub_emb: torch.Tensor, targets: torch.Tensor, ipc: int, how: str
 
 
 # ------------------------------------------------------------------------------------------------- run
+@register("distribution-dp")
+class DMDP(Objective):
+    """dm-dp (``dp_epsilon > 0``): one DP release, then its own image loop (:func:`run_dm_dp`)."""
+
+    method = "dm-dp"
+    standalone = True
+
+    @classmethod
+    def run(cls, real, config, progress: bool = True):
+        return run_dm_dp(real, config, progress)
+
+
 def run_dm_dp(real, config, progress: bool = True, *, add_noise: bool = True,
               noise_gen: torch.Generator | None = None, sums_cache: dict | None = None):
     """Distil ``real`` with dm-dp; returns a ``DistillResult``. ``add_noise=False`` is the no-noise control

@@ -1,5 +1,6 @@
-"""Histo-DD distillation (Algorithm 1 of Cong et al.): gradient matching with a model pool, model
-augmentation and differentiable siamese augmentation including stain normalisation.
+"""The distillation run loop: ``run_distillation(real, config)`` with the objective the config names
+(:mod:`histodd_fed.distill.objectives`), a model pool, model augmentation and differentiable siamese
+augmentation including stain normalisation.
 
 Patch-level mode distils ``ipc`` images per class over all slides (one *stage*). Slide-level mode
 (``per_slide``) runs one stage per slide, distilling ``ipc`` images per class present in that
@@ -22,20 +23,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from histodd_fed.atomic import atomic_write_bytes
 from histodd_fed.augment import build_augmentation
-from histodd_fed.content_hash import data_hash  # noqa: F401  (re-exported: histodd_fed.distill.data_hash)
+from histodd_fed.content_hash import data_hash
 from histodd_fed.distill.config import DistillConfig
-from histodd_fed.distill.initialisation import Group, herding_init, initial_images, plan_stages
-from histodd_fed.distill.matching import batched_matching_loss, class_matching_loss, supports_batched_matching
+from histodd_fed.distill.initialisation import herding_init, initial_images, plan_stages
 from histodd_fed.distill.model_aug import augment_model, matched_weights
+from histodd_fed.distill.objectives import StageInputs, get_objective
 from histodd_fed.distill.pool import build_model, get_pool
 from histodd_fed.distill.privacy_term import PrivacyGuard
 from histodd_fed.errors import InputError
 from histodd_fed.formation import META_KEY as FORMATION_KEY
-from histodd_fed.formation import decode
 from histodd_fed.logging_setup import progress as progress_bar
 from histodd_fed.patchset import PatchSet
 from histodd_fed.preprocess import ViewSpec, recorded_view, resize_images
@@ -51,10 +50,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _sample(idx: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    return rng.choice(idx, size=n, replace=len(idx) < n)
-
-
 def _save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], info: dict) -> None:
     buf = io.BytesIO()
     torch.save({"tensors": {k: v.detach().cpu() for k, v in tensors.items()},
@@ -68,189 +63,6 @@ def _load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         return blob["tensors"], json.loads(blob["info_json"])
     except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
         raise InputError(f"{path}: unreadable distillation checkpoint ({type(exc).__name__}: {exc})") from exc
-
-
-def _fast_step_loss(net, weights, stage: list[Group], x_syn: torch.Tensor, syn_st: ImageStains | None,
-                    offsets: np.ndarray, y_syn: list[torch.Tensor], x_real: torch.Tensor, y_real: torch.Tensor,
-                    real_stains: ImageStains | None, aug, config: DistillConfig, rng: np.random.Generator,
-                    gen: torch.Generator, per_class: str) -> torch.Tensor:
-    """One inner step's matching loss over all classes of a stage, batched.
-
-    Draws exactly what the reference loop draws, in the same order (per class: the real batch from
-    ``rng``, then one siamese augmentation draw from ``gen``), then augments every class's real and
-    synthetic images in ONE call (each image gets its class's draw) and matches class-stacked gradients.
-    """
-    k, b, m = len(stage), config.batch_real, config.ipc
-    ridx_np, draws = [], []
-    for g in stage:
-        ridx_np.append(_sample(g.real_idx, b, rng))
-        if aug.ops:
-            draws.append(aug.sample(1, gen, siamese=True))
-    ridx = torch.from_numpy(np.concatenate(ridx_np)).to(x_real.device)
-    xr, xs = x_real[ridx], x_syn[offsets[0]:offsets[-1]]
-    if aug.ops:
-        from histodd_fed.augment.dsa import AugDraw
-
-        vals = {}
-        for key in draws[0].values:
-            per = torch.cat([d.values[key] for d in draws])                      # (K, ...)
-            vals[key] = torch.cat([per.repeat_interleave(b, dim=0), per.repeat_interleave(m, dim=0)])
-        stains = None
-        if real_stains is not None:
-            rs = real_stains.index(ridx)
-            ss = syn_st.index(slice(offsets[0], offsets[-1]))
-            stains = ImageStains(torch.cat([rs.matrices, ss.matrices]), torch.cat([rs.max_conc, ss.max_conc]))
-        both = aug.apply(torch.cat([xr, xs]), AugDraw(vals, siamese=False), stains)
-        xr, xs = both[:k * b], both[k * b:]
-    shape = xr.shape[1:]
-    return batched_matching_loss(net, weights, xr.reshape(k, b, *shape), y_real[ridx].reshape(k, b),
-                                 xs.reshape(k, m, *shape), torch.stack(y_syn), config.distance, per_class)
-
-
-def _siamese(aug, xr, xs, ridx, real_stains, syn_st, sl: slice, gen: torch.Generator):
-    """One siamese draw applied to a class's real batch ``xr`` (indices ``ridx``) and its synthetic block
-    ``xs`` (rows ``sl``); unchanged when the strategy has no ops."""
-    if not aug.ops:
-        return xr, xs
-    draw = aug.sample(1, gen, siamese=True)
-    return (aug.apply(xr, draw, None if real_stains is None else real_stains.index(ridx)),
-            aug.apply(xs, draw, None if syn_st is None else syn_st.index(sl)))
-
-
-def _dp_rate(g: Group, config: DistillConfig) -> float:
-    """Poisson sampling rate of a class's real patches in DP mode."""
-    return min(1.0, config.batch_real / len(g.real_idx))
-
-
-def _class_loss(net, weights, g: Group, k: int, x_syn, syn_st, offsets, y_syn, x_real, y_real, real_stains, aug,
-                config: DistillConfig, rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
-    """The reference matching loss of class block ``k`` (its real batch and one siamese draw); in DP mode
-    the real gradient is Poisson-sampled, clipped per example and noised (histodd_fed.distill.dp)."""
-    dp = config.dp_noise > 0
-    if dp:
-        from histodd_fed.distill.dp import poisson_batch
-
-        rate = _dp_rate(g, config)
-        ridx = torch.from_numpy(poisson_batch(g.real_idx, rate, rng)).to(x_real.device)
-    else:
-        ridx = torch.from_numpy(_sample(g.real_idx, config.batch_real, rng)).to(x_real.device)
-    sl = slice(int(offsets[k]), int(offsets[k + 1]))
-    xr, xs = _siamese(aug, x_real[ridx], x_syn[sl], ridx, real_stains, syn_st, sl, gen)
-    if dp:
-        from histodd_fed.distill.dp import dp_real_gradient
-        from histodd_fed.distill.matching import gradient_distance
-
-        g_real = dp_real_gradient(net, weights, xr, y_real[ridx], clip=config.dp_clip, noise=config.dp_noise,
-                                  expected_batch=rate * len(g.real_idx), gen=gen)
-        g_syn = torch.autograd.grad(F.cross_entropy(net(xs), y_syn[k]), weights, create_graph=True)
-        return gradient_distance(g_real, g_syn, config.distance)
-    return class_matching_loss(net, weights, xr, y_real[ridx], xs, y_syn[k], config.distance)
-
-
-def _dm_loss(net, stage: list[Group], x_syn, syn_st, offsets, x_real, real_stains, aug, config: DistillConfig,
-             rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
-    """Distribution matching: sum over classes of :func:`_dm_distance` between the embeddings
-    (:func:`_dm_embedding`: DM's ``features``, or every block's output) of an augmented real batch and of
-    the class's synthetic images, one siamese draw per class."""
-    embed = _dm_embedding(net, config)
-    total = torch.zeros((), device=x_syn.device)
-    f = config.formation
-    for k, g in enumerate(stage):
-        ridx = torch.from_numpy(_sample(g.real_idx, config.batch_real, rng)).to(x_real.device)
-        xs = decode(x_syn[int(offsets[k]):int(offsets[k + 1])], f)      # the class's training images
-        sl = slice(int(offsets[k]) * f * f, int(offsets[k + 1]) * f * f)
-        xr, xs = _siamese(aug, x_real[ridx], xs, ridx, real_stains, syn_st, sl, gen)
-        with torch.no_grad():
-            fr = embed(xr)
-        total = total + _dm_distance(fr, embed(xs), config.dm_moments)
-    return total
-
-
-def _dm_embedding(net, config: DistillConfig):
-    """``x -> [embedding, ...]``: the ``features`` output (``dm_layers: last``), or the flattened output of
-    every block of the network's ``body`` (``all``; a block ends at a pooling layer)."""
-    if config.dm_layers == "last":
-        embed = getattr(net, "features", None)
-        if embed is None:
-            raise InputError(f"distribution matching needs a network with a features() embedding, not {config.model}")
-        return lambda x: [embed(x).flatten(1)]
-    body = getattr(net, "body", None)
-    if not isinstance(body, torch.nn.Sequential):
-        raise InputError(f"dm_layers 'all' needs a network with a Sequential body of blocks (convnet), not {config.model}")
-
-    def blocks(x):
-        outs = []
-        for layer in body:
-            x = layer(x)
-            if isinstance(layer, (torch.nn.AvgPool2d, torch.nn.MaxPool2d)):
-                outs.append(x.flatten(1))
-        return outs or [x.flatten(1)]
-    return blocks
-
-
-def _dm_distance(real: list[torch.Tensor], syn: list[torch.Tensor], moments: int) -> torch.Tensor:
-    """Mean over the matched embeddings of the squared L2 distance between the real and synthetic batch
-    means (and mean squares when ``moments`` is 2), each layer scaled by (last layer's dim / its dim) so
-    every layer weighs like the last; a single embedding gives DM's loss exactly."""
-    d_last = real[-1].shape[1]
-    total = torch.zeros((), device=syn[-1].device)
-    for fr, fs in zip(real, syn):
-        term = (fr.mean(0) - fs.mean(0)).pow(2).sum()
-        if moments == 2:
-            term = term + (fr.pow(2).mean(0) - fs.pow(2).mean(0)).pow(2).sum()
-        total = total + term * (d_last / fr.shape[1])
-    return total / len(real)
-
-
-def _per_class_steps(net, weights, stage: list[Group], x_syn, syn_st, offsets, y_syn, x_real, y_real, real_stains, aug,
-                     config: DistillConfig, rng, gen, opt_img) -> torch.Tensor:
-    """Algorithm 1's update: one SGD-momentum step of each class's images on that class's loss alone.
-
-    The momentum buffer lives in ``opt_img``'s state (so checkpoints keep it); a class's step only
-    touches its own rows of the image tensor and of the buffer. Returns the summed loss."""
-    lr = opt_img.param_groups[0]["lr"]
-    state = opt_img.state[x_syn]
-    if state.get("momentum_buffer") is None:
-        state["momentum_buffer"] = torch.zeros_like(x_syn)
-    buf = state["momentum_buffer"]
-    total = torch.zeros((), device=x_syn.device)
-    for k, g in enumerate(stage):
-        loss = _class_loss(net, weights, g, k, x_syn, syn_st, offsets, y_syn, x_real, y_real, real_stains, aug,
-                           config, rng, gen)
-        grad = torch.autograd.grad(loss, x_syn)[0]
-        sl = slice(int(offsets[k]), int(offsets[k + 1]))
-        with torch.no_grad():
-            buf[sl].mul_(config.momentum_img).add_(grad[sl])
-            x_syn[sl].sub_(lr * buf[sl])
-        total = total + loss.detach()
-    return total
-
-
-def _dp_meta(stages: list[list[Group]], config: DistillConfig, steps_done: int) -> dict | None:
-    """The DP guarantee of a run (None when DP is off): per class, ``steps_done * inner_steps`` sampled
-    Gaussian mechanisms at rate ``batch_real / n_class``; the set's epsilon is the largest (parallel
-    composition over the disjoint classes), at the unit of one patch."""
-    if config.dp_noise <= 0:
-        return None
-    from histodd_fed.distill.dp import epsilon
-
-    steps = int(steps_done) * config.inner_steps
-    per_class = []
-    for g in stages[0]:
-        rate = _dp_rate(g, config)
-        per_class.append({"label": g.label, "n": int(len(g.real_idx)), "sample_rate": rate,
-                          "epsilon": epsilon(config.dp_noise, rate, steps, config.dp_delta) if steps else 0.0})
-    return {"mechanism": "per-example clipping + Gaussian noise on Poisson-sampled real-batch gradients",
-            "unit": "patch", "noise_multiplier": config.dp_noise, "clip": config.dp_clip, "delta": config.dp_delta,
-            "steps": steps, "accountant": "opacus RDPAccountant", "per_class": per_class,
-            "epsilon": max(c["epsilon"] for c in per_class)}
-
-
-def method_name(config: DistillConfig) -> str:
-    """What made a set, honestly: ``histo-dd`` is the paper's gradient matching; ``dm`` distribution matching;
-    ``-dp`` when the run is differentially private (dm-dp sets come from histodd_fed.distill.dm_dp)."""
-    base = "dm" if config.objective == "distribution" else "histo-dd"
-    return base + ("-dp" if config.dp_noise > 0 else "")
 
 
 @dataclass
@@ -285,10 +97,9 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
     config.validate()
     if len(real) == 0:
         raise InputError("distill: the real patch set is empty")
-    if config.dp_epsilon > 0:   # DP distribution matching: one-shot DP mean embeddings (histodd_fed.distill.dm_dp)
-        from histodd_fed.distill.dm_dp import run_dm_dp
-
-        return run_dm_dp(real, config, progress)
+    objective_cls = get_objective(config)
+    if objective_cls.standalone:   # e.g. dm-dp: one-shot DP mean embeddings (histodd_fed.distill.dm_dp)
+        return objective_cls.run(real, config, progress)
     if config.candidates > 1:   # best of K on the centre's own held-out patches (histodd_fed.distill.select)
         if stop_after_steps is not None:
             raise InputError("distill: stop_after_steps is for single runs; best-of-K runs resume per candidate")
@@ -358,10 +169,7 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
 
     # ---------------------------------------------------------------- outer loop
     net_template = build_model(config, real.num_classes).to(device)
-    fast = config.matching == "fast" and supports_batched_matching(net_template) and config.dp_noise == 0
-    if config.matching == "fast" and not fast:
-        log.info("distill: %s has batch norm; using the per-class reference matching", config.model)
-    per_class = "vmap" if device.type == "cuda" else "loop"
+    objective = objective_cls(config, net_template, device)
     t_loop = time.perf_counter()
     ran = 0
     bar = progress_bar(total=total_steps, initial=done, desc="distill", disable=not progress)
@@ -380,7 +188,8 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
         sizes = [config.ipc] * len(stage)
         offsets = np.cumsum([0] + sizes)
         y_syn = [torch.full((config.ipc,), g.label, dtype=torch.long, device=device) for g in stage]
-        stage_real = np.concatenate([g.real_idx for g in stage])
+        inputs = StageInputs(stage, x_syn, syn_stains[s_i], offsets, y_syn, x_real, y_real, real_stains,
+                             np.concatenate([g.real_idx for g in stage]), rng, gen)
         while done < stage_end:
             if stop_after_steps is not None and ran >= stop_after_steps:
                 break
@@ -398,29 +207,7 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
                 aug_u = aug
                 if single_augs:
                     aug_u = single_augs[int(torch.randint(len(single_augs), (1,), generator=gen))]
-                if config.objective == "distribution":
-                    loss = _dm_loss(net, stage, x_syn, syn_stains[s_i], offsets, x_real, real_stains, aug_u, config,
-                                    rng, gen)
-                    opt_img.zero_grad(set_to_none=True)
-                    x_syn.grad = torch.autograd.grad(loss, x_syn)[0]
-                    opt_img.step()
-                elif config.update == "per_class":
-                    loss = _per_class_steps(net, weights, stage, x_syn, syn_stains[s_i], offsets, y_syn, x_real, y_real,
-                                            real_stains, aug_u, config, rng, gen, opt_img)
-                elif fast:
-                    loss = _fast_step_loss(net, weights, stage, x_syn, syn_stains[s_i], offsets, y_syn, x_real, y_real,
-                                           real_stains, aug_u, config, rng, gen, per_class)
-                    opt_img.zero_grad(set_to_none=True)
-                    x_syn.grad = torch.autograd.grad(loss, x_syn)[0]
-                    opt_img.step()
-                else:
-                    loss = torch.zeros((), device=device)
-                    for k, g in enumerate(stage):
-                        loss = loss + _class_loss(net, weights, g, k, x_syn, syn_stains[s_i], offsets, y_syn, x_real,
-                                                  y_real, real_stains, aug_u, config, rng, gen)
-                    opt_img.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt_img.step()
+                loss = objective.step(inputs, net, weights, aug_u, opt_img)
                 with torch.no_grad():
                     x_syn.clamp_(0.0, 1.0)
                 if guard is not None:
@@ -429,23 +216,7 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
                 if u == config.inner_steps - 1:
                     break
                 for _ in range(config.net_steps):
-                    if config.dp_noise > 0:  # DP: the network trains on the synthetic images, never on real ones
-                        xb, yb = x_syn.detach(), torch.cat(y_syn)
-                        if aug.ops:
-                            xb = aug(xb, gen)
-                        nl = F.cross_entropy(net(xb), yb)
-                        net_opt.zero_grad(set_to_none=True)
-                        nl.backward()
-                        net_opt.step()
-                        continue
-                    bidx = torch.from_numpy(_sample(stage_real, config.batch_net, rng)).to(device)
-                    xb = x_real[bidx]
-                    if aug.ops:
-                        xb = aug(xb, gen, stains=None if real_stains is None else real_stains.index(bidx))
-                    nl = F.cross_entropy(net(xb), y_real[bidx])
-                    net_opt.zero_grad(set_to_none=True)
-                    nl.backward()
-                    net_opt.step()
+                    objective.net_step(inputs, net, net_opt, aug)
             loss_curve.append({"step": done, "stage": s_i, "mean": float(np.mean(step_losses)),
                                "first": step_losses[0], "last": step_losses[-1],
                                "seconds": round(time.perf_counter() - t_step, 4)})
@@ -478,7 +249,7 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
     labels = np.concatenate([[g.label] * config.ipc for stage in stages for g in stage]).astype(np.int64)
     slide_idx = np.concatenate([[g.slide] * config.ipc for stage in stages for g in stage]).astype(np.int32)
     meta = {
-        "method": method_name(config),
+        "method": objective.method,
         "complete": complete,
         "steps_done": done,
         "steps_total": total_steps,
@@ -492,7 +263,7 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
         "pool": {"key": pool.key, "reused": pool.reused, "train_seconds": round(pool.seconds, 3)},
         "stain_template": None if stain_ctx is None else stain_ctx.to_dict(),
         "view": view.to_dict(),
-        "dp": _dp_meta(stages, config, done),
+        "dp": objective.dp_meta(stages, done),
         **({FORMATION_KEY: {"factor": config.formation}} if config.formation > 1 else {}),
         "init": config.init,
         "init_herding": herding_meta,
