@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from histodd_fed.errors import ConfigError
+
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
@@ -16,16 +18,26 @@ def register(app: typer.Typer) -> None:
 def make_pcam_centres(
     pcam: Path = typer.Option(..., "--pcam", help="PCam folder with train/ and valid/ (CLASS/*.jpg), e.g. ../shared/data/pcam-ai4all."),
     stains: Path = typer.Option(..., "--stains", help="Camelyon17 stain tiles domain_<centre>_<id>.png, e.g. ../shared/data/camelyon17-stain-tiles."),
-    out: Path = typer.Option(..., "--out", help="Folder for C1/, C2/{train,test}/, manifest.json, centres.png."),
-    target_domain: int = typer.Option(2, "--target-domain", help="Camelyon17 centre (0-4) whose stains C2 gets."),
-    target_train_per_class: int = typer.Option(50, "--target-train-per-class", help="Labelled C2 train patches per class; the rest of C2 is its test set."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the split, the jitter and any --limit subset."),
+    out: Path = typer.Option(..., "--out", help="Folder for the centres, manifest.json, centres.png."),
+    hospitals: Optional[str] = typer.Option(None, "--hospitals", help="One centre per Camelyon17 domain, e.g. 0,1,2,3,4: H<d>/source (its disjoint share of PCam train, all of it) and H<d>/target/{train,test} (its share of PCam valid), both re-stained to domain d. For coordinator transfer --sources/--target."),
+    target_domain: Optional[int] = typer.Option(None, "--target-domain", help="The older two-centre layout (default without --hospitals: 2): C1 = PCam train as is, C2 = PCam valid re-stained to this Camelyon17 domain (0-4)."),
+    target_train_per_class: int = typer.Option(50, "--target-train-per-class", help="Labelled train patches per class of each target; the rest of its share is its test set."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the shares, the split, the jitter and any --limit subset."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many PCam patches per class and split (tests, quick looks)."),
     jitter: bool = typer.Option(True, "--jitter/--no-jitter", help="Per-patch stain jitter from the spread across the centre's tiles."),
 ) -> None:
-    """Two centres of real PCam tissue: C1 = PCam train as is; C2 = PCam valid re-stained to a Camelyon17 centre."""
+    """Real-tissue benchmark centres: one per Camelyon17 hospital (--hospitals), or C1 = PCam train as is and
+    C2 = PCam valid re-stained to one hospital (--target-domain)."""
     from histodd_fed.datasets.pcam_c17 import make_pcam_centres as build
 
+    if hospitals is not None:
+        if target_domain is not None:
+            raise ConfigError("--target-domain builds the two-centre layout (C1 + C2); with --hospitals every "
+                              "hospital is both a source and a target: give one of the two "
+                              "(then coordinator transfer --sources 0 --target 2)")
+        _hospitals(pcam, stains, out, hospitals, target_train_per_class, seed, limit, jitter)
+        return
+    target_domain = 2 if target_domain is None else target_domain
     m = build(pcam, stains, out, target_domain=target_domain, target_train_per_class=target_train_per_class,
               seed=seed, limit_per_class=limit, jitter=jitter)
     c2 = m["centres"]["C2"]
@@ -35,3 +47,18 @@ def make_pcam_centres(
                f"(Camelyon17 domain {target_domain} stains) -> {out / 'C2'}")
     typer.echo(f"stain angle (deg): C2-target {a['C2_to_target']:.1f}, C2-C1 {a['C2_to_C1']:.1f}, "
                f"C1-target {a['C1_to_target']:.1f}; {out / 'centres.png'} ({m['seconds']:.0f}s)")
+
+
+def _hospitals(pcam: Path, stains: Path, out: Path, hospitals: str, per_class: int, seed: int,
+               limit: Optional[int], jitter: bool) -> None:
+    from histodd_fed.datasets.pcam_c17 import make_hospital_centres, parse_hospitals
+
+    m = make_hospital_centres(pcam, stains, out, hospitals=parse_hospitals(hospitals),
+                              target_train_per_class=per_class, seed=seed, limit_per_class=limit, jitter=jitter)
+    for cid, c in m["centres"].items():
+        typer.echo(f"{cid} (Camelyon17 domain {c['domain']}): source {c['source_class_counts']} -> "
+                   f"{out / c['source']}; target train {c['target_train_class_counts']}, test "
+                   f"{c['target_test_class_counts']} -> {out / c['target']} (stain angle to its tiles "
+                   f"{c['stain_angle_deg_to_tiles']:.1f} deg)")
+    typer.echo(f"{len(m['centres'])} hospitals, patch-disjoint; {out / 'manifest.json'}, {out / 'centres.png'} "
+               f"({m['seconds']:.0f}s)")

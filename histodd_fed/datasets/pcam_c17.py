@@ -1,4 +1,10 @@
-"""PCam x Camelyon17: two centres of real tissue with a real inter-hospital stain shift.
+"""PCam x Camelyon17: centres of real tissue with a real inter-hospital stain shift.
+
+Two layouts. **Hospitals** (:func:`make_hospital_centres`, ``make-pcam-centres --hospitals 0,1,2,3,4``):
+one centre ``H<d>`` per Camelyon17 hospital with disjoint PCam patches, each a source part (its share of
+PCam ``train``) and a target part (its share of PCam ``valid``: small labelled train set, large test
+set), both re-stained to that hospital. **Two centres** (:func:`make_pcam_centres`, ``--target-domain``),
+the first benchmark:
 
 - **C1** (source, data-rich): PCam ``train`` as it is (one PatchSet, ``DIR/C1``).
 - **C2** (target, data-poor): PCam ``valid`` re-stained into one Camelyon17 centre's stains
@@ -194,5 +200,156 @@ def centres_figure(path: Path, tiles: list[np.ndarray], c2: np.ndarray, c2_befor
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------- five hospitals
+#: centre id of Camelyon17 hospital (domain) ``d`` in the hospitals layout
+def hospital_id(domain: int) -> str:
+    return f"H{int(domain)}"
+
+
+def parse_hospitals(text: str | None) -> list[int]:
+    """``"0,1,2,3,4"`` -> ``[0, 1, 2, 3, 4]`` (one-line ConfigError for anything else)."""
+    try:
+        out = [int(x) for x in str(text or "").split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--hospitals: expected comma-separated Camelyon17 domains, got {text!r}") from None
+    if len(out) < 2 or len(set(out)) != len(out) or min(out) < 0:
+        raise ConfigError(f"--hospitals: need at least two different domains >= 0, got {text!r}")
+    return out
+
+
+def _deal(labels: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
+    """Indices dealt into ``n`` disjoint, class-balanced shares (seeded)."""
+    rng = np.random.default_rng(seed)
+    shares: list[list[np.ndarray]] = [[] for _ in range(n)]
+    for c in np.unique(labels):
+        for k, part in enumerate(np.array_split(rng.permutation(np.flatnonzero(labels == c)), n)):
+            shares[k].append(part)
+    return [np.sort(np.concatenate(s)) for s in shares]
+
+
+def make_hospital_centres(pcam: Path, stains: Path, out: Path, *, hospitals: list[int],
+                          target_train_per_class: int = 50, seed: int = 0, limit_per_class: int | None = None,
+                          jitter: bool = True, figure: bool = True) -> dict[str, Any]:
+    """One centre per Camelyon17 hospital, patch-disjoint, each re-stained to its hospital.
+
+    PCam ``train`` is dealt into ``len(hospitals)`` disjoint class-balanced shares (the hospitals'
+    **source** parts, every patch of the share: nothing capped) and PCam ``valid`` likewise (their
+    **target** parts: ``target_train_per_class`` labelled train patches per class, the rest the
+    test set). Both parts of hospital ``d`` are re-stained to domain ``d``'s stains. Layout::
+
+        out/H<d>/source/train   the share of PCam train (what H<d> sends as a source; "Full")
+        out/H<d>/source/test    -> ../target/test (the hospital's own test patches, for its own baseline)
+        out/H<d>/target/train   labelled train patches of H<d> as a target
+        out/H<d>/target/test    its test set
+    """
+    pcam, stains, out = Path(pcam), Path(stains), Path(out)
+    if not pcam.is_dir():
+        raise InputError(f"{pcam}: PCam folder not found")
+    if target_train_per_class < 1:
+        raise ConfigError(f"--target-train-per-class must be >= 1, got {target_train_per_class}")
+    t0 = time.perf_counter()
+    tiles_by = domain_tiles(stains)
+    missing = [d for d in hospitals if d not in tiles_by]
+    if missing:
+        raise ConfigError(f"--hospitals: unknown domain(s) {missing} in {stains} "
+                          f"(have {', '.join(str(d) for d in sorted(tiles_by))})")
+    train, train_files = load_folder(pcam / "train", limit_per_class, seed)
+    valid, valid_files = load_folder(pcam / "valid", limit_per_class, seed)
+    if list(valid.class_names) != list(train.class_names):
+        raise InputError(f"{pcam}: train classes {train.class_names} differ from valid classes {valid.class_names}")
+    n = len(hospitals)
+    src_shares, tgt_shares = _deal(train.labels, n, seed), _deal(valid.labels, n, seed + 1)
+    smallest = min(int(np.bincount(valid.labels[s]).min()) for s in tgt_shares)
+    if target_train_per_class >= smallest:
+        raise ConfigError(f"--target-train-per-class {target_train_per_class}: a hospital's share of PCam valid has "
+                          f"only {smallest} patches of a class (some must remain for its test set; lower it or "
+                          "raise --limit)")
+    train_profile = set_profile(train.images, name="pcam-train", seed=seed)
+    valid_profile = set_profile(valid.images, name="pcam-valid", seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    centres: dict[str, Any] = {}
+    profiles: dict[str, Any] = {}
+    shown: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]] = {}
+    for k, d in enumerate(hospitals):
+        cid = hospital_id(d)
+        target, tiles = domain_profile(stains, d)
+        common = {"benchmark": BENCHMARK, "layout": "hospitals", "domain": int(d), "seed": int(seed), "centre": cid,
+                  "stain": f"re-stained to Camelyon17 domain {d}"}
+        si, ti = src_shares[k], tgt_shares[k]
+        src_img, src_info = restain(train.images[si], train_profile, target, seed=seed * 1000 + 2 * d, jitter=jitter)
+        tgt_img, tgt_info = restain(valid.images[ti], valid_profile, target, seed=seed * 1000 + 2 * d + 1,
+                                    jitter=jitter)
+        src = PatchSet(src_img, train.labels[si], list(train.class_names), kind="real",
+                       meta=dict(common, role="source", split="train", source=str(pcam / "train"),
+                                 files=[train_files[i] for i in si]))
+        src.save(out / cid / "source" / "train")
+        tgt = PatchSet(tgt_img, valid.labels[ti], list(valid.class_names), kind="real")
+        is_train = split_per_class(tgt.labels, target_train_per_class, seed + d)
+        parts = {}
+        for name, mask in (("train", is_train), ("test", ~is_train)):
+            idx = np.flatnonzero(mask)
+            part = tgt.subset(idx, meta=dict(common, role="target", split=name, source=str(pcam / "valid"),
+                                             files=[valid_files[ti[i]] for i in idx]))
+            part.save(out / cid / "target" / name)
+            parts[name] = part.class_counts()
+        link = out / cid / "source" / "test"
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        if not link.exists():
+            link.symlink_to(Path("..") / "target" / "test", target_is_directory=True)
+        prof = set_profile(np.concatenate([src_img, tgt_img]), name=f"{cid} re-stained", seed=seed)
+        profiles[cid] = {"target": target.to_dict(), "restained": prof.to_dict()}
+        centres[cid] = {"domain": int(d), "source": f"{cid}/source", "target": f"{cid}/target",
+                        "source_class_counts": src.class_counts(), "target_train_class_counts": parts["train"],
+                        "target_test_class_counts": parts["test"],
+                        "restain": {"source": src_info, "target": tgt_info},
+                        "stain_angle_deg_to_tiles": round(stain_distance(prof.matrix, target.matrix), 3)}
+        shown[d] = (src_img, tgt_img, valid.images[ti], tiles)
+        log.info("pcam-c17: %s (domain %d): source %d, target %d train / %d test patches", cid, d, len(src),
+                 int(is_train.sum()), int((~is_train).sum()))
+    angles = {f"{a}-{b}": round(stain_distance(np.asarray(profiles[a]["restained"]["matrix"]),
+                                               np.asarray(profiles[b]["restained"]["matrix"])), 3)
+              for i, a in enumerate(centres) for b in list(centres)[i + 1:]}
+    manifest = {
+        "benchmark": BENCHMARK, "layout": "hospitals", "pcam": str(pcam), "stains": str(stains),
+        "hospitals": [int(d) for d in hospitals], "target_train_per_class": int(target_train_per_class),
+        "seed": int(seed), "limit_per_class": limit_per_class, "jitter": bool(jitter), "centres": centres,
+        "profiles": dict(profiles, pcam_train=train_profile.to_dict(), pcam_valid=valid_profile.to_dict()),
+        "stain_angle_deg_between": angles, "seconds": round(time.perf_counter() - t0, 2),
+    }
+    atomic_write_json(out / "manifest.json", manifest)
+    write_run_config(out, "centre-node make-pcam-centres --hospitals",
+                     {k: v for k, v in manifest.items() if k not in ("profiles", "centres")})
+    if figure:
+        hospitals_figure(out / "centres.png", shown, seed)
+    return manifest
+
+
+def hospitals_figure(path: Path, shown: dict[int, tuple], seed: int, n: int = 4) -> Path:
+    """One row per hospital: its real tiles, re-stained source patches, re-stained target patches."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(seed)
+    cols = 3 * n
+    fig, axes = plt.subplots(len(shown), cols, figsize=(1.3 * cols, 1.45 * len(shown)), squeeze=False)
+    for r, (d, (src, tgt, _, tiles)) in enumerate(sorted(shown.items())):
+        ims = list(tiles[:n]) + [src[i] for i in rng.choice(len(src), min(n, len(src)), replace=False)] + \
+            [tgt[i] for i in rng.choice(len(tgt), min(n, len(tgt)), replace=False)]
+        for c in range(cols):
+            axes[r, c].axis("off")
+            if c < len(ims):
+                axes[r, c].imshow(ims[c])
+        axes[r, 0].set_title(f"H{d}: tiles | source (PCam train) | target (PCam valid)", fontsize=7, loc="left")
+    fig.suptitle("pcam-c17: one centre per Camelyon17 hospital, re-stained to its stains", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
