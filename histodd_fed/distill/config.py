@@ -13,7 +13,6 @@ INITS = ("real", "noise", "herding", "mixture", "mosaic", "public")
 UPDATES = ("joint", "per_class")
 DSA_MODES = ("all", "single")
 LR_SCHEDULES = ("constant", "cosine")
-OBJECTIVES = ("gradient", "distribution")
 #: Coreset options an ``init: herding`` run may set in ``init_coreset`` (histodd_fed.coreset.CoresetConfig).
 INIT_CORESET_KEYS = ("arch", "arch_kwargs", "feature_epochs", "lr", "batch_size")
 MATCHING = ("fast", "reference")
@@ -177,8 +176,10 @@ class DistillConfig:
             raise ConfigError(f"distill config: matching must be one of {MATCHING}, got {self.matching!r}")
         if self.init not in INITS:
             raise ConfigError(f"distill config: init must be one of {INITS}, got {self.init!r}")
+        from histodd_fed.distill.objectives import config_objectives   # the registered objectives
+
         for name, allowed in (("update", UPDATES), ("dsa_mode", DSA_MODES), ("lr_schedule", LR_SCHEDULES),
-                              ("objective", OBJECTIVES), ("init_anchor", ("random", "kmeans")),
+                              ("objective", config_objectives()), ("init_anchor", ("random", "kmeans")),
                               ("dm_layers", ("last", "all")), ("dm_moments", (1, 2))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"distill config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
