@@ -69,6 +69,7 @@ def study_config_from_run_config(rc: dict[str, Any]) -> StudyConfig:
         trust=Path(str(rc["trust"])) if rc.get("trust") else None,
         runtime=str(rc.get("runtime", "deployment")),
         extras=json.loads(str(rc.get("extras") or "[]")),
+        sources=[x for x in str(rc.get("sources") or "").replace(" ", "").split(",") if x],
     )
 
 

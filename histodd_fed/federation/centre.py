@@ -245,6 +245,11 @@ class CentreNode:
         epochs = self.config.policy.check_epochs(self.config.centre_id,
                                                  request.body.get("epochs", self.preset.fine_tune_epochs))
         prepared = centre_data.prepare(self.config, self.preset)
+        from histodd_fed.federation import receive_select
+
+        if receive_select.applies(self.preset, request):  # pooled sources / protocol chosen on a val split
+            return Envelope(body={"rows": receive_select.train_rows(self.config, self.preset, prepared, request,
+                                                                    epochs), "epochs": epochs})
         rows: list[dict[str, Any]] = []
         if request.body.get("baseline", True):  # one "no transfer" row per reported protocol
             rows.extend(fine_tuning.evaluate_baseline(self.config, self.preset.for_protocol(p), prepared)

@@ -74,18 +74,35 @@ class StudyConfig:
     #: patches, only under the source's explicit real-data policy) or ``{"name", "kind": "variant", "ipc",
     #: "overrides"}`` (Histo-DD with distillation config overrides); see federation/extras.py
     extras: list[dict[str, Any]] = field(default_factory=list)
+    #: several sources into one target (benchmark studies): every source is asked for the same sets and the
+    #: target receives them POOLED, one row per set kind (all sources' ipc 10 sets together, all their Full
+    #: data together); empty: ``source`` alone
+    sources: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.study_dir = Path(self.study_dir)
         self.trust = Path(self.trust) if self.trust else None
         self.ipcs = [int(i) for i in self.ipcs]
+        self.sources = [str(s) for s in self.sources]
         if any(i <= 0 for i in self.ipcs):
             raise ConfigError(f"ipc values must be positive, got {self.ipcs}")
-        if self.source == self.target:
+        if len(set(self.sources)) != len(self.sources):
+            raise ConfigError(f"sources repeat a centre: {self.sources}")
+        if self.sources and self.both_directions:
+            raise ConfigError("several sources go into one target: not with both directions")
+        if self.target in self.source_list():
             raise ConfigError("source and target must differ")
 
+    def source_list(self) -> list[str]:
+        """The sources: ``sources`` when given, else ``[source]``."""
+        return list(self.sources) or [self.source]
+
+    def pooled(self) -> bool:
+        """True when the target receives several sources' sets pooled into one row per set kind."""
+        return len(self.source_list()) > 1
+
     def directions(self) -> list[tuple[str, str]]:
-        d = [(self.source, self.target)]
+        d = [(s, self.target) for s in self.source_list()]
         if self.both_directions:
             d.append((self.target, self.source))
         return d
@@ -326,9 +343,17 @@ def run_transfer_study(transport: Transport, cfg: StudyConfig,
     # 3. relay to targets, collect metrics -----------------------------------------------
     ask = []
     ask_tgt: dict[int, list[tuple[str, str]]] = {}
+    tgt_of: dict[int, str] = {}
+    for src, tgt in cfg.directions():  # every connected target reports "no transfer", sets received or not
+        if tgt in node_of:
+            ask_tgt.setdefault(node_of[tgt], [])
+            tgt_of[node_of[tgt]] = tgt
     for (src, tgt), items in bundles.items():
         n = node_of[tgt]
         ask_tgt.setdefault(n, []).append((src, tgt))
+        tgt_of[n] = tgt
+    # pooled (several sources, one target): every source's set of a kind goes into ONE row of the target
+    pool = "+".join(cfg.source_list()) if cfg.pooled() else None
     for n, pairs in ask_tgt.items():
         blobs: dict[str, bytes] = {}
         listed = []
@@ -337,7 +362,7 @@ def run_transfer_study(transport: Transport, cfg: StudyConfig,
                 name = f"{src}-{item['name']}"
                 blobs[name] = data
                 listed.append({"name": name, "source": src, "ipc": item.get("ipc"), "mode": item.get("mode"),
-                               "row": f"{src}-{item.get('row') or item['name']}", "part": item.get("part"),
+                               "row": f"{pool or src}-{item.get('row') or item['name']}", "part": item.get("part"),
                                "train_total": item.get("train_total"), "m_per_slide": item.get("m_per_slide")})
         ask.append((n, ACTION_TRAIN, Envelope(body={"bundles": listed, "epochs": cfg.fine_tune_epochs,
                                                     "baseline": True, "nonce": new_nonce()}, blobs=blobs)))
@@ -345,7 +370,6 @@ def run_transfer_study(transport: Transport, cfg: StudyConfig,
         say(f"relaying bundles to {len(ask)} target(s) for fine-tuning ({cfg.fine_tune_epochs} epochs)")
         replies = transport.exchange(ask, cfg.reply_timeout)
         out.messages["train"] = len(ask)
-        tgt_of = {n: pairs[0][1] for n, pairs in ask_tgt.items()}
         nonce_of = {n: env.body["nonce"] for n, _, env in ask}
         for n, tgt in tgt_of.items():
             rep = replies.get(n)

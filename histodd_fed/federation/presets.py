@@ -83,14 +83,23 @@ class CentrePreset:
     # Map every image the centre's classifier sees (own train, own test, received) to the reference
     # H&E stains, set-level (one concentration factor per set, relative darkness kept).
     stain_normalise_inputs: bool = False
+    # --- the target chooses its fine-tuning protocol itself (patch-store centres; issue 23) ---
+    # candidates (epochs, received_share) of the union protocol, each scored (balanced accuracy) on a
+    # validation split of the target's OWN train patches (``select_val_fraction`` of each class, seeded by
+    # the centre's seed), never its test set; the best is then fine-tuned on all own train patches and
+    # scored on the test split. "No transfer" chooses its epochs the same way. (): the preset's protocol
+    # as is (the request's epochs). Patch level only (per-row: docs/federation.md "Fine-tuning protocol").
+    select_grid: tuple[tuple[int, float], ...] = ()
+    select_val_fraction: float = 0.3
 
     #: fields that only affect how a target fine-tunes on received data (not preparation)
     RECEIVE_FIELDS = ("fine_tune_protocol", "also_protocols", "received_share", "fine_tune_lr_scale",
                       "sequential_lr_scale", "stain_normalise_received", "sequential_min_steps",
-                      "sequential_replay", "fine_tune_seeds", "slide_encoder")
+                      "sequential_replay", "fine_tune_seeds", "slide_encoder", "select_grid",
+                      "select_val_fraction")
     #: receive fields added later: left out of the protocol key at their default (same cache keys as before)
     _RECEIVE_DEFAULTS = {"sequential_min_steps": 0, "sequential_replay": 0.0, "fine_tune_seeds": 1,
-                         "slide_encoder": "frozen"}
+                         "slide_encoder": "frozen", "select_grid": (), "select_val_fraction": 0.3}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "also_protocols", tuple(self.also_protocols))
@@ -114,6 +123,14 @@ class CentrePreset:
                               f"got {self.slide_encoder!r}")
         if self.fine_tune_seeds < 1:
             raise ConfigError(f"preset {self.name!r}: fine_tune_seeds must be >= 1, got {self.fine_tune_seeds}")
+        grid = tuple((int(e), float(sh)) for e, sh in self.select_grid)
+        object.__setattr__(self, "select_grid", grid)
+        if any(e < 1 or not 0.0 < sh < 1.0 for e, sh in grid):
+            raise ConfigError(f"preset {self.name!r}: select_grid needs (epochs >= 1, 0 < received_share < 1) "
+                              f"pairs, got {list(grid)}")
+        if not 0.0 < self.select_val_fraction < 1.0:
+            raise ConfigError(f"preset {self.name!r}: select_val_fraction must be in (0, 1), "
+                              f"got {self.select_val_fraction}")
 
     def receive_protocol(self) -> dict[str, Any]:
         """The receive-side settings (part of every fine-tuning cache key and row)."""
@@ -159,6 +176,7 @@ class CentrePreset:
         d["outer_steps_by_ipc"] = dict(self.outer_steps_by_ipc)
         d["classifier_kwargs"] = dict(self.classifier_kwargs)
         d["also_protocols"] = list(self.also_protocols)
+        d["select_grid"] = [list(x) for x in self.select_grid]
         return d
 
 
@@ -236,6 +254,12 @@ PRESETS["pcam-c17"] = replace(
 PRESETS["pcam-c17-gm"] = replace(
     PRESETS["pcam-c17"], name="pcam-c17-gm", distill_config="configs/distill-pcam.yaml",
     distill_overrides=DEMO_GM_RECIPE)
+# the five-hospital benchmark (make-pcam-centres --hospitals; coordinator transfer --sources/--target): a
+# source sends ALL its train patches as "Full" (no cap), and the target chooses epochs and the share of
+# received data per row on a validation split of its own train patches (select_grid; docs/federation.md)
+PRESETS["pcam-c17-hospitals"] = replace(
+    PRESETS["pcam-c17"], name="pcam-c17-hospitals", max_train_patches=0,
+    select_grid=((5, 0.5), (15, 0.5), (5, 0.8), (15, 0.8)))
 # the same with every input of the target stain-normalised (the evaluation-side stain ablation)
 PRESETS["pcam-c17-norm"] = replace(PRESETS["pcam-c17"], name="pcam-c17-norm", stain_normalise_inputs=True)
 

@@ -1,0 +1,241 @@
+"""A target's rows beyond one source's set under a fixed protocol (issue 23; patch level).
+
+- **Pooled rows**: several sources into one target (``StudyConfig.sources``). The coordinator lists
+  every source's set of one kind (``ipc10``, ``full``) under ONE row; the target opens each bundle
+  (verified, ledger-checked), prepares each set as it would alone (resize, stain handling), pools
+  them and fine-tunes once. The row's labels (sources, mode, ipc) come from the opened manifests: a
+  row whose bundles were sealed as different rows, or with a source twice, is refused.
+- **Protocol chosen on the target's own validation split** (preset ``select_grid``): each candidate
+  (epochs, received share) of the union protocol is fine-tuned on the target's own train patches
+  minus a stratified validation split and scored there (balanced accuracy, then AUC); the best is
+  fine-tuned on ALL own train patches and scored on the test split - which no choice ever reads.
+  "No transfer" chooses its epochs the same way.
+
+Both are cached under the centre's work directory like :mod:`fine_tuning`'s rows (a bundle opens only
+once; a cached row re-verifies its senders against the current trust store).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from histodd_fed.atomic import atomic_write_json
+from histodd_fed.errors import HistoddError, InputError
+from histodd_fed.federation.centre_bundles import open_received_bundle, provenance, recheck_senders
+from histodd_fed.federation.centre_config import CentreConfig
+from histodd_fed.federation.centre_data import Prepared, one_thread
+from histodd_fed.federation.envelope import Envelope, ProtocolError
+from histodd_fed.federation.presets import CentrePreset
+from histodd_fed.patchset import PatchSet
+from histodd_fed.runconfig import config_hash
+
+PATCH_PARTS = ("patch", "both")
+
+
+def applies(preset: CentrePreset, request: Envelope) -> bool:
+    """True when this module answers the train request: the preset chooses its protocol on a validation
+    split, or a row carries patch sets of several sources (pooled)."""
+    if preset.select_grid:
+        return True
+    per_row: dict[str, int] = {}
+    for item in request.body.get("bundles", []) or []:
+        if isinstance(item, dict) and str(item.get("part") or "both") in PATCH_PARTS:
+            key = str(item.get("row") or item.get("name"))
+            per_row[key] = per_row.get(key, 0) + 1
+    return any(n > 1 for n in per_row.values())
+
+
+def train_rows(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, request: Envelope,
+               epochs: int) -> list[dict[str, Any]]:
+    """The train action's rows (``CentreNode.train`` hands the request here when :func:`applies`)."""
+    from histodd_fed.federation import fine_tuning
+    from histodd_fed.federation.reply_errors import error_fields
+
+    rows: list[dict[str, Any]] = []
+    if request.body.get("baseline", True):
+        if preset.select_grid:
+            rows.append(baseline_row(cfg, preset, prepared, epochs=epochs))
+        else:
+            rows.extend(fine_tuning.evaluate_baseline(cfg, preset.for_protocol(p), prepared, epochs=epochs)
+                        for p in preset.protocols())
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for item in request.body.get("bundles", []):
+        name = str(item["name"])
+        if name not in request.blobs:
+            raise ProtocolError(f"train request names bundle {name!r} but does not carry it")
+        groups.setdefault(str(item.get("row") or name), []).append(item)
+    for row_name, items in groups.items():
+        row: dict[str, Any] = {"name": row_name, "bytes": sum(len(request.blobs[str(i["name"])]) for i in items),
+                               "bundles": [str(i["name"]) for i in items]}
+        patch = [request.blobs[str(i["name"])] for i in items if str(i.get("part") or "both") in PATCH_PARTS]
+        try:
+            if not patch:
+                raise InputError("row has no patch-level set (pooled / selected rows are patch level only)")
+            res = fine_tune_row(cfg, preset, prepared, patch, epochs=epochs)
+            if len(patch) < len(items):
+                res["slide_note"] = "pooled / selected rows: patch level only"
+            rows.append({**row, **res, **pooled_labels(res.get("received_from") or []), "ok": True})
+        except HistoddError as exc:
+            row.update(ok=False, **error_fields(exc, cfg.centre_id, f"train row {row_name}"))
+            rows.append(row)
+    return rows
+
+
+def pooled_labels(received: list[dict[str, Any]]) -> dict[str, Any]:
+    """Row labels from the opened manifests of one row's bundles (one or several sources)."""
+    if not received:
+        raise ProtocolError("row has no opened bundle to take its labels from")
+    sealed = {str(r.get("row") or r.get("transfer")) for r in received}
+    if len(sealed) != 1:
+        raise ProtocolError(f"one row mixes bundles sealed as rows {sorted(sealed)}")
+    sources = [str(r.get("source")) for r in received]
+    if len(set(sources)) != len(sources):
+        raise ProtocolError(f"one row holds two bundles of {sorted(s for s in sources if sources.count(s) > 1)[0]}")
+    for r in received:
+        if r.get("part") is not None and r["part"] not in PATCH_PARTS:
+            raise ProtocolError(f"coordinator relayed {r.get('source')}'s {r['part']!r} bundle as a patch set")
+    kinds = {r.get("kind") for r in received}
+    modes = {"full" if k == "real" else "coreset" if k == "coreset" else "synthetic" for k in kinds}
+    if len(modes) != 1:
+        raise ProtocolError(f"one row mixes kinds {sorted(map(str, kinds))}")
+    mode = modes.pop()
+    src = "+".join(sorted(sources))
+    out: dict[str, Any] = {"source": src, "sources": sorted(sources), "mode": mode, "name": f"{src}-{sealed.pop()}",
+                           "ipc": None if mode == "full" else received[0].get("ipc"),
+                           "sign_key_ids": sorted({str(r.get("sign_key_id")) for r in received}),
+                           "bundle_ids": [r.get("bundle_id") for r in received]}
+    totals = [r.get("train_total") for r in received]
+    if all(t is not None for t in totals):
+        out["train_total"] = int(sum(int(t) for t in totals))
+    return out
+
+
+# ---------------------------------------------------------------------------- the validation split
+def val_split(train: PatchSet, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, val) indices of the target's own train patches: ``fraction`` of every class (at least one)
+    held out, seeded; InputError when a class has fewer than two patches."""
+    rng = np.random.default_rng([int(seed), 23])
+    val = []
+    for c in np.unique(train.labels):
+        idx = np.flatnonzero(train.labels == c)
+        if len(idx) < 2:
+            raise InputError(f"select_grid: class {train.class_names[c]!r} has {len(idx)} own train patch(es); "
+                             "a validation split needs at least 2 per class")
+        k = min(len(idx) - 1, max(1, int(round(fraction * len(idx)))))
+        val.append(rng.choice(idx, k, replace=False))
+    is_val = np.zeros(len(train), dtype=bool)
+    is_val[np.concatenate(val)] = True
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def _union(preset: CentrePreset, share: float) -> CentrePreset:
+    return replace(preset, fine_tune_protocol="union", also_protocols=(), received_share=float(share), select_grid=())
+
+
+def choose(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, *, seed: int) -> dict[str, Any]:
+    """The candidate of ``preset.select_grid`` scoring best on the validation split of the own train data.
+
+    Without received data only the epochs matter (the share has nothing to draw). Returns
+    ``{"epochs", "received_share", "candidates": [{epochs, received_share, val_bal_acc, val_auc}],
+    "val_patches", "fit_patches", "seconds"}``.
+    """
+    from histodd_fed.federation.fine_tuning import fine_tune_and_score
+
+    t0 = time.perf_counter()
+    fit, val = val_split(prepared.train, preset.select_val_fraction, seed)
+    view = replace(prepared, train=prepared.train.subset(fit), test=prepared.train.subset(val))
+    grid = list(preset.select_grid)
+    if received is None:
+        grid = [(e, preset.received_share) for e in dict.fromkeys(e for e, _ in grid)]
+    cands = []
+    for e, share in grid:
+        m, _ = fine_tune_and_score(view, _union(preset, share), received, epochs=e, seed=seed)
+        cands.append({"epochs": int(e), "received_share": float(share),
+                      "val_bal_acc": round(float(m["patch_balanced_accuracy"]), 4),
+                      "val_auc": round(float(m["patch_auc"]), 4)})
+    best = max(range(len(cands)), key=lambda i: (cands[i]["val_bal_acc"], cands[i]["val_auc"], -i))
+    return {"epochs": cands[best]["epochs"], "received_share": cands[best]["received_share"], "candidates": cands,
+            "val_patches": int(len(val)), "fit_patches": int(len(fit)),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _final(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, *, epochs: int,
+           seed: int) -> dict[str, Any]:
+    """Choose (when the preset says so), then fine-tune on all own train patches and score on the test split."""
+    from histodd_fed.federation.fine_tuning import fine_tune_and_score
+
+    out: dict[str, Any] = {}
+    use = preset.for_protocol(preset.fine_tune_protocol)
+    if preset.select_grid:
+        sel = choose(prepared, preset, received, seed=seed)
+        epochs, use = sel["epochs"], _union(preset, sel["received_share"])
+        out.update(selection=sel, select_seconds=sel["seconds"],
+                   protocol_chosen_on=f"validation split of own train ({sel['val_patches']} patches)")
+    t0 = time.perf_counter()
+    metrics, info = fine_tune_and_score(prepared, use, received, epochs=epochs, seed=seed)
+    out.update(info)
+    out.update(metrics)
+    out.update(epochs=int(epochs), fine_tune_protocol=use.fine_tune_protocol,
+               fine_tune_seconds=round(time.perf_counter() - t0, 2))
+    return out
+
+
+def _key(preset: CentrePreset) -> str:
+    return config_hash({"protocol": preset.receive_protocol(), "version": "select-1"})[:8]
+
+
+def baseline_row(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *, epochs: int) -> dict[str, Any]:
+    """"No transfer" with the epochs chosen on the validation split (own data only, the union protocol)."""
+    b = dict(prepared.info.get("baseline", {}))
+    cache = cfg.work_dir / "received" / f"own-select-{prepared.config_hash[:8]}-{_key(preset)}-s{cfg.seed}.json"
+    if cache.exists():
+        return {**json.loads(cache.read_text()), "cached": True}
+    one_thread()
+    row: dict[str, Any] = {"name": "none", "mode": "none", "ipc": None, "source": None, "ok": True,
+                           "images": 0, "bytes": 0, "own_data_only": True}
+    row.update({f"pretrained_{k}": v for k, v in b.items()})
+    row.update(_final(prepared, preset, None, epochs=epochs, seed=cfg.seed))
+    atomic_write_json(cache, row)
+    return {**row, "cached": False}
+
+
+def fine_tune_row(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, blobs: list[bytes], *,
+                  epochs: int) -> dict[str, Any]:
+    """Open every bundle of the row, pool the patch sets, fine-tune (choosing the protocol first when the
+    preset says so), score on the test split. ``received_from``: each bundle's provenance."""
+    from histodd_fed.federation.fine_tuning import prepare_received
+
+    digests = sorted(hashlib.sha256(b).digest() for b in blobs)
+    sha = hashlib.sha256(b"".join(digests)).hexdigest()
+    cache = cfg.work_dir / "received" / f"pool-{sha[:32]}-{prepared.config_hash[:8]}-{_key(preset)}-e{epochs}.json"
+    if cache.exists():
+        recheck_senders(cfg, blobs)  # a sender revoked since: its cached metrics are not served
+        return {**json.loads(cache.read_text()), "cached": True}
+    one_thread()
+    sets, received_from, stains = [], [], []
+    for b in blobs:
+        ob = open_received_bundle(cfg, b)
+        ps = ob.patchset
+        if list(ps.class_names) != list(prepared.train.class_names):
+            raise InputError(f"received classes {ps.class_names} differ from ours {prepared.train.class_names}")
+        ready, stain = prepare_received(ps, prepared, preset)
+        sets.append(ready)
+        stains.append(stain.get("received_stain") or stain.get("input_stain"))
+        received_from.append(provenance(ob))
+    kinds = {s.kind for s in sets}
+    received = sets[0] if len(sets) == 1 else PatchSet(
+        images=np.concatenate([s.images for s in sets]), labels=np.concatenate([s.labels for s in sets]).astype(np.int64),
+        class_names=list(prepared.train.class_names), kind=sets[0].kind if len(kinds) == 1 else "mixed",
+        meta={"pooled_from": [r.get("source") for r in received_from]})
+    out = _final(prepared, preset, received, epochs=epochs, seed=cfg.seed)
+    out.update(images=len(received), kind=received.kind, received_from=received_from,
+               received_stain=", ".join(sorted({str(s) for s in stains})),
+               pooled_sources=len(blobs))
+    atomic_write_json(cache, out)
+    return {**out, "cached": False}
