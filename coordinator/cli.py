@@ -74,7 +74,11 @@ def _print(outcome, paths) -> None:
 @app.command()
 def transfer(
     source: str = typer.Option("C1", "--source"),
-    target: str = typer.Option("C2", "--target"),
+    target: Optional[str] = typer.Option(None, "--target", help="The target centre (default C2). With --benchmark "
+                                         "and hospital centres: a hospital (e.g. 2) or 'all' (leave-one-hospital-out)."),
+    sources: Optional[str] = typer.Option(None, "--sources", help="With --benchmark and hospital centres: source "
+                                          "hospitals, e.g. 0 or 0,1,3,4 (several: pooled into the target; default: "
+                                          "every hospital but the target)."),
     ipc: str = typer.Option("10", "--ipc", help="Comma-separated images-per-class values, e.g. 10,20,50."),
     full: bool = typer.Option(True, "--full/--no-full", help="Also transfer the whole real train split."),
     both_directions: bool = typer.Option(False, "--both-directions"),
@@ -89,7 +93,7 @@ def transfer(
     preset: str = typer.Option("cpu", "--preset"),
     seed: int = typer.Option(0, "--seed"),
     timeout: float = typer.Option(900.0, "--timeout", help="Seconds to wait for each centre's reply."),
-    benchmark: Optional[str] = typer.Option(None, "--benchmark", help="A benchmark study instead of --nodes/--trust: pcam-c17 (C2 alone, + Histo-DD per ipc, + Herding, + Full, stain ablations; mean ± std over --seeds)."),
+    benchmark: Optional[str] = typer.Option(None, "--benchmark", help="A benchmark study instead of --nodes/--trust: pcam-c17. Hospital centres (make-pcam-centres --hospitals): target alone, + Histo-DD per ipc, + Full per target, mean and 95% CI over --seeds (summary.md/csv/png). Two-centre folder (--target-domain): C2 alone, + Histo-DD per ipc, + Herding, + Full, stain ablations; mean ± std."),
     centres: Optional[Path] = typer.Option(None, "--centres", help="With --benchmark: the folder make-pcam-centres wrote."),
     seeds: int = typer.Option(3, "--seeds", help="With --benchmark: seeds 0..N-1."),
 ) -> None:
@@ -98,10 +102,22 @@ def transfer(
 
     if benchmark is not None:
         from histodd_fed.federation.benchmark_study import run_benchmark
+        from histodd_fed.federation.hospital_benchmark import DEFAULT_PRESET, is_hospitals, run_hospitals_benchmark
 
         if centres is None:
             raise ConfigError("--benchmark needs --centres DIR (made by centre-node make-pcam-centres)")
         out = out or Path("results/transfer") / f"{benchmark}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        if benchmark == "pcam-c17" and is_hospitals(centres):
+            rep = run_hospitals_benchmark(centres, out, sources=sources, target=target, ipcs=_ipcs(ipc), seeds=seeds,
+                                          run_study=run_study, preset=DEFAULT_PRESET if preset == "cpu" else preset,
+                                          epochs=epochs, timeout=timeout, runtime=runtime, benchmark=benchmark,
+                                          say=typer.echo, command=" ".join(["coordinator"] + sys.argv[1:]))
+            typer.echo((out / "summary.md").read_text())
+            typer.echo(f"report: {out} (summary.md, summary.csv, summary_per_seed.csv, summary.png, report.json)")
+            return
+        if sources is not None or target not in (None, "C2"):
+            raise ConfigError(f"{centres}: a two-centre folder (C1 + C2); --sources/--target need hospital centres "
+                              "(centre-node make-pcam-centres --hospitals 0,1,2,3,4)")
         rep = run_benchmark(centres, out, ipcs=_ipcs(ipc), seeds=seeds, run_study=run_study, benchmark=benchmark,
                             preset="pcam-c17" if preset == "cpu" else preset, epochs=epochs, timeout=timeout,
                             runtime=runtime, say=typer.echo)
@@ -110,6 +126,8 @@ def transfer(
         typer.echo(markdown(rep))
         typer.echo(f"report: {out}")
         return
+    if sources is not None:
+        raise ConfigError("--sources: with --benchmark pcam-c17 and hospital centres only")
     if nodes is None or trust is None:
         raise ConfigError("give --nodes and --trust (or --benchmark with --centres)")
 
@@ -123,7 +141,7 @@ def transfer(
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{nodes}: unreadable node list ({exc})") from None
     out = out or Path("results/transfer") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    cfg = StudyConfig(source=source, target=target, ipcs=_ipcs(ipc), full=full, both_directions=both_directions,
+    cfg = StudyConfig(source=source, target=target or "C2", ipcs=_ipcs(ipc), full=full, both_directions=both_directions,
                       fine_tune_epochs=epochs, seed=seed, preset=preset, reply_timeout=timeout,
                       identity_timeout=timeout, study_dir=out.resolve(), trust=trust.resolve(), runtime=runtime)
     outcome = run_study(cfg, node_cfgs)
@@ -176,7 +194,7 @@ def run_config_for(cfg) -> dict:
             "preset": cfg.preset, "seed": cfg.seed, "reply-timeout": cfg.reply_timeout,
             "identity-timeout": cfg.identity_timeout, "discovery-timeout": cfg.discovery_timeout,
             "study-dir": str(cfg.study_dir), "trust": str(cfg.trust), "runtime": "deployment",
-            "extras": json.dumps(getattr(cfg, "extras", []) or [])}
+            "extras": json.dumps(getattr(cfg, "extras", []) or []), "sources": ",".join(getattr(cfg, "sources", []) or [])}
 
 
 def _outcome_from_report(report: dict):

@@ -1,0 +1,245 @@
+"""The five-hospital benchmark: ``coordinator transfer --benchmark pcam-c17 --centres DIR --sources S --target T``.
+
+``DIR`` from ``centre-node make-pcam-centres --hospitals 0,1,2,3,4`` (one centre per Camelyon17
+hospital, :func:`histodd_fed.datasets.pcam_c17.make_hospital_centres`). For every target hospital and
+seed ``s`` one ordinary transfer study (:func:`histodd_fed.federation.coordinator.run_transfer_study`
+through whatever runtime ``run_study`` uses - the Flower simulation for the CLI): the sources'
+nodes hold their ``source`` part (all of it is "Full", sent under each source's explicit
+``export-real`` policy), the target's node its ``target`` part (small labelled train set, large test
+set). Several sources go POOLED into the target (``StudyConfig.sources``): one "+ ipc 10" row with
+every source's ipc 10 set, one "+ Full" row with all of their train patches. ``--target all`` runs
+leave-one-hospital-out: each hospital in turn the target, all others its sources.
+
+The target chooses its fine-tuning protocol (epochs, share of received data) per row on a validation
+split of its own train patches when its preset has a ``select_grid`` (the default preset
+``pcam-c17-hospitals`` does; :mod:`histodd_fed.federation.receive_select`); the test split is read
+only for the reported numbers.
+
+Writes ``OUT/summary.{md,csv,png}``, ``OUT/summary_per_seed.csv`` and ``OUT/report.json``
+(:mod:`benchmark_summary`: mean and 95% t-interval over seeds, gains paired by seed); every study's own
+report under ``OUT/runs/<target>/seed<s>/``. A centre that fails, times out or whose set is blocked is
+a fault (row kept, counted; a row no seed produced is a fault row), never a missing row or a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from histodd_fed.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from histodd_fed.errors import ConfigError, HistoddError, InputError
+from histodd_fed.federation import benchmark_summary as bs
+from histodd_fed.runconfig import write_run_config
+
+DEFAULT_PRESET = "pcam-c17-hospitals"
+
+
+def is_hospitals(centres: Path) -> bool:
+    """True when ``centres`` holds the hospitals layout (``make-pcam-centres --hospitals``)."""
+    try:
+        return json.loads((Path(centres) / "manifest.json").read_text()).get("layout") == "hospitals"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def check_hospitals(centres: Path) -> dict[str, Any]:
+    """The hospitals manifest (one-line errors for a wrong or incomplete folder)."""
+    centres = Path(centres)
+    mf = centres / "manifest.json"
+    if not mf.exists():
+        raise InputError(f"{centres}: no manifest.json (make it with centre-node make-pcam-centres --hospitals)")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{mf}: unreadable ({exc})") from None
+    if manifest.get("layout") != "hospitals":
+        raise InputError(f"{centres}: the two-centre layout (C1 + C2); --sources/--target need "
+                         "centre-node make-pcam-centres --hospitals 0,1,2,3,4")
+    for cid, c in manifest.get("centres", {}).items():
+        for p in (f"{c['source']}/train", f"{c['source']}/test", f"{c['target']}/train", f"{c['target']}/test"):
+            if not (centres / p / "patchset.json").exists():
+                raise InputError(f"{centres / p}: missing")
+    return manifest
+
+
+def _hid(text: str, known: list[int], flag: str) -> int:
+    t = str(text).strip().upper().removeprefix("H")
+    if not t.isdigit() or int(t) not in known:
+        raise ConfigError(f"{flag}: unknown hospital {text!r} (this folder has {', '.join(map(str, known))})")
+    return int(t)
+
+
+def plan(manifest: dict[str, Any], sources: str | None, target: str | None) -> list[tuple[int, list[int]]]:
+    """``[(target, [sources])]``: ``target`` a hospital or ``all`` (each in turn, all others its sources);
+    ``sources`` comma-separated, default all hospitals but the target."""
+    known = [int(d) for d in manifest.get("hospitals", [])]
+    if target is None or str(target).strip() == "":
+        raise ConfigError("--benchmark pcam-c17 with hospital centres needs --target N (or --target all)")
+    if str(target).strip().lower() == "all":
+        if sources:
+            raise ConfigError("--target all is leave-one-hospital-out (every other hospital is a source): "
+                              "leave out --sources")
+        return [(t, [s for s in known if s != t]) for t in known]
+    tgt = _hid(target, known, "--target")
+    srcs = [_hid(s, known, "--sources") for s in str(sources).split(",") if s.strip()] if sources else \
+        [s for s in known if s != tgt]
+    if tgt in srcs:
+        raise ConfigError(f"--sources {sources}: the target H{tgt} cannot also be a source")
+    if len(set(srcs)) != len(srcs) or not srcs:
+        raise ConfigError(f"--sources {sources!r}: name each source hospital once")
+    return [(tgt, srcs)]
+
+
+def transfer_label(t: str) -> str:
+    """study.table_rows' transfer -> the summary's row name."""
+    return bs.BASE if t == "no transfer" else "+ Full" if t == "Full" else f"+ {t}"
+
+
+def _fault_transfer(detail: str) -> str | None:
+    """The row a fault concerns (None: every row of that study)."""
+    m = re.search(r"\bipc(\d+)\b", detail)
+    if m:
+        return f"+ ipc {int(m.group(1))}"
+    if re.search(r"\bfull\b|\bFull\b", detail):
+        return "+ Full"
+    return None
+
+
+def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, target: str | None, ipcs: list[int],
+                            seeds: int, run_study: Callable, preset: str = DEFAULT_PRESET, epochs: int = 5,
+                            timeout: float = 1800.0, runtime: str = "simulation", benchmark: str = "pcam-c17",
+                            say: Callable[[str], None] = print, command: str = "") -> dict[str, Any]:
+    """Run every (target, seed) study; returns the report (also written under ``out``)."""
+    from histodd_fed.federation.coordinator import StudyConfig
+    from histodd_fed.federation.enrol import enrol
+    from histodd_fed.federation.presets import get_preset
+    from histodd_fed.federation.study import table_rows, write_report
+    from histodd_fed.logging_setup import progress
+
+    manifest = check_hospitals(centres)
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    if not ipcs:
+        raise ConfigError("--ipc: give at least one images-per-class value")
+    p = get_preset(preset)
+    jobs = plan(manifest, sources, target)
+    centres, out = Path(centres).resolve(), Path(out).resolve()
+    hosp = [int(d) for d in manifest["hospitals"]]
+    cid = {d: f"H{d}" for d in hosp}
+    info = manifest["centres"]
+    cfgs, trust = enrol(out / "federation", {cid[d]: centres / info[cid[d]]["source"] for d in hosp}, preset=preset)
+    by_id = {c.centre_id: c for c in cfgs}
+    n_targets = len({t for t, _ in jobs})
+    max_releases = seeds * (len(ipcs) + 1) * n_targets + 2
+    expected = {cid[t]: [bs.BASE] + [f"+ ipc {i}" for i in sorted(ipcs)] + ["+ Full"] for t, _ in jobs}
+    shown_sources = {cid[t]: "+".join(cid[s] for s in srcs) for t, srcs in jobs}
+    per_seed: list[dict[str, Any]] = []
+    faults: list[dict[str, Any]] = []
+    protocol = ({"chosen_on": "a validation split of each target's own train patches "
+                              f"({p.select_val_fraction:.0%} per class; never its test set)",
+                 "grid": [{"epochs": e, "received_share": sh} for e, sh in p.select_grid]}
+                if p.select_grid else
+                {"fixed": f"{p.fine_tune_protocol}, {epochs} epochs, received share {p.received_share}"})
+    t0 = time.perf_counter()
+    bar = progress(total=len(jobs) * seeds, desc=f"{benchmark} studies", unit="study")
+    tell = (lambda m: bar.write(m)) if not bar.disable else say  # noqa: E731
+    done = 0
+    for t, srcs in jobs:
+        tgt = cid[t]
+        for s in range(seeds):
+            ts = time.perf_counter()
+            study_dir = out / "runs" / tgt / f"seed{s}"
+            nodes = []
+            for d in srcs:  # each source's explicit policy: its real train patches (Full) may leave
+                nc = dict(by_id[cid[d]].to_node_config(), seed=s, data=str(centres / info[cid[d]]["source"]))
+                nc.update({"export-real": "true", "export-max-ipc": max(ipcs),
+                           "export-max-releases": max(int(nc.get("export-max-releases", 0)), max_releases)})
+                nodes.append(nc)
+            nodes.append(dict(by_id[tgt].to_node_config(), seed=s, data=str(centres / info[tgt]["target"])))
+            names = [cid[d] for d in srcs]
+            eta = ""
+            if done:
+                left = (time.perf_counter() - t0) / done * (len(jobs) * seeds - done)
+                eta = f", about {left / 60:.0f} min left"
+            tell(f"[{benchmark}] {done + 1}/{len(jobs) * seeds}: {'+'.join(names)} -> {tgt}, seed {s}, "
+                 f"ipc {ipcs} + Full{eta}")
+            try:
+                cfg = StudyConfig(source=names[0], sources=names if len(names) > 1 else [], target=tgt,
+                                  ipcs=list(ipcs), full=True, fine_tune_epochs=epochs, seed=s, preset=preset,
+                                  study_dir=study_dir, trust=trust, runtime=runtime, reply_timeout=timeout,
+                                  identity_timeout=timeout)
+                outcome = run_study(cfg, nodes)
+                write_report(cfg, outcome, command=f"coordinator transfer --benchmark {benchmark} "
+                                                   f"({'+'.join(names)} -> {tgt}, seed {s})")
+            except (HistoddError, OSError, RuntimeError, ValueError, KeyError) as exc:  # the study, not the run
+                faults.append({"target": tgt, "seed": s, "transfer": None, "centre": "-", "stage": "study",
+                               "kind": "error", "fault": f"study failed: {type(exc).__name__}: {str(exc)[:300]}"})
+                tell(f"[{benchmark}] {tgt} seed {s}: study failed ({type(exc).__name__}: {str(exc)[:200]})")
+            else:
+                for r in table_rows(outcome):
+                    if r.get("protocol") not in ("union", "-", None) and r.get("protocol") != p.fine_tune_protocol:
+                        continue  # one protocol per row in this benchmark
+                    raw = next((x for x in outcome.rows if (x.get("name") == "none" and r["transfer"] == "no transfer")
+                                or (x.get("source") == r["source"] and x.get("mode") != "none"
+                                    and _same(x, r))), {})
+                    per_seed.append({"target": tgt, "sources": r["source"] if r["source"] != "-" else "", "seed": s,
+                                     "transfer": transfer_label(r["transfer"]),
+                                     "patch_bal_acc": r.get("patch_bal_acc"), "patch_acc": r.get("patch_acc"),
+                                     "patch_auc": r.get("patch_auc"), "slide_acc": r.get("slide_acc"),
+                                     "slide_auc": r.get("slide_auc"), "epochs": r.get("epochs"),
+                                     "received_share": None if r["transfer"] == "no transfer"
+                                     else raw.get("received_share"),
+                                     "fine_tune_s": r.get("fine_tune_s"), "select_s": raw.get("select_seconds"),
+                                     "bytes": r.get("bytes"), "bytes_vs_full": r.get("bytes_vs_full"),
+                                     "images": r.get("images"), "protocol": r.get("protocol")})
+                for f in outcome.faults:
+                    row = _fault_transfer(f.detail)
+                    if row is None and f.centre != tgt:  # a source's fault: its sets, not "target alone"
+                        row = bs.ALL_TRANSFERS
+                    faults.append({"target": tgt, "seed": s, "transfer": row,
+                                   "centre": f.centre, "stage": f.stage, "kind": f.kind, "fault": f.line()})
+                tell(f"[{benchmark}] {tgt} seed {s}: {time.perf_counter() - ts:.0f} s, "
+                     f"{len(outcome.rows)} row(s), {len(outcome.faults)} fault(s)")
+            done += 1
+            bar.update(1)
+    bar.close()
+    rows = bs.summarise(per_seed, faults, expected=expected, sources=shown_sources)
+    seconds = round(time.perf_counter() - t0, 1)
+    head = [f"# {benchmark}: transfer into {', '.join(expected)} ({len(jobs)} target(s))", "",
+            f"Centres {centres} ({len(hosp)} hospitals, {manifest.get('target_train_per_class')} labelled train "
+            f"patches per class at each target; Full = all of the sources' train patches, no cap). Preset {preset}; "
+            f"{seeds} seed(s) (0..{seeds - 1}); mean with a 95% t-interval over seeds; gains over \"target alone\" "
+            "paired by seed. Several sources: their sets pooled into one row. Fine-tuning protocol: "
+            + (f"chosen per row and seed on {protocol['chosen_on']} from (epochs, received share) "
+               + ", ".join(f"({e}, {sh})" for e, sh in p.select_grid) + "; the epochs and received share "
+               "columns show what was chosen" if p.select_grid else protocol["fixed"])
+            + f". Slide columns: none (patch-store centres have no slides). {seconds:.0f} s wall."]
+    report = {"benchmark": benchmark, "layout": "hospitals", "centres": str(centres), "command": command,
+              "hospitals": hosp, "plan": [{"target": cid[t], "sources": [cid[s] for s in srcs]} for t, srcs in jobs],
+              "ipcs": list(ipcs), "seeds": seeds, "preset": preset, "epochs_requested": epochs,
+              "protocol": protocol, "manifest": {k: manifest.get(k) for k in (
+                  "hospitals", "target_train_per_class", "seed", "limit_per_class", "stain_angle_deg_between")},
+              "rows": rows, "per_seed": per_seed, "faults": faults, "seconds": seconds}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "summary.md", bs.markdown(rows, head))
+    atomic_write_text(out / "summary.csv", bs.csv_text(rows, bs.SUMMARY_COLS))
+    seed_rows = per_seed + [{"target": f["target"], "sources": shown_sources.get(f["target"], ""), "seed": f["seed"],
+                             "transfer": {None: "(all rows)", bs.ALL_TRANSFERS: "(all transfer rows)"}.get(f["transfer"], f["transfer"]),
+                             "fault": f["fault"]} for f in faults]
+    atomic_write_text(out / "summary_per_seed.csv",
+                      bs.csv_text(seed_rows, ["target", "sources", "seed", "transfer"] + bs.SEED_COLS))
+    atomic_write_bytes(out / "summary.png", bs.plot(rows, f"{benchmark}: {len(jobs)} target(s), {seeds} seed(s)"))
+    write_run_config(out, command or f"coordinator transfer --benchmark {benchmark}",
+                     {k: v for k, v in report.items() if k not in ("rows", "per_seed", "faults")})
+    return report
+
+
+def _same(raw: dict[str, Any], row: dict[str, Any]) -> bool:
+    """The raw outcome row behind a table row (same kind and ipc)."""
+    if row["transfer"] == "Full":
+        return raw.get("mode") == "full"
+    return raw.get("mode") in ("synthetic", "coreset") and f"ipc {raw.get('ipc')}" == row["transfer"]
