@@ -110,6 +110,16 @@ class Prepared:
     has_mil: bool
     config_hash: str
     info: dict[str, Any]
+    #: the train patches before the model's view (e.g. 96-px PCam patches when the model sees their central
+    #: 32 px): the export gate's reference, so its copy detector searches every window inside the raw patch
+    #: exactly as `centre-node export --patches RAW` does; None when the view changes nothing
+    raw_train_dir: Path | None = None
+
+    def gate_reference(self) -> PatchSet:
+        """The real patches the export gate (and the gate-aware candidate choice) audits against."""
+        if self.raw_train_dir is not None and (self.raw_train_dir / "patchset.json").exists():
+            return PatchSet.load(self.raw_train_dir)
+        return self.train
 
     def summary(self) -> dict[str, Any]:
         return {"class_counts": self.train.class_counts(), "test_class_counts": self.test.class_counts(),
@@ -117,6 +127,10 @@ class Prepared:
                 "n_train_total": int(self.info.get("n_train_total", len(self.train))),
                 "n_test": len(self.test), "prepared_hash": self.config_hash[:16],
                 "baseline": self.info.get("baseline", {})}
+
+
+#: where ``prepare`` keeps the raw train patches (before the view) under a prepared folder
+RAW_TRAIN_DIR = "train-raw"
 
 
 def _prepare_key(cfg: CentreConfig, preset: CentrePreset) -> dict[str, Any]:
@@ -141,10 +155,12 @@ def prepare(cfg: CentreConfig, preset: CentrePreset) -> Prepared:
     h = config_hash(key)
     root = cfg.work_dir / "prepared" / h[:16]
     done = root / "prepared.json"
+    raw_dir = root / RAW_TRAIN_DIR
     if done.exists():
         info = json.loads(done.read_text())
         return Prepared(root, PatchSet.load(root / "train"), PatchSet.load(root / "test"), root / "classifier",
-                        (root / slide_level.MIL_DIR).exists(), h, info)
+                        (root / slide_level.MIL_DIR).exists(), h, info,
+                        raw_dir if (raw_dir / "patchset.json").exists() else None)
     one_thread()
     t0 = time.perf_counter()
     given = load_real_splits(cfg.data)  # a folder with train/ and test/ patch sets: that split
@@ -153,8 +169,10 @@ def prepare(cfg: CentreConfig, preset: CentrePreset) -> Prepared:
     if preset.max_train_patches and len(train) > preset.max_train_patches:
         idx = np.sort(np.random.default_rng(cfg.seed).choice(len(train), preset.max_train_patches, replace=False))
         train = train.subset(idx)
+    raw_train = train
     train = _centre_view(train, preset)
     test = _centre_view(test, preset)
+    keep_raw = raw_train.image_size != train.image_size and not preset.stain_normalise_inputs
     if preset.stain_normalise_inputs:  # evaluation-side stain ablation: own data to the reference stains
         train, test = normalise_to_reference(train, train)[0], normalise_to_reference(test, train)[0]
     if len(train) == 0 or len(test) == 0:
@@ -162,6 +180,8 @@ def prepare(cfg: CentreConfig, preset: CentrePreset) -> Prepared:
     root.mkdir(parents=True, exist_ok=True)
     train.save(root / "train")
     test.save(root / "test")
+    if keep_raw:
+        raw_train.save(raw_dir)
     t1 = time.perf_counter()
     model = _train_classifier(train, preset, cfg.seed)
     from histodd_fed.training import save_model
@@ -180,7 +200,8 @@ def prepare(cfg: CentreConfig, preset: CentrePreset) -> Prepared:
     write_run_config(root, "federation.prepare", key)
     atomic_write_json(done, info)
     log.info("%s: prepared in %.1fs %s", cfg.centre_id, info["seconds"], info["timing"])
-    return Prepared(root, train, test, root / "classifier", (root / slide_level.MIL_DIR).exists(), h, info)
+    return Prepared(root, train, test, root / "classifier", (root / slide_level.MIL_DIR).exists(), h, info,
+                    raw_dir if keep_raw else None)
 
 
 def _train_classifier(train: PatchSet, preset: CentrePreset, seed: int):

@@ -64,7 +64,7 @@ def distil_cached(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *
     from histodd_fed.release.choose import candidate_check
 
     syn = distill(prepared.train, dcfg, work_dir=cfg.work_dir / "distill-work" / h[:16], progress=False,
-                  candidate_check=candidate_check(prepared.train) if dcfg.candidate_gate else None)
+                  candidate_check=candidate_check(prepared.gate_reference()) if dcfg.candidate_gate else None)
     syn.save(out)
     write_run_config(out, "federation.distil", {"distill": dcfg, "real": prepared.config_hash})
     return DistilResult(syn, h, False, round(time.perf_counter() - t0, 2))

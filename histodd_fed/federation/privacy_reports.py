@@ -10,7 +10,8 @@ from histodd_fed.patchset import PatchSet
 
 
 def gate_report(ps: PatchSet, prepared: Prepared) -> tuple[bool, dict[str, Any], str]:
-    """Run the export gate on ``ps`` against this centre's real train patches.
+    """Run the export gate on ``ps`` against this centre's real train patches (the raw ones when the model sees
+    a view of them, so the copy detector searches the same windows as ``centre-node export --patches RAW``).
 
     Returns ``(blocked, privacy_report, message)``; the report is what gets sealed into the
     manifest. Nothing is raised for a blocked set: the caller reports it and does not send it.
@@ -18,7 +19,7 @@ def gate_report(ps: PatchSet, prepared: Prepared) -> tuple[bool, dict[str, Any],
     from histodd_fed.privacy.gate import check_export
 
     one_thread()
-    decision = check_export(synthetic=ps, real=prepared.train, accept_risk=False, require_audit=True,
+    decision = check_export(synthetic=ps, real=prepared.gate_reference(), accept_risk=False, require_audit=True,
                             raise_on_block=False)
     summary = decision.to_dict()
     return decision.blocked, summary, decision.message()
