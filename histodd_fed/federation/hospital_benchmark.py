@@ -185,7 +185,8 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
                     raw = next((x for x in outcome.rows if (x.get("name") == "none" and r["transfer"] == "no transfer")
                                 or (x.get("source") == r["source"] and x.get("mode") != "none"
                                     and _same(x, r))), {})
-                    per_seed.append({"target": tgt, "sources": r["source"] if r["source"] != "-" else "", "seed": s,
+                    per_seed.append({"target": tgt, "sources": r["source"] if r["source"] != "-" else "+".join(names),
+                                     "seed": s,
                                      "transfer": transfer_label(r["transfer"]),
                                      "patch_bal_acc": r.get("patch_bal_acc"), "patch_acc": r.get("patch_acc"),
                                      "patch_auc": r.get("patch_auc"), "slide_acc": r.get("slide_acc"),
