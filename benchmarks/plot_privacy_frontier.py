@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -23,6 +24,9 @@ def _epsilon(record: dict) -> float | None:
     eps = record.get("dp_epsilon")
     if eps is None:
         eps = (record.get("recipe_config") or {}).get("config", {}).get("dp_epsilon")
+    if eps is None:   # records from before dp_epsilon was recorded: "..., epsilon 1.0, delta ..." in the description
+        m = re.search(r"epsilon ([0-9.]+)", record.get("description", ""))
+        eps = m.group(1) if m else None
     return float(eps) if eps is not None else None
 
 
@@ -36,9 +40,16 @@ def plot_frontier(records: list[dict], out: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     pool = {r.get("pool") for r in records}
     shadows = {r.get("shadows") for r in records}
-    for r in records:
+    for i, r in enumerate(records):
         x, y = r["tpr_at_1pct_fpr"], 100 * r["target_valid_accuracy"]
-        ax1.scatter(x, y, s=40)
+        colour = f"C{i}"
+        ax1.scatter(x, y, s=40, color=colour, label="through the trained model" if i == 0 else None)
+        xs = r.get("set_tpr_at_1pct_fpr")
+        if xs is not None:   # the released-images observable: hollow, joined to the model point
+            ax1.plot([x, xs], [y, y], color=colour, lw=0.8, ls="--")
+            ax1.scatter(xs, y, s=40, facecolors="none", edgecolors=colour,
+                        label="through the released images" if not any("set_tpr_at_1pct_fpr" in q for q in records[:i])
+                        else None)
         ax1.annotate(r["recipe"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax1.axvline(0.01, color="grey", ls=":", lw=1)
     ax1.text(0.0102, ax1.get_ylim()[0] + 0.5, "chance", fontsize=7, color="grey")
@@ -46,6 +57,7 @@ def plot_frontier(records: list[dict], out: Path) -> None:
                    f"pool {'/'.join(map(str, sorted(pool)))})")
     ax1.set_ylabel("accuracy on PCam valid (%)")
     ax1.set_title("membership attack vs utility (one set each)")
+    ax1.legend(fontsize=7, loc="center right")
     dp = sorted((e, 100 * r["target_valid_accuracy"]) for r in records
                 if r["recipe"].startswith("dp") and (e := _epsilon(r)) is not None)
     if dp:
