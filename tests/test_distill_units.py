@@ -71,8 +71,8 @@ def test_config_yaml_and_overrides(tmp_path):
     cfg = DistillConfig.from_yaml(ROOT / "configs" / "distill-cpu.yaml", ipc=3, lr_img=None)
     assert cfg.model == "convnet" and cfg.ipc == 3 and cfg.image_size == 32
     paper = DistillConfig.from_yaml(ROOT / "configs" / "distill-paper.yaml")
-    assert (paper.model, paper.ipc, paper.outer_steps, paper.inner_steps, paper.lr_img, paper.distance) == \
-        ("resnetap10", 10, 200, 100, 0.5, "l1")
+    assert (paper.model, paper.ipc, paper.outer_steps, paper.inner_steps, paper.lr_img_ref_size, paper.distance) == \
+        ("resnetap10", 10, 200, 100, 32, "l1")   # lr_img: calibrated per resolution (test_distill_paper_preset.py)
     bad = tmp_path / "bad.yaml"
     bad.write_text("ipc: 3\nbogus: 1\n")
     with pytest.raises(ConfigError, match="bogus"):

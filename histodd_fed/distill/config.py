@@ -16,6 +16,7 @@ LR_SCHEDULES = ("constant", "cosine")
 #: Coreset options an ``init: herding`` run may set in ``init_coreset`` (histodd_fed.coreset.CoresetConfig).
 INIT_CORESET_KEYS = ("arch", "arch_kwargs", "feature_epochs", "lr", "batch_size")
 MATCHING = ("fast", "reference")
+INPUT_NORMS = ("none", "imagenet", "dataset")
 #: Fields that do not change the result (left out of the resume / checkpoint key).
 NON_RESULT_FIELDS = ("device", "checkpoint_every")
 #: Fields added after result keys were first published: left out of the key while at their default,
@@ -26,7 +27,9 @@ LATER_FIELDS = {"init_mix": 16, "init_grid": 2, "init_colour_pool": 0, "init_anc
                 "formation": 1, "candidates": 1, "candidate_holdout": 500, "candidate_epochs": 200,
                 "candidate_eval_seeds": 2, "candidate_augmentation": "flip_rotate", "dm_layers": "last",
                 "dm_moments": 1, "candidate_gate": False, "dp_epsilon": 0.0, "dp_nets": 8, "dp_augs": 4, "dp_pool": 0,
-                "public_dir": "", "public_scale": 4, "public_pick": "project"}
+                "public_dir": "", "public_scale": 4, "public_pick": "project",
+                "input_norm": "none", "match_fc": True, "lr_img_ref_size": 0, "lr_img_size_power": 2.0,
+                "lr_img_ipc_power": 1.0}
 
 
 @dataclass
@@ -67,12 +70,29 @@ class DistillConfig:
     slide_outer_steps: int | None = None          #: K per slide in per-slide mode (None: outer_steps)
     lr_img: float = 0.5                           #: synthetic-image learning rate (5e-3 for large patches)
     lr_schedule: str = "constant"                 #: constant | cosine (decay to 0 over the outer steps)
+    #: 0: ``lr_img`` is the step size as given. N > 0: ``lr_img`` is calibrated for N-px images and 10 ipc,
+    #: and the run uses ``lr_img * (image_size / N) ** lr_img_size_power * (ipc / 10) ** lr_img_ipc_power``
+    #: (:meth:`effective_lr_img`): a pixel's gradient shrinks with the pixels and the images per class. The
+    #: IDC / Acc-DD code the paper builds on scales by powers 2 and 1 (``tune_lr_img``); measured on PCam
+    #: with the paper's network the gradient falls as size^-3 and ipc^-1.5 (docs/distillation.md "Paper preset")
+    lr_img_ref_size: int = 0
+    lr_img_size_power: float = 2.0
+    lr_img_ipc_power: float = 1.0
     #: joint: one image step per inner step on the sum of the class losses; per_class: one step per class
     #: per inner step (Algorithm 1 of the paper, as DC/DSA)
     update: str = "joint"
     momentum_img: float = 0.5
     batch_real: int = 128                         #: real images per class per matching step
     distance: str = "l1"                          #: l1 (summed) | l1_mean (per-layer mean) | cosine (DC) | mse
+    #: match the gradient of the final fully-connected (classifier) weights too. false: conv weights only,
+    #: as the IDC / Acc-DD code Histo-DD builds on (``--fc False``, its default; DC/DSA match the classifier
+    #: with their per-row cosine). Biases and norm parameters are never matched (both codes skip 1-D ones).
+    match_fc: bool = True
+    #: input normalisation of the distillation networks, applied inside the model to real and synthetic
+    #: images alike (after the augmentation, so the stain op still sees RGB in [0, 1]): none | imagenet
+    #: (fixed ImageNet mean / std) | dataset (per-channel mean / std of the real patches given to the run,
+    #: as DC / DSA / IDC normalise by the data set's statistics). Gradient matching only.
+    input_norm: str = "none"
     # model pool and model augmentation
     pool_size: int = 5                            #: |S|: pre-trained models
     pool_epochs: int = 5
@@ -170,6 +190,15 @@ class DistillConfig:
             positive(n, allow_zero=True)
         if self.slide_outer_steps is not None:
             positive("slide_outer_steps")
+        for n in ("lr_img_ref_size", "lr_img_size_power", "lr_img_ipc_power"):
+            positive(n, allow_zero=True)
+        if not isinstance(self.match_fc, bool):
+            raise ConfigError(f"distill config: match_fc must be true or false, got {self.match_fc!r}")
+        if self.input_norm not in INPUT_NORMS:
+            raise ConfigError(f"distill config: input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}")
+        if self.input_norm != "none" and (self.objective != "gradient" or self.dp_epsilon):
+            raise ConfigError(f"distill config: input_norm {self.input_norm!r} is implemented for gradient matching "
+                              f"(objective: gradient), not {self.objective!r}" + (" with dp_epsilon" if self.dp_epsilon else ""))
         if self.distance not in DISTANCES:
             raise ConfigError(f"distill config: distance must be one of {DISTANCES}, got {self.distance!r}")
         if self.matching not in MATCHING:
@@ -248,6 +277,14 @@ class DistillConfig:
         from histodd_fed.augment import parse_strategy
 
         parse_strategy(self.augmentation)
+
+    def effective_lr_img(self) -> float:
+        """The image step size the run uses: ``lr_img``, scaled by the resolution / ipc rule when
+        ``lr_img_ref_size`` is set (see the field)."""
+        if not self.lr_img_ref_size:
+            return float(self.lr_img)
+        return (float(self.lr_img) * (self.image_size / self.lr_img_ref_size) ** float(self.lr_img_size_power)
+                * (self.ipc / 10.0) ** float(self.lr_img_ipc_power))
 
     # ------------------------------------------------------------------ io
     def to_dict(self) -> dict[str, Any]:

@@ -364,17 +364,22 @@ def run_dm_dp(real, config, progress: bool = True, *, add_noise: bool = True,
     else:
         x0 = torch.rand((k * config.ipc, 3, config.image_size, config.image_size), generator=gen).to(device)
     initial = x0.detach().cpu().clone()
+    from histodd_fed.distill.drift import DriftRecorder
+
+    drift = DriftRecorder(initial, init=config.init)    # to the starting (public / noise) images
+    drift.record(0, initial)
+    every = int(config.checkpoint_every) * int(config.inner_steps)
 
     # ---- post-processing: match the synthetic images' mean embedding to the noisy targets
     x_syn = x0.requires_grad_(True)
-    opt = torch.optim.SGD([x_syn], lr=config.lr_img, momentum=config.momentum_img)
+    opt = torch.optim.SGD([x_syn], lr=config.effective_lr_img(), momentum=config.momentum_img)
     total = int(config.outer_steps) * int(config.inner_steps)
     curve = []
     t_syn = time.perf_counter()
     bar = progress_bar(total=total, desc="dm-dp match", disable=not progress)
     for step in range(total):
         if config.lr_schedule == "cosine":
-            opt.param_groups[0]["lr"] = config.lr_img * 0.5 * (1 + math.cos(math.pi * step / total))
+            opt.param_groups[0]["lr"] = config.effective_lr_img() * 0.5 * (1 + math.cos(math.pi * step / total))
         xa = aug(x_syn, gen) if aug.ops else x_syn
         e = embed(nets, xa, config.dm_layers, config.dp_pool).reshape(k, config.ipc, -1).mean(1)
         loss = (e - targets).pow(2).sum()
@@ -384,6 +389,8 @@ def run_dm_dp(real, config, progress: bool = True, *, add_noise: bool = True,
         with torch.no_grad():
             x_syn.clamp_(0.0, 1.0)
         lv = float(loss.detach()) / k
+        if (every and (step + 1) % every == 0) or step + 1 == total:
+            drift.record((step + 1) // int(config.inner_steps), x_syn)
         curve.append({"step": step, "stage": 0, "mean": lv, "first": lv, "last": lv})
         bar.update(1)
         bar.set_postfix(loss=f"{lv:.4g}")
@@ -420,10 +427,11 @@ def run_dm_dp(real, config, progress: bool = True, *, add_noise: bool = True,
         "final_loss": final,
         "timings": {"matching_s": round(time.perf_counter() - t_syn, 3)},
         "loss_curve": curve,
+        "drift": drift.summary(),
     }
     if not add_noise:
         meta["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
     ps = PatchSet(images=out, labels=labels, class_names=list(real.class_names),
                   slide_index=np.full(len(labels), -1, np.int32), slide_ids=[], slide_labels={},
                   kind="synthetic", meta=meta)
-    return DistillResult(ps, init_u8)
+    return DistillResult(ps, init_u8, drift.local())

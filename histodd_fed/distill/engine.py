@@ -28,10 +28,11 @@ from histodd_fed.atomic import atomic_write_bytes
 from histodd_fed.augment import build_augmentation
 from histodd_fed.content_hash import data_hash
 from histodd_fed.distill.config import DistillConfig
+from histodd_fed.distill.drift import DriftRecorder
 from histodd_fed.distill.initialisation import herding_init, initial_images, plan_stages
 from histodd_fed.distill.model_aug import augment_model, matched_weights
 from histodd_fed.distill.objectives import StageInputs, get_objective
-from histodd_fed.distill.pool import build_model, get_pool
+from histodd_fed.distill.pool import build_model, get_pool, input_stats
 from histodd_fed.distill.privacy_term import PrivacyGuard
 from histodd_fed.errors import InputError
 from histodd_fed.formation import META_KEY as FORMATION_KEY
@@ -67,10 +68,12 @@ def _load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 @dataclass
 class DistillResult:
-    """The synthetic set and the images it started from (uint8 NHWC, same order)."""
+    """The synthetic set, the images it started from (uint8 NHWC, same order) and the per-image drift
+    record that stays on the centre's disk (:meth:`histodd_fed.distill.drift.DriftRecorder.local`)."""
 
     patchset: PatchSet
     initial_images: np.ndarray
+    drift_local: dict | None = None
 
 
 def distill(real: PatchSet, config: DistillConfig, work_dir: Path | None = None, progress: bool = True, *,
@@ -134,8 +137,9 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
     guard = PrivacyGuard.build(x_real, config) if config.privacy_step > 0 else None
 
     # ---------------------------------------------------------------- model pool
+    norm = input_stats(config, x_real)     # input normalisation inside the networks (None: off)
     pool = get_pool(config, real.num_classes, x_real, y_real, aug, real_stains, src_hash,
-                    None if work_dir is None else work_dir / "pool", show_progress=progress)
+                    None if work_dir is None else work_dir / "pool", show_progress=progress, norm=norm)
 
     # ---------------------------------------------------------------- synthetic initialisation
     stages = plan_stages(real, config, rng)
@@ -144,6 +148,9 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
         herding_meta = herding_init(stages, images, real, config, progress)
     syn, syn_stains = initial_images(stages, config, x_real, real_stains, stain_ctx, gen, device)
     initial = [s.detach().cpu().clone() for s in syn]
+    mixed = config.init in ("mixture", "mosaic") and config.formation == 1
+    drift = DriftRecorder(torch.cat(initial), np.concatenate([g.mix_idx for stage in stages for g in stage])
+                          if mixed else None, x_real, config.init)
     steps_per_stage = [config.outer_steps if not config.per_slide else (config.slide_outer_steps or config.outer_steps)
                        for _ in stages]
     total_steps = int(sum(steps_per_stage))
@@ -163,12 +170,17 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
         gen.set_state(tensors["torch_rng"])
         rng.bit_generator.state = info["numpy_rng"]
         done, loss_curve = int(info["step"]), list(info["loss_curve"])
+        drift.restore(info.get("drift"))
         if "momentum" in tensors:
             opt_state = tensors["momentum"].to(device)
         log.info("distill: resuming from %s at outer step %d/%d", ckpt, done, total_steps)
 
+    if done == 0:
+        drift.record(0, torch.cat(syn))
+
     # ---------------------------------------------------------------- outer loop
-    net_template = build_model(config, real.num_classes).to(device)
+    net_template = build_model(config, real.num_classes, norm).to(device)
+    lr_img = config.effective_lr_img()
     objective = objective_cls(config, net_template, device)
     t_loop = time.perf_counter()
     ran = 0
@@ -181,7 +193,7 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
             continue
         x_syn = syn[s_i].detach().requires_grad_(True)
         syn[s_i] = x_syn
-        opt_img = torch.optim.SGD([x_syn], lr=config.lr_img, momentum=config.momentum_img)
+        opt_img = torch.optim.SGD([x_syn], lr=lr_img, momentum=config.momentum_img)
         if opt_state is not None and done > stage_start:
             opt_img.state[x_syn]["momentum_buffer"] = opt_state.clone()
         opt_state = None
@@ -198,11 +210,11 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
             net.load_state_dict(pool.states[int(rng.integers(len(pool.states)))])
             augment_model(net, config.alpha, gen)
             net.train()
-            weights = matched_weights(net)
+            weights = matched_weights(net, fc=config.match_fc)
             net_opt = torch.optim.SGD(net.parameters(), lr=config.lr_net, momentum=0.5)
             step_losses = []
             if config.lr_schedule == "cosine":
-                opt_img.param_groups[0]["lr"] = config.lr_img * 0.5 * (1 + math.cos(math.pi * done / total_steps))
+                opt_img.param_groups[0]["lr"] = lr_img * 0.5 * (1 + math.cos(math.pi * done / total_steps))
             for u in range(config.inner_steps):
                 aug_u = aug
                 if single_augs:
@@ -224,6 +236,8 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
             ran += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_curve[-1]['mean']:.4g}")
+            if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == total_steps:
+                drift.record(done, torch.cat(syn))
             stop_now = stop_after_steps is not None and ran >= stop_after_steps and done < total_steps
             if ckpt is not None and ((config.checkpoint_every and done % config.checkpoint_every == 0) or stop_now):
                 tensors = {f"syn_{i}": t for i, t in enumerate(syn)}
@@ -233,7 +247,7 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
                     tensors["momentum"] = buf
                 ckpt.parent.mkdir(parents=True, exist_ok=True)
                 _save_checkpoint(ckpt, tensors, {"run_key": run_key, "step": done, "loss_curve": loss_curve,
-                                                 "numpy_rng": rng.bit_generator.state,
+                                                 "drift": drift.state(), "numpy_rng": rng.bit_generator.state,
                                                  "stage_sizes": [int(t.shape[0]) for t in syn]})
         if stop_after_steps is not None and ran >= stop_after_steps and done < total_steps:
             break
@@ -263,6 +277,8 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
         "pool": {"key": pool.key, "reused": pool.reused, "train_seconds": round(pool.seconds, 3)},
         "stain_template": None if stain_ctx is None else stain_ctx.to_dict(),
         "view": view.to_dict(),
+        "lr_img_effective": lr_img,
+        "input_norm": None if norm is None else {"kind": config.input_norm, "mean": norm[0], "std": norm[1]},
         "dp": objective.dp_meta(stages, done),
         **({FORMATION_KEY: {"factor": config.formation}} if config.formation > 1 else {}),
         "init": config.init,
@@ -272,6 +288,7 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
                     "matching_s": round(t_loop, 3), "total_s": round(time.perf_counter() - t_start, 3),
                     "outer_steps_this_call": ran},
         "loss_curve": loss_curve,
+        "drift": drift.summary(),
     }
     ps = PatchSet(
         images=out_u8, labels=labels, class_names=list(real.class_names),
@@ -280,4 +297,4 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
         slide_labels=dict(real.slide_labels) if config.per_slide else {},
         kind="synthetic", meta=meta,
     )
-    return DistillResult(ps, init_u8)
+    return DistillResult(ps, init_u8, drift.local())

@@ -10,12 +10,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+WEIGHT_LAYERS = CONV_LAYERS + (nn.Linear,)
 
 
-def matched_weights(model: nn.Module) -> list[nn.Parameter]:
-    """The weights of the conv / linear layers, in module order (the ones matched and perturbed)."""
-    return [m.weight for m in model.modules() if isinstance(m, WEIGHT_LAYERS)]
+def matched_weights(model: nn.Module, fc: bool = True) -> list[nn.Parameter]:
+    """The weights of the conv / linear layers, in module order (the ones matched and perturbed).
+
+    ``fc=False`` leaves the fully-connected (``nn.Linear``: the classifier) weights out - what the
+    matching uses with ``match_fc: false``; model augmentation always perturbs them all."""
+    layers = WEIGHT_LAYERS if fc else CONV_LAYERS
+    return [m.weight for m in model.modules() if isinstance(m, layers)]
 
 
 @torch.no_grad()

@@ -62,3 +62,30 @@ def save_grid(initial: np.ndarray, synthetic: np.ndarray, labels: np.ndarray, cl
     data = _figure_bytes(fig)
     plt.close(fig)
     return atomic_write_bytes(path, data)
+
+
+def save_drift(summary: dict, path: str | Path, to_real: dict | None = None) -> Path:
+    """Drift from the start vs outer step (``meta["drift"]``): RMS change, SSIM and structure correlation
+    of each image to its starting image (mean over images); with ``to_real`` (the local record's
+    ``to_real_summary``) also to the closest real patch each image was mixed from, dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = summary.get("steps") or []
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for ax, key, label in zip(axes, ("rms", "ssim", "structure"),
+                              ("RMS change (pixels in [0, 1])", "SSIM", "structure correlation")):
+        ax.plot(steps, summary.get(f"{key}_mean") or [], marker="o", ms=3, label="to its starting image")
+        if to_real:
+            ax.plot(steps, to_real.get(f"{key}_mean") or [], ls="--", marker="x", ms=3,
+                    label="to its closest source patch")
+        ax.set_xlabel("outer step")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Drift from the start (mean over {summary.get('n_images', '?')} images)", fontsize=10)
+    data = _figure_bytes(fig)
+    plt.close(fig)
+    return atomic_write_bytes(path, data)

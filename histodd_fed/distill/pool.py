@@ -27,6 +27,49 @@ log = logging.getLogger(__name__)
 
 POOL_FIELDS = ("model", "model_kwargs", "image_size", "pool_size", "pool_epochs", "pool_lr", "pool_batch",
                "augmentation", "seed")
+#: pool fields added later: in the key only when not at their default (earlier caches stay valid)
+LATER_POOL_FIELDS = {"input_norm": "none"}
+
+
+class InputNormalised(torch.nn.Module):
+    """``net((x - mean) / std)``: a distillation network with its input normalisation inside, so real and
+    synthetic images (kept in [0, 1], augmented in RGB) enter it alike. ``features`` is normalised too."""
+
+    def __init__(self, net: torch.nn.Module, mean, std) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("input_mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
+        self.register_buffer("input_std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
+        if hasattr(net, "feature_dim"):
+            self.feature_dim = net.feature_dim
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.input_mean) / self.input_std
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(self.normalise(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalise(x))
+
+
+def input_stats(config, x: torch.Tensor | None) -> tuple[list[float], list[float]] | None:
+    """(mean, std) per channel for ``config.input_norm``: None (none), ImageNet's, or those of the real
+    images ``x`` (N, C, H, W) in [0, 1] (dataset)."""
+    if config.input_norm == "none":
+        return None
+    if config.input_norm == "imagenet":
+        from histodd_fed.models.torchvision_models import INPUT_MEAN, INPUT_STD
+
+        return list(INPUT_MEAN), list(INPUT_STD)
+    if x is None:
+        raise InputError("input_norm 'dataset' needs the real images to take their statistics from")
+    xf = x.detach().float().transpose(0, 1).reshape(x.shape[1], -1)
+    mean = xf.mean(1)
+    std = xf.std(1).clamp_min(1e-3)
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
 
 
 @dataclass
@@ -41,12 +84,18 @@ class ModelPool:
 
 def pool_key(data_hash: str, config) -> str:
     cfg = {k: getattr(config, k) for k in POOL_FIELDS}
+    cfg.update({k: getattr(config, k) for k, d in LATER_POOL_FIELDS.items() if getattr(config, k, d) != d})
     blob = json.dumps({"data": data_hash, "pool": cfg}, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
 
 
-def build_model(config, num_classes: int) -> torch.nn.Module:
-    return create_model(config.model, num_classes=num_classes, image_size=config.image_size, **config.model_kwargs)
+def build_model(config, num_classes: int, norm: tuple[list[float], list[float]] | None = None) -> torch.nn.Module:
+    """The distillation network of ``config``; wrapped in :class:`InputNormalised` when ``norm`` (mean, std)
+    is given (:func:`input_stats`)."""
+    net = create_model(config.model, num_classes=num_classes, image_size=config.image_size, **config.model_kwargs)
+    if norm is not None:
+        net = InputNormalised(net, *norm)
+    return net
 
 
 def train_classifier(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, batch: int,
@@ -87,7 +136,8 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def get_pool(config, num_classes: int, x: torch.Tensor, y: torch.Tensor, aug: Augmentation | None,
-             stains: ImageStains | None, data_hash: str, cache_dir: Path | None, show_progress: bool = True) -> ModelPool:
+             stains: ImageStains | None, data_hash: str, cache_dir: Path | None, show_progress: bool = True,
+             norm: tuple[list[float], list[float]] | None = None) -> ModelPool:
     """Load the pool from ``cache_dir`` if present for this data + config, else train and cache it."""
     import time
 
@@ -108,7 +158,7 @@ def get_pool(config, num_classes: int, x: torch.Tensor, y: torch.Tensor, aug: Au
         gen = torch.Generator().manual_seed(int(config.seed) * 7919 + 1000 * i + 17)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(gen.initial_seed()))
-            model = build_model(config, num_classes).to(x.device)
+            model = build_model(config, num_classes, norm).to(x.device)
         train_classifier(model, x, y, config.pool_epochs, config.pool_lr, config.pool_batch, aug, stains, gen)
         states.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     seconds = time.perf_counter() - t0

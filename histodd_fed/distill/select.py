@@ -99,6 +99,9 @@ def run_best_of(real: PatchSet, config, work_dir: Path | None = None, progress: 
     if gate is not None:
         meta["selection"]["gate"] = gate
     best_res.patchset.meta = meta
+    local = best_res.drift_local
+    if local and isinstance(local.get("to_real"), dict):   # indices into the distilled-from part -> into ``real``
+        local["to_real"]["source_indices"] = keep[np.asarray(local["to_real"]["source_indices"])].tolist()
     return best_res
 
 
