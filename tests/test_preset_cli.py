@@ -85,7 +85,7 @@ def test_commands_that_must_work(tmp_path, data):
     S, H, R = tmp_path / "S", tmp_path / "H", tmp_path / "R"
     # distill: the preset's view and recipe, explicit flags override it (tiny run; noise init so the
     # set is not a copy of real patches and the gate lets it through)
-    ok("-q", "distill", "--patches", train, "--preset", "pcam", "--ipc", 2, "--outer-steps", 1, "--inner-steps", 1,
+    ok("-q", "distill", "--patches", train, "--preset", "pcam", "--ipc", 2, "--outer-steps", 1,
        "--init", "noise", "--candidates", 1, "--out", S)   # one set (best-of-5: tests/test_distill_options.py)
     syn = PatchSet.load(S)
     assert syn.image_size == 32 and syn.class_counts() == {"normal": 2, "tumour": 2}
@@ -148,7 +148,7 @@ def test_distill_takes_a_patch_set_imported_from_a_folder(tmp_path, data):
     store, S = tmp_path / "store", tmp_path / "S"
     ok("-q", "tile", "--patches", data / "train", "--out", store)
     assert PatchSet.load(store).meta["slide_splits"] == {}
-    ok("-q", "distill", "--patches", store, "--preset", "pcam", "--ipc", 2, "--outer-steps", 1, "--inner-steps", 1,
+    ok("-q", "distill", "--patches", store, "--preset", "pcam", "--ipc", 2, "--outer-steps", 1,
        "--init", "noise", "--candidates", 1, "--out", S)
     syn = PatchSet.load(S)
     assert syn.class_counts() == {"normal": 2, "tumour": 2} and recorded_view(syn) == CROP

@@ -34,8 +34,13 @@ def test_study_coreset_cli_end_to_end(toy_dirs, tmp_path):
     out = tmp_path / "res"
     r = CliRunner().invoke(app, ["-q", "study", "coreset", "--patches", str(toy_dirs / "train"), "--test",
                                  str(toy_dirs / "test"), "--preset", "tiny", "--out", str(out), "--ipcs", "2",
-                                 "--seeds", "1"])
+                                 "--seeds", "1", "--outer-steps", "3", "--inner-steps", "2"])
     assert r.exit_code == 0, r.output
+    table = (out / "table.md").read_text()      # one row per method and ipc, the export gate's verdict per row
+    assert "| method | IPC | Ratio % | set's meta method |" in table and "export gate |" in table
+    assert "| Histo-DD | 2 | 16.67 | histo-dd |" in table and "| Random | 2 | 16.67 | random |" in table
+    assert "BLOCKED: synthetic patch" in table.split("| Random | 2")[1].splitlines()[0]   # a coreset is real patches
+    assert "@ 3 |" in table                                        # Histo-DD's drift after its 3 outer steps
     md = (out / "results.md").read_text()
     assert "| IPC | Ratio % | Random | Herding | Forgetting | Histo-DD | Full |" in md
     assert "| 2 | 16.67 |" in md  # 2 ipc x 2 classes / 24 patches
@@ -48,6 +53,8 @@ def test_study_coreset_cli_end_to_end(toy_dirs, tmp_path):
     assert cfg["config"]["preset"]["name"] == "tiny"
     syn = PatchSet.load(out / "sets" / "histodd-ipc2")
     assert syn.kind == "synthetic" and syn.class_counts() == {"class0": 2, "class1": 2}
+    assert (syn.meta["config"]["outer_steps"], syn.meta["config"]["inner_steps"]) == (3, 2)   # the flags won
+    assert (out / "sets" / "histodd-ipc2" / "drift.json").is_file()
     # Figure 1a from the study's own sets
     fig = tmp_path / "grid.png"
     r = CliRunner().invoke(app, ["study", "figure", "--synthetic", str(out / "sets" / "histodd-ipc2"),

@@ -328,12 +328,58 @@ def _release_line(dp: Optional[dict], counts: dict, budget: Optional[dict] = Non
     return "; ".join(parts)
 
 
+def set_summary(folder: Path) -> dict:
+    """What ``inspect`` shows of a patch-set directory: kind, method, size, view, steps, drift summary,
+    the export gate's verdict (``gate.json``) and whether a local per-image drift record is there."""
+    from histodd_fed.patchset import PatchSet
+
+    ps = PatchSet.load(folder)
+    m = ps.meta
+    out = {"set": str(folder), "kind": ps.kind, "method": m.get("method") or m.get("study_method") or "-",
+           "images": len(ps), "class_counts": ps.class_counts(), "image_size": ps.image_size}
+    if m.get("config"):
+        c = m["config"]
+        out["recipe"] = (f"{c.get('objective', 'gradient')} on {c.get('model')} {c.get('model_kwargs') or ''}, "
+                         f"ipc {c.get('ipc')}, K {c.get('outer_steps')} x U {c.get('inner_steps')}, init {c.get('init')}")
+    if "steps_done" in m:
+        out["steps"] = f"{m['steps_done']}/{m.get('steps_total')}" + ("" if m.get("complete", True) else " (incomplete)")
+    if m.get("view"):
+        out["view"] = m["view"]
+    d = m.get("drift")
+    if d and d.get("steps"):
+        out["drift"] = {"steps": d["steps"], **{k: d[k] for k in ("rms_mean", "ssim_mean", "structure_mean") if k in d}}
+        out["drift_last"] = (f"after {d['steps'][-1]} outer steps, mean over {d.get('n_images')} images: RMS "
+                             f"{d['rms_mean'][-1]:.4f}, SSIM {d['ssim_mean'][-1]:.3f}, structure "
+                             f"{d['structure_mean'][-1]:.3f} (to each image's start)")
+    gate = folder / "gate.json"
+    if gate.is_file():
+        try:
+            g = json.loads(gate.read_text())
+            out["gate"] = "passes" if g.get("passed") else f"BLOCKED - {(g.get('reasons') or ['?'])[0]}"
+        except (OSError, ValueError):
+            out["gate"] = "gate.json unreadable"
+    if (folder / "drift.json").is_file():
+        out["drift_local"] = "drift.json: per-image drift (and to real source patches) - local only, never exported"
+    return out
+
+
 def inspect(
-    file: Path = typer.Argument(..., help="Bundle file."),
+    file: Path = typer.Argument(..., help="Bundle file, or a patch-set directory (shows its method and drift)."),
     keys: Optional[Path] = typer.Option(None, "--keys", help="Key dir whose trust store checks the signer."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Show a bundle's public header and signature status, without decrypting."""
+    """Show a bundle's public header and signature status, without decrypting; or a patch set's summary
+    (kind, method, recipe, drift from the start, the export gate's verdict)."""
+    if file.is_dir():
+        summary = printable(set_summary(file))
+        if as_json:
+            typer.echo(json.dumps(summary, indent=2))
+            return
+        for k, v in summary.items():
+            if k == "drift":
+                continue
+            typer.echo(f"{k:>15}: {json.dumps(v) if isinstance(v, dict) else v}")
+        return
     from histodd_fed.bundle import BundleError, inspect as bundle_inspect, verify
     from histodd_fed.bundle.trust import TrustStore
 

@@ -60,6 +60,10 @@ def distill_command(
                                                   "the patches and keep the one that trains best on it (1: off)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda."),
     split: str = typer.Option("train", "--split", help="Slide split to distil when the store has one."),
+    limit_per_class: Optional[int] = typer.Option(None, "--limit-per-class",
+                                                  help="Distil from at most N patches per class (a random subset, "
+                                                       "seeded by --seed; the export gate still audits against the "
+                                                       "whole store)."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Pool cache + checkpoints (default: OUT.work)."),
     gate: bool = typer.Option(True, "--gate/--no-gate",
                               help="After distilling, run the export gate on the set against the raw --patches (the "
@@ -85,6 +89,8 @@ def distill_command(
         raise InputError(f"distill: --delta must be in (0, 1), got {delta}")
     if public_dir is not None and epsilon is None:
         raise InputError("distill: --public-dir is for DP runs (--epsilon)")
+    if limit_per_class is not None and limit_per_class < 1:
+        raise InputError(f"distill: --limit-per-class must be >= 1, got {limit_per_class}")
     if (patches is None) == (slides is None):
         raise InputError("distill: give exactly one of --patches STORE or --slides DIR")
     if preset is not None and config is not None:
@@ -111,6 +117,7 @@ def distill_command(
         cfg = DistillConfig.from_yaml(cfg_path, **overrides)
     else:
         cfg = DistillConfig.from_dict({}, **overrides)
+    _refuse_unused(cfg, {"--inner-steps": inner_steps})
     work = work_dir if work_dir is not None else out.parent / f"{out.name}.work"
 
     if slides is not None:
@@ -138,6 +145,11 @@ def distill_command(
         log.info("using the %s split: %d patches", split, len(real))
     if len(real) == 0:
         raise InputError(f"{patches}: no patches to distil (split {split!r})")
+    if limit_per_class is not None:
+        from histodd_fed.training.data import limit_per_class as cap
+
+        real = cap(real, limit_per_class, seed=cfg.seed)
+        log.info("--limit-per-class %d: distilling from %d patches %s", limit_per_class, len(real), real.class_counts())
     from histodd_fed.preprocess import current_view, to_view
 
     if pre is not None and pre.view is not None:
@@ -160,6 +172,7 @@ def distill_command(
     write_run_config(out, "centre-node distill", {"distill": cfg.to_dict(), "patches": str(patches),
                                                   "slides": None if slides is None else str(slides), "split": split,
                                                   "work_dir": str(work), "config_file": str(cfg_path),
+                                                  "limit_per_class": limit_per_class,
                                                   "preset": None if pre is None else pre.to_dict(),
                                                   "view": syn.meta["view"]})
     verdict = None
@@ -169,10 +182,17 @@ def distill_command(
         log.info("export gate on the written set (the same check `export --patches %s` makes)", patches)
         verdict = release_verdict(syn, reference)
         atomic_write_json(out / "gate.json", {**verdict, "reference": str(patches)})
-    from histodd_fed.distill.plots import save_grid, save_loss_curve
+    from histodd_fed.distill.plots import save_drift, save_grid, save_loss_curve
 
     save_loss_curve(syn.meta["loss_curve"], out / "loss_curve.png")
     save_grid(res.initial_images, syn.images, syn.labels, syn.class_names, out / "synthetic_grid.png")
+    if syn.meta.get("drift"):
+        from histodd_fed.atomic import atomic_write_json
+
+        if res.drift_local is not None:   # per image, and to the real source patches: this disk only, never meta
+            atomic_write_json(out / "drift.json", res.drift_local)
+        save_drift(syn.meta["drift"], out / "drift.png", (res.drift_local or {}).get("to_real_summary"))
+        typer.echo(f"method {syn.meta.get('method')}: {drift_line(syn.meta['drift'])}")
     t = syn.meta["timings"]
     if dp:
         d = syn.meta["dp"]
@@ -197,6 +217,24 @@ def distill_command(
     _echo_verdict(verdict)
     if not syn.meta["complete"]:
         typer.echo("warning: distillation incomplete", err=True)
+
+
+def _refuse_unused(cfg, given: dict) -> None:
+    """One line for a flag the recipe does not use (e.g. --inner-steps with distribution matching)."""
+    from histodd_fed.errors import InputError
+
+    if given.get("--inner-steps") is not None and (cfg.objective != "gradient" or cfg.dp_epsilon):
+        raise InputError(f"distill: --inner-steps is not used by this recipe (objective {cfg.objective!r}"
+                         f"{', dm-dp' if cfg.dp_epsilon else ''}: one image step per outer step, no network "
+                         "steps between them); set --outer-steps")
+
+
+def drift_line(d: dict) -> str:
+    """``meta["drift"]`` in one line: the last record's mean drift from the starting images."""
+    if not d or not d.get("steps"):
+        return "no drift record"
+    return (f"drift from the start after {d['steps'][-1]} outer steps (mean over {d.get('n_images')} images): "
+            f"RMS {d['rms_mean'][-1]:.4f}, SSIM {d['ssim_mean'][-1]:.3f}, structure {d['structure_mean'][-1]:.3f}")
 
 
 def _echo_verdict(verdict: dict | None) -> None:

@@ -210,13 +210,22 @@ def evaluate(
 
 def _study(kind: str, patches: Path, test: Path, preset: str, out: Optional[Path], limit_per_class: Optional[int],
            test_limit_per_class: Optional[int], seeds: Optional[int], epochs: Optional[int], device: Optional[str],
-           threads: Optional[int], **extra) -> "StudyRun":  # noqa: F821
+           threads: Optional[int], outer_steps: Optional[int] = None, inner_steps: Optional[int] = None,
+           **extra) -> "StudyRun":  # noqa: F821
     from histodd_fed.logging_setup import progress_enabled
     from histodd_fed.studies import StudyRun, load_preset, load_study_data
 
     _threads(threads)
     p = load_preset(preset, limit_per_class=limit_per_class, test_limit_per_class=test_limit_per_class,
-                    device=device, **{"eval.seeds": seeds, "eval.epochs": epochs})
+                    device=device, **{"eval.seeds": seeds, "eval.epochs": epochs, "distill.outer_steps": outer_steps,
+                                      "distill.inner_steps": inner_steps},
+                    # --outer-steps: one K for every ipc (the preset's K-per-ipc map no longer applies)
+                    outer_steps_by_ipc={} if outer_steps is not None else None)
+    if inner_steps is not None:   # a flag the study's distillation recipe does not use: one line
+        from centre_node.commands.distill import _refuse_unused
+        from histodd_fed.studies.training_sets import distill_config
+
+        _refuse_unused(distill_config(p, p.ipcs[0] if p.ipcs else 10), {"--inner-steps": inner_steps})
     out = out or Path("results") / f"study-{kind}-{p.name}"
     data = load_study_data(patches, test, p)
     run = StudyRun(kind=kind, preset=p, data=data, out_dir=out, progress=progress_enabled(),
@@ -235,10 +244,13 @@ _SEEDS = typer.Option(None, "--seeds", help="Override the preset's number of eva
 _EPOCHS = typer.Option(None, "--epochs", help="Override the preset's epochs on compressed sets.")
 _DEVICE = typer.Option(None, "--device", help="auto | cpu | cuda (overrides the preset).")
 _THREADS = typer.Option(None, "--threads", help="torch CPU threads.")
+_OUTER = typer.Option(None, "--outer-steps", help="K of every Histo-DD distillation (overrides the preset's K and "
+                                                  "its K-per-ipc map).")
+_INNER = typer.Option(None, "--inner-steps", help="U of every Histo-DD distillation (overrides the preset).")
 
 
-def _print_results(run) -> None:
-    typer.echo((run.out_dir / "results.md").read_text())
+def _print_results(run, name: str = "results.md") -> None:
+    typer.echo((run.out_dir / name).read_text())
     typer.echo(f"results in {run.out_dir}")
 
 
@@ -248,14 +260,19 @@ def study_coreset(patches: Path = _PATCHES, test: Path = _TEST, preset: str = _P
                   seeds: Optional[int] = _SEEDS, epochs: Optional[int] = _EPOCHS,
                   methods: Optional[str] = typer.Option(None, "--methods", help="Comma list, e.g. random,histodd,full."),
                   ipcs: Optional[str] = typer.Option(None, "--ipcs", help="Comma list, e.g. 1,10,50."),
+                  outer_steps: Optional[int] = _OUTER, inner_steps: Optional[int] = _INNER,
+                  gate: bool = typer.Option(True, "--gate/--no-gate",
+                                            help="Run the export gate on every compressed set against the study's "
+                                                 "training patches; its verdict is a column of table.md."),
                   device: Optional[str] = _DEVICE, threads: Optional[int] = _THREADS) -> None:
-    """Table 1: Random / Herding / Forgetting / Histo-DD / Full at each ipc, with ratio %."""
+    """Table 1: Random / Herding / Forgetting / Histo-DD / Full at each ipc, with ratio % and the export
+    gate's verdict per row (table.md, results.md, accuracy_by_method.png)."""
     from histodd_fed.studies import run_coreset_study
 
     run = _study("coreset", patches, test, preset, out, limit_per_class, test_limit_per_class, seeds, epochs, device,
-                 threads, methods=methods, ipcs=ipcs)
-    run_coreset_study(run, _words(methods), _ints(ipcs))
-    _print_results(run)
+                 threads, outer_steps=outer_steps, inner_steps=inner_steps, methods=methods, ipcs=ipcs)
+    run_coreset_study(run, _words(methods), _ints(ipcs), gate=gate)
+    _print_results(run, "table.md")
 
 
 @study_app.command("ablation")

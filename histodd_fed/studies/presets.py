@@ -108,6 +108,8 @@ def load_preset(name_or_path: str | Path, **overrides: Any) -> StudyPreset:
             continue
         if k.startswith("eval."):
             data.setdefault("eval", {})[k[5:]] = v
+        elif k.startswith("distill."):
+            data["distill"] = {**(data.get("distill") or {}), k[8:]: v}
         else:
             data[k] = v
     return StudyPreset.from_dict(data, where=str(path))

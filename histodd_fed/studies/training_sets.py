@@ -98,10 +98,12 @@ def build_set(method: str, ipc: int, data: StudyData, preset: StudyPreset, out_d
         if cached.meta.get("study_key") == key:
             log.info("reusing %s", set_dir)
             return cached
+    local_drift = None
     if method in ("histodd", "histodd_herding"):
         from histodd_fed.distill import run_distillation
 
         res = run_distillation(data.train, cfg, work_dir=out_dir / "distill-work", progress=progress)
+        local_drift = res.drift_local
         ps = res.patchset
         initial = PatchSet(images=res.initial_images, labels=ps.labels.copy(), class_names=ps.class_names,
                            kind="real", meta={"role": "initialisation of " + name})
@@ -112,4 +114,8 @@ def build_set(method: str, ipc: int, data: StudyData, preset: StudyPreset, out_d
         ps = build_coreset(data.train, ccfg, progress=progress)
     ps.meta = {**ps.meta, "study_key": key, "study_method": method, "ipc": ipc}
     ps.save(set_dir)
+    if local_drift is not None:   # per-image drift (to real patches): next to the set, never in its meta
+        from histodd_fed.atomic import atomic_write_json
+
+        atomic_write_json(set_dir / "drift.json", local_drift)
     return ps
