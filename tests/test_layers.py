@@ -23,6 +23,7 @@ FORBIDDEN = {
     "privacy": ("distill", "release", "federation", "bundle", "studies"),
     "content_hash.py": ("distill", "privacy", "release", "federation", "bundle"),
     "structure.py": ("distill", "privacy", "release", "federation", "bundle"),
+    "image_similarity.py": ("distill", "privacy", "release", "federation", "bundle"),
     # the centre's settings sit below everything a centre does
     "federation/centre_config.py": ("federation.centre",) + CENTRE_WORK,
     # the centre node sits on top of the federation package: nothing in it imports back up into it

@@ -1,10 +1,10 @@
-"""SSIM, normalised L2 and cosine distance of histodd_fed.privacy.similarity."""
+"""SSIM, normalised L2 and cosine distance of histodd_fed.image_similarity."""
 
 import numpy as np
 import pytest
 import torch
 
-from histodd_fed.privacy.similarity import (SSIMIndex, cosine_distance_matrix, effective_window, gaussian_window,
+from histodd_fed.image_similarity import (SSIMIndex, cosine_distance_matrix, effective_window, gaussian_window,
                                             normalised_l2_matrix, ssim)
 
 

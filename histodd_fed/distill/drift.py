@@ -2,7 +2,7 @@
 at every checkpoint of a distillation (outer step 0, every ``checkpoint_every`` steps, the last step).
 
 Per image and record: RMS change and mean absolute change of the [0, 1] pixels, SSIM (the privacy
-code's gaussian-window SSIM, ``histodd_fed.privacy.similarity``, a leaf module) and the structure
+code's gaussian-window SSIM, ``histodd_fed.image_similarity``, a leaf module) and the structure
 correlation of the low-passed grey images (:func:`histodd_fed.structure.structure_vectors`, pool 2 as the
 export gate) to the starting image. When the images start from several real patches each (``init:
 mixture`` / ``mosaic``) the same three numbers are also recorded against the real patches an image was
@@ -27,7 +27,7 @@ MEASURES = ("rms", "abs_mean", "ssim", "structure")
 
 
 def _ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    from histodd_fed.privacy.similarity import ssim   # torch-only leaf module
+    from histodd_fed.image_similarity import ssim
 
     return ssim(a, b)
 

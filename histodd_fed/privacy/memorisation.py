@@ -33,7 +33,7 @@ from torch import nn
 from histodd_fed.logging_setup import progress
 from histodd_fed.patchset import PatchSet
 from histodd_fed.privacy.classifier import TrainSpec, extract_features, train_model
-from histodd_fed.privacy.similarity import SSIMIndex, cosine_distance_matrix, normalised_l2_matrix
+from histodd_fed.image_similarity import SSIMIndex, cosine_distance_matrix, normalised_l2_matrix
 from histodd_fed.structure import structure_vectors
 
 log = logging.getLogger(__name__)
