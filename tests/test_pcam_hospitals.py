@@ -169,6 +169,7 @@ def test_several_sources_pooled_into_one_target(tmp_path):
     assert float(full["gain_mean"]) == pytest.approx(0.0505) and float(full["bytes_vs_full"]) == 1.0
     assert float(summary[1]["share_of_full_gain"]) == pytest.approx(0.03 / 0.0505)
     assert summary[1]["epochs"] == "15" and summary[1]["received_share"] == "0.8"
+    assert float(summary[1]["bytes_vs_full"]) == pytest.approx(0.1)     # against the Full received in that study
     for col in ("patch_bal_acc_mean", "patch_bal_acc_ci95_low", "patch_bal_acc_ci95_high", "gain_ci95_low",
                 "gain_ci95_high", "patch_acc_mean", "patch_auc_mean", "slide_auc_mean", "fine_tune_s_mean",
                 "bytes_mean", "bytes_vs_full", "epochs"):

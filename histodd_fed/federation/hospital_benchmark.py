@@ -196,6 +196,7 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
                                      "fine_tune_s": r.get("fine_tune_s"), "select_s": raw.get("select_seconds"),
                                      "bytes": r.get("bytes"), "bytes_vs_full": r.get("bytes_vs_full"),
                                      "images": r.get("images"), "protocol": r.get("protocol")})
+                _bytes_vs_received_full(per_seed, tgt, s)
                 for f in outcome.faults:
                     row = _fault_transfer(f.detail)
                     if row is None and f.centre != tgt:  # a source's fault: its sets, not "target alone"
@@ -244,3 +245,16 @@ def _same(raw: dict[str, Any], row: dict[str, Any]) -> bool:
     if row["transfer"] == "Full":
         return raw.get("mode") == "full"
     return raw.get("mode") in ("synthetic", "coreset") and f"ipc {raw.get('ipc')}" == row["transfer"]
+
+
+def _bytes_vs_full(rows: list[dict[str, Any]]) -> None:
+    """``bytes_vs_full`` of one study's rows: bytes / the bytes of the Full row actually received in it (a
+    pooled ipc row that lost a source's set is still measured against the Full the target got)."""
+    full = next((r for r in rows if r["transfer"] == "+ Full" and r.get("bytes")), None)
+    for r in rows:
+        if r["transfer"] != bs.BASE:
+            r["bytes_vs_full"] = round(float(r.get("bytes") or 0) / float(full["bytes"]), 5) if full else None
+
+
+def _bytes_vs_received_full(per_seed: list[dict[str, Any]], target: str, seed: int) -> None:
+    _bytes_vs_full([r for r in per_seed if r["target"] == target and r["seed"] == seed])

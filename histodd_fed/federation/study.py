@@ -185,7 +185,9 @@ def write_report(cfg: StudyConfig, outcome: StudyOutcome, command: str = "coordi
     out = Path(cfg.study_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = table_rows(outcome)
-    md = [f"# Transfer study {cfg.source} -> {cfg.target}" + (" (both directions)" if cfg.both_directions else ""),
+    sources = "+".join(cfg.source_list()) if hasattr(cfg, "source_list") else cfg.source
+    md = [f"# Transfer study {sources} -> {cfg.target}" + (" (both directions)" if cfg.both_directions else "")
+          + (" (sources pooled)" if len(sources.split("+")) > 1 else ""),
           "", f"Runtime: {cfg.runtime}; preset {cfg.preset}; fine-tuning {cfg.fine_tune_epochs} epochs; "
           f"seed {cfg.seed}; study time {outcome.seconds:.1f} s; messages {outcome.messages}.", "",
           markdown_table(rows)]
