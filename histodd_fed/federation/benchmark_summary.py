@@ -111,7 +111,7 @@ def summarise(per_seed: list[dict[str, Any]], faults: list[dict[str, Any]], *, e
         full = next((r for r in block if r["transfer"] == "+ Full"), None)
         for r in block:
             if full is not None and r["transfer"].startswith("+ ipc") and r.get("gain_mean") is not None \
-                    and full.get("gain_mean"):
+                    and (full.get("gain_mean") or 0) > 0:  # a share of no gain (or a loss) means nothing
                 r["share_of_full_gain"] = r["gain_mean"] / full["gain_mean"]
         rows.extend(block)
     return rows
