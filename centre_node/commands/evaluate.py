@@ -211,13 +211,14 @@ def evaluate(
 def _study(kind: str, patches: Path, test: Path, preset: str, out: Optional[Path], limit_per_class: Optional[int],
            test_limit_per_class: Optional[int], seeds: Optional[int], epochs: Optional[int], device: Optional[str],
            threads: Optional[int], outer_steps: Optional[int] = None, inner_steps: Optional[int] = None,
-           **extra) -> "StudyRun":  # noqa: F821
+           full_epochs: Optional[int] = None, **extra) -> "StudyRun":  # noqa: F821
     from histodd_fed.logging_setup import progress_enabled
     from histodd_fed.studies import StudyRun, load_preset, load_study_data
 
     _threads(threads)
     p = load_preset(preset, limit_per_class=limit_per_class, test_limit_per_class=test_limit_per_class,
-                    device=device, **{"eval.seeds": seeds, "eval.epochs": epochs, "distill.outer_steps": outer_steps,
+                    device=device, **{"eval.seeds": seeds, "eval.epochs": epochs, "eval.full_epochs": full_epochs,
+                                      "distill.outer_steps": outer_steps,
                                       "distill.inner_steps": inner_steps},
                     # --outer-steps: one K for every ipc (the preset's K-per-ipc map no longer applies)
                     outer_steps_by_ipc={} if outer_steps is not None else None)
@@ -247,6 +248,7 @@ _THREADS = typer.Option(None, "--threads", help="torch CPU threads.")
 _OUTER = typer.Option(None, "--outer-steps", help="K of every Histo-DD distillation (overrides the preset's K and "
                                                   "its K-per-ipc map).")
 _INNER = typer.Option(None, "--inner-steps", help="U of every Histo-DD distillation (overrides the preset).")
+_FULL_EPOCHS = typer.Option(None, "--full-epochs", help="Override the preset's epochs on the full real set.")
 
 
 def _print_results(run, name: str = "results.md") -> None:
@@ -261,7 +263,7 @@ def study_coreset(patches: Path = _PATCHES, test: Path = _TEST, preset: str = _P
                   methods: Optional[str] = typer.Option(None, "--methods", help="Comma list, e.g. random,histodd,full."),
                   ipcs: Optional[str] = typer.Option(None, "--ipcs", help="Comma list, e.g. 1,10,50."),
                   outer_steps: Optional[int] = _OUTER, inner_steps: Optional[int] = _INNER,
-                  gate: bool = typer.Option(True, "--gate/--no-gate",
+                  full_epochs: Optional[int] = _FULL_EPOCHS, gate: bool = typer.Option(True, "--gate/--no-gate",
                                             help="Run the export gate on every compressed set against the study's "
                                                  "training patches; its verdict is a column of table.md."),
                   device: Optional[str] = _DEVICE, threads: Optional[int] = _THREADS) -> None:
@@ -270,7 +272,8 @@ def study_coreset(patches: Path = _PATCHES, test: Path = _TEST, preset: str = _P
     from histodd_fed.studies import run_coreset_study
 
     run = _study("coreset", patches, test, preset, out, limit_per_class, test_limit_per_class, seeds, epochs, device,
-                 threads, outer_steps=outer_steps, inner_steps=inner_steps, methods=methods, ipcs=ipcs)
+                 threads, outer_steps=outer_steps, inner_steps=inner_steps, full_epochs=full_epochs, methods=methods,
+                 ipcs=ipcs)
     run_coreset_study(run, _words(methods), _ints(ipcs), gate=gate)
     _print_results(run, "table.md")
 
