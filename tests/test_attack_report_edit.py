@@ -116,10 +116,16 @@ def _edit_csv_only(r: Path) -> None:
 def _edit_md_only(r: Path) -> None:
     rep = _load(r)
     row = rep["rows"][_full_index(rep)]
-    md = (r / "results.md").read_text()
-    shown = f"| {row['patch_auc']:.3f} |"
-    assert shown in md
-    (r / "results.md").write_text(md.replace(shown, "| 0.999 |"))
+    lines = (r / "results.md").read_text().splitlines(keepends=True)
+    # only the Full row's patch_auc cell: another row (or column) may show the same number
+    head = next(ln for ln in lines if ln.startswith("|") and "patch_auc" in ln)
+    col = [c.strip() for c in head.strip().strip("|").split("|")].index("patch_auc")
+    i = next(i for i, ln in enumerate(lines) if ln.startswith("|") and "| Full |" in ln)
+    cells = lines[i].rstrip("\n").strip().strip("|").split("|")
+    assert cells[col].strip() == f"{row['patch_auc']:.3f}", (cells, col)
+    cells[col] = " 0.999 "
+    lines[i] = "|" + "|".join(cells) + "|\n"
+    (r / "results.md").write_text("".join(lines))
 
 
 def _edit_centre(r: Path) -> None:
