@@ -208,6 +208,16 @@ def evaluate(
         typer.echo(f"  model saved to {save_model_dir}")
 
 
+def _command_line(kind: str) -> str:
+    """The command as typed (run from the ``centre-node`` script), else ``centre-node study KIND``."""
+    import shlex
+    import sys
+
+    if Path(sys.argv[0]).name == "centre-node" and "study" in sys.argv:
+        return "centre-node " + shlex.join(sys.argv[1:])
+    return f"centre-node study {kind}"
+
+
 def _study(kind: str, patches: Path, test: Path, preset: str, out: Optional[Path], limit_per_class: Optional[int],
            test_limit_per_class: Optional[int], seeds: Optional[int], epochs: Optional[int], device: Optional[str],
            threads: Optional[int], outer_steps: Optional[int] = None, inner_steps: Optional[int] = None,
@@ -230,7 +240,7 @@ def _study(kind: str, patches: Path, test: Path, preset: str, out: Optional[Path
     out = out or Path("results") / f"study-{kind}-{p.name}"
     data = load_study_data(patches, test, p)
     run = StudyRun(kind=kind, preset=p, data=data, out_dir=out, progress=progress_enabled(),
-                   command=f"centre-node study {kind}", sources={"patches": str(patches), "test": str(test), **{
+                   command=_command_line(kind), sources={"patches": str(patches), "test": str(test), **{
                        k: v for k, v in extra.items() if v is not None}})
     return run
 
