@@ -104,15 +104,21 @@ def split_per_class(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray
     return train
 
 
-def make_pcam_centres(pcam: Path, stains: Path, out: Path, *, target_domain: int = 2,
-                      target_train_per_class: int = 50, seed: int = 0, limit_per_class: int | None = None,
-                      jitter: bool = True, figure: bool = True) -> dict[str, Any]:
-    """Write ``out/C1``, ``out/C2/{train,test}``, ``manifest.json``, ``run_config.json``, ``centres.png``."""
+def _checked_paths(pcam: Path, stains: Path, out: Path, target_train_per_class: int) -> tuple[Path, Path, Path]:
+    """The three folders as paths, after the checks both builders share (PCam present, a labelled target)."""
     pcam, stains, out = Path(pcam), Path(stains), Path(out)
     if not pcam.is_dir():
         raise InputError(f"{pcam}: PCam folder not found")
     if target_train_per_class < 1:
         raise ConfigError(f"--target-train-per-class must be >= 1, got {target_train_per_class}")
+    return pcam, stains, out
+
+
+def make_pcam_centres(pcam: Path, stains: Path, out: Path, *, target_domain: int = 2,
+                      target_train_per_class: int = 50, seed: int = 0, limit_per_class: int | None = None,
+                      jitter: bool = True, figure: bool = True) -> dict[str, Any]:
+    """Write ``out/C1``, ``out/C2/{train,test}``, ``manifest.json``, ``run_config.json``, ``centres.png``."""
+    pcam, stains, out = _checked_paths(pcam, stains, out, target_train_per_class)
     t0 = time.perf_counter()
     target, tiles = domain_profile(stains, target_domain)
     c1, c1_files = load_folder(pcam / "train", limit_per_class, seed)
@@ -246,11 +252,7 @@ def make_hospital_centres(pcam: Path, stains: Path, out: Path, *, hospitals: lis
         out/H<d>/target/train   labelled train patches of H<d> as a target
         out/H<d>/target/test    its test set
     """
-    pcam, stains, out = Path(pcam), Path(stains), Path(out)
-    if not pcam.is_dir():
-        raise InputError(f"{pcam}: PCam folder not found")
-    if target_train_per_class < 1:
-        raise ConfigError(f"--target-train-per-class must be >= 1, got {target_train_per_class}")
+    pcam, stains, out = _checked_paths(pcam, stains, out, target_train_per_class)
     t0 = time.perf_counter()
     tiles_by = domain_tiles(stains)
     missing = [d for d in hospitals if d not in tiles_by]

@@ -52,6 +52,7 @@ from histodd_fed.federation.envelope import (
     PROTOCOL_VERSION,
     Envelope,
     ProtocolError,
+    bundle_rows,
     reply_digest,
     sign_statement,
     statement,
@@ -254,13 +255,7 @@ class CentreNode:
         if request.body.get("baseline", True):  # one "no transfer" row per reported protocol
             rows.extend(fine_tuning.evaluate_baseline(self.config, self.preset.for_protocol(p), prepared)
                         for p in self.preset.protocols())
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for item in request.body.get("bundles", []):
-            name = str(item["name"])
-            if name not in request.blobs:
-                raise ProtocolError(f"train request names bundle {name!r} but does not carry it")
-            groups.setdefault(str(item.get("row") or name), []).append(item)
-        for row_name, items in groups.items():
+        for row_name, items in bundle_rows(request).items():
             row: dict[str, Any] = {"name": row_name, "bytes": sum(len(request.blobs[str(i["name"])]) for i in items),
                                    "bundles": [str(i["name"]) for i in items]}
             by_part = {str(i.get("part") or "both"): request.blobs[str(i["name"])] for i in items}

@@ -132,3 +132,15 @@ def check_proof(proof: Any, expected: dict[str, Any], pub: Any) -> str | None:
 def reply_digest(body: dict[str, Any]) -> str:
     """Digest of a reply body as signed (everything except the proof itself)."""
     return digest({k: v for k, v in body.items() if k != "proof"})
+
+
+def bundle_rows(request: "Envelope") -> dict[str, list[dict[str, Any]]]:
+    """A train request's bundle items grouped by the row they feed (``row``, else the bundle's own name), in
+    request order; a named bundle the request does not carry is a :class:`ProtocolError`."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for item in request.body.get("bundles", []):
+        name = str(item["name"])
+        if name not in request.blobs:
+            raise ProtocolError(f"train request names bundle {name!r} but does not carry it")
+        groups.setdefault(str(item.get("row") or name), []).append(item)
+    return groups

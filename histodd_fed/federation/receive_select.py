@@ -30,7 +30,7 @@ from histodd_fed.errors import HistoddError, InputError
 from histodd_fed.federation.centre_bundles import open_received_bundle, provenance, recheck_senders
 from histodd_fed.federation.centre_config import CentreConfig
 from histodd_fed.federation.centre_data import Prepared, one_thread
-from histodd_fed.federation.envelope import Envelope, ProtocolError
+from histodd_fed.federation.envelope import Envelope, ProtocolError, bundle_rows
 from histodd_fed.federation.presets import CentrePreset
 from histodd_fed.patchset import PatchSet
 from histodd_fed.runconfig import config_hash
@@ -64,13 +64,7 @@ def train_rows(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, requ
         else:
             rows.extend(fine_tuning.evaluate_baseline(cfg, preset.for_protocol(p), prepared, epochs=epochs)
                         for p in preset.protocols())
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for item in request.body.get("bundles", []):
-        name = str(item["name"])
-        if name not in request.blobs:
-            raise ProtocolError(f"train request names bundle {name!r} but does not carry it")
-        groups.setdefault(str(item.get("row") or name), []).append(item)
-    for row_name, items in groups.items():
+    for row_name, items in bundle_rows(request).items():
         row: dict[str, Any] = {"name": row_name, "bytes": sum(len(request.blobs[str(i["name"])]) for i in items),
                                "bundles": [str(i["name"]) for i in items]}
         patch = [request.blobs[str(i["name"])] for i in items if str(i.get("part") or "both") in PATCH_PARTS]
