@@ -124,3 +124,31 @@ def test_large_bundle_bounded_memory(centres, tmp_path):
     assert seal_peak < 16 * 1024 * 1024, f"seal peak {seal_peak / 1e6:.1f} MB"
     assert open_peak < ps.images.nbytes + 16 * 1024 * 1024, f"open peak {open_peak / 1e6:.1f} MB"
     assert np.array_equal(ob.patchset.images[::97], ps.images[::97])
+
+
+def test_sealed_manifest_carries_a_loss_curve_summary_not_every_step(centres, tmp_path):
+    """A 400-step DM run's per-step loss curve was ~52 KB of an ipc-10 bundle's ~117 KB (measured on
+    the pcam-c17 hospitals benchmark): the sealed manifest keeps a 16-point summary; the sender's
+    own set keeps the whole curve."""
+    from histodd_fed.bundle.manifest import LOSS_CURVE_POINTS
+
+    rng = np.random.default_rng(0)
+    curve = [{"step": i, "stage": 0, "mean": 5.0 / (1 + i), "first": 5.0, "last": 4.0, "seconds": 0.05}
+             for i in range(400)]
+    ps = PatchSet(images=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), labels=np.arange(20) % 2,
+                  class_names=["normal", "tumour"], kind="synthetic",
+                  meta={"ipc": 10, "method": "dm", "loss_curve": curve})
+    summary = seal(ps, centres["C1"], [centres["C2"].public], out=tmp_path / "s.hdb")
+    whole = dict(ps.meta)
+    ps_bare = PatchSet(images=ps.images, labels=ps.labels, class_names=ps.class_names, kind="synthetic",
+                       meta={"ipc": 10, "method": "dm"})
+    bare = seal(ps_bare, centres["C1"], [centres["C2"].public], out=tmp_path / "b.hdb")
+    ob = open_bundle(summary, centres["C2"], TrustStore.load(tmp_path / "C2"), NO_LEDGER)
+    meta = ob.manifest["distillation_config"]
+    assert "loss_curve" not in meta and "loss_curve" not in ob.patchset.meta
+    s = meta["loss_curve_summary"]
+    assert s["steps"] == 400 and s["first"] == 5.0 and s["last"] == 5.0 / 400 and s["min"] == 5.0 / 400
+    assert len(s["points"]) == LOSS_CURVE_POINTS and s["points"][0] == [0, 5.0] and s["points"][-1][0] == 399
+    assert ps.meta == whole   # the sender's set is untouched
+    # the summary costs well under 2 KB over a set with no curve at all (the whole curve: ~40 KB here)
+    assert summary.stat().st_size - bare.stat().st_size < 2048

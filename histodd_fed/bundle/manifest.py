@@ -24,6 +24,8 @@ MANIFEST_KEYS = {"format", "format_version", "bundle_id", "source_centre", "crea
 #: optional manifest fields: ``dp`` (the set's DP guarantee, from meta["dp"]) and ``release`` (per
 #: recipient: the sender's release count and epsilon spent, histodd_fed.bundle.releases)
 MANIFEST_OPTIONAL_KEYS = {"dp", "release"}
+#: how many points of a set's per-step loss curve a sealed manifest keeps (:func:`sealed_meta`)
+LOSS_CURVE_POINTS = 16
 
 
 def _is_local_path(s: str) -> bool:
@@ -52,13 +54,33 @@ def strip_local_paths(obj: object) -> object:
     return obj
 
 
+def sealed_meta(meta: dict) -> dict:
+    """The set's meta as it is sealed: without local paths, and with the per-step loss curve
+    (``loss_curve``, one row per outer step: ~50 KB at 400 steps, most of an ipc-10 bundle) replaced by
+    ``loss_curve_summary`` - its length, first / last / lowest mean loss and :data:`LOSS_CURVE_POINTS`
+    evenly spaced (step, mean) points. The recipient needs none of it to use the set; the full curve and
+    its plot stay with the sender (``loss_curve.png`` next to the set)."""
+    out = strip_local_paths(dict(meta))
+    curve = out.pop("loss_curve", None)
+    if isinstance(curve, list) and curve:
+        means = [r.get("mean") for r in curve if isinstance(r, dict) and isinstance(r.get("mean"), (int, float))]
+        picks = sorted({round(i * (len(curve) - 1) / (LOSS_CURVE_POINTS - 1)) for i in range(LOSS_CURVE_POINTS)})
+        out["loss_curve_summary"] = {
+            "steps": len(curve),
+            "first": means[0] if means else None, "last": means[-1] if means else None,
+            "min": min(means) if means else None,
+            "points": [[curve[i].get("step", i), curve[i].get("mean")] for i in picks if isinstance(curve[i], dict)],
+        }
+    return out
+
+
 def build_manifest(ps: PatchSet, bundle_id: str, sender: Identity, created: str, parts: list[PayloadPart],
               privacy_report: dict | None, extra: dict | None, release: dict | None = None) -> dict:
     from histodd_fed.bundle.releases import dp_of
     from histodd_fed.errors import InputError
 
     counts = ps.class_counts()
-    meta = strip_local_paths(dict(ps.meta))  # the recipients learn no local directory of the sender
+    meta = sealed_meta(ps.meta)  # no local directory of the sender; the loss curve as a summary
     try:
         dp = dp_of(meta, f"seal bundle {bundle_id}")  # the set's DP guarantee, as sealed in the config
     except InputError as exc:
