@@ -158,3 +158,31 @@ def test_transfer_fills_the_slide_columns(slide_hospitals, tmp_path, monkeypatch
     assert full["slide_bags"] == 8 and full["slide_images"] == 80             # 8 real 10-patch slides
     assert full["images"] == 80                                               # its patch part: all 80 patches
     assert [p["part"] for p in full["slides_received_from"]] == ["slides"]
+
+
+def test_pooled_slide_sets_keep_every_slide_a_bag():
+    """--sources 0,1,3,4 / --target all: each source's slide set of a row pooled into one, slide tables merged."""
+    from histodd_fed.federation.envelope import ProtocolError
+    from histodd_fed.federation.receive_select import _check_slide_labels, pool_sets
+
+    def one(prefix: str, n: int) -> PatchSet:
+        labels = np.array([0, 1] * n)
+        return PatchSet(np.zeros((2 * n, 4, 4, 3), np.uint8), labels, CLASSES,
+                        slide_index=np.repeat(np.arange(n), 2).astype(np.int32),
+                        slide_ids=[f"{prefix}-{k}" for k in range(n)],
+                        slide_labels={f"{prefix}-{k}": k % 2 for k in range(n)}, kind="synthetic")
+
+    a, b, dup = one("H0", 3), one("H1", 2), one("H0", 2)
+    pooled = pool_sets([a, b, dup], CLASSES, ["H0", "H1", "H3"])
+    assert len(pooled) == 14 and len(pooled.slide_ids) == len(set(pooled.slide_ids)) == 7
+    assert pooled.slide_ids[:5] == ["H0-0", "H0-1", "H0-2", "H1-0", "H1-1"] and pooled.slide_ids[5] == "2:H0-0"
+    assert [int((pooled.slide_index == j).sum()) for j in range(7)] == [2] * 7
+    assert pooled.slide_labels["H1-1"] == 1 and pooled.slide_labels["2:H0-1"] == 1
+    patch = [{"source": "H0", "row": "ipc10"}, {"source": "H1", "row": "ipc10"}]
+    _check_slide_labels(patch, [{"source": "H0", "row": "ipc10"}, {"source": "H1", "row": "ipc10"}])
+    with pytest.raises(ProtocolError, match="sealed as row"):
+        _check_slide_labels(patch, [{"source": "H0", "row": "full"}])
+    with pytest.raises(ProtocolError, match="one per source"):
+        _check_slide_labels(patch, [{"source": "H0", "row": "ipc10"}, {"source": "H0", "row": "ipc10"}])
+    with pytest.raises(ProtocolError, match="one per source"):
+        _check_slide_labels(patch, [{"source": "H4", "row": "ipc10"}])
