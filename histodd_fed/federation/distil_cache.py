@@ -55,11 +55,10 @@ def distil_cached(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *
     if int(ipc) in dict(preset.outer_steps_by_ipc):  # K scales with ipc (paper: 200 / 500 / 1000)
         overrides["outer_steps"] = int(dict(preset.outer_steps_by_ipc)[int(ipc)])
     overrides.update(extra_overrides or {})  # a study variant (e.g. another matching augmentation)
-    if per_slide:
-        overrides.update(ipc=int(preset.slide_ipc), per_slide=True, slide_outer_steps=int(preset.slide_outer_steps))
+    if per_slide:  # one candidate: best-of-K is patch level only (a config that has candidates: 1 keeps its hash)
+        overrides.update(ipc=int(preset.slide_ipc), per_slide=True, slide_outer_steps=int(preset.slide_outer_steps),
+                         candidates=1)
     dcfg = DistillConfig.from_yaml(_distill_config_path(preset), **overrides)
-    if per_slide and dcfg.candidates > 1:  # best-of-K is patch level only (a config with candidates: 1 keeps its hash)
-        dcfg = DistillConfig.from_yaml(_distill_config_path(preset), **overrides, candidates=1)
     slides = prepared.slide_sets() if per_slide else None
     if per_slide and slides is None:
         raise ConfigError("per-slide distillation: this centre has no slide data")

@@ -15,6 +15,11 @@ split of its own train patches when its preset has a ``select_grid`` (the defaul
 ``pcam-c17-hospitals`` does; :mod:`histodd_fed.federation.receive_select`); the test split is read
 only for the reported numbers.
 
+Slide columns: when the folder has pseudo-slides (:mod:`histodd_fed.datasets.pseudo_slides`), every centre's
+slide data are its ``slides-train`` / ``slides-test`` sets; each row's slide AUC / accuracy, the slide AUC gain
+over "target alone" (paired by seed) and ipc rows' share of Full's slide gain are in the summary; a row
+without them says why (``slide_note``).
+
 Writes ``OUT/summary.{md,csv,png}``, ``OUT/summary_per_seed.csv`` and ``OUT/report.json``
 (:mod:`benchmark_summary`: mean and 95% t-interval over seeds, gains paired by seed); every study's own
 report under ``OUT/runs/<target>/seed<s>/``. A centre that fails, times out or whose set is blocked is
