@@ -186,3 +186,21 @@ def test_pooled_slide_sets_keep_every_slide_a_bag():
         _check_slide_labels(patch, [{"source": "H0", "row": "ipc10"}, {"source": "H0", "row": "ipc10"}])
     with pytest.raises(ProtocolError, match="one per source"):
         _check_slide_labels(patch, [{"source": "H4", "row": "ipc10"}])
+
+
+def test_per_slide_mixture_init_with_a_few_tumour_patches_per_slide():
+    """A tumour pseudo-slide holds 2-6 tumour patches, fewer than init_mix 8: its mixtures use what it has."""
+    from histodd_fed.distill import DistillConfig, run_distillation
+
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 30 + [1] * 2 + [0] * 30)                 # slide 0: 2 tumour of 32; slide 1: normal
+    ps = PatchSet(rng.integers(0, 255, (62, 16, 16, 3), dtype=np.uint8), labels, CLASSES,
+                  slide_index=np.array([0] * 32 + [1] * 30, dtype=np.int32), slide_ids=["t0", "n0"],
+                  slide_labels={"t0": 1, "n0": 0})
+    cfg = DistillConfig(model="convnet", model_kwargs={"width": 8, "depth": 2}, image_size=16, ipc=2, outer_steps=1,
+                        inner_steps=1, batch_real=8, pool_size=1, pool_epochs=0, pool_batch=16, batch_net=16,
+                        augmentation="flip", distance="l1", lr_img=0.01, checkpoint_every=0, device="cpu", seed=3,
+                        objective="distribution", init="mixture", init_mix=8, init_colour_pool=32, net_steps=0,
+                        per_slide=True, slide_outer_steps=1)
+    syn = run_distillation(ps, cfg, progress=False).patchset
+    assert len(syn) == 6 and syn.slide_ids == ["t0", "n0"] and list(np.bincount(syn.slide_index)) == [4, 2]
