@@ -167,7 +167,8 @@ def _final(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, 
     Slide level (the centre has slide data, :attr:`Prepared.has_mil`): the MIL head fine-tuned on the
     received slide set ``slides`` (None: own slides only, the "no transfer" row) with the request's
     ``slide_epochs`` and the preset's received share - nothing of it is chosen on the validation split -
-    and scored on the centre's test slides (:func:`fine_tuning.slide_fine_tune`)."""
+    and scored on the centre's test slides (:func:`fine_tuning.slide_fine_tune`). A transfer row (``received``
+    given) without a slide set has no slide columns (an own-slides-only number there would pass for the row's)."""
     from histodd_fed.federation.fine_tuning import fine_tune_scored_model, slide_fine_tune
 
     out: dict[str, Any] = {}
@@ -183,7 +184,7 @@ def _final(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, 
     out.update(metrics)
     out.update(epochs=int(epochs), fine_tune_protocol=use.fine_tune_protocol,
                fine_tune_seconds=round(time.perf_counter() - t0, 2))
-    if prepared.has_mil:
+    if prepared.has_mil and (slides is not None or received is None):  # a transfer row needs a slide set
         ts = time.perf_counter()
         slide_epochs = int(epochs if slide_epochs is None else slide_epochs)
         slide_preset = _union(preset, preset.received_share)
@@ -260,7 +261,8 @@ def fine_tune_row(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, b
     elif slide_sets:
         note = "the target has no slide data: received slide sets not used"
     elif prepared.has_mil:
-        note = "no slide set in this row (its sources have no slide data)"
+        note = ("no slide set received in this row (blocked by its source's export gate, over its release budget, "
+                "or its source has no slide data: see the faults)")
     out = _final(prepared, preset, received, epochs=epochs, seed=cfg.seed, slides=slides, slide_epochs=epochs)
     out.update(images=len(received), kind=received.kind, received_from=received_from,
                received_stain=", ".join(sorted({str(s) for s in stains})),
