@@ -57,7 +57,7 @@ def distil_cached(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *
     overrides.update(extra_overrides or {})  # a study variant (e.g. another matching augmentation)
     if per_slide:  # one candidate: best-of-K is patch level only (a config that has candidates: 1 keeps its hash)
         overrides.update(ipc=int(preset.slide_ipc), per_slide=True, slide_outer_steps=int(preset.slide_outer_steps),
-                         candidates=1, **dict(preset.slide_distill_overrides))
+                         candidates=1)
     dcfg = DistillConfig.from_yaml(_distill_config_path(preset), **overrides)
     slides = prepared.slide_sets() if per_slide else None
     if per_slide and slides is None:

@@ -39,8 +39,6 @@ class CentrePreset:
     mil_fine_tune_lr: float = 2e-4
     slide_ipc: int = 2               # m: per-slide synthetic images per class per slide (slide-level transfer)
     slide_outer_steps: int = 5       # distillation outer steps per slide in per-slide mode
-    #: DistillConfig overrides for per-slide sets only (on top of ``distill_overrides``); () = none
-    slide_distill_overrides: tuple[tuple[str, Any], ...] = ()
     distill_config: str = "configs/distill-cpu.yaml"
     distill_overrides: tuple[tuple[str, Any], ...] = ()
     #: K (outer steps) per ipc for patch-level distillation, as the paper scales it (200 / 500 / 1000
@@ -167,7 +165,6 @@ class CentrePreset:
         for k in self.RECEIVE_FIELDS:
             d.pop(k, None)
         d.pop("outer_steps_by_ipc", None)  # distillation only (its config hash covers it)
-        d.pop("slide_distill_overrides", None)  # likewise
         for k in ("crop_center", "stain_normalise_inputs"):  # off: same key as before these fields existed
             if not d.get(k):
                 d.pop(k, None)
@@ -176,7 +173,6 @@ class CentrePreset:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["distill_overrides"] = dict(self.distill_overrides)
-        d["slide_distill_overrides"] = dict(self.slide_distill_overrides)
         d["outer_steps_by_ipc"] = dict(self.outer_steps_by_ipc)
         d["classifier_kwargs"] = dict(self.classifier_kwargs)
         d["also_protocols"] = list(self.also_protocols)
@@ -267,17 +263,16 @@ PRESETS["pcam-c17-gm"] = replace(
 # would leave every received set nothing to show in the slide columns.
 PRESETS["pcam-c17-hospitals"] = replace(
     PRESETS["pcam-c17"], name="pcam-c17-hospitals", max_train_patches=0,
-    select_grid=((5, 0.5), (15, 0.5), (5, 0.8), (15, 0.8)), slide_encoder="fine_tuned",
-    # per-slide sets: a tumour pseudo-slide holds 2-6 tumour patches, so its mixtures keep a real patch's layout
-    # (smoke folder, seed 0, without it: 14 of 120 images above the gate's structure p99, set blocked); the
-    # cpu preset's privacy term (0.1 RMS push from the 4 nearest real patches after every step)
-    slide_distill_overrides=(("privacy_step", 0.1),))
+    select_grid=((5, 0.5), (15, 0.5), (5, 0.8), (15, 0.8)), slide_encoder="fine_tuned")
 # the same with another slide head than CLAM (histodd_fed/mil/registry.py): `coordinator transfer --benchmark pcam-c17
 # --preset pcam-c17-hospitals-abmil ...` (every centre pre-trains and fine-tunes that head on its pseudo-slides)
 for _head in ("abmil", "dsmil", "transmil"):
     PRESETS[f"pcam-c17-hospitals-{_head}"] = replace(PRESETS["pcam-c17-hospitals"], name=f"pcam-c17-hospitals-{_head}",
                                                      mil_model=_head)
 del _head
+# the slide columns with the target's pre-trained classifier as the (frozen) slide encoder, to compare
+PRESETS["pcam-c17-hospitals-frozen"] = replace(PRESETS["pcam-c17-hospitals"], name="pcam-c17-hospitals-frozen",
+                                               slide_encoder="frozen")
 # the same with every input of the target stain-normalised (the evaluation-side stain ablation)
 PRESETS["pcam-c17-norm"] = replace(PRESETS["pcam-c17"], name="pcam-c17-norm", stain_normalise_inputs=True)
 
