@@ -273,8 +273,13 @@ def centre(tmp_path, monkeypatch):
         def __init__(self):
             self.train = train
 
+        separate_slides = False
+
         def summary(self):
             return {"n_train_total": len(train)}
+
+        def slide_sets(self):
+            return None
 
     def distil_cached(cfg, preset, prepared, *, ipc, seed, per_slide=False, extra_overrides=None):
         calls.append((ipc, seed))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from histodd_fed.atomic import atomic_write_json
+from histodd_fed.datasets.pseudo_slides import SlideSpec, slide_set
 from histodd_fed.errors import ConfigError, InputError
 from histodd_fed.patchset import IMAGE_SUFFIXES, PatchSet
 from histodd_fed.runconfig import write_run_config
@@ -239,7 +241,8 @@ def _deal(labels: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
 
 def make_hospital_centres(pcam: Path, stains: Path, out: Path, *, hospitals: list[int],
                           target_train_per_class: int = 50, seed: int = 0, limit_per_class: int | None = None,
-                          jitter: bool = True, figure: bool = True) -> dict[str, Any]:
+                          jitter: bool = True, figure: bool = True,
+                          slides: SlideSpec | None = SlideSpec()) -> dict[str, Any]:
     """One centre per Camelyon17 hospital, patch-disjoint, each re-stained to its hospital.
 
     PCam ``train`` is dealt into ``len(hospitals)`` disjoint class-balanced shares (the hospitals'
@@ -251,6 +254,13 @@ def make_hospital_centres(pcam: Path, stains: Path, out: Path, *, hospitals: lis
         out/H<d>/source/test    -> ../target/test (the hospital's own test patches, for its own baseline)
         out/H<d>/target/train   labelled train patches of H<d> as a target
         out/H<d>/target/test    its test set
+        out/H<d>/source/slides-train   pseudo-slides of source/train (:mod:`pseudo_slides`; ``slides=None``: none)
+        out/H<d>/source/slides-test    -> ../target/slides-test
+        out/H<d>/target/slides-train   pseudo-slides of target/train
+        out/H<d>/target/slides-test    pseudo-slides of target/test
+
+    A split too small for pseudo-slides gets none (the manifest says why); the centre then has no slide
+    columns.
     """
     pcam, stains, out = _checked_paths(pcam, stains, out, target_train_per_class)
     t0 = time.perf_counter()
@@ -291,18 +301,16 @@ def make_hospital_centres(pcam: Path, stains: Path, out: Path, *, hospitals: lis
         src.save(out / cid / "source" / "train")
         tgt = PatchSet(tgt_img, valid.labels[ti], list(valid.class_names), kind="real")
         is_train = split_per_class(tgt.labels, target_train_per_class, seed + d)
-        parts = {}
+        parts, split_sets = {}, {"source/train": src}
         for name, mask in (("train", is_train), ("test", ~is_train)):
             idx = np.flatnonzero(mask)
             part = tgt.subset(idx, meta=dict(common, role="target", split=name, source=str(pcam / "valid"),
                                              files=[valid_files[ti[i]] for i in idx]))
             part.save(out / cid / "target" / name)
             parts[name] = part.class_counts()
-        link = out / cid / "source" / "test"
-        if link.is_symlink() or link.is_file():
-            link.unlink()
-        if not link.exists():
-            link.symlink_to(Path("..") / "target" / "test", target_is_directory=True)
+            split_sets[f"target/{name}"] = part
+        _link(out / cid / "source" / "test", Path("..") / "target" / "test")
+        slide_info = _pseudo_slides(out / cid, cid, split_sets, slides, seed * 1000 + 2 * d) if slides else None
         prof = set_profile(np.concatenate([src_img, tgt_img]), name=f"{cid} re-stained", seed=seed)
         profiles[cid] = {"target": target.to_dict(), "restained": prof.to_dict()}
         centres[cid] = {"domain": int(d), "source": f"{cid}/source", "target": f"{cid}/target",
@@ -310,6 +318,8 @@ def make_hospital_centres(pcam: Path, stains: Path, out: Path, *, hospitals: lis
                         "target_test_class_counts": parts["test"],
                         "restain": {"source": src_info, "target": tgt_info},
                         "stain_angle_deg_to_tiles": round(stain_distance(prof.matrix, target.matrix), 3)}
+        if slide_info is not None:
+            centres[cid]["pseudo_slides"] = slide_info
         shown[d] = (src_img, tgt_img, valid.images[ti], tiles)
         log.info("pcam-c17: %s (domain %d): source %d, target %d train / %d test patches", cid, d, len(src),
                  int(is_train.sum()), int((~is_train).sum()))
@@ -319,7 +329,8 @@ def make_hospital_centres(pcam: Path, stains: Path, out: Path, *, hospitals: lis
     manifest = {
         "benchmark": BENCHMARK, "layout": "hospitals", "pcam": str(pcam), "stains": str(stains),
         "hospitals": [int(d) for d in hospitals], "target_train_per_class": int(target_train_per_class),
-        "seed": int(seed), "limit_per_class": limit_per_class, "jitter": bool(jitter), "centres": centres,
+        "seed": int(seed), "limit_per_class": limit_per_class, "jitter": bool(jitter),
+        "pseudo_slides": slides.to_dict() if slides else None, "centres": centres,
         "profiles": dict(profiles, pcam_train=train_profile.to_dict(), pcam_valid=valid_profile.to_dict()),
         "stain_angle_deg_between": angles, "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -329,6 +340,53 @@ def make_hospital_centres(pcam: Path, stains: Path, out: Path, *, hospitals: lis
     if figure:
         hospitals_figure(out / "centres.png", shown, seed)
     return manifest
+
+
+def _link(link: Path, to: Path) -> None:
+    """``link`` -> ``to`` (a relative directory link), replacing an older link or file."""
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(to, target_is_directory=True)
+
+
+#: pseudo-slide sets of a hospital: (folder under H<d>, the split it is drawn from, SlideSpec field)
+SLIDE_SETS = (("source/slides-train", "source/train", "source_train"),
+              ("target/slides-train", "target/train", "target_train"),
+              ("target/slides-test", "target/test", "test"))
+
+
+def _pseudo_slides(root: Path, cid: str, splits: dict[str, PatchSet], spec: SlideSpec, seed: int) -> dict[str, Any]:
+    """Write the hospital's pseudo-slide sets (each from ONE split, :func:`pseudo_slides.slide_set`); the
+    manifest's record. When a target split holds none, neither target slide set is written (no half
+    slide columns); ``source/slides-test`` links to the target's test slides (the source's own baseline)."""
+    made: dict[str, PatchSet | None] = {}
+    info: dict[str, Any] = {}
+    for k, (folder, split, field) in enumerate(SLIDE_SETS):
+        ps, rec = slide_set(splits[split], splits[split].meta["files"], int(getattr(spec, field)), spec,
+                            seed=seed * 10 + k, prefix=f"{cid}-{split.replace('/', '-')}")
+        made[folder], info[folder] = ps, dict(rec, split=split)
+    if made["target/slides-train"] is None or made["target/slides-test"] is None:
+        for folder in ("target/slides-train", "target/slides-test"):
+            if made[folder] is not None:
+                made[folder] = None
+                info[folder] = {"slides": 0, "split": info[folder]["split"],
+                                "why_none": "the other target split holds no slides"}
+    for folder, ps in made.items():
+        if ps is None:  # a stale set of an earlier build must not look like this build's
+            if (root / folder).is_dir():
+                shutil.rmtree(root / folder)
+            continue
+        if ps is not None:
+            ps.meta = dict(ps.meta, split=folder.split("/")[-1], role=folder.split("/")[0])
+            ps.save(root / folder)
+            info[folder]["bytes"] = sum(f.stat().st_size for f in (root / folder).iterdir())
+    link = root / "source" / "slides-test"
+    if made["target/slides-test"] is not None:
+        _link(link, Path("..") / "target" / "slides-test")
+    elif link.is_symlink():
+        link.unlink()
+    return info
 
 
 def hospitals_figure(path: Path, shown: dict[int, tuple], seed: int, n: int = 4) -> Path:

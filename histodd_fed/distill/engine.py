@@ -29,7 +29,7 @@ from histodd_fed.augment import build_augmentation
 from histodd_fed.content_hash import data_hash
 from histodd_fed.distill.config import DistillConfig
 from histodd_fed.distill.drift import DriftRecorder
-from histodd_fed.distill.initialisation import herding_init, initial_images, plan_stages
+from histodd_fed.distill.initialisation import herding_init, initial_images, plan_stages, stacked_mix
 from histodd_fed.distill.model_aug import augment_model, matched_weights
 from histodd_fed.distill.objectives import StageInputs, get_objective
 from histodd_fed.distill.pool import build_model, get_pool, input_stats
@@ -149,7 +149,7 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
     syn, syn_stains = initial_images(stages, config, x_real, real_stains, stain_ctx, gen, device)
     initial = [s.detach().cpu().clone() for s in syn]
     mixed = config.init in ("mixture", "mosaic") and config.formation == 1
-    drift = DriftRecorder(torch.cat(initial), np.concatenate([g.mix_idx for stage in stages for g in stage])
+    drift = DriftRecorder(torch.cat(initial), stacked_mix([g for stage in stages for g in stage])
                           if mixed else None, x_real, config.init)
     steps_per_stage = [config.outer_steps if not config.per_slide else (config.slide_outer_steps or config.outer_steps)
                        for _ in stages]

@@ -143,6 +143,15 @@ def mosaic(x: torch.Tensor, idx: torch.Tensor, grid: int) -> torch.Tensor:
     return out
 
 
+def stacked_mix(groups: list[Group]) -> np.ndarray:
+    """The groups' ``mix_idx`` rows stacked. A group with fewer real patches than ``init_mix`` (a class with a few
+    patches in one slide, per-slide mode) has narrower rows: they are cycled to the widest width (its own patches
+    repeated in order), so stacking never fails; equal widths are stacked as they are."""
+    width = max(g.mix_idx.shape[1] for g in groups)
+    return np.concatenate([g.mix_idx if g.mix_idx.shape[1] == width else
+                           g.mix_idx[:, np.arange(width) % g.mix_idx.shape[1]] for g in groups])
+
+
 def initial_images(stages: list[list[Group]], config: DistillConfig, x_real: torch.Tensor,
                    real_stains: ImageStains | None, stain_ctx: StainContext | None, gen: torch.Generator,
                    device: torch.device) -> tuple[list[torch.Tensor], list[ImageStains | None]]:
@@ -153,10 +162,10 @@ def initial_images(stages: list[list[Group]], config: DistillConfig, x_real: tor
     for stage in stages:
         init = np.concatenate([g.init_idx for g in stage])
         if config.init == "mixture":
-            mix = torch.from_numpy(np.concatenate([g.mix_idx for g in stage])).to(device)   # (n, init_mix)
+            mix = torch.from_numpy(stacked_mix(stage)).to(device)   # (n, init_mix)
             x0 = x_real[mix.reshape(-1)].reshape(*mix.shape, *x_real.shape[1:]).mean(1)
         if config.init == "mosaic":
-            mix = torch.from_numpy(np.concatenate([g.mix_idx for g in stage])).to(device)   # (n, grid**2)
+            mix = torch.from_numpy(stacked_mix(stage)).to(device)   # (n, grid**2)
             x0 = mosaic(x_real, mix, config.init_grid)
         if config.init in ("mixture", "mosaic"):
             st = None if stain_ctx is None else ImageStains(

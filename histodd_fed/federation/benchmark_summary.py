@@ -19,13 +19,15 @@ import numpy as np
 
 #: the per-seed metrics (column names of summary_per_seed.csv after target/sources/seed/transfer)
 SEED_COLS = ["patch_bal_acc", "patch_acc", "patch_auc", "slide_acc", "slide_auc", "epochs", "received_share",
-             "fine_tune_s", "select_s", "bytes", "bytes_vs_full", "images", "protocol", "fault"]
+             "fine_tune_s", "select_s", "bytes", "bytes_vs_full", "images", "protocol", "slide_note", "fault"]
 #: summary.csv columns
 SUMMARY_COLS = ["target", "sources", "transfer", "n_seeds", "n_faults",
                 "patch_bal_acc_mean", "patch_bal_acc_ci95_low", "patch_bal_acc_ci95_high",
                 "gain_mean", "gain_ci95_low", "gain_ci95_high", "share_of_full_gain",
                 "patch_acc_mean", "patch_auc_mean", "patch_auc_ci95_low", "patch_auc_ci95_high",
-                "slide_acc_mean", "slide_auc_mean", "epochs", "received_share", "fine_tune_s_mean", "select_s_mean",
+                "slide_acc_mean", "slide_auc_mean", "slide_auc_ci95_low", "slide_auc_ci95_high",
+                "slide_auc_gain_mean", "slide_auc_gain_ci95_low", "slide_auc_gain_ci95_high",
+                "slide_share_of_full_gain", "slide_note", "epochs", "received_share", "fine_tune_s_mean", "select_s_mean",
                 "bytes_mean", "bytes_vs_full", "images", "protocol", "faults"]
 BASE = "target alone"
 #: a fault's ``transfer`` when it concerns every transfer row of its study but not "target alone"
@@ -84,6 +86,7 @@ def summarise(per_seed: list[dict[str, Any]], faults: list[dict[str, Any]], *, e
     for tgt, transfers in expected.items():
         mine = [r for r in per_seed if r["target"] == tgt]
         base = {r["seed"]: _num(r.get("patch_bal_acc")) for r in mine if r["transfer"] == BASE}
+        base_slide = {r["seed"]: _num(r.get("slide_auc")) for r in mine if r["transfer"] == BASE}
         names = sorted(set(transfers) | {r["transfer"] for r in mine}, key=row_order)
         block = []
         for tr in names:
@@ -101,8 +104,16 @@ def summarise(per_seed: list[dict[str, Any]], faults: list[dict[str, Any]], *, e
                 diffs = [float(r["patch_bal_acc"]) - base[r["seed"]] for r in rs if base.get(r["seed"]) is not None]
                 g, glo, ghi = t_interval(diffs)
                 row.update(gain_mean=g, gain_ci95_low=glo, gain_ci95_high=ghi, gain_pairs=len(diffs))
-            for col in ("patch_acc", "slide_acc", "slide_auc", "fine_tune_s", "select_s", "bytes"):
+            for col in ("patch_acc", "slide_acc", "fine_tune_s", "select_s", "bytes"):
                 row[f"{col}_mean"] = _mean([r.get(col) for r in rs])
+            sm, slo, shi = t_interval(_num(r.get("slide_auc")) for r in rs)
+            row.update(slide_auc_mean=sm, slide_auc_ci95_low=slo, slide_auc_ci95_high=shi)
+            if tr != BASE:  # slide AUC gain over "target alone", paired by seed
+                sd = [_num(r.get("slide_auc")) - base_slide[r["seed"]] for r in rs
+                      if _num(r.get("slide_auc")) is not None and base_slide.get(r["seed"]) is not None]
+                g, glo, ghi = t_interval(sd)
+                row.update(slide_auc_gain_mean=g, slide_auc_gain_ci95_low=glo, slide_auc_gain_ci95_high=ghi)
+            row["slide_note"] = _distinct([r.get("slide_note") for r in rs])
             row["bytes_vs_full"] = _mean([r.get("bytes_vs_full") for r in rs])
             for col in ("epochs", "received_share", "images", "protocol"):
                 row[col] = _distinct([r.get(col) for r in rs])
@@ -113,6 +124,9 @@ def summarise(per_seed: list[dict[str, Any]], faults: list[dict[str, Any]], *, e
             if full is not None and r["transfer"].startswith("+ ipc") and r.get("gain_mean") is not None \
                     and (full.get("gain_mean") or 0) > 0:  # a share of no gain (or a loss) means nothing
                 r["share_of_full_gain"] = r["gain_mean"] / full["gain_mean"]
+            if full is not None and r["transfer"].startswith("+ ipc") and r.get("slide_auc_gain_mean") is not None \
+                    and (full.get("slide_auc_gain_mean") or 0) > 0:  # likewise for the slide AUC
+                r["slide_share_of_full_gain"] = r["slide_auc_gain_mean"] / full["slide_auc_gain_mean"]
         rows.extend(block)
     return rows
 
@@ -148,7 +162,8 @@ def _ci(r: dict[str, Any], key: str, digits: int = 3, signed: bool = False) -> s
 
 def markdown(rows: list[dict[str, Any]], head: list[str]) -> str:
     cols = ["target", "sources", "transfer", "seeds", "patch bal. acc. [95% CI]", "gain [95% CI, paired]",
-            "share of Full's gain", "patch acc.", "patch AUC", "slide acc.", "slide AUC", "epochs", "received share",
+            "share of Full's gain", "patch acc.", "patch AUC", "slide acc.", "slide AUC [95% CI]",
+            "slide AUC gain [95% CI, paired]", "share of Full's slide gain", "epochs", "received share",
             "fine-tune s", "bytes", "bytes / Full", "faults"]
     out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
@@ -159,7 +174,9 @@ def markdown(rows: list[dict[str, Any]], head: list[str]) -> str:
             r["target"], r["sources"], r["transfer"], str(r["n_seeds"]), _ci(r, "patch_bal_acc"),
             "" if r["transfer"] == BASE else _ci(r, "gain", signed=True),
             _f(r.get("share_of_full_gain"), 2), _f(r.get("patch_acc_mean")), _f(r.get("patch_auc_mean")),
-            _f(r.get("slide_acc_mean")), _f(r.get("slide_auc_mean")), r.get("epochs") or "-",
+            _f(r.get("slide_acc_mean")), _ci(r, "slide_auc"),
+            "" if r["transfer"] == BASE else _ci(r, "slide_auc_gain", signed=True),
+            _f(r.get("slide_share_of_full_gain"), 2), r.get("epochs") or "-",
             r.get("received_share") or "-", _f(r.get("fine_tune_s_mean"), 1), _f(r.get("bytes_mean"), 0),
             _f(r.get("bytes_vs_full"), 4), faults]) + " |")
     lines = list(head) + ["", "\n".join(out), ""]

@@ -158,7 +158,7 @@ class CentreNode:
     def distil(self, request: Envelope) -> Envelope:
         from histodd_fed.bundle.releases import ReleaseBudgetError
         from histodd_fed.bundle.trust import TrustStore
-        from histodd_fed.federation import centre_bundles, centre_data, distil_cache, privacy_reports, slide_level
+        from histodd_fed.federation import centre_bundles, centre_data, distil_cache, privacy_reports
 
         raw = request.require("recipients")
         if not isinstance(raw, list):
@@ -178,7 +178,7 @@ class CentreNode:
                 policy.check_overrides(self.config.centre_id, e["overrides"])
         seed = policy.pick_seed(self.config.centre_id, request.body.get("seed"), self.config.seed)
         prepared = centre_data.prepare(self.config, self.preset)
-        with_slides = slide_level.has_slides(prepared.train)
+        with_slides = prepared.slide_sets() is not None
         blobs: dict[str, bytes] = {}
         items: list[dict[str, Any]] = []
         decided = {"export_policy": policy.summary(), "decided_by": f"centre {self.config.centre_id}"}
@@ -216,22 +216,28 @@ class CentreNode:
             items += more
             blobs.update({k: self.faults.on_bundle(v) for k, v in more_blobs.items()})
         if full:
-            report = dict(privacy_reports.full_privacy_report(prepared),
-                          accepted_by=f"centre {self.config.centre_id} policy export-real=true")
             total = prepared.summary()["n_train_total"]
-            item = {"name": "full", "row": "full", "part": "both", "ipc": None, "mode": "full",
-                    "images": len(prepared.train), "train_total": total,
-                    "config_hash": prepared.config_hash, "cached": True, "distil_seconds": 0.0,
-                    "privacy": report.get("gate", {})}
-            try:
-                data = centre_bundles.seal_for(self.config, prepared.train, recipients, label="full",
-                                               privacy_report=report,
-                                               extra={"row": "full", "part": "both", "train_total": total, **decided})
-            except ReleaseBudgetError as exc:
-                items.append(dict(item, blocked=True, budget=True, error=scrub(str(exc), self.config), bytes=0))
-            else:
-                blobs["full"] = self.faults.on_bundle(data)
-                items.append(dict(item, bytes=len(data)))
+            # the real train split; a centre whose slide data are separate sets (pseudo-slides) sends its
+            # real slide set as the row's own "slides" part
+            sets = [("full", "both" if not prepared.separate_slides else "patch", prepared.train)]
+            if prepared.separate_slides and with_slides:
+                sets.append(("full-slides", "slides", prepared.slide_sets()[0]))
+            for name, part, ps in sets:
+                report = dict(privacy_reports.full_privacy_report(prepared, ps),
+                              accepted_by=f"centre {self.config.centre_id} policy export-real=true")
+                item = {"name": name, "row": "full", "part": part, "ipc": None, "mode": "full",
+                        "images": len(ps), "train_total": total,
+                        "config_hash": prepared.config_hash, "cached": True, "distil_seconds": 0.0,
+                        "privacy": report.get("gate", {})}
+                try:
+                    data = centre_bundles.seal_for(self.config, ps, recipients, label=name, privacy_report=report,
+                                                   extra={"row": "full", "part": part, "train_total": total,
+                                                          **decided})
+                except ReleaseBudgetError as exc:
+                    items.append(dict(item, blocked=True, budget=True, error=scrub(str(exc), self.config), bytes=0))
+                else:
+                    blobs[name] = self.faults.on_bundle(data)
+                    items.append(dict(item, bytes=len(data)))
         return Envelope(body={"bundles": items, "recipients": recipients}, blobs=blobs)
 
     def train(self, request: Envelope) -> Envelope:

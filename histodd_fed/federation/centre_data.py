@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,25 @@ def load_real_splits(data: Path) -> tuple[PatchSet, PatchSet] | None:
     return None
 
 
+#: a centre folder's separate slide sets (pseudo-slides, ``make-pcam-centres --hospitals``), beside train/test
+SLIDE_SPLITS = ("slides-train", "slides-test")
+
+
+def load_slide_splits(data: Path) -> tuple[PatchSet, PatchSet] | None:
+    """A centre folder's separate slide sets ``slides-train/`` and ``slides-test/`` (both with a slide table):
+    the slide data of a centre whose patch splits have none; None when the folder has no such pair."""
+    from histodd_fed.federation.slide_level import has_slides
+
+    data = Path(data)
+    if not (data.is_dir() and all((data / s / "patchset.json").exists() for s in SLIDE_SPLITS)):
+        return None
+    train, test = (PatchSet.load(data / s) for s in SLIDE_SPLITS)
+    for name, ps in zip(SLIDE_SPLITS, (train, test)):
+        if not has_slides(ps):
+            raise InputError(f"{data / name}: a slide set without a labelled slide table")
+    return train, test
+
+
 def _centre_view(ps: PatchSet, preset: CentrePreset) -> PatchSet:
     """``ps`` at the model input size; first its central ``preset.crop_center`` px when the preset says so."""
     from histodd_fed.preprocess import prepare as view
@@ -114,6 +133,26 @@ class Prepared:
     #: 32 px): the export gate's reference, so its copy detector searches every window inside the raw patch
     #: exactly as `centre-node export --patches RAW` does; None when the view changes nothing
     raw_train_dir: Path | None = None
+    #: the centre's separate slide sets at the model input size (``slides-train`` / ``slides-test`` of its data
+    #: folder: pseudo-slides); None: its slide data, if any, are ``train`` / ``test`` themselves
+    slide_train: PatchSet | None = None
+    slide_test: PatchSet | None = None
+
+    def slide_sets(self) -> tuple[PatchSet, PatchSet] | None:
+        """(train, test) slide data: the separate slide sets when the centre has them, else ``train`` / ``test``
+        when both carry slide tables; None: no slide level."""
+        from histodd_fed.federation.slide_level import has_slides
+
+        if self.slide_train is not None and self.slide_test is not None:
+            return self.slide_train, self.slide_test
+        if has_slides(self.train) and has_slides(self.test):
+            return self.train, self.test
+        return None
+
+    @property
+    def separate_slides(self) -> bool:
+        """True when the slide data are separate sets (a "Full" then sends the slide set as its own part)."""
+        return self.slide_train is not None
 
     def gate_reference(self) -> PatchSet:
         """The real patches the export gate (and the gate-aware candidate choice) audits against."""
@@ -134,8 +173,17 @@ RAW_TRAIN_DIR = "train-raw"
 
 
 def _prepare_key(cfg: CentreConfig, preset: CentrePreset) -> dict[str, Any]:
-    return {"centre": cfg.centre_id, "data": str(cfg.data.resolve()), "seed": cfg.seed,
-            "preset": preset.prepare_dict(), "version": 2}
+    key = {"centre": cfg.centre_id, "data": str(cfg.data.resolve()), "seed": cfg.seed,
+           "preset": preset.prepare_dict(), "version": 2}
+    if load_slide_splits(cfg.data) is not None:  # only then: every other centre keeps its key
+        key["slide_sets"] = list(SLIDE_SPLITS)
+    return key
+
+
+def _load_slide_sets(root: Path) -> tuple[PatchSet | None, PatchSet | None]:
+    if all((root / s / "patchset.json").exists() for s in SLIDE_SPLITS):
+        return PatchSet.load(root / SLIDE_SPLITS[0]), PatchSet.load(root / SLIDE_SPLITS[1])
+    return None, None
 
 
 def patch_metrics(model, test: PatchSet) -> dict[str, float]:
@@ -160,7 +208,7 @@ def prepare(cfg: CentreConfig, preset: CentrePreset) -> Prepared:
         info = json.loads(done.read_text())
         return Prepared(root, PatchSet.load(root / "train"), PatchSet.load(root / "test"), root / "classifier",
                         (root / slide_level.MIL_DIR).exists(), h, info,
-                        raw_dir if (raw_dir / "patchset.json").exists() else None)
+                        raw_dir if (raw_dir / "patchset.json").exists() else None, *_load_slide_sets(root))
     one_thread()
     t0 = time.perf_counter()
     given = load_real_splits(cfg.data)  # a folder with train/ and test/ patch sets: that split
@@ -182,6 +230,15 @@ def prepare(cfg: CentreConfig, preset: CentrePreset) -> Prepared:
     test.save(root / "test")
     if keep_raw:
         raw_train.save(raw_dir)
+    slide_train = slide_test = None
+    separate = load_slide_splits(cfg.data)
+    if separate is not None:  # the same view as the patch splits (and the same stain handling)
+        slide_train, slide_test = (_centre_view(s, preset) for s in separate)
+        if preset.stain_normalise_inputs:
+            slide_train = normalise_to_reference(slide_train, train)[0]
+            slide_test = normalise_to_reference(slide_test, train)[0]
+        slide_train.save(root / SLIDE_SPLITS[0])
+        slide_test.save(root / SLIDE_SPLITS[1])
     t1 = time.perf_counter()
     model = _train_classifier(train, preset, cfg.seed)
     from histodd_fed.training import save_model
@@ -191,8 +248,11 @@ def prepare(cfg: CentreConfig, preset: CentrePreset) -> Prepared:
                class_names=train.class_names)
     baseline = patch_metrics(model, test)
     t2 = time.perf_counter()
-    if slide_level.has_slides(train) and slide_level.has_slides(test):
-        baseline.update(slide_level.pretrain(model, train, test, preset, cfg.seed, root))
+    prepared = Prepared(root, train, test, root / "classifier", False, h, {}, raw_dir if keep_raw else None,
+                        slide_train, slide_test)
+    slides = prepared.slide_sets()
+    if slides is not None:
+        baseline.update(slide_level.pretrain(model, slides[0], slides[1], preset, cfg.seed, root))
     info = {"key": key, "seconds": round(time.perf_counter() - t0, 2), "baseline": baseline,
             "n_train_total": n_total,
             "timing": {"data": round(t1 - t0, 2), "classifier": round(t2 - t1, 2),
@@ -200,8 +260,7 @@ def prepare(cfg: CentreConfig, preset: CentrePreset) -> Prepared:
     write_run_config(root, "federation.prepare", key)
     atomic_write_json(done, info)
     log.info("%s: prepared in %.1fs %s", cfg.centre_id, info["seconds"], info["timing"])
-    return Prepared(root, train, test, root / "classifier", (root / slide_level.MIL_DIR).exists(), h, info,
-                    raw_dir if keep_raw else None)
+    return replace(prepared, has_mil=(root / slide_level.MIL_DIR).exists(), info=info)
 
 
 def _train_classifier(train: PatchSet, preset: CentrePreset, seed: int):

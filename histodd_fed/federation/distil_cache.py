@@ -42,7 +42,10 @@ def distil_cached(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *
     """Histo-DD synthetic set from the train split (cached by hash).
 
     ``per_slide=False``: ``ipc`` images per class. ``per_slide=True``: ``preset.slide_ipc`` images per
-    class per train slide, keeping the slide table (slide_index / slide_ids / slide_labels) for MIL.
+    class per train slide of the centre's slide data (:meth:`Prepared.slide_sets`: its separate pseudo-slide
+    set when it has one), keeping the slide table (slide_index / slide_ids / slide_labels) for MIL; one
+    candidate (best-of-K selection is for patch-level sets). The hash covers the slide data through
+    ``prepared.config_hash``.
     """
     from histodd_fed.distill import distill
     from histodd_fed.distill.config import DistillConfig
@@ -52,9 +55,13 @@ def distil_cached(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *
     if int(ipc) in dict(preset.outer_steps_by_ipc):  # K scales with ipc (paper: 200 / 500 / 1000)
         overrides["outer_steps"] = int(dict(preset.outer_steps_by_ipc)[int(ipc)])
     overrides.update(extra_overrides or {})  # a study variant (e.g. another matching augmentation)
-    if per_slide:
-        overrides.update(ipc=int(preset.slide_ipc), per_slide=True, slide_outer_steps=int(preset.slide_outer_steps))
+    if per_slide:  # one candidate: best-of-K is patch level only (a config that has candidates: 1 keeps its hash)
+        overrides.update(ipc=int(preset.slide_ipc), per_slide=True, slide_outer_steps=int(preset.slide_outer_steps),
+                         candidates=1)
     dcfg = DistillConfig.from_yaml(_distill_config_path(preset), **overrides)
+    slides = prepared.slide_sets() if per_slide else None
+    if per_slide and slides is None:
+        raise ConfigError("per-slide distillation: this centre has no slide data")
     h = config_hash({"distill": dcfg, "real": prepared.config_hash})
     out = cfg.work_dir / "synthetic" / h[:16]
     if (out / "patchset.json").exists():
@@ -63,7 +70,8 @@ def distil_cached(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *
     t0 = time.perf_counter()
     from histodd_fed.release.choose import candidate_check
 
-    syn = distill(prepared.train, dcfg, work_dir=cfg.work_dir / "distill-work" / h[:16], progress=False,
+    real = slides[0] if slides is not None else prepared.train  # the slide set: the centre's pseudo-slides if any
+    syn = distill(real, dcfg, work_dir=cfg.work_dir / "distill-work" / h[:16], progress=False,
                   candidate_check=candidate_check(prepared.gate_reference()) if dcfg.candidate_gate else None)
     syn.save(out)
     write_run_config(out, "federation.distil", {"distill": dcfg, "real": prepared.config_hash})

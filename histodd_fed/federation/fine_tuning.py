@@ -85,6 +85,13 @@ def fine_tune_and_score(prepared: Prepared, preset: CentrePreset, received: Patc
     return metrics, info
 
 
+def fine_tune_scored_model(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, *, epochs: int,
+                           seed: int) -> tuple[dict[str, float], dict[str, Any], Any]:
+    """:func:`fine_tune_and_score` plus the first seed's fine-tuned classifier (a row's slide encoder when
+    ``preset.slide_encoder`` is ``fine_tuned``)."""
+    return _fine_tune_scored(prepared, preset, received, epochs=epochs, seed=seed)
+
+
 def _fine_tune_scored(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, *, epochs: int,
                       seed: int) -> tuple[dict[str, float], dict[str, Any], Any]:
     """:func:`fine_tune_and_score` plus the first seed's fine-tuned classifier (the row's slide encoder
@@ -112,17 +119,21 @@ def slide_fine_tune(prepared: Prepared, preset: CentrePreset, received: PatchSet
     row's fine-tuned classifier, encodes every bag of the row (own train, ``received``, test); with
     ``row_model=None`` (a row without a patch set) the classifier is fine-tuned here by the preset's
     protocol without received patches. ``received``: the row's received slide set, already prepared.
+    Own train and test bags: :meth:`Prepared.slide_sets` (the separate pseudo-slide sets when the centre has them).
     """
     from histodd_fed.federation import slide_level
     from histodd_fed.training import load_model
 
-    own = prepared.train if preset.fine_tune_protocol in ("union", "sequential") else None
+    slides = prepared.slide_sets()
+    if slides is None:
+        raise InputError("this centre has no slide data (no slide level)")
+    own = slides[0] if preset.fine_tune_protocol in ("union", "sequential") else None
     if preset.slide_encoder == "frozen":
         encoder, test = load_model(prepared.classifier_dir), None
     else:
         if row_model is None:
             row_model, _ = _fine_tune_classifier(prepared, preset, None, epochs=epochs, seed=seed)
-        encoder, test = row_model, prepared.test
+        encoder, test = row_model, slides[1]
     res = slide_level.fine_tune(encoder, received, own, prepared.root, preset, seed, epochs=epochs, test=test)
     return {**res, "slide_encoder": preset.slide_encoder}
 

@@ -15,6 +15,11 @@ split of its own train patches when its preset has a ``select_grid`` (the defaul
 ``pcam-c17-hospitals`` does; :mod:`histodd_fed.federation.receive_select`); the test split is read
 only for the reported numbers.
 
+Slide columns: when the folder has pseudo-slides (:mod:`histodd_fed.datasets.pseudo_slides`), every centre's
+slide data are its ``slides-train`` / ``slides-test`` sets; each row's slide AUC / accuracy, the slide AUC gain
+over "target alone" (paired by seed) and ipc rows' share of Full's slide gain are in the summary; a row
+without them says why (``slide_note``).
+
 Writes ``OUT/summary.{md,csv,png}``, ``OUT/summary_per_seed.csv`` and ``OUT/report.json``
 (:mod:`benchmark_summary`: mean and 95% t-interval over seeds, gains paired by seed); every study's own
 report under ``OUT/runs/<target>/seed<s>/``. A centre that fails, times out or whose set is blocked is
@@ -133,7 +138,8 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
     cfgs, trust = enrol(out / "federation", {cid[d]: centres / info[cid[d]]["source"] for d in hosp}, preset=preset)
     by_id = {c.centre_id: c for c in cfgs}
     n_targets = len({t for t, _ in jobs})
-    max_releases = seeds * (len(ipcs) + 1) * n_targets + 2
+    # every row may be two sets (patch + per-slide synthetic; Full: train patches + real pseudo-slides)
+    max_releases = 2 * seeds * (len(ipcs) + 1) * n_targets + 2
     expected = {cid[t]: [bs.BASE] + [f"+ ipc {i}" for i in sorted(ipcs)] + ["+ Full"] for t, _ in jobs}
     shown_sources = {cid[t]: "+".join(cid[s] for s in srcs) for t, srcs in jobs}
     per_seed: list[dict[str, Any]] = []
@@ -195,7 +201,8 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
                                      else raw.get("received_share"),
                                      "fine_tune_s": r.get("fine_tune_s"), "select_s": raw.get("select_seconds"),
                                      "bytes": r.get("bytes"), "bytes_vs_full": r.get("bytes_vs_full"),
-                                     "images": r.get("images"), "protocol": r.get("protocol")})
+                                     "images": r.get("images"), "protocol": r.get("protocol"),
+                                     "slide_epochs": raw.get("slide_epochs"), "slide_note": raw.get("slide_note")})
                 _bytes_vs_received_full(per_seed, tgt, s)
                 for f in outcome.faults:
                     row = _fault_transfer(f.detail)
@@ -218,7 +225,7 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
             + (f"chosen per row and seed on {protocol['chosen_on']} from (epochs, received share) "
                + ", ".join(f"({e}, {sh})" for e, sh in p.select_grid) + "; the epochs and received share "
                "columns show what was chosen" if p.select_grid else protocol["fixed"])
-            + f". Slide columns: none (patch-store centres have no slides). {seconds:.0f} s wall."]
+            + f". {slide_text(manifest, per_seed)} {seconds:.0f} s wall."]
     report = {"benchmark": benchmark, "layout": "hospitals", "centres": str(centres), "command": command,
               "hospitals": hosp, "plan": [{"target": cid[t], "sources": [cid[s] for s in srcs]} for t, srcs in jobs],
               "ipcs": list(ipcs), "seeds": seeds, "preset": preset, "epochs_requested": epochs,
@@ -238,6 +245,29 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
     write_run_config(out, command or f"coordinator transfer --benchmark {benchmark}",
                      {k: v for k, v in report.items() if k not in ("rows", "per_seed", "faults")})
     return report
+
+
+def slide_text(manifest: dict[str, Any], per_seed: list[dict[str, Any]]) -> str:
+    """The summary's sentence on its slide columns: what the slides are, or why the columns are empty."""
+    spec = manifest.get("pseudo_slides")
+    if not spec:
+        return ("Slide columns: none (this folder has no pseudo-slides; make-pcam-centres --hospitals builds them "
+                "unless --no-slides).")
+    if not any(r.get("slide_auc") is not None for r in per_seed):
+        notes = sorted({str(r["slide_note"]) for r in per_seed if r.get("slide_note")})
+        return "Slide columns: empty (" + ("; ".join(notes) or "no centre reported slide metrics") + ")."
+    (lo, hi), (s_lo, s_hi) = spec["patches"], spec["tumour_share"]
+    epochs = _distinct_values(r.get("slide_epochs") for r in per_seed)
+    return (f"Slide columns: pseudo-slides of real patches (bags of {lo}-{hi} patches of one split, at most half "
+            f"of its normals; tumour slides {s_lo:.0%}-{s_hi:.0%} tumour patches, normal slides none; "
+            "docs/federation.md \"Pseudo-slides\"), the MIL head pre-trained on the target's own train slides, "
+            f"fine-tuned {epochs} epoch(s) per row on its own + the received slide sets (per-slide synthetic sets; "
+            "Full: the sources' real train slides), slide AUC / accuracy on its test slides (threshold calibrated "
+            "on its own train slides).")
+
+
+def _distinct_values(vals) -> str:
+    return "/".join(str(v) for v in dict.fromkeys(v for v in vals if v is not None)) or "-"
 
 
 def _same(raw: dict[str, Any], row: dict[str, Any]) -> bool:

@@ -257,9 +257,22 @@ PRESETS["pcam-c17-gm"] = replace(
 # the five-hospital benchmark (make-pcam-centres --hospitals; coordinator transfer --sources/--target): a
 # source sends ALL its train patches as "Full" (no cap), and the target chooses epochs and the share of
 # received data per row on a validation split of its own train patches (select_grid; docs/federation.md)
+# Slide columns (pseudo-slides, docs/federation.md "Pseudo-slides"): the MIL head on each row's own fine-tuned
+# classifier (slide_encoder fine_tuned, as the demo): the target's pre-trained classifier, from 100 labelled
+# patches, is near chance on its test patches (H2 of the smoke folder: patch AUC 0.53), so frozen features
+# would leave every received set nothing to show in the slide columns.
 PRESETS["pcam-c17-hospitals"] = replace(
     PRESETS["pcam-c17"], name="pcam-c17-hospitals", max_train_patches=0,
-    select_grid=((5, 0.5), (15, 0.5), (5, 0.8), (15, 0.8)))
+    select_grid=((5, 0.5), (15, 0.5), (5, 0.8), (15, 0.8)), slide_encoder="fine_tuned")
+# the same with another slide head than CLAM (histodd_fed/mil/registry.py): `coordinator transfer --benchmark pcam-c17
+# --preset pcam-c17-hospitals-abmil ...` (every centre pre-trains and fine-tunes that head on its pseudo-slides)
+for _head in ("abmil", "dsmil", "transmil"):
+    PRESETS[f"pcam-c17-hospitals-{_head}"] = replace(PRESETS["pcam-c17-hospitals"], name=f"pcam-c17-hospitals-{_head}",
+                                                     mil_model=_head)
+del _head
+# the slide columns with the target's pre-trained classifier as the (frozen) slide encoder, to compare
+PRESETS["pcam-c17-hospitals-frozen"] = replace(PRESETS["pcam-c17-hospitals"], name="pcam-c17-hospitals-frozen",
+                                               slide_encoder="frozen")
 # the same with every input of the target stain-normalised (the evaluation-side stain ablation)
 PRESETS["pcam-c17-norm"] = replace(PRESETS["pcam-c17"], name="pcam-c17-norm", stain_normalise_inputs=True)
 

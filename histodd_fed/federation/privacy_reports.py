@@ -25,11 +25,14 @@ def gate_report(ps: PatchSet, prepared: Prepared) -> tuple[bool, dict[str, Any],
     return decision.blocked, summary, decision.message()
 
 
-def full_privacy_report(prepared: Prepared) -> dict[str, Any]:
-    """Privacy report for the "Full" comparison: real patches, risk accepted by definition."""
+def full_privacy_report(prepared: Prepared, sent: PatchSet | None = None) -> dict[str, Any]:
+    """Privacy report for the "Full" comparison: real patches, risk accepted by definition. ``sent``: the real
+    set sealed (default the train split; the centre's real pseudo-slide set for a Full's slide part)."""
     from histodd_fed.privacy.gate import GateDecision
 
-    reason = "Full comparison: the source's real train patches (real data by definition)"
+    sent = prepared.train if sent is None else sent
+    what = "train patches" if sent is prepared.train else "train slides (pseudo-slides of its train patches)"
+    reason = f"Full comparison: the source's real {what} (real data by definition)"
     return GateDecision(passed=False, accepted_risk=True, reasons=[reason],
-                        summary={"audited": False, "kind": "real", "n_real": len(prepared.train)},
+                        summary={"audited": False, "kind": "real", "n_real": len(sent)},
                         audited=False, override_requested=True).to_dict()

@@ -5,6 +5,9 @@
   (verified, ledger-checked), prepares each set as it would alone (resize, stain handling), pools
   them and fine-tunes once. The row's labels (sources, mode, ipc) come from the opened manifests: a
   row whose bundles were sealed as different rows, or with a source twice, is refused.
+- **Slide level**: a row's ``slides`` bundles (per-slide synthetic sets; a Full's real pseudo-slides) are
+  pooled the same way (slide tables merged) and fine-tune the target's MIL head on its own slide data
+  (:meth:`Prepared.slide_sets`), scored on its test slides; the head's epochs are the request's, not chosen.
 - **Protocol chosen on the target's own validation split** (preset ``select_grid``): each candidate
   (epochs, received share) of the union protocol is fine-tuned on the target's own train patches
   minus a stratified validation split and scored there (balanced accuracy, then AUC); the best is
@@ -67,13 +70,11 @@ def train_rows(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, requ
     for row_name, items in bundle_rows(request).items():
         row: dict[str, Any] = {"name": row_name, "bytes": sum(len(request.blobs[str(i["name"])]) for i in items),
                                "bundles": [str(i["name"]) for i in items]}
-        patch = [request.blobs[str(i["name"])] for i in items if str(i.get("part") or "both") in PATCH_PARTS]
+        blobs = [request.blobs[str(i["name"])] for i in items]
         try:
-            if not patch:
-                raise InputError("row has no patch-level set (pooled / selected rows are patch level only)")
-            res = fine_tune_row(cfg, preset, prepared, patch, epochs=epochs)
-            if len(patch) < len(items):
-                res["slide_note"] = "pooled / selected rows: patch level only"
+            if not any(str(i.get("part") or "both") in PATCH_PARTS for i in items):
+                raise InputError("row has no patch-level set (pooled / selected rows need one)")
+            res = fine_tune_row(cfg, preset, prepared, blobs, epochs=epochs)
             rows.append({**row, **res, **pooled_labels(res.get("received_from") or []), "ok": True})
         except HistoddError as exc:
             row.update(ok=False, **error_fields(exc, cfg.centre_id, f"train row {row_name}"))
@@ -160,9 +161,15 @@ def choose(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, 
 
 
 def _final(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, *, epochs: int,
-           seed: int) -> dict[str, Any]:
-    """Choose (when the preset says so), then fine-tune on all own train patches and score on the test split."""
-    from histodd_fed.federation.fine_tuning import fine_tune_and_score
+           seed: int, slides: PatchSet | None = None, slide_epochs: int | None = None) -> dict[str, Any]:
+    """Choose (when the preset says so), then fine-tune on all own train patches and score on the test split.
+
+    Slide level (the centre has slide data, :attr:`Prepared.has_mil`): the MIL head fine-tuned on the
+    received slide set ``slides`` (None: own slides only, the "no transfer" row) with the request's
+    ``slide_epochs`` and the preset's received share - nothing of it is chosen on the validation split -
+    and scored on the centre's test slides (:func:`fine_tuning.slide_fine_tune`). A transfer row (``received``
+    given) without a slide set has no slide columns (an own-slides-only number there would pass for the row's)."""
+    from histodd_fed.federation.fine_tuning import fine_tune_scored_model, slide_fine_tune
 
     out: dict[str, Any] = {}
     use = preset.for_protocol(preset.fine_tune_protocol)
@@ -172,11 +179,17 @@ def _final(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, 
         out.update(selection=sel, select_seconds=sel["seconds"],
                    protocol_chosen_on=f"validation split of own train ({sel['val_patches']} patches)")
     t0 = time.perf_counter()
-    metrics, info = fine_tune_and_score(prepared, use, received, epochs=epochs, seed=seed)
+    metrics, info, model = fine_tune_scored_model(prepared, use, received, epochs=epochs, seed=seed)
     out.update(info)
     out.update(metrics)
     out.update(epochs=int(epochs), fine_tune_protocol=use.fine_tune_protocol,
                fine_tune_seconds=round(time.perf_counter() - t0, 2))
+    if prepared.has_mil and (slides is not None or received is None):  # a transfer row needs a slide set
+        ts = time.perf_counter()
+        slide_epochs = int(epochs if slide_epochs is None else slide_epochs)
+        slide_preset = _union(preset, preset.received_share)
+        out.update(slide_fine_tune(prepared, slide_preset, slides, row_model=model, epochs=slide_epochs, seed=seed))
+        out.update(slide_epochs=slide_epochs, slide_fine_tune_seconds=round(time.perf_counter() - ts, 2))
     return out
 
 
@@ -194,15 +207,22 @@ def baseline_row(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *,
     row: dict[str, Any] = {"name": "none", "mode": "none", "ipc": None, "source": None, "ok": True,
                            "images": 0, "bytes": 0, "own_data_only": True}
     row.update({f"pretrained_{k}": v for k, v in b.items()})
-    row.update(_final(prepared, preset, None, epochs=epochs, seed=cfg.seed))
+    row.update(_final(prepared, preset, None, epochs=epochs, seed=cfg.seed, slide_epochs=epochs))
     atomic_write_json(cache, row)
     return {**row, "cached": False}
 
 
 def fine_tune_row(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, blobs: list[bytes], *,
                   epochs: int) -> dict[str, Any]:
-    """Open every bundle of the row, pool the patch sets, fine-tune (choosing the protocol first when the
-    preset says so), score on the test split. ``received_from``: each bundle's provenance."""
+    """Open every bundle of the row, pool the patch sets (and the slide sets), fine-tune (choosing the
+    protocol first when the preset says so), score on the test split. ``received_from``: each patch
+    bundle's provenance; ``slides_received_from``: each slide bundle's.
+
+    A bundle's part is read from its sealed manifest: ``patch`` / ``both`` sets fine-tune the classifier,
+    ``slides`` sets (and ``both`` sets carrying a slide table) the MIL head. A row with slide sets but a
+    target without slide data, or a target with slide data but no slide set in the row, keeps its patch
+    columns and says why in ``slide_note``."""
+    from histodd_fed.federation import slide_level
     from histodd_fed.federation.fine_tuning import prepare_received
 
     digests = sorted(hashlib.sha256(b).digest() for b in blobs)
@@ -212,24 +232,80 @@ def fine_tune_row(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, b
         recheck_senders(cfg, blobs)  # a sender revoked since: its cached metrics are not served
         return {**json.loads(cache.read_text()), "cached": True}
     one_thread()
-    sets, received_from, stains = [], [], []
+    sets, slide_sets, received_from, slides_from, stains = [], [], [], [], []
     for b in blobs:
         ob = open_received_bundle(cfg, b)
-        ps = ob.patchset
+        ps, prov = ob.patchset, provenance(ob)
         if list(ps.class_names) != list(prepared.train.class_names):
             raise InputError(f"received classes {ps.class_names} differ from ours {prepared.train.class_names}")
         ready, stain = prepare_received(ps, prepared, preset)
-        sets.append(ready)
-        stains.append(stain.get("received_stain") or stain.get("input_stain"))
-        received_from.append(provenance(ob))
-    kinds = {s.kind for s in sets}
-    received = sets[0] if len(sets) == 1 else PatchSet(
-        images=np.concatenate([s.images for s in sets]), labels=np.concatenate([s.labels for s in sets]).astype(np.int64),
-        class_names=list(prepared.train.class_names), kind=sets[0].kind if len(kinds) == 1 else "mixed",
-        meta={"pooled_from": [r.get("source") for r in received_from]})
-    out = _final(prepared, preset, received, epochs=epochs, seed=cfg.seed)
+        part = str(prov.get("part") or "both")
+        if part in PATCH_PARTS:
+            sets.append(ready)
+            stains.append(stain.get("received_stain") or stain.get("input_stain"))
+            received_from.append(prov)
+        if part == "slides" or (part == "both" and slide_level.has_slides(ready)):
+            if part == "slides" and not slide_level.has_slides(ready):
+                raise InputError(f"{prov.get('source')}'s slide set has no slide table")
+            slide_sets.append(ready)
+            if part == "slides":
+                slides_from.append(prov)
+    if not sets:
+        raise InputError("row has no patch-level set (pooled / selected rows need one)")
+    _check_slide_labels(received_from, slides_from)
+    received = pool_sets(sets, list(prepared.train.class_names), [r.get("source") for r in received_from])
+    slides = None
+    note = None
+    if slide_sets and prepared.has_mil:
+        slides = pool_sets(slide_sets, list(prepared.train.class_names), [r.get("source") for r in received_from])
+    elif slide_sets:
+        note = "the target has no slide data: received slide sets not used"
+    elif prepared.has_mil:
+        note = ("no slide set received in this row (blocked by its source's export gate, over its release budget, "
+                "or its source has no slide data: see the faults)")
+    out = _final(prepared, preset, received, epochs=epochs, seed=cfg.seed, slides=slides, slide_epochs=epochs)
     out.update(images=len(received), kind=received.kind, received_from=received_from,
                received_stain=", ".join(sorted({str(s) for s in stains})),
-               pooled_sources=len(blobs))
+               pooled_sources=len(received_from))
+    if slides_from:
+        out["slides_received_from"] = slides_from
+    if note:
+        out["slide_note"] = note
     atomic_write_json(cache, out)
     return {**out, "cached": False}
+
+
+def _check_slide_labels(patch: list[dict[str, Any]], slides: list[dict[str, Any]]) -> None:
+    """A row's slide bundles belong to it: the same sealed row, each from one of its patch bundles' sources,
+    no source twice (ProtocolError otherwise)."""
+    rows = {str(r.get("row") or r.get("transfer")) for r in patch}
+    sources = {str(r.get("source")) for r in patch}
+    seen: set[str] = set()
+    for r in slides:
+        src = str(r.get("source"))
+        if str(r.get("row") or r.get("transfer")) not in rows:
+            raise ProtocolError(f"{src}'s slide bundle was sealed as row {r.get('row')!r}, not {sorted(rows)}")
+        if src not in sources or src in seen:
+            raise ProtocolError(f"slide bundle of {src}: not one per source of this row's patch sets")
+        seen.add(src)
+
+
+def pool_sets(sets: list[PatchSet], class_names: list[str], sources: list[Any]) -> PatchSet:
+    """One set of several received sets (one: as is). Slide tables are merged (slide ids kept, a repeated id
+    prefixed by its position) so every slide stays its own bag."""
+    if len(sets) == 1:
+        return sets[0]
+    kinds = {s.kind for s in sets}
+    ids: list[str] = []
+    labels: dict[str, int] = {}
+    index = []
+    for k, s in enumerate(sets):
+        names = [sid if sid not in labels and sid not in ids else f"{k}:{sid}" for sid in s.slide_ids]
+        offset = len(ids)
+        index.append(np.where(s.slide_index >= 0, s.slide_index + offset, -1).astype(np.int32))
+        ids.extend(names)
+        labels.update({n: int(s.slide_labels[sid]) for n, sid in zip(names, s.slide_ids) if sid in s.slide_labels})
+    return PatchSet(images=np.concatenate([s.images for s in sets]),
+                    labels=np.concatenate([s.labels for s in sets]).astype(np.int64), class_names=list(class_names),
+                    slide_index=np.concatenate(index), slide_ids=ids, slide_labels=labels,
+                    kind=sets[0].kind if len(kinds) == 1 else "mixed", meta={"pooled_from": list(sources)})
