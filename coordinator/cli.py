@@ -93,7 +93,7 @@ def transfer(
     preset: str = typer.Option("cpu", "--preset"),
     seed: int = typer.Option(0, "--seed"),
     timeout: float = typer.Option(900.0, "--timeout", help="Seconds to wait for each centre's reply."),
-    benchmark: Optional[str] = typer.Option(None, "--benchmark", help="A benchmark study instead of --nodes/--trust: pcam-c17. Hospital centres (make-pcam-centres --hospitals): target alone, + Histo-DD per ipc, + Full per target, mean and 95% CI over --seeds (summary.md/csv/png). Two-centre folder (--target-domain): C2 alone, + Histo-DD per ipc, + Herding, + Full, stain ablations; mean ± std."),
+    benchmark: Optional[str] = typer.Option(None, "--benchmark", help="A benchmark study instead of --nodes/--trust: pcam-c17. Hospital centres (make-pcam-centres --hospitals): target alone, + Histo-DD per ipc, + Full per target, mean and 95% CI over --seeds (summary.md/csv/png); resumable: re-run the same command with the same --out and the seeds a killed run finished are reused. Two-centre folder (--target-domain): C2 alone, + Histo-DD per ipc, + Herding, + Full, stain ablations; mean ± std."),
     centres: Optional[Path] = typer.Option(None, "--centres", help="With --benchmark: the folder make-pcam-centres wrote."),
     seeds: int = typer.Option(3, "--seeds", help="With --benchmark: seeds 0..N-1."),
 ) -> None:

@@ -300,3 +300,39 @@ def test_sources_travel_in_the_flower_run_config(tmp_path):
     single = study_config_from_run_config(tomllib.loads("".join(
         f"{k} = {_toml_value(v)}\n" for k, v in run_config_for(StudyConfig(study_dir=tmp_path)).items())))
     assert single.source_list() == ["C1"] and not single.pooled()
+
+
+def test_a_killed_run_resumes_from_its_finished_studies(tmp_path):
+    """Seeds a first run finished are reused by the same command (same OUT); other settings reuse nothing."""
+    from histodd_fed.federation.hospital_benchmark import run_hospitals_benchmark
+
+    centres = _fake_centres(tmp_path / "c")
+    out = tmp_path / "R"
+    first = FakeStudy(fail={("H2", 1)})          # seed 1 "dies": only seed 0's study report is written
+    run_hospitals_benchmark(centres, out, run_study=first, say=[].append, sources="0", target="2", ipcs=[10],
+                            seeds=2)
+    assert (out / "runs" / "H2" / "seed0" / "report.json").is_file()
+    assert not (out / "runs" / "H2" / "seed1" / "report.json").exists()
+    again, msgs = FakeStudy(), []
+    rep = run_hospitals_benchmark(centres, out, run_study=again, say=msgs.append, sources="0", target="2",
+                                  ipcs=[10], seeds=3)
+    assert [c.seed for c, _ in again.calls] == [1, 2]                   # seed 0 reused, not re-run
+    assert any("seed 0: finished in an earlier run, reused" in m for m in msgs)
+    fresh_out = tmp_path / "fresh"
+    fresh = run_hospitals_benchmark(centres, fresh_out, run_study=FakeStudy(), say=[].append, sources="0",
+                                    target="2", ipcs=[10], seeds=3)
+    assert rep["rows"] == fresh["rows"]                                 # resumed == run in one go
+    # another ipc list with the same OUT: nothing reused, and it says so
+    other, msgs = FakeStudy(), []
+    run_hospitals_benchmark(centres, out, run_study=other, say=msgs.append, sources="0", target="2", ipcs=[10, 50],
+                            seeds=1)
+    assert [c.seed for c, _ in other.calls] == [0] and any("none is reused" in m for m in msgs)
+    # a study report whose own config names another seed is never taken for this one
+    cfg_path = out / "runs" / "H2" / "seed0" / "report.json"
+    doc = json.loads(cfg_path.read_text())
+    doc["config"]["seed"] = 7
+    cfg_path.write_text(json.dumps(doc))
+    last = FakeStudy()
+    run_hospitals_benchmark(centres, out, run_study=last, say=[].append, sources="0", target="2", ipcs=[10, 50],
+                            seeds=1)
+    assert [c.seed for c, _ in last.calls] == [0]

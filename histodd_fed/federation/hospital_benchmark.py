@@ -24,6 +24,12 @@ Writes ``OUT/summary.{md,csv,png}``, ``OUT/summary_per_seed.csv`` and ``OUT/repo
 (:mod:`benchmark_summary`: mean and 95% t-interval over seeds, gains paired by seed); every study's own
 report under ``OUT/runs/<target>/seed<s>/``. A centre that fails, times out or whose set is blocked is
 a fault (row kept, counted; a row no seed produced is a fault row), never a missing row or a crash.
+
+Resumable: the same command with the same ``OUT`` reuses every (target, seed) study a killed run
+finished (its ``report.json``, when ``OUT/resume_key.json`` - centres folder, its manifest's hash,
+preset, ipcs, epochs - and the study's own config match) and runs only the others; the centres'
+keys in ``OUT/federation`` are reused too. Another folder or settings with the same ``OUT``: nothing
+is reused (said in one line). To re-run a seed, delete its ``OUT/runs/<target>/seed<s>``.
 """
 
 from __future__ import annotations
@@ -113,6 +119,55 @@ def _fault_transfer(detail: str) -> str | None:
     return None
 
 
+#: the StudyConfig fields a finished study must share with the one about to run to be reused
+_RESUME_FIELDS = ("source", "sources", "target", "ipcs", "full", "fine_tune_epochs", "seed", "preset", "extras",
+                  "both_directions")
+
+
+def _resume_key(centres: Path, preset: str, ipcs: list[int], epochs: int) -> dict[str, Any]:
+    import hashlib
+
+    return {"centres": str(centres), "preset": preset, "ipcs": sorted(int(i) for i in ipcs), "epochs": int(epochs),
+            "manifest_sha256": hashlib.sha256((centres / "manifest.json").read_bytes()).hexdigest()}
+
+
+def _check_resume(out: Path, key: dict[str, Any], say: Callable[[str], None]) -> bool:
+    """True when studies under ``out`` were run with ``key`` (so finished ones may be reused); records ``key``."""
+    path = out / "resume_key.json"
+    old = None
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = None
+    if old is not None and old != key:
+        say(f"[resume] {out}: earlier studies there used other settings or centres; none is reused")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, key)
+    return old == key
+
+
+def finished_study(study_dir: Path, cfg) -> Any:
+    """The :class:`StudyOutcome` of a study already run in ``study_dir`` with ``cfg``'s settings, else None."""
+    from histodd_fed.federation.coordinator import StudyOutcome
+    from histodd_fed.federation.faults import Fault
+
+    path = study_dir / "report.json"
+    if not path.is_file():
+        return None
+    try:
+        rep = json.loads(path.read_text())
+        done = rep["config"]
+        want = json.loads(json.dumps({k: getattr(cfg, k) for k in _RESUME_FIELDS}))
+        if any(done.get(k) != v for k, v in want.items()) or not rep["raw_rows"]:
+            return None
+        return StudyOutcome(rows=list(rep["raw_rows"]), faults=[Fault(**f) for f in rep["faults"]],
+                            centres=dict(rep["centres"]), messages=dict(rep["messages"]),
+                            seconds=float(rep["seconds"]), attestations=list(rep.get("attestations", [])))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, target: str | None, ipcs: list[int],
                             seeds: int, run_study: Callable, preset: str = DEFAULT_PRESET, epochs: int = 5,
                             timeout: float = 1800.0, runtime: str = "simulation", benchmark: str = "pcam-c17",
@@ -135,6 +190,7 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
     hosp = [int(d) for d in manifest["hospitals"]]
     cid = {d: f"H{d}" for d in hosp}
     info = manifest["centres"]
+    resume = _check_resume(out, _resume_key(centres, preset, ipcs, epochs), say)
     cfgs, trust = enrol(out / "federation", {cid[d]: centres / info[cid[d]]["source"] for d in hosp}, preset=preset)
     by_id = {c.centre_id: c for c in cfgs}
     n_targets = len({t for t, _ in jobs})
@@ -177,9 +233,13 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
                                   ipcs=list(ipcs), full=True, fine_tune_epochs=epochs, seed=s, preset=preset,
                                   study_dir=study_dir, trust=trust, runtime=runtime, reply_timeout=timeout,
                                   identity_timeout=timeout)
-                outcome = run_study(cfg, nodes)
-                write_report(cfg, outcome, command=f"coordinator transfer --benchmark {benchmark} "
-                                                   f"({'+'.join(names)} -> {tgt}, seed {s})")
+                outcome = finished_study(study_dir, cfg) if resume else None
+                if outcome is not None:
+                    tell(f"[{benchmark}] {tgt} seed {s}: finished in an earlier run, reused ({study_dir / 'report.json'})")
+                else:
+                    outcome = run_study(cfg, nodes)
+                    write_report(cfg, outcome, command=f"coordinator transfer --benchmark {benchmark} "
+                                                       f"({'+'.join(names)} -> {tgt}, seed {s})")
             except (HistoddError, OSError, RuntimeError, ValueError, KeyError) as exc:  # the study, not the run
                 faults.append({"target": tgt, "seed": s, "transfer": None, "centre": "-", "stage": "study",
                                "kind": "error", "fault": f"study failed: {type(exc).__name__}: {str(exc)[:300]}"})
