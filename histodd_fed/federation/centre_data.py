@@ -90,13 +90,19 @@ def load_real_splits(data: Path) -> tuple[PatchSet, PatchSet] | None:
 SLIDE_SPLITS = ("slides-train", "slides-test")
 
 
+def has_slide_splits(data: Path) -> bool:
+    """True when ``data`` holds a pair of separate slide sets (``slides-train/``, ``slides-test/``)."""
+    data = Path(data)
+    return data.is_dir() and all((data / s / "patchset.json").exists() for s in SLIDE_SPLITS)
+
+
 def load_slide_splits(data: Path) -> tuple[PatchSet, PatchSet] | None:
     """A centre folder's separate slide sets ``slides-train/`` and ``slides-test/`` (both with a slide table):
     the slide data of a centre whose patch splits have none; None when the folder has no such pair."""
     from histodd_fed.federation.slide_level import has_slides
 
     data = Path(data)
-    if not (data.is_dir() and all((data / s / "patchset.json").exists() for s in SLIDE_SPLITS)):
+    if not has_slide_splits(data):
         return None
     train, test = (PatchSet.load(data / s) for s in SLIDE_SPLITS)
     for name, ps in zip(SLIDE_SPLITS, (train, test)):
@@ -175,15 +181,9 @@ RAW_TRAIN_DIR = "train-raw"
 def _prepare_key(cfg: CentreConfig, preset: CentrePreset) -> dict[str, Any]:
     key = {"centre": cfg.centre_id, "data": str(cfg.data.resolve()), "seed": cfg.seed,
            "preset": preset.prepare_dict(), "version": 2}
-    if load_slide_splits(cfg.data) is not None:  # only then: every other centre keeps its key
+    if has_slide_splits(cfg.data):  # only then: every other centre keeps its key
         key["slide_sets"] = list(SLIDE_SPLITS)
     return key
-
-
-def _load_slide_sets(root: Path) -> tuple[PatchSet | None, PatchSet | None]:
-    if all((root / s / "patchset.json").exists() for s in SLIDE_SPLITS):
-        return PatchSet.load(root / SLIDE_SPLITS[0]), PatchSet.load(root / SLIDE_SPLITS[1])
-    return None, None
 
 
 def patch_metrics(model, test: PatchSet) -> dict[str, float]:
@@ -208,7 +208,8 @@ def prepare(cfg: CentreConfig, preset: CentrePreset) -> Prepared:
         info = json.loads(done.read_text())
         return Prepared(root, PatchSet.load(root / "train"), PatchSet.load(root / "test"), root / "classifier",
                         (root / slide_level.MIL_DIR).exists(), h, info,
-                        raw_dir if (raw_dir / "patchset.json").exists() else None, *_load_slide_sets(root))
+                        raw_dir if (raw_dir / "patchset.json").exists() else None,
+                        *(load_slide_splits(root) or (None, None)))
     one_thread()
     t0 = time.perf_counter()
     given = load_real_splits(cfg.data)  # a folder with train/ and test/ patch sets: that split

@@ -81,19 +81,12 @@ def fine_tune_and_score(prepared: Prepared, preset: CentrePreset, received: Patc
     ``preset.fine_tune_seeds`` seeds (``seed``, ``seed + 1``, ...) and averaged; per-seed balanced
     accuracies in ``info["patch_balanced_accuracy_by_seed"]``. The info (received-phase seconds included)
     is the first seed's: the cost of one fine-tune."""
-    metrics, info, _ = _fine_tune_scored(prepared, preset, received, epochs=epochs, seed=seed)
+    metrics, info, _ = fine_tune_scored_model(prepared, preset, received, epochs=epochs, seed=seed)
     return metrics, info
 
 
 def fine_tune_scored_model(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, *, epochs: int,
                            seed: int) -> tuple[dict[str, float], dict[str, Any], Any]:
-    """:func:`fine_tune_and_score` plus the first seed's fine-tuned classifier (a row's slide encoder when
-    ``preset.slide_encoder`` is ``fine_tuned``)."""
-    return _fine_tune_scored(prepared, preset, received, epochs=epochs, seed=seed)
-
-
-def _fine_tune_scored(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, *, epochs: int,
-                      seed: int) -> tuple[dict[str, float], dict[str, Any], Any]:
     """:func:`fine_tune_and_score` plus the first seed's fine-tuned classifier (the row's slide encoder
     when ``preset.slide_encoder`` is ``fine_tuned``)."""
     n = int(preset.fine_tune_seeds)
@@ -233,7 +226,7 @@ def evaluate_baseline(cfg: CentreConfig, preset: CentrePreset, prepared: Prepare
 def own_only_fine_tune(prepared: Prepared, preset: CentrePreset, *, epochs: int, seed: int) -> dict[str, Any]:
     """The "no transfer" fine-tune itself (no cache): classifier and, with MIL, CLAM on own data only."""
     t0 = time.perf_counter()
-    metrics, info, model = _fine_tune_scored(prepared, preset, None, epochs=epochs, seed=seed)
+    metrics, info, model = fine_tune_scored_model(prepared, preset, None, epochs=epochs, seed=seed)
     out: dict[str, Any] = {**info, **metrics}
     if prepared.has_mil:
         out.update(slide_fine_tune(prepared, preset, None, row_model=model, epochs=epochs, seed=seed))
@@ -310,7 +303,7 @@ def _fine_tune_opened(cfg: CentreConfig, preset: CentrePreset, prepared: Prepare
         received, stain_info = prepare_received(patch, prepared, preset)
         out.update(stain_info)
         tp = time.perf_counter()
-        metrics, info, row_model = _fine_tune_scored(prepared, preset, received, epochs=epochs, seed=cfg.seed)
+        metrics, info, row_model = fine_tune_scored_model(prepared, preset, received, epochs=epochs, seed=cfg.seed)
         out.update(info)
         received_s += float(info.get("received_train_seconds") or 0.0)
         out["patch_fine_tune_seconds"] = round(time.perf_counter() - tp, 2)
