@@ -138,6 +138,33 @@ def test_silent_centre_is_reported_and_study_goes_on(tmp_path):
     assert {r["target"] for r in out.rows} == {"C1"} and any(r["mode"] == "full" for r in out.rows)
 
 
+_LATE_NODE = """
+import time, torch
+from histodd_fed.federation.coordinator import LocalTransport
+class LateNode:  # trains past the coordinator's timeout, as a slow centre does
+    def handle(self, action, env, run_id=0, node_id=0):
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Flatten(), torch.nn.Linear(8 * 30 * 30, 2))
+        x, t0 = torch.randn(16, 3, 32, 32), time.monotonic()
+        while time.monotonic() - t0 < 3.0:
+            m(x).sum().backward()
+        return "late"
+print("replies", LocalTransport({1: LateNode()}).exchange([(1, "train", None)], timeout=0.3))
+"""
+
+
+def test_late_node_does_not_abort_the_interpreter_at_exit():
+    """A node that answers after the timeout is dropped from the replies, and the process still
+    exits cleanly while its training runs: a daemon thread frozen inside autograd at interpreter
+    exit aborted the whole test run (exit 134, 'terminate called without an active exception')."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _LATE_NODE], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.strip() == "replies {}"
+
+
 def test_untrusted_centre_is_excluded(tmp_path):
     from histodd_fed.bundle.trust import TrustStore
     from histodd_fed.federation.centre import CentreNode

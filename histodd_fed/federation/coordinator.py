@@ -450,7 +450,10 @@ class LocalTransport:
     """In-process transport: each node is a :class:`CentreNode` answered on its own thread.
 
     Used to debug the study logic without Flower; a node that exceeds the timeout is simply
-    missing from the replies, as with Flower.
+    missing from the replies, as with Flower. A late node's work still runs to its end on a
+    non-daemon thread (its reply is dropped): the interpreter waits for it at exit instead of
+    freezing it mid-way, which aborts the process when the thread is inside torch (autograd's C++
+    frames cannot be unwound).
     """
 
     def __init__(self, nodes: dict[int, Any], run_id: int = 1):
@@ -468,7 +471,7 @@ class LocalTransport:
             results[n] = self.nodes[n].handle(action, env, run_id=self.run_id, node_id=n)
 
         for n, action, env in requests:
-            th = threading.Thread(target=work, args=(n, action, env), daemon=True)
+            th = threading.Thread(target=work, args=(n, action, env), name=f"local-node-{n}")
             th.start()
             threads.append(th)
         deadline = time.monotonic() + timeout
