@@ -30,6 +30,8 @@ app = typer.Typer(
     add_completion=False,
 )
 log = logging.getLogger("coordinator")
+#: seconds to wait for each centre's reply when --timeout is not given (the hospital benchmark: its own)
+DEFAULT_REPLY_TIMEOUT = 900.0
 
 
 @app.callback()
@@ -92,7 +94,9 @@ def transfer(
     epochs: int = typer.Option(5, "--epochs", help="Fine-tuning epochs at the target."),
     preset: str = typer.Option("cpu", "--preset"),
     seed: int = typer.Option(0, "--seed"),
-    timeout: float = typer.Option(900.0, "--timeout", help="Seconds to wait for each centre's reply."),
+    timeout: Optional[float] = typer.Option(
+        None, "--timeout", help="Seconds to wait for each centre's reply (default 900; 3600 for the hospital benchmark, "
+                                "whose sources distil every --ipc best-of-5 from all of their data in one reply)."),
     benchmark: Optional[str] = typer.Option(None, "--benchmark", help="A benchmark study instead of --nodes/--trust: pcam-c17. Hospital centres (make-pcam-centres --hospitals): target alone, + Histo-DD per ipc, + Full per target, mean and 95% CI over --seeds (summary.md/csv/png); resumable: re-run the same command with the same --out and the seeds a killed run finished are reused. Two-centre folder (--target-domain): C2 alone, + Histo-DD per ipc, + Herding, + Full, stain ablations; mean ± std."),
     centres: Optional[Path] = typer.Option(None, "--centres", help="With --benchmark: the folder make-pcam-centres wrote."),
     seeds: int = typer.Option(3, "--seeds", help="With --benchmark: seeds 0..N-1."),
@@ -102,7 +106,8 @@ def transfer(
 
     if benchmark is not None:
         from histodd_fed.federation.benchmark_study import run_benchmark
-        from histodd_fed.federation.hospital_benchmark import DEFAULT_PRESET, is_hospitals, run_hospitals_benchmark
+        from histodd_fed.federation.hospital_benchmark import (DEFAULT_PRESET, HOSPITALS_REPLY_TIMEOUT, is_hospitals,
+                                                               run_hospitals_benchmark)
 
         if centres is None:
             raise ConfigError("--benchmark needs --centres DIR (made by centre-node make-pcam-centres)")
@@ -110,7 +115,8 @@ def transfer(
         if benchmark == "pcam-c17" and is_hospitals(centres):
             rep = run_hospitals_benchmark(centres, out, sources=sources, target=target, ipcs=_ipcs(ipc), seeds=seeds,
                                           run_study=run_study, preset=DEFAULT_PRESET if preset == "cpu" else preset,
-                                          epochs=epochs, timeout=timeout, runtime=runtime, benchmark=benchmark,
+                                          epochs=epochs, timeout=HOSPITALS_REPLY_TIMEOUT if timeout is None else timeout,
+                                          runtime=runtime, benchmark=benchmark,
                                           say=typer.echo, command=" ".join(["coordinator"] + sys.argv[1:]))
             typer.echo((out / "summary.md").read_text())
             typer.echo(f"report: {out} (summary.md, summary.csv, summary_per_seed.csv, summary.png, report.json)")
@@ -119,8 +125,8 @@ def transfer(
             raise ConfigError(f"{centres}: a two-centre folder (C1 + C2); --sources/--target need hospital centres "
                               "(centre-node make-pcam-centres --hospitals 0,1,2,3,4)")
         rep = run_benchmark(centres, out, ipcs=_ipcs(ipc), seeds=seeds, run_study=run_study, benchmark=benchmark,
-                            preset="pcam-c17" if preset == "cpu" else preset, epochs=epochs, timeout=timeout,
-                            runtime=runtime, say=typer.echo)
+                            preset="pcam-c17" if preset == "cpu" else preset, epochs=epochs,
+                            timeout=DEFAULT_REPLY_TIMEOUT if timeout is None else timeout, runtime=runtime, say=typer.echo)
         from histodd_fed.federation.benchmark_study import markdown
 
         typer.echo(markdown(rep))
@@ -142,8 +148,9 @@ def transfer(
         raise ConfigError(f"{nodes}: unreadable node list ({exc})") from None
     out = out or Path("results/transfer") / datetime.now().strftime("%Y%m%d-%H%M%S")
     cfg = StudyConfig(source=source, target=target or "C2", ipcs=_ipcs(ipc), full=full, both_directions=both_directions,
-                      fine_tune_epochs=epochs, seed=seed, preset=preset, reply_timeout=timeout,
-                      identity_timeout=timeout, study_dir=out.resolve(), trust=trust.resolve(), runtime=runtime)
+                      fine_tune_epochs=epochs, seed=seed, preset=preset,
+                      reply_timeout=DEFAULT_REPLY_TIMEOUT if timeout is None else timeout,
+                      identity_timeout=DEFAULT_REPLY_TIMEOUT if timeout is None else timeout, study_dir=out.resolve(), trust=trust.resolve(), runtime=runtime)
     outcome = run_study(cfg, node_cfgs)
     _print(outcome, write_report(cfg, outcome))
 

@@ -46,6 +46,9 @@ from histodd_fed.federation import benchmark_summary as bs
 from histodd_fed.runconfig import write_run_config
 
 DEFAULT_PRESET = "pcam-c17-hospitals"
+#: seconds the coordinator waits for one reply: a source distils every ipc best-of-5 from its 2,000
+#: patches in one reply (ipc 10 + 50: ~15 min on one contended core), so the CLI's 900 s is too short
+HOSPITALS_REPLY_TIMEOUT = 3600.0
 
 
 def is_hospitals(centres: Path) -> bool:
@@ -202,7 +205,7 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
     faults: list[dict[str, Any]] = []
     protocol = ({"chosen_on": "a validation split of each target's own train patches "
                               f"({p.select_val_fraction:.0%} per class; never its test set)",
-                 "grid": [{"epochs": e, "received_share": sh} for e, sh in p.select_grid]}
+                 "grid": [{"epochs": e, "received_share": sh, "lr_scale": lr} for e, sh, lr in p.select_grid]}
                 if p.select_grid else
                 {"fixed": f"{p.fine_tune_protocol}, {epochs} epochs, received share {p.received_share}"})
     t0 = time.perf_counter()
@@ -259,6 +262,7 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
                                      "slide_auc": r.get("slide_auc"), "epochs": r.get("epochs"),
                                      "received_share": None if r["transfer"] == "no transfer"
                                      else raw.get("received_share"),
+                                     "lr_scale": (raw.get("selection") or {}).get("lr_scale"),
                                      "fine_tune_s": r.get("fine_tune_s"), "select_s": raw.get("select_seconds"),
                                      "bytes": r.get("bytes"), "bytes_vs_full": r.get("bytes_vs_full"),
                                      "images": r.get("images"), "protocol": r.get("protocol"),
@@ -282,9 +286,10 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
             f"patches per class at each target; Full = all of the sources' train patches, no cap). Preset {preset}; "
             f"{seeds} seed(s) (0..{seeds - 1}); mean with a 95% t-interval over seeds; gains over \"target alone\" "
             "paired by seed. Several sources: their sets pooled into one row. Fine-tuning protocol: "
-            + (f"chosen per row and seed on {protocol['chosen_on']} from (epochs, received share) "
-               + ", ".join(f"({e}, {sh})" for e, sh in p.select_grid) + "; the epochs and received share "
-               "columns show what was chosen" if p.select_grid else protocol["fixed"])
+            + (f"chosen per row and seed on {protocol['chosen_on']} from (epochs, received share, lr x "
+               f"{p.fine_tune_lr:g}) " + ", ".join(f"({e}, {sh:g}, {lr:g})" for e, sh, lr in p.select_grid)
+               + "; the epochs, received share and lr columns show what was chosen" if p.select_grid
+               else protocol["fixed"])
             + f". {slide_text(manifest, per_seed)} {seconds:.0f} s wall."]
     report = {"benchmark": benchmark, "layout": "hospitals", "centres": str(centres), "command": command,
               "hospitals": hosp, "plan": [{"target": cid[t], "sources": [cid[s] for s in srcs]} for t, srcs in jobs],

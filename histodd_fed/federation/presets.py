@@ -89,7 +89,8 @@ class CentrePreset:
     # the centre's seed), never its test set; the best is then fine-tuned on all own train patches and
     # scored on the test split. "No transfer" chooses its epochs the same way. (): the preset's protocol
     # as is (the request's epochs). Patch level only (per-row: docs/federation.md "Fine-tuning protocol").
-    select_grid: tuple[tuple[int, float], ...] = ()
+    # Each entry (epochs, received share[, lr scale]): lr scale multiplies fine_tune_lr (1 when left out).
+    select_grid: tuple[tuple[Any, ...], ...] = ()
     select_val_fraction: float = 0.3
 
     #: fields that only affect how a target fine-tunes on received data (not preparation)
@@ -123,11 +124,16 @@ class CentrePreset:
                               f"got {self.slide_encoder!r}")
         if self.fine_tune_seeds < 1:
             raise ConfigError(f"preset {self.name!r}: fine_tune_seeds must be >= 1, got {self.fine_tune_seeds}")
-        grid = tuple((int(e), float(sh)) for e, sh in self.select_grid)
+        raw = tuple(self.select_grid)
+        try:  # (epochs, received share[, lr scale]) -> always three numbers (lr scale 1 when left out)
+            grid = tuple((int(c[0]), float(c[1]), float(c[2]) if len(c) == 3 else 1.0) for c in raw
+                         if 2 <= len(c) <= 3)
+        except (TypeError, ValueError):
+            grid = ()
+        if len(grid) != len(raw) or any(e < 1 or not 0.0 < sh < 1.0 or not lr > 0.0 for e, sh, lr in grid):
+            raise ConfigError(f"preset {self.name!r}: select_grid needs (epochs >= 1, 0 < received_share < 1"
+                              f"[, lr_scale > 0]) entries, got {[list(c) for c in raw]}")
         object.__setattr__(self, "select_grid", grid)
-        if any(e < 1 or not 0.0 < sh < 1.0 for e, sh in grid):
-            raise ConfigError(f"preset {self.name!r}: select_grid needs (epochs >= 1, 0 < received_share < 1) "
-                              f"pairs, got {list(grid)}")
         if not 0.0 < self.select_val_fraction < 1.0:
             raise ConfigError(f"preset {self.name!r}: select_val_fraction must be in (0, 1), "
                               f"got {self.select_val_fraction}")
@@ -263,7 +269,11 @@ PRESETS["pcam-c17-gm"] = replace(
 # would leave every received set nothing to show in the slide columns.
 PRESETS["pcam-c17-hospitals"] = replace(
     PRESETS["pcam-c17"], name="pcam-c17-hospitals", max_train_patches=0,
-    select_grid=((5, 0.5), (15, 0.5), (5, 0.8), (15, 0.8)), slide_encoder="fine_tuned")
+    select_grid=((5, 0.5), (15, 0.5), (5, 0.8), (15, 0.8), (5, 0.95, 20.0)), slide_encoder="fine_tuned")
+# (5, 0.95, 20.0): 5 epochs, 95% received draws, lr 1e-2 - the candidate that lets a large received set teach
+# (benchmarks/experiments/screen_hospital_protocol.py on a tuning pair of PCam `train` data only: H0 -> H3's
+# source patches, 3 seeds: "+ Full" 0.671 vs 0.660 at the old grid's (15, 0.8), "+ ipc 10" 0.680; a high lr can collapse a
+# 100-patch target, which the validation split is there to catch)
 # the same with another slide head than CLAM (histodd_fed/mil/registry.py): `coordinator transfer --benchmark pcam-c17
 # --preset pcam-c17-hospitals-abmil ...` (every centre pre-trains and fine-tunes that head on its pseudo-slides)
 for _head in ("abmil", "dsmil", "transmil"):

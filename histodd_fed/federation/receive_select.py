@@ -9,7 +9,7 @@
   pooled the same way (slide tables merged) and fine-tune the target's MIL head on its own slide data
   (:meth:`Prepared.slide_sets`), scored on its test slides; the head's epochs are the request's, not chosen.
 - **Protocol chosen on the target's own validation split** (preset ``select_grid``): each candidate
-  (epochs, received share) of the union protocol is fine-tuned on the target's own train patches
+  (epochs, received share, lr scale) of the union protocol is fine-tuned on the target's own train patches
   minus a stratified validation split and scored there (balanced accuracy, then AUC); the best is
   fine-tuned on ALL own train patches and scored on the test split - which no choice ever reads.
   "No transfer" chooses its epochs the same way.
@@ -129,16 +129,18 @@ def val_split(train: PatchSet, fraction: float, seed: int) -> tuple[np.ndarray, 
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
-def _union(preset: CentrePreset, share: float) -> CentrePreset:
-    return replace(preset, fine_tune_protocol="union", also_protocols=(), received_share=float(share), select_grid=())
+def _union(preset: CentrePreset, share: float, lr_scale: float | None = None) -> CentrePreset:
+    return replace(preset, fine_tune_protocol="union", also_protocols=(), received_share=float(share), select_grid=(),
+                   fine_tune_lr_scale=preset.fine_tune_lr_scale if lr_scale is None else float(lr_scale))
 
 
 def choose(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, *, seed: int) -> dict[str, Any]:
     """The candidate of ``preset.select_grid`` scoring best on the validation split of the own train data.
 
-    Without received data only the epochs matter (the share has nothing to draw). Returns
-    ``{"epochs", "received_share", "candidates": [{epochs, received_share, val_bal_acc, val_auc}],
-    "val_patches", "fit_patches", "seconds"}``.
+    Each candidate is (epochs, received share, lr scale: the fine-tuning lr is ``fine_tune_lr`` x it).
+    Without received data only the epochs and the lr scale matter (the share has nothing to draw). Returns
+    ``{"epochs", "received_share", "lr_scale", "candidates": [{epochs, received_share, lr_scale, val_bal_acc,
+    val_auc}], "val_patches", "fit_patches", "seconds"}``.
     """
     from histodd_fed.federation.fine_tuning import fine_tune_and_score
 
@@ -147,15 +149,16 @@ def choose(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, 
     view = replace(prepared, train=prepared.train.subset(fit), test=prepared.train.subset(val))
     grid = list(preset.select_grid)
     if received is None:
-        grid = [(e, preset.received_share) for e in dict.fromkeys(e for e, _ in grid)]
+        grid = [(e, preset.received_share, lr) for e, lr in dict.fromkeys((e, lr) for e, _, lr in grid)]
     cands = []
-    for e, share in grid:
-        m, _ = fine_tune_and_score(view, _union(preset, share), received, epochs=e, seed=seed)
-        cands.append({"epochs": int(e), "received_share": float(share),
+    for e, share, lr in grid:
+        m, _ = fine_tune_and_score(view, _union(preset, share, lr), received, epochs=e, seed=seed)
+        cands.append({"epochs": int(e), "received_share": float(share), "lr_scale": float(lr),
                       "val_bal_acc": round(float(m["patch_balanced_accuracy"]), 4),
                       "val_auc": round(float(m["patch_auc"]), 4)})
     best = max(range(len(cands)), key=lambda i: (cands[i]["val_bal_acc"], cands[i]["val_auc"], -i))
-    return {"epochs": cands[best]["epochs"], "received_share": cands[best]["received_share"], "candidates": cands,
+    return {"epochs": cands[best]["epochs"], "received_share": cands[best]["received_share"],
+            "lr_scale": cands[best]["lr_scale"], "candidates": cands,
             "val_patches": int(len(val)), "fit_patches": int(len(fit)),
             "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -175,7 +178,7 @@ def _final(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, 
     use = preset.for_protocol(preset.fine_tune_protocol)
     if preset.select_grid:
         sel = choose(prepared, preset, received, seed=seed)
-        epochs, use = sel["epochs"], _union(preset, sel["received_share"])
+        epochs, use = sel["epochs"], _union(preset, sel["received_share"], sel["lr_scale"])
         out.update(selection=sel, select_seconds=sel["seconds"],
                    protocol_chosen_on=f"validation split of own train ({sel['val_patches']} patches)")
     t0 = time.perf_counter()
