@@ -24,11 +24,14 @@ def test_protocols_are_validated_and_receive_side_only():
     assert get_preset("cpu").protocols() == ("union", "sequential")       # the demo reports both
     assert get_preset("pcam-c17").protocols() == ("union",)
     for bad in ({"also_protocols": ("mine",)}, {"also_protocols": ("union",)}, {"fine_tune_protocol": "x"},
-                {"sequential_lr_scale": 0.0}):
+                {"sequential_lr_scale": 0.0}, {"select_grid": ((5, 0.5, 0.0),)}, {"select_grid": ((5,),)},
+                {"select_grid": ((5, 1.0),)}, {"select_grid": ((5, 0.5, 1.0, 2.0),)}):
         with pytest.raises(ConfigError):
             get_preset("tiny", **bad)
     with pytest.raises(ConfigError):
         get_preset("tiny").for_protocol("sequential")
+    # select_grid: (epochs, share[, lr scale]); the lr scale is 1 when left out
+    assert get_preset("tiny", select_grid=((5, 0.5), (3, 0.95, 20))).select_grid == ((5, 0.5, 1.0), (3, 0.95, 20.0))
 
 
 def _row(protocol, mode, **kw):

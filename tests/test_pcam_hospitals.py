@@ -233,7 +233,7 @@ def test_failed_or_blocked_centres_are_fault_rows(tmp_path):
 
 # ---------------------------------------------------------------------------- the target's side (real, tiny)
 def test_pooled_full_and_protocol_chosen_on_own_validation_split(hospitals, tmp_path, monkeypatch):
-    """Two sources' Full sets reach H2 in ONE row; the target picks (epochs, share) on its own train data."""
+    """Two sources' Full sets reach H2 in ONE row; the target picks (epochs, share, lr scale) on its own train data."""
     from histodd_fed.federation import presets
     from histodd_fed.federation.centre import CentreNode
     from histodd_fed.federation.coordinator import LocalTransport, StudyConfig, run_transfer_study
@@ -241,7 +241,7 @@ def test_pooled_full_and_protocol_chosen_on_own_validation_split(hospitals, tmp_
     from histodd_fed.federation.centre_config import ExportPolicy
 
     monkeypatch.setitem(presets.PRESETS, "tiny-select", replace(
-        presets.PRESETS["tiny"], name="tiny-select", max_train_patches=0, select_grid=((1, 0.5), (2, 0.8))))
+        presets.PRESETS["tiny"], name="tiny-select", max_train_patches=0, select_grid=((1, 0.5), (2, 0.8), (1, 0.8, 3.0))))
     data = {"H0": hospitals / "H0/source", "H1": hospitals / "H1/source", "H2": hospitals / "H2/target"}
     cfgs, trust = enrol(tmp_path / "fed", data, preset="tiny-select",
                         policies={c: ExportPolicy(real=True) for c in ("H0", "H1")})
@@ -256,9 +256,12 @@ def test_pooled_full_and_protocol_chosen_on_own_validation_split(hospitals, tmp_
     assert full["source"] == "H0+H1" and full["sources"] == ["H0", "H1"] and full["pooled_sources"] == 2
     assert full["images"] == 24 and full["train_total"] == 24          # every patch of both sources
     assert len(full["bundles"]) == 2 and full["bytes"] > 2 * 10_000
-    for r, n_cands in ((full, 2), (base, 2)):
+    lr = presets.PRESETS["tiny"].fine_tune_lr
+    for r, n_cands in ((full, 3), (base, 3)):  # "target alone": (epochs, lr scale) pairs, the share draws nothing
         sel = r["selection"]
         assert len(sel["candidates"]) == n_cands and (r["epochs"], sel["epochs"]) in ((1, 1), (2, 2))
+        assert [c["lr_scale"] for c in sel["candidates"]] == [1.0, 1.0, 3.0]
+        assert r["fine_tune_lr"] == pytest.approx(lr * sel["lr_scale"])   # the chosen lr is the one fine-tuned with
         assert sel["val_patches"] + sel["fit_patches"] == 6 and "validation split" in r["protocol_chosen_on"]
         assert 0.0 <= r["patch_balanced_accuracy"] <= 1.0
     assert full["received_share"] in (0.5, 0.8)
