@@ -265,6 +265,8 @@ def test_pooled_full_and_protocol_chosen_on_own_validation_split(hospitals, tmp_
         assert sel["val_patches"] + sel["fit_patches"] == 6 and "validation split" in r["protocol_chosen_on"]
         assert 0.0 <= r["patch_balanced_accuracy"] <= 1.0
     assert full["received_share"] in (0.5, 0.8)
+    # candidates start from a classifier that never saw the validation patches (pre-trained on the fit part)
+    assert len(list((tmp_path / "fed").rglob("select-classifiers/*/model.json"))) == 1
     # a second study: the pooled row comes from the target's cache (the ledger would refuse a re-opening)
     again = run_transfer_study(LocalTransport(nodes), cfg)
     assert next(r for r in again.rows if r["mode"] == "full")["patch_accuracy"] == full["patch_accuracy"]

@@ -241,7 +241,7 @@ def prepare(cfg: CentreConfig, preset: CentrePreset) -> Prepared:
         slide_train.save(root / SLIDE_SPLITS[0])
         slide_test.save(root / SLIDE_SPLITS[1])
     t1 = time.perf_counter()
-    model = _train_classifier(train, preset, cfg.seed)
+    model = pretrain_classifier(train, preset, cfg.seed)
     from histodd_fed.training import save_model
 
     save_model(model, root / "classifier", arch=preset.classifier, num_classes=train.num_classes,
@@ -264,7 +264,8 @@ def prepare(cfg: CentreConfig, preset: CentrePreset) -> Prepared:
     return replace(prepared, has_mil=(root / slide_level.MIL_DIR).exists(), info=info)
 
 
-def _train_classifier(train: PatchSet, preset: CentrePreset, seed: int):
+def pretrain_classifier(train: PatchSet, preset: CentrePreset, seed: int):
+    """The centre's classifier pre-trained on ``train`` by the preset's recipe (what prepare saves)."""
     from histodd_fed.training import build_seeded_model, train_classifier
 
     model = build_seeded_model(preset.classifier, seed=seed, num_classes=train.num_classes,

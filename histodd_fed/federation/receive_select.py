@@ -24,6 +24,7 @@ import hashlib
 import json
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -129,6 +130,23 @@ def val_split(train: PatchSet, fraction: float, seed: int) -> tuple[np.ndarray, 
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
+def fit_classifier(prepared: Prepared, preset: CentrePreset, fit: np.ndarray, seed: int) -> Path:
+    """The target's classifier pre-trained as prepare does, on the ``fit`` patches only (cached in the
+    prepared folder). Candidates start from it: the centre's own classifier has seen the validation
+    patches, which favours the candidates that move it least (few epochs, low lr, little received data)."""
+    from histodd_fed.federation.centre_data import pretrain_classifier
+    from histodd_fed.training import save_model
+
+    key = config_hash({"fit": [int(i) for i in fit], "seed": int(seed), "prepared": prepared.config_hash})[:16]
+    out = prepared.root / "select-classifiers" / key
+    if not (out / "model.json").exists():
+        train = prepared.train.subset(fit)
+        save_model(pretrain_classifier(train, preset, seed), out, arch=preset.classifier,
+                   num_classes=train.num_classes, image_size=preset.image_size,
+                   arch_kwargs=dict(preset.classifier_kwargs), class_names=train.class_names)
+    return out
+
+
 def _union(preset: CentrePreset, share: float, lr_scale: float | None = None) -> CentrePreset:
     return replace(preset, fine_tune_protocol="union", also_protocols=(), received_share=float(share), select_grid=(),
                    fine_tune_lr_scale=preset.fine_tune_lr_scale if lr_scale is None else float(lr_scale))
@@ -146,7 +164,8 @@ def choose(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, 
 
     t0 = time.perf_counter()
     fit, val = val_split(prepared.train, preset.select_val_fraction, seed)
-    view = replace(prepared, train=prepared.train.subset(fit), test=prepared.train.subset(val))
+    view = replace(prepared, train=prepared.train.subset(fit), test=prepared.train.subset(val),
+                   classifier_dir=fit_classifier(prepared, preset, fit, seed))
     grid = list(preset.select_grid)
     if received is None:
         grid = [(e, preset.received_share, lr) for e, lr in dict.fromkeys((e, lr) for e, _, lr in grid)]
@@ -197,7 +216,7 @@ def _final(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, 
 
 
 def _key(preset: CentrePreset) -> str:
-    return config_hash({"protocol": preset.receive_protocol(), "version": "select-1"})[:8]
+    return config_hash({"protocol": preset.receive_protocol(), "version": "select-2"})[:8]
 
 
 def baseline_row(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *, epochs: int) -> dict[str, Any]:
