@@ -104,6 +104,7 @@ def transfer(
     """Run the C1<->C2 transfer study (paper Table 5) through Flower."""
     import json
 
+    wait = DEFAULT_REPLY_TIMEOUT if timeout is None else timeout   # the hospital benchmark has its own default
     if benchmark is not None:
         from histodd_fed.federation.benchmark_study import run_benchmark
         from histodd_fed.federation.hospital_benchmark import (DEFAULT_PRESET, HOSPITALS_REPLY_TIMEOUT, is_hospitals,
@@ -126,7 +127,7 @@ def transfer(
                               "(centre-node make-pcam-centres --hospitals 0,1,2,3,4)")
         rep = run_benchmark(centres, out, ipcs=_ipcs(ipc), seeds=seeds, run_study=run_study, benchmark=benchmark,
                             preset="pcam-c17" if preset == "cpu" else preset, epochs=epochs,
-                            timeout=DEFAULT_REPLY_TIMEOUT if timeout is None else timeout, runtime=runtime, say=typer.echo)
+                            timeout=wait, runtime=runtime, say=typer.echo)
         from histodd_fed.federation.benchmark_study import markdown
 
         typer.echo(markdown(rep))
@@ -148,9 +149,8 @@ def transfer(
         raise ConfigError(f"{nodes}: unreadable node list ({exc})") from None
     out = out or Path("results/transfer") / datetime.now().strftime("%Y%m%d-%H%M%S")
     cfg = StudyConfig(source=source, target=target or "C2", ipcs=_ipcs(ipc), full=full, both_directions=both_directions,
-                      fine_tune_epochs=epochs, seed=seed, preset=preset,
-                      reply_timeout=DEFAULT_REPLY_TIMEOUT if timeout is None else timeout,
-                      identity_timeout=DEFAULT_REPLY_TIMEOUT if timeout is None else timeout, study_dir=out.resolve(), trust=trust.resolve(), runtime=runtime)
+                      fine_tune_epochs=epochs, seed=seed, preset=preset, reply_timeout=wait, identity_timeout=wait,
+                      study_dir=out.resolve(), trust=trust.resolve(), runtime=runtime)
     outcome = run_study(cfg, node_cfgs)
     _print(outcome, write_report(cfg, outcome))
 

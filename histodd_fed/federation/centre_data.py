@@ -242,11 +242,7 @@ def prepare(cfg: CentreConfig, preset: CentrePreset) -> Prepared:
         slide_test.save(root / SLIDE_SPLITS[1])
     t1 = time.perf_counter()
     model = pretrain_classifier(train, preset, cfg.seed)
-    from histodd_fed.training import save_model
-
-    save_model(model, root / "classifier", arch=preset.classifier, num_classes=train.num_classes,
-               image_size=preset.image_size, arch_kwargs=dict(preset.classifier_kwargs),
-               class_names=train.class_names)
+    save_pretrained(model, root / "classifier", preset, train)
     baseline = patch_metrics(model, test)
     t2 = time.perf_counter()
     prepared = Prepared(root, train, test, root / "classifier", False, h, {}, raw_dir if keep_raw else None,
@@ -262,6 +258,14 @@ def prepare(cfg: CentreConfig, preset: CentrePreset) -> Prepared:
     atomic_write_json(done, info)
     log.info("%s: prepared in %.1fs %s", cfg.centre_id, info["seconds"], info["timing"])
     return replace(prepared, has_mil=(root / slide_level.MIL_DIR).exists(), info=info)
+
+
+def save_pretrained(model, out: Path, preset: CentrePreset, train: PatchSet) -> Path:
+    """Save a classifier :func:`pretrain_classifier` made from ``train`` (loadable by ``load_model``)."""
+    from histodd_fed.training import save_model
+
+    return save_model(model, out, arch=preset.classifier, num_classes=train.num_classes, image_size=preset.image_size,
+                      arch_kwargs=dict(preset.classifier_kwargs), class_names=train.class_names)
 
 
 def pretrain_classifier(train: PatchSet, preset: CentrePreset, seed: int):

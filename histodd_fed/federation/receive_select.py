@@ -134,16 +134,13 @@ def fit_classifier(prepared: Prepared, preset: CentrePreset, fit: np.ndarray, se
     """The target's classifier pre-trained as prepare does, on the ``fit`` patches only (cached in the
     prepared folder). Candidates start from it: the centre's own classifier has seen the validation
     patches, which favours the candidates that move it least (few epochs, low lr, little received data)."""
-    from histodd_fed.federation.centre_data import pretrain_classifier
-    from histodd_fed.training import save_model
+    from histodd_fed.federation.centre_data import pretrain_classifier, save_pretrained
 
     key = config_hash({"fit": [int(i) for i in fit], "seed": int(seed), "prepared": prepared.config_hash})[:16]
     out = prepared.root / "select-classifiers" / key
     if not (out / "model.json").exists():
         train = prepared.train.subset(fit)
-        save_model(pretrain_classifier(train, preset, seed), out, arch=preset.classifier,
-                   num_classes=train.num_classes, image_size=preset.image_size,
-                   arch_kwargs=dict(preset.classifier_kwargs), class_names=train.class_names)
+        save_pretrained(pretrain_classifier(train, preset, seed), out, preset, train)
     return out
 
 
