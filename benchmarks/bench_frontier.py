@@ -44,7 +44,9 @@ from histodd_fed.patchset import PatchSet, load_image_folder  # noqa: E402
 from histodd_fed.preprocess import ViewSpec, apply_view  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "pcam-ai4all"
-VIEW = ViewSpec.centre_crop(96, 32)
+#: The views a run can use (``--view``): the preset's central 32 px, or the whole 96 px patch resized to 32 px
+#: (the tissue around PCam's label region kept, at a third of the resolution).
+VIEWS = {"crop": ViewSpec.centre_crop(96, 32), "resize": ViewSpec.resize(96, 32)}
 
 #: Evaluation recipe (the `pcam` preset's; configs/study-cpu.yaml eval).
 EVAL = {"arch": "convnet", "arch_kwargs": {"width": 32, "depth": 3}, "epochs": 200, "full_epochs": 30, "lr": 0.01,
@@ -88,6 +90,8 @@ RECIPES: dict[str, dict] = {
     "dm_cmix": {**DM},
     "dm_cmix_long": {**DM, "outer_steps": 1200},
     "dm_cmix8": {**DM, "init_mix": 8, "init_colour_pool": 32},
+    # the shipped `--preset pcam` recipe with one candidate (mixtures of 8, every block's output)
+    "dm_cmix8_all": {**DM, "init_mix": 8, "init_colour_pool": 32, "dm_layers": "all"},
     "dm_cmix_km": {**DM, "init_anchor": "kmeans"},
     "dm_cmix_km_priv": {**DM, "init_anchor": "kmeans", "privacy_step": 0.01},
     "dm_noise": {"objective": "distribution", "init": "noise", "pool_epochs": 0, "pool_size": 1, "net_steps": 0,
@@ -277,6 +281,9 @@ def main() -> None:
     ap.add_argument("--methods", default="random,herding,histodd,full")
     ap.add_argument("--split-seed", type=int, default=0,
                     help="seed of the tune split of train (rows record split 'tune' for 0, 'tuneS' otherwise)")
+    ap.add_argument("--view", choices=sorted(VIEWS), default="crop",
+                    help="crop: the central 32 px (the preset's view); resize: the 96 px patch resized to 32 px "
+                         "(rows record split 'SPLIT-resize')")
     ap.add_argument("--ipc", type=int, default=10)
     ap.add_argument("--set-seeds", default="0,1,2")
     ap.add_argument("--eval-seeds", type=int, default=3)
@@ -300,9 +307,12 @@ def main() -> None:
     t0 = time.perf_counter()
     real_raw, test_raw, hold_raw = load_split(args.split, args.split_seed)
     split = args.split if args.split_seed == 0 else f"{args.split}{args.split_seed}"
-    real, test, hold = (apply_view(p, VIEW) for p in (real_raw, test_raw, hold_raw))
+    if args.view != "crop":
+        split += f"-{args.view}"
+    view = VIEWS[args.view]
+    real, test, hold = (apply_view(p, view) for p in (real_raw, test_raw, hold_raw))
     print(f"[frontier] split {split}: distil-from {len(real)} test {len(test)} non-members {len(hold)} "
-          f"({VIEW.describe()}), loaded in {time.perf_counter() - t0:.0f}s", flush=True)
+          f"({view.describe()}), loaded in {time.perf_counter() - t0:.0f}s", flush=True)
     methods: list[str] = []   # "a,b@k=v,k2=v2": the overrides of one recipe are comma-separated too
     for part in args.methods.split(","):
         if "=" in part and "@" not in part and methods:

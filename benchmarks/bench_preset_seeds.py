@@ -81,6 +81,11 @@ def main() -> int:
         if gate_path.exists():
             gate = json.loads(gate_path.read_text())
             row.update(passed=gate["passed"], reasons=gate["reasons"], copies=gate.get("copies"))
+        meta_path = out / "patchset.json"
+        if meta_path.exists():   # best-of-K: every candidate's held-out accuracy and the one kept
+            sel = json.loads(meta_path.read_text()).get("meta", {}).get("selection")
+            if sel:
+                row["selection"] = {k: sel.get(k) for k in ("candidates", "chosen", "chosen_seed", "seconds")}
         if rc_d == 0:
             ej = out / "eval.json"
             rc_e, t_e = run([str(CLI), "evaluate", "--train", str(out), "--test", str(DATA / "valid"),

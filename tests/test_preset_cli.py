@@ -51,7 +51,8 @@ def test_preset_pcam_loads_and_validates(tmp_path):
     p = load_preset("pcam")
     assert p.view == CROP and p.eval.arch == "convnet" and p.eval.augmentation == "flip_rotate"
     assert p.distill_config().image_size == 32 and p.distill_config(ipc=3).ipc == 3
-    assert p.distill_config().candidates == 5 and p.distill_config(candidates=1).candidates == 1
+    assert p.distill_config().candidates == 10 and p.distill_config(candidates=1).candidates == 1
+    assert p.distill_config(ipc=50).candidates == 5 and p.distill_config(ipc=20).candidates == 5
     assert p.distill_config().candidate_gate and p.distill_config().privacy_step == 0
     assert p.distill_config(ipc=50).privacy_step > 0      # ipc 50: the privacy term (docs/pcam-tuning.md)
     assert p.distill_config(ipc=20).privacy_step > 0      # ipc 20 too (session 7: 1 of 3 sets blocked without)
