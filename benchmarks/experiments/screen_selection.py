@@ -81,12 +81,13 @@ def run(args: argparse.Namespace) -> None:
               flush=True)
 
 
-def analyse(path: Path, draws: int = 4000) -> None:
+def analyse(path: Path, draws: int = 4000, plot: Path | None = None) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     groups: dict[tuple, list] = {}
     for r in rows:
         groups.setdefault((r["recipe"], r["split_seed"], r["seed"]), []).append(r)
     rng = np.random.default_rng(0)
+    curves: dict[str, tuple[list[int], list[float]]] = {}
     for key, rs in sorted(groups.items()):
         test = np.array([np.mean(r["test_per_seed"]) for r in rs])
         held = np.array([r["heldout_per_seed"] for r in rs])
@@ -110,6 +111,25 @@ def analyse(path: Path, draws: int = 4000) -> None:
                     picks.append(test[sub[np.argmax(score[sub])]])
                 cells.append(f"{np.mean(picks) * 100:.1f}")
             print(f"| {k} | " + " | ".join(cells) + " |")
+            ks, vals = curves.setdefault(f"{key[0]}, split {key[1]}", ([], []))
+            ks.append(k)
+            vals.append(float(cells[1]) if len(cells) > 1 else float(cells[0]))
+    if plot is not None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for label, (ks, vals) in curves.items():
+            ax.plot(ks, vals, marker="o", label=label)
+        ax.set_xlabel("candidates K (best of K, 2 scoring seeds)")
+        ax.set_ylabel("kept candidate's test accuracy %")
+        ax.set_title("best of K on tuning splits of PCam train")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+        print(f"plot: {plot}")
 
 
 def main() -> None:
@@ -123,9 +143,10 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="KEY=JSON override of the preset's distill config")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--analyse", action="store_true")
+    ap.add_argument("--plot", type=Path, help="with --analyse: a PNG of the kept candidate's accuracy against K")
     args = ap.parse_args()
     if args.analyse:
-        analyse(args.out)
+        analyse(args.out, plot=args.plot)
     else:
         run(args)
 
