@@ -13,7 +13,8 @@ Recipes (``--recipes``, comma-separated, run in order):
 - ``random``, ``herding``: coresets, ipc ``--ipc``, the preset's coreset options (ConvNet-3 w32 herding net);
 - ``dm``: the shipped DM recipe (``--preset pcam``, ``preset.distill_config(ipc)`` as ``centre-node
   distill`` builds it) with ``--dm-candidates`` best-of-K candidates for the target AND the shadows
-  (the preset's 5, with the gate-aware choice, does not fit a 2-core CPU; 1 turns best-of-K off);
+  (the preset's 10 at ipc 10 - 5 until 2026-12-06 - with the gate-aware choice do not fit a 2-core CPU;
+  1 turns best-of-K off);
 - ``paper``: the paper's gradient matching (``configs/distill-paper.yaml``) on a short CPU schedule
   (``--paper-*`` options; printed and recorded);
 - ``dp``: the preset's DP recipe (dm-dp, ``distill_dp`` section, ``--dp-epsilon``) when
@@ -69,9 +70,10 @@ def build_recipe(name: str, preset, args):
         return _coreset_recipe(preset, name, args.ipc)
     if name == "dm":
         cfg = preset.distill_config(ipc=args.ipc, candidates=args.dm_candidates, device="cpu")
+        shipped = preset.distill_config(ipc=args.ipc).candidates
         note = (f"preset {preset.name} DM recipe, ipc {args.ipc}, {cfg.outer_steps} steps, candidates "
-                f"{cfg.candidates}" + (" (the preset: 5, gate-aware; 1 here for target and shadows, to fit the CPU)"
-                                       if args.dm_candidates != preset.distill.get("candidates", 1) else ""))
+                f"{cfg.candidates}" + (f" (the preset: {shipped}, gate-aware; {cfg.candidates} here for target and "
+                                       "shadows, to fit the CPU)" if args.dm_candidates != shipped else ""))
         return _distill_recipe(cfg), note
     if name == "paper":
         from histodd_fed.distill import DistillConfig
