@@ -13,7 +13,6 @@ the other seeds both choices are the same set. Prints one JSON line per seed wit
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from histodd_fed.distill import run_distillation
-    from histodd_fed.distill.select import holdout_split
+    from histodd_fed.distill.select import candidate_config, holdout_split
     from histodd_fed.patchset import load_image_folder
     from histodd_fed.preprocess import apply_view
     from histodd_fed.preset import load_preset
@@ -47,17 +46,20 @@ def main() -> None:
         k5 = int(np.argmax(first5))
         out = {"seed": r["seed"], "best10_chosen": r["selection"]["chosen"], "best5_pick": k5,
                "best10_valid": round(r["eval"]["accuracy_mean"], 4)}
-        if k5 == r["selection"]["chosen"] or (cands[k5].get("gate_passed") is False):
-            out["best5_valid"] = out["best10_valid"] if k5 == r["selection"]["chosen"] else None
+        if k5 == r["selection"]["chosen"]:           # the same set either way
+            out["best5_valid"] = out["best10_valid"]
             print(json.dumps(out), flush=True)
+            continue
+        if cands[k5].get("gate_passed") is False:   # best of 5 would have moved on to another: not rebuilt here
+            print(json.dumps({**out, "best5_valid": None}), flush=True)
             continue
         if real is None:
             real = apply_view(load_image_folder(DATA / "train"), preset.view)
             valid = apply_view(load_image_folder(DATA / "valid"), preset.view)
         config = preset.distill_config(ipc=r["ipc"], seed=r["seed"])
         keep, _ = holdout_split(real, config.candidate_holdout, config.seed)
-        cand = dataclasses.replace(config, candidates=1, candidate_gate=False, seed=config.seed * 1000 + k5)
-        res = run_distillation(real.subset(keep), cand, args.work / f"s{r['seed']}.work", progress=False)
+        res = run_distillation(real.subset(keep), candidate_config(config, k5), args.work / f"s{r['seed']}.work",
+                               progress=False)
         e = preset.eval
         ev = evaluate_sets({"c": res.patchset}, valid, e.arch, seeds=3, epochs=e.epochs, lr=e.lr,
                            batch_size=e.batch_size, augmentation=e.augmentation, arch_kwargs=dict(e.arch_kwargs),

@@ -53,6 +53,11 @@ def holdout_split(real: PatchSet, per_class: int, seed: int) -> tuple[np.ndarray
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(hold))
 
 
+def candidate_config(config, k: int):
+    """Candidate ``k``'s own config: an ordinary one-set run with seed ``seed * 1000 + k``."""
+    return dataclasses.replace(config, candidates=1, candidate_gate=False, seed=int(config.seed) * 1000 + int(k))
+
+
 def run_best_of(real: PatchSet, config, work_dir: Path | None = None, progress: bool = True, *,
                 resume: bool = True, candidate_check=None):
     """The best of ``config.candidates`` distillations (see the module doc); a DistillResult whose meta
@@ -65,7 +70,7 @@ def run_best_of(real: PatchSet, config, work_dir: Path | None = None, progress: 
     source, held = real.subset(keep), resize_to(real.subset(hold), config.image_size)
     scores, results, accs = [], [], []
     for k in range(config.candidates):
-        cand_cfg = dataclasses.replace(config, candidates=1, candidate_gate=False, seed=int(config.seed) * 1000 + k)
+        cand_cfg = candidate_config(config, k)
         res = run_distillation(source, cand_cfg, work_dir, progress, resume=resume)
         ev = evaluate_sets({f"candidate {k}": res.patchset}, held, config.model,
                            seeds=config.candidate_eval_seeds, epochs=config.candidate_epochs,
