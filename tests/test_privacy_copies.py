@@ -91,7 +91,34 @@ def test_unrelated_tissue_is_not_flagged(raw):
     other = tissue96(24, 1234)
     rep = detect_copies(apply_view_images(other.images, CROP), raw.images, audit_views(CROP, 96, 32))
     assert not rep.flagged, [(f.synthetic, f.r2) for f in rep.flagged]
-    assert rep.summary()["max_r2"] < CopyDetectorConfig().threshold
+    assert all(0.0 < f.chance_r2 <= f.copy_r2 for f in rep.findings)
+
+
+def smooth96(n: int, seed: int, sigma: float = 5.0) -> np.ndarray:
+    """Smooth 'eosin fields' with no nuclei: natural images that many others explain almost as well."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        f = gaussian_filter(rng.standard_normal((96, 96)), sigma)
+        out.append(np.clip(np.array([0.85, 0.7, 0.82]) - 0.15 * (f / f.std())[..., None] * np.array([0.3, 1.0, 0.5]), 0, 1))
+    return (np.stack(out) * 255).round().astype(np.uint8)
+
+
+def test_a_high_r2_that_chance_also_reaches_is_not_a_copy(raw):
+    # held-out smooth fields are explained with R^2 ~0.9 by many unrelated smooth reference patches: a fixed
+    # R^2 cut at 0.85 blocks them (the DP set's false block, issue 20); the uniqueness rule does not, while a
+    # noisy copy of a textured reference patch - R^2 below the 0.97 ceiling - still stands out and is flagged
+    ref = np.concatenate([raw.images, smooth96(80, 5)])
+    held = apply_view_images(smooth96(8, 77), CROP)
+    noisy = apply_view_images(raw.images[[3, 11]], CROP) + np.random.default_rng(0).normal(0, 40, (2, 32, 32, 3))
+    noisy = np.clip(noisy, 0, 255).round().astype(np.uint8)
+    rep = detect_copies(np.concatenate([held, noisy]), ref, audit_views(CROP, 96, 32))
+    natural = [f for f in rep.findings[:8] if f.kind != "bland"]
+    assert len(natural) >= 6 and sum(f.r2 >= 0.85 for f in natural) >= 5, [(f.kind, f.r2) for f in rep.findings[:8]]
+    assert not any(f.flagged for f in natural), [(f.r2, f.chance_r2, f.why) for f in natural if f.flagged]
+    copies = rep.findings[8:]
+    assert all(f.flagged and f.sources[0] in (3, 11) for f in copies), [(f.r2, f.chance_r2, f.sources) for f in copies]
+    assert all(f.r2 < 0.97 and "stands out from chance" in f.why and f.chance_r2 < 0.7 for f in copies)
 
 
 def test_bland_images_are_reported_not_flagged(raw):
