@@ -11,6 +11,9 @@ import pytest
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("HISTODD_NO_PROGRESS", "1")
+# The CLI reads the key passphrase from HISTODD_KEY_PASSPHRASE when it is set; a user's own value must not
+# leak into tests of clear keys (tests that need a passphrase set their own).
+os.environ.pop("HISTODD_KEY_PASSPHRASE", None)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
