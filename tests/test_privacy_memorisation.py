@@ -88,3 +88,56 @@ def test_pcam_random_patches_flagged_noise_not():
     assert core.metrics["ssim"].synthetic_nn.min() > 0.999 and core.metrics["l2"].fraction_closer_than(1.0) == 1.0
     noise = analyse_memorisation(noise_set(4, 16, real.class_names), real, cfg, seed=0)
     assert find_risks(noise, None, GateThresholds()) == []
+
+
+def blank_and_textured(n_blank: int = 10, n_tex: int = 2000, size: int = 16, seed: int = 3) -> PatchSet:
+    """Textured patches plus a few near-white background patches (each a slightly different blank; under
+    1% of the patches, as in PCam's train folder, so the real-real p1 is set by tissue)."""
+    tex = textured_patches(n_tex, size, seed)
+    rng = np.random.default_rng(seed + 1)
+    blank = np.clip(245 + rng.normal(0, 1.5, (n_blank, size, size, 3)), 0, 255).round().astype(np.uint8)
+    return PatchSet(images=np.concatenate([tex.images, blank]), labels=np.arange(n_tex + n_blank) % 2,
+                    class_names=tex.class_names)
+
+
+def l2_risks(res) -> list[str]:
+    return [r for r in find_risks(res, None, GateThresholds(ssim_block=None, structure_block_percentile=None))
+            if "real-real p1" in r]
+
+
+def test_l2_rule_flags_copies_that_single_out_a_patch_but_not_a_bland_image_near_many_blanks():
+    # the attack on the old rule's other side: a near-white image (a synthetic image of background) is as
+    # close to dozens of blank real patches as to its nearest one; the L2 rule used to block such sets
+    real = blank_and_textured()
+    rng = np.random.default_rng(9)
+    grey = np.clip(246 + rng.normal(0, 2.0, (1, 16, 16, 3)), 0, 255).round().astype(np.uint8)
+    bland = PatchSet(images=grey, labels=np.array([0]), class_names=real.class_names, kind="synthetic")
+    cfg = MemorisationConfig(reference_size=1000, ssim_candidates=16, feature_metric=False)
+    res = analyse_memorisation(bland, real, cfg, seed=0)
+    l2 = res.metrics["l2"]
+    assert l2.synthetic_nn[0] < l2.reference_threshold(1.0)          # below the percentile: the old rule fired
+    assert l2.synthetic_kth[0] < 1.2 * l2.synthetic_nn[0] and l2.kth_rank == 8
+    assert l2_risks(res) == []
+    old = find_risks(res, None, GateThresholds(ssim_block=None, structure_block_percentile=None, l2_unique_ratio=None))
+    assert any("real-real p1" in r for r in old)
+    # copies still fire: an exact copy of a blank patch, and a textured patch with small noise
+    noisy = np.clip(real.images[[5]].astype(float) + rng.normal(0, 2.0, (1, 16, 16, 3)), 0, 255).round()
+    copies = PatchSet(images=np.concatenate([real.images[[2003]], noisy.astype(np.uint8)]), labels=np.array([0, 1]),
+                      class_names=real.class_names, kind="synthetic")
+    res = analyse_memorisation(copies, real, cfg, seed=0)
+    assert res.metrics["l2"].synthetic_nn_index.tolist() == [2003, 5]
+    risks = l2_risks(res)
+    assert len(risks) == 1 and "2/2 patches so close" in risks[0] and "8th-nearest distinct real patch" in risks[0]
+
+
+def test_kth_distinct_counts_duplicates_once():
+    import torch
+
+    from histodd_fed.privacy.memorisation import kth_distinct
+
+    d = torch.tensor([[0.0, 0.0, 0.1, 0.1, 0.3, 0.2], [0.5, 0.4, 0.3, 0.2, 0.1, 0.0]])
+    np.testing.assert_allclose(kth_distinct(d, 1), [0.0, 0.0])
+    np.testing.assert_allclose(kth_distinct(d, 2), [0.1, 0.1])
+    np.testing.assert_allclose(kth_distinct(d, 8), [0.3, 0.5])   # fewer distinct values: the largest
+    with pytest.raises(ValueError):
+        kth_distinct(d, 0)

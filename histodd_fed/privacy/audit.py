@@ -228,7 +228,10 @@ class AuditReport:
             lines += ["", f"Real patches audited in the set's view: {ViewSpec.from_dict(self.view).describe()}."]
         g = cfg.gate
         rules = [f"SSIM >= {g.ssim_block}" if g.ssim_block is not None else "",
-                 f"normalised L2 below the real-real p{g.l2_block_percentile:g}" if g.l2_block_percentile is not None else "",
+                 (f"normalised L2 below the real-real p{g.l2_block_percentile:g}"
+                  + (f" and squared <= {g.l2_unique_ratio:g}x that to the {cfg.memorisation.uniqueness_rank}th-nearest "
+                     "distinct real patch" if g.l2_unique_ratio is not None else ""))
+                 if g.l2_block_percentile is not None else "",
                  f"structure correlation above the real-real p{100 - g.structure_block_percentile:g}"
                  if g.structure_block_percentile is not None else "",
                  f"attack AUC > {g.auc_block}" if g.auc_block is not None else ""]

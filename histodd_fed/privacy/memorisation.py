@@ -51,6 +51,7 @@ class MemorisationConfig:
     ssim_candidates: int = 64
     ssim_exact_max_pairs: int = 2_000_000
     reference_size: int = 1000
+    uniqueness_rank: int = 8          #: the L2 rule compares the nearest real patch with the k-th nearest distinct one
     structure_metric: bool = True
     structure_pool: int = 2           #: average-pool factor (low pass) before the structure correlation
     feature_metric: bool = True
@@ -69,6 +70,10 @@ class MetricResult:
     reference_nn: np.ndarray          # (Q,) real-real nearest-neighbour values
     percentile: np.ndarray            # (S,) % of real-real NN values at least as close (midrank)
     init_value: np.ndarray | None = None  # (S,) value to the own initialisation patch
+    #: (S,) value to the ``uniqueness_rank``-th nearest DISTINCT real patch (exact duplicates counted once);
+    #: a synthetic patch whose nearest real patch is no closer than that does not single one patch out
+    synthetic_kth: np.ndarray | None = None
+    kth_rank: int = 0
 
     def closeness(self, v: np.ndarray) -> np.ndarray:
         """Values turned into distances (lower = closer) for any metric."""
@@ -113,6 +118,8 @@ class MetricResult:
                  "percentile": float(self.percentile[s])}
             if self.init_value is not None:
                 r["init_value"] = float(self.init_value[s])
+            if self.synthetic_kth is not None:
+                r["kth_value"] = float(self.synthetic_kth[s])
             rows.append(r)
         return rows
 
@@ -216,6 +223,24 @@ def _ssim_nn(index: SSIMIndex, queries: torch.Tensor, candidates: torch.Tensor |
     return best, arg
 
 
+def kth_distinct(d: torch.Tensor, k: int) -> np.ndarray:
+    """Per row of a distance matrix, the ``k``-th smallest DISTINCT value (1 = the minimum).
+
+    Byte-identical real patches (PCam's train folder repeats 199 groups) lie at exactly the same
+    distance from any query, so counting equal values once counts each distinct image once. Rows with
+    fewer distinct values give their largest.
+    """
+    if k < 1:
+        raise ValueError(f"uniqueness rank must be >= 1, got {k}")
+    m = min(d.shape[1], k + 64)
+    vals = torch.topk(d, m, dim=1, largest=False).values.numpy().astype(np.float64)
+    out = np.empty(len(vals))
+    for i, row in enumerate(vals):
+        u = np.unique(row)
+        out[i] = u[min(k, len(u)) - 1]
+    return out
+
+
 def _metric(name: str, syn_val: np.ndarray, syn_idx: np.ndarray, ref_val: np.ndarray,
             init_val: np.ndarray | None) -> MetricResult:
     hic = HIGHER_IS_CLOSER[name]
@@ -274,6 +299,7 @@ def analyse_memorisation(synthetic: PatchSet, real: PatchSet, config: Memorisati
         init_l2 = np.array([float(d_sr[s, i]) if i >= 0 else np.nan for s, i in enumerate(init_idx)])
     metrics = {"l2": _metric("l2", l2_val.numpy().astype(np.float64), l2_idx.numpy(), l2_ref.numpy().astype(np.float64),
                              init_l2)}
+    metrics["l2"].synthetic_kth, metrics["l2"].kth_rank = kth_distinct(d_sr, cfg.uniqueness_rank), cfg.uniqueness_rank
 
     # ---- SSIM: exact for synthetic-vs-real when affordable, L2 candidates otherwise
     index = SSIMIndex(xr, cfg.ssim_window, cfg.ssim_sigma)
