@@ -113,7 +113,9 @@ def table(rows: list[dict], rules: list[tuple]) -> str:
     att = [r for r in rows if r["label"].startswith("attack") and r["kind"] != "bland"]
     for rule in rules:
         name = "fixed 0.85" if rule is None else "floor {} ratio {} ceiling {} rank {}".format(*rule)
-        f = (lambda r: r["flagged_fixed"]) if rule is None else (lambda r, ru=rule: flag(r, *ru))
+        # the old rule from the record's R^2 (``flagged_fixed`` is the detector's own flag under the config it ran
+        # with: the fixed 0.85 rule for records made before 2026-12-06, the uniqueness rule after)
+        f = (lambda r: r["kind"] != "bland" and r["r2"] >= 0.85) if rule is None else (lambda r, ru=rule: flag(r, *ru))
         cells = []
         for g in groups[:-2]:
             sel = [r for r in rows if r["label"] == g]
