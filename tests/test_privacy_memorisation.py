@@ -141,3 +141,28 @@ def test_kth_distinct_counts_duplicates_once():
     np.testing.assert_allclose(kth_distinct(d, 8), [0.3, 0.5])   # fewer distinct values: the largest
     with pytest.raises(ValueError):
         kth_distinct(d, 0)
+
+
+def test_pcam_white_background_image_passes_the_l2_rule_an_exact_white_copy_does_not():
+    # the case that blocked the pcam preset's best candidates: a near-white image in the resize view, about as
+    # close to a dozen blank `train` patches as to its nearest one
+    from histodd_fed.preprocess import ViewSpec, to_view
+
+    root = DATA / "pcam-ai4all" / "train"
+    if not root.exists():
+        pytest.skip(f"real PCam patches not found at {root}")
+    real = to_view(load_image_folder(root), ViewSpec(source_size=96, crop=None, size=32))
+    grey = real.images.reshape(len(real), -1, 3).astype(np.float32).mean(2) / 255
+    blank = np.flatnonzero((grey.std(1) < 0.01) & (grey.mean(1) > 0.9))
+    assert len(blank) >= 16
+    rng = np.random.default_rng(0)
+    mean16 = real.images[rng.choice(blank, 16, replace=False)].astype(np.float32).mean(0)
+    white = np.clip(mean16 + rng.normal(0, 6, mean16.shape), 0, 255).round().astype(np.uint8)
+    syn = PatchSet(images=np.stack([white, real.images[blank[3]]]), labels=np.array([0, 1]),
+                   class_names=real.class_names, kind="synthetic")
+    res = analyse_memorisation(syn, real, MemorisationConfig(feature_metric=False), seed=0)
+    l2 = res.metrics["l2"]
+    assert l2.synthetic_nn[0] < l2.reference_threshold(1.0)            # the old rule fired on the white image
+    risks = find_risks(res, None, GateThresholds())
+    l2r = [r for r in risks if "real-real p1" in r]
+    assert len(l2r) == 1 and l2r[0].startswith("synthetic patch 1 is closer to real patch ") and "1/2 patches" in l2r[0]
