@@ -22,7 +22,6 @@ Per image, in the pcam preset's crop view and the resize view, against the 10,00
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 from pathlib import Path
@@ -33,7 +32,8 @@ import torch
 from histodd_fed.image_similarity import normalised_l2_matrix
 from histodd_fed.patchset import load_image_folder
 from histodd_fed.preprocess import ViewSpec, apply_view_images
-from histodd_fed.privacy.memorisation import kth_distinct
+from histodd_fed.privacy.copy_attacks import jpeg_images
+from histodd_fed.privacy.memorisation import kth_distinct, real_real_l2
 
 PCAM = Path("../shared/data/pcam-ai4all")
 VIEWS = {"crop 32": ViewSpec(source_size=96, crop=32, size=None), "resize 32": ViewSpec(source_size=96, crop=None, size=32)}
@@ -47,17 +47,6 @@ def noisy(x: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.round(x + rng.normal(0, 255 * sigma, x.shape)), 0, 255).astype(np.uint8)
 
 
-def jpeg(x: np.ndarray, q: int) -> np.ndarray:
-    from PIL import Image
-
-    out = []
-    for im in x:
-        buf = io.BytesIO()
-        Image.fromarray(im).save(buf, format="JPEG", quality=q)
-        out.append(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")))
-    return np.stack(out)
-
-
 def grey_std(x: np.ndarray) -> np.ndarray:
     g = tensor(x).mean(1, keepdim=True)
     g = torch.nn.functional.avg_pool2d(g, 2)
@@ -65,12 +54,8 @@ def grey_std(x: np.ndarray) -> np.ndarray:
 
 
 def reference_p1(xr: torch.Tensor, n: int = 1000, seed: int = 0) -> float:
-    """The gate's real-real 1st percentile (as ``analyse_memorisation``: self and exact duplicates excluded)."""
-    idx = np.sort(np.random.default_rng(seed).choice(len(xr), min(n, len(xr)), replace=False))
-    d = normalised_l2_matrix(xr[torch.from_numpy(idx)], xr)
-    d[torch.arange(len(idx)), torch.from_numpy(idx)] = float("inf")
-    d[d == 0] = float("inf")
-    return float(np.percentile(d.min(1).values.numpy(), 1.0))
+    """The gate's real-real 1st percentile (``analyse_memorisation``'s reference)."""
+    return float(np.percentile(real_real_l2(xr, n, seed)[1].min(1).values.numpy(), 1.0))
 
 
 def main() -> int:
@@ -99,7 +84,7 @@ def main() -> int:
         arng = np.random.default_rng(a.seed + 1)
         probes = {"natural (valid)": apply_view_images(valid.images[null_i], view),
                   "exact copy": src, "noise 0.01": noisy(src, 0.01, arng), "noise 0.02": noisy(src, 0.02, arng),
-                  "noise 0.05": noisy(src, 0.05, arng), "JPEG q90": jpeg(src, 90), "JPEG q50": jpeg(src, 50),
+                  "noise 0.05": noisy(src, 0.05, arng), "JPEG q90": jpeg_images(src, 90), "JPEG q50": jpeg_images(src, 50),
                   "bland + noise 0.02": noisy(real[bland_i], 0.02, arng),
                   "mean of 8 bland": np.stack([real[arng.choice(bland_i, 8, replace=False)].mean(0)
                                                for _ in range(100)]).round().astype(np.uint8)}

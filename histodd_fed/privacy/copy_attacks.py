@@ -81,17 +81,20 @@ def _blur(x: np.ndarray, sigma: float = 1.0) -> np.ndarray:
     return sum(k[i] * y[:, :, i:i + x.shape[2], :] for i in range(len(k)))
 
 
-def _jpeg(quality: int) -> Attack:
-    def fn(x, rng):
-        from PIL import Image
+def jpeg_images(x: np.ndarray, quality: int) -> np.ndarray:
+    """uint8 NHWC images after a JPEG round trip at ``quality``."""
+    from PIL import Image
 
-        out = []
-        for im in x:
-            buf = io.BytesIO()
-            Image.fromarray(im).save(buf, format="JPEG", quality=quality)
-            out.append(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")))
-        return np.stack(out)
-    return _one(fn)
+    out = []
+    for im in x:
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="JPEG", quality=quality)
+        out.append(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")))
+    return np.stack(out)
+
+
+def _jpeg(quality: int) -> Attack:
+    return _one(lambda x, rng: jpeg_images(x, quality))
 
 
 def _restain(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -151,4 +154,4 @@ def make_attack(name: str, raw: np.ndarray, view: ViewSpec, seed: int = 0) -> tu
     return ATTACKS[name](raw, view, np.random.default_rng(seed))
 
 
-__all__ = ["ATTACKS", "make_attack"]
+__all__ = ["ATTACKS", "jpeg_images", "make_attack"]

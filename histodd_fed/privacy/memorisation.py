@@ -269,6 +269,22 @@ def _matrix_metric(name: str, m_sr: torch.Tensor, m_qr: torch.Tensor, ref_t: tor
     return _metric(name, val.numpy().astype(np.float64), idx.numpy(), ref.numpy().astype(np.float64), init)
 
 
+def real_real_l2(xr: torch.Tensor, reference_size: int, seed: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """The real-real reference: ``reference_size`` real patches drawn with ``seed`` (sorted indices), their
+    normalised L2 to every real patch with self and exact copies set to inf, and the exact-copy mask."""
+    nq = min(reference_size, len(xr))
+    ref_idx = np.sort(np.random.default_rng(seed).choice(len(xr), nq, replace=False))
+    ref_t = torch.from_numpy(ref_idx)
+    d_qr = normalised_l2_matrix(xr[ref_t], xr)
+    d_qr[torch.arange(nq), ref_t] = float("inf")  # a real patch is not its own neighbour
+    # Nor are its exact copies: data sets repeat patches (PCam's train folder holds 199 groups of
+    # byte-identical patches, 4% of it); left in, the real-real p1 L2 is 0 and the structure p99 is 1,
+    # and the L2 and structure rules could never fire.
+    dup = d_qr == 0
+    d_qr[dup] = float("inf")
+    return ref_idx, d_qr, dup
+
+
 def analyse_memorisation(synthetic: PatchSet, real: PatchSet, config: MemorisationConfig | None = None, *,
                          encoder: nn.Module | None = None, seed: int = 0) -> MemorisationResult:
     """Nearest real patch of every synthetic patch, in context of the real-real NN distribution."""
@@ -277,21 +293,12 @@ def analyse_memorisation(synthetic: PatchSet, real: PatchSet, config: Memorisati
         raise ValueError("memorisation audit needs at least 2 real patches")
     xs, _ = synthetic.to_tensors()
     xr, _ = real.to_tensors()
-    rng = np.random.default_rng(seed)
-    nq = min(cfg.reference_size, len(real))
-    ref_idx = np.sort(rng.choice(len(real), nq, replace=False))
+    ref_idx, d_qr, dup = real_real_l2(xr, cfg.reference_size, seed)
     ref_t = torch.from_numpy(ref_idx)
     init_idx = init_indices_from_meta(synthetic, real)
 
     # ---- normalised L2: exact everywhere
     d_sr = normalised_l2_matrix(xs, xr)
-    d_qr = normalised_l2_matrix(xr[ref_t], xr)
-    d_qr[torch.arange(nq), ref_t] = float("inf")  # a real patch is not its own neighbour
-    # Nor are its exact copies: data sets repeat patches (PCam's train folder holds 199 groups of
-    # byte-identical patches, 4% of it); left in, the real-real p1 L2 is 0 and the structure p99 is 1,
-    # and the L2 and structure rules could never fire.
-    dup = d_qr == 0
-    d_qr[dup] = float("inf")
     l2_val, l2_idx = d_sr.min(1)
     l2_ref = d_qr.min(1).values
     init_l2 = None
