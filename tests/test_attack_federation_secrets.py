@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,16 @@ SECRET = "correct horse battery staple 24"
 NONCE = "cd" * 32
 
 
-def _environ(pid: int) -> bytes:
-    return Path(f"/proc/{pid}/environ").read_bytes()
+def _environ(pid: int, timeout: float = 10.0) -> bytes:
+    """The environment ``pid`` was started with. Right after ``Popen`` returns, the kernel may not yet
+    have filled in the new image's environment (``/proc/PID/environ`` reads empty until exec finishes
+    setting up the stack), so read until it is there; a process that exited has none to leak."""
+    deadline = time.monotonic() + timeout
+    while True:
+        env = Path(f"/proc/{pid}/environ").read_bytes()
+        if env or time.monotonic() > deadline:
+            return env
+        time.sleep(0.05)
 
 
 def test_attack_child_of_an_unlocked_centre_reads_the_passphrase(tmp_path, monkeypatch):
@@ -64,6 +73,8 @@ def test_attack_passphrase_reaches_the_flower_processes(tmp_path, monkeypatch):
         envs = {name: _environ(int(pid)) for pid, name in
                 (line.split()[:2] for line in (dep.root / "pids.txt").read_text().splitlines())}
         flwr_env = dep.env()
+    unread = sorted(name for name, env in envs.items() if not env)
+    assert not unread, f"no environment to inspect for {unread} (exited?)"
     leaked = sorted(name for name, env in envs.items() if SECRET.encode() in env and not name.startswith("app-guard-"))
     assert not leaked, f"the key passphrase reached {leaked}"
     assert SECRET not in flwr_env.values(), "flwr run / flwr supernode register get the key passphrase"
