@@ -94,7 +94,7 @@ def _fake_training(monkeypatch):
     class Model:
         seed = None
 
-    def fine_tune(model, train, *, epochs, lr, batch_size, seed, device, progress):
+    def fine_tune(model, train, *, epochs, lr, batch_size, seed, device, progress, augmentation=None):
         model.seed = seed
         calls.append({"n": len(train), "epochs": epochs, "lr": lr, "seed": seed,
                       "received": int((train.images.reshape(len(train), -1)[:, 0] == 7).sum())})

@@ -272,6 +272,43 @@ def test_pooled_full_and_protocol_chosen_on_own_validation_split(hospitals, tmp_
     assert next(r for r in again.rows if r["mode"] == "full")["patch_accuracy"] == full["patch_accuracy"]
 
 
+def test_one_entry_grid_is_a_fixed_protocol_with_training_augmentation(hospitals, tmp_path, monkeypatch):
+    """A preset whose select_grid has one entry fixes (epochs, share, lr) for every row: no validation split is
+    spent, no fit-split classifier is trained, the request's epochs are overridden, and the classifier is
+    pre-trained and fine-tuned with the preset's augmentation (what pcam-c17-hospitals-fixed ships)."""
+    from histodd_fed.federation import presets
+    from histodd_fed.federation.centre import CentreNode
+    from histodd_fed.federation.centre_config import ExportPolicy
+    from histodd_fed.federation.coordinator import LocalTransport, StudyConfig, run_transfer_study
+    from histodd_fed.federation.enrol import enrol
+    from histodd_fed.training import trainer
+
+    fixed = presets.PRESETS["pcam-c17-hospitals-fixed"]
+    assert len(fixed.select_grid) == 1 and fixed.train_augmentation and fixed.stain_normalise_received
+    monkeypatch.setitem(presets.PRESETS, "tiny-fixed", replace(
+        presets.PRESETS["tiny"], name="tiny-fixed", max_train_patches=0, select_grid=((2, 0.8, 3.0),),
+        train_augmentation="flip_rotate", stain_normalise_received=True))
+    seen: list = []
+    real = trainer.train_classifier
+    monkeypatch.setattr(trainer, "train_classifier", lambda *a, **k: seen.append(k.get("augmentation")) or real(*a, **k))
+    data = {"H0": hospitals / "H0/source", "H2": hospitals / "H2/target"}
+    cfgs, trust = enrol(tmp_path / "fed", data, preset="tiny-fixed", policies={"H0": ExportPolicy(real=True)})
+    nodes = {10 + i: CentreNode(c) for i, c in enumerate(cfgs)}
+    cfg = StudyConfig(sources=["H0"], target="H2", ipcs=[], full=True, preset="tiny-fixed", fine_tune_epochs=1,
+                      study_dir=tmp_path / "study", trust=trust, runtime="local", discovery_timeout=0)
+    out = run_transfer_study(LocalTransport(nodes), cfg)
+    assert out.faults == [], [f.line() for f in out.faults]
+    lr = presets.PRESETS["tiny"].fine_tune_lr
+    for r in out.rows:
+        sel = r["selection"]
+        assert sel["fixed"] and sel["val_patches"] == 0 and r["protocol_chosen_on"] == "fixed by the preset"
+        assert r["epochs"] == 2 and r["fine_tune_lr"] == pytest.approx(3.0 * lr)   # the entry, not the request's 1
+    full = next(r for r in out.rows if r["mode"] == "full")
+    assert full["received_share"] == 0.8 and full["received_stain"] == "macenko->target"
+    assert not list((tmp_path / "fed").rglob("select-classifiers/*/model.json"))   # nothing trained to choose
+    assert seen and set(seen) == {"flip_rotate"}   # pre-training and every fine-tune augment
+
+
 def test_pooled_labels_refuse_mixed_rows():
     from histodd_fed.federation.envelope import ProtocolError
     from histodd_fed.federation.receive_select import pooled_labels

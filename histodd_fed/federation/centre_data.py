@@ -275,5 +275,5 @@ def pretrain_classifier(train: PatchSet, preset: CentrePreset, seed: int):
     model = build_seeded_model(preset.classifier, seed=seed, num_classes=train.num_classes,
                                image_size=preset.image_size, **dict(preset.classifier_kwargs))
     return train_classifier(model, train, epochs=preset.pretrain_epochs, lr=preset.lr * 10,
-                            batch_size=preset.batch_size, seed=seed, device="cpu",
+                            batch_size=preset.batch_size, seed=seed, device="cpu", augmentation=preset.train_augmentation,
                             progress=False, desc="pre-train").model

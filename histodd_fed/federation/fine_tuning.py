@@ -154,7 +154,7 @@ def _fine_tune_classifier(prepared: Prepared, preset: CentrePreset, received: Pa
         t0 = time.perf_counter()
         if n_epochs > 0:
             fine_tune(model, train, epochs=n_epochs, lr=rate, batch_size=preset.batch_size, seed=seed, device="cpu",
-                      progress=False)
+                      augmentation=preset.train_augmentation, progress=False)
         return round(time.perf_counter() - t0, 2)
 
     if protocol == "union":

@@ -203,11 +203,15 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
     shown_sources = {cid[t]: "+".join(cid[s] for s in srcs) for t, srcs in jobs}
     per_seed: list[dict[str, Any]] = []
     faults: list[dict[str, Any]] = []
+    fixed = [(epochs, p.received_share, 1.0)] if not p.select_grid else p.select_grid if len(p.select_grid) == 1 else []
     protocol = ({"chosen_on": "a validation split of each target's own train patches "
                               f"({p.select_val_fraction:.0%} per class; never its test set)",
                  "grid": [{"epochs": e, "received_share": sh, "lr_scale": lr} for e, sh, lr in p.select_grid]}
-                if p.select_grid else
-                {"fixed": f"{p.fine_tune_protocol}, {epochs} epochs, received share {p.received_share}"})
+                if not fixed else
+                {"fixed": f"{p.fine_tune_protocol}, {fixed[0][0]} epochs, received share {fixed[0][1]:g}, "
+                          f"lr {p.fine_tune_lr * fixed[0][2]:g}, {p.classifier}"
+                          + (f", augmentation {p.train_augmentation}" if p.train_augmentation else "")
+                          + (", received sets stain-mapped to the target" if p.stain_normalise_received else "")})
     t0 = time.perf_counter()
     bar = progress(total=len(jobs) * seeds, desc=f"{benchmark} studies", unit="study")
     tell = (lambda m: bar.write(m)) if not bar.disable else say  # noqa: E731
@@ -288,8 +292,8 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
             "paired by seed. Several sources: their sets pooled into one row. Fine-tuning protocol: "
             + (f"chosen per row and seed on {protocol['chosen_on']} from (epochs, received share, lr x "
                f"{p.fine_tune_lr:g}) " + ", ".join(f"({e}, {sh:g}, {lr:g})" for e, sh, lr in p.select_grid)
-               + "; the epochs, received share and lr columns show what was chosen" if p.select_grid
-               else protocol["fixed"])
+               + "; the epochs, received share and lr columns show what was chosen" if not fixed
+               else "fixed by the preset (" + protocol["fixed"] + ")")
             + f". {slide_text(manifest, per_seed)} {seconds:.0f} s wall."]
     report = {"benchmark": benchmark, "layout": "hospitals", "centres": str(centres), "command": command,
               "hospitals": hosp, "plan": [{"target": cid[t], "sources": [cid[s] for s in srcs]} for t, srcs in jobs],

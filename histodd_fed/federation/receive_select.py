@@ -160,6 +160,11 @@ def choose(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, 
     from histodd_fed.federation.fine_tuning import fine_tune_and_score
 
     t0 = time.perf_counter()
+    if len(preset.select_grid) == 1:  # a fixed protocol: nothing to choose, no validation split spent
+        (e, share, lr), = preset.select_grid
+        return {"epochs": int(e), "received_share": float(share), "lr_scale": float(lr), "fixed": True,
+                "candidates": [{"epochs": int(e), "received_share": float(share), "lr_scale": float(lr)}],
+                "val_patches": 0, "fit_patches": int(len(prepared.train)), "seconds": 0.0}
     fit, val = val_split(prepared.train, preset.select_val_fraction, seed)
     view = replace(prepared, train=prepared.train.subset(fit), test=prepared.train.subset(val),
                    classifier_dir=fit_classifier(prepared, preset, fit, seed))
@@ -196,7 +201,8 @@ def _final(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, 
         sel = choose(prepared, preset, received, seed=seed)
         epochs, use = sel["epochs"], _union(preset, sel["received_share"], sel["lr_scale"])
         out.update(selection=sel, select_seconds=sel["seconds"],
-                   protocol_chosen_on=f"validation split of own train ({sel['val_patches']} patches)")
+                   protocol_chosen_on="fixed by the preset" if sel.get("fixed") else
+                   f"validation split of own train ({sel['val_patches']} patches)")
     t0 = time.perf_counter()
     metrics, info, model = fine_tune_scored_model(prepared, use, received, epochs=epochs, seed=seed)
     out.update(info)
