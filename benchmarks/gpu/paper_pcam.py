@@ -348,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         budget = min(args.budget_s, args.deadline_s - elapsed() - args.reserve_s)
         if budget <= 0:
             raise RuntimeError(f"no time left for the distillation ({elapsed():.0f} s elapsed)")
-        work = Path(tempfile.mkdtemp(prefix="paper-gpu-"))
-        out, res = distill_boxed(study.train, dataclasses.replace(cfg, matching=engine), budget, work)
+        with tempfile.TemporaryDirectory(prefix="paper-gpu-") as work:   # pool cache + checkpoints
+            out, res = distill_boxed(study.train, dataclasses.replace(cfg, matching=engine), budget, Path(work))
         out["budget_s_requested"] = args.budget_s
         out["engine_from_timing"] = timing is not None
         box["res"] = res
