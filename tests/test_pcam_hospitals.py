@@ -178,7 +178,12 @@ def test_several_sources_pooled_into_one_target(tmp_path):
     assert len(per_seed) == 6 and {r["seed"] for r in per_seed} == {"0", "1"}
     assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
     md = (out / "summary.md").read_text()
-    assert "95%" in md and "validation split" in md and "| H2 | H0+H1+H3+H4 | + Full |" in md
+    assert "95%" in md and "| H2 | H0+H1+H3+H4 | + Full |" in md
+    # the default preset's protocol is fixed (pcam-c17-hospitals-fixed), and the summary says which
+    assert "fixed by the preset (union, 100 epochs, received share 0.95, lr 0.01, convnet" in md, md[:800]
+    _, out2, _, _ = _run(tmp_path / "select", FakeStudy(), sources="0", target="2", ipcs=[10], seeds=1,
+                         preset="pcam-c17-hospitals")   # the per-row choice says where it chose
+    assert "chosen per row and seed on a validation split" in (out2 / "summary.md").read_text()
     assert json.loads((out / "report.json").read_text())["plan"] == [{"target": "H2",
                                                                      "sources": ["H0", "H1", "H3", "H4"]}]
 

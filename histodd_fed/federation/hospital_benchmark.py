@@ -10,10 +10,10 @@ set). Several sources go POOLED into the target (``StudyConfig.sources``): one "
 every source's ipc 10 set, one "+ Full" row with all of their train patches. ``--target all`` runs
 leave-one-hospital-out: each hospital in turn the target, all others its sources.
 
-The target chooses its fine-tuning protocol (epochs, share of received data) per row on a validation
-split of its own train patches when its preset has a ``select_grid`` (the default preset
-``pcam-c17-hospitals`` does; :mod:`histodd_fed.federation.receive_select`); the test split is read
-only for the reported numbers.
+The default preset ``pcam-c17-hospitals-fixed`` fine-tunes every row by one protocol fixed on a tuning pair
+of PCam ``train`` data (no target's data); with ``--preset pcam-c17-hospitals`` the target chooses its protocol
+(epochs, share of received data, lr) per row on a validation split of its own train patches
+(:mod:`histodd_fed.federation.receive_select`). Either way the test split is read only for the reported numbers.
 
 Slide columns: when the folder has pseudo-slides (:mod:`histodd_fed.datasets.pseudo_slides`), every centre's
 slide data are its ``slides-train`` / ``slides-test`` sets; each row's slide AUC / accuracy, the slide AUC gain
@@ -45,7 +45,9 @@ from histodd_fed.errors import ConfigError, HistoddError, InputError
 from histodd_fed.federation import benchmark_summary as bs
 from histodd_fed.runconfig import write_run_config
 
-DEFAULT_PRESET = "pcam-c17-hospitals"
+#: the fixed protocol chosen on the tuning pair (presets.py, docs/federation.md step 9); ``--preset
+#: pcam-c17-hospitals`` chooses per row on the target's own validation split instead (the default until this one)
+DEFAULT_PRESET = "pcam-c17-hospitals-fixed"
 #: seconds the coordinator waits for one reply: a source distils every ipc best-of-5 from its 2,000
 #: patches in one reply (ipc 10 + 50: ~15 min on one contended core), so the CLI's 900 s is too short
 HOSPITALS_REPLY_TIMEOUT = 3600.0
