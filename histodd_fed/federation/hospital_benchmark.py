@@ -205,13 +205,13 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
     shown_sources = {cid[t]: "+".join(cid[s] for s in srcs) for t, srcs in jobs}
     per_seed: list[dict[str, Any]] = []
     faults: list[dict[str, Any]] = []
-    fixed = [(epochs, p.received_share, 1.0)] if not p.select_grid else p.select_grid if len(p.select_grid) == 1 else []
+    fixed = p.fixed_protocol(epochs)
     protocol = ({"chosen_on": "a validation split of each target's own train patches "
                               f"({p.select_val_fraction:.0%} per class; never its test set)",
                  "grid": [{"epochs": e, "received_share": sh, "lr_scale": lr} for e, sh, lr in p.select_grid]}
                 if not fixed else
-                {"fixed": f"{p.fine_tune_protocol}, {fixed[0][0]} epochs, received share {fixed[0][1]:g}, "
-                          f"lr {p.fine_tune_lr * fixed[0][2]:g}, {p.classifier}"
+                {"fixed": f"{p.fine_tune_protocol}, {fixed[0]} epochs, received share {fixed[1]:g}, "
+                          f"lr {p.fine_tune_lr * fixed[2]:g}, {p.classifier}"
                           + (f", augmentation {p.train_augmentation}" if p.train_augmentation else "")
                           + (", received sets stain-mapped to the target" if p.stain_normalise_received else "")})
     t0 = time.perf_counter()

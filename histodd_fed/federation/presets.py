@@ -158,6 +158,13 @@ class CentrePreset:
             d["also_protocols"] = list(self.also_protocols)
         return d
 
+    def fixed_protocol(self, epochs: int) -> tuple[int, float, float] | None:
+        """(epochs, received share, lr scale) every row fine-tunes with, or None when each row chooses its own:
+        a one-entry ``select_grid`` fixes that entry; no grid fixes the request's ``epochs`` at the preset's share."""
+        if not self.select_grid:
+            return int(epochs), self.received_share, 1.0
+        return self.select_grid[0] if len(self.select_grid) == 1 else None
+
     def protocols(self) -> tuple[str, ...]:
         """Every fine-tuning protocol the target reports: the main one first."""
         return (self.fine_tune_protocol, *self.also_protocols)

@@ -161,7 +161,7 @@ def choose(prepared: Prepared, preset: CentrePreset, received: PatchSet | None, 
 
     t0 = time.perf_counter()
     if len(preset.select_grid) == 1:  # a fixed protocol: nothing to choose, no validation split spent
-        (e, share, lr), = preset.select_grid
+        e, share, lr = preset.fixed_protocol(0)
         return {"epochs": int(e), "received_share": float(share), "lr_scale": float(lr), "fixed": True,
                 "candidates": [{"epochs": int(e), "received_share": float(share), "lr_scale": float(lr)}],
                 "val_patches": 0, "fit_patches": int(len(prepared.train)), "seconds": 0.0}
