@@ -144,6 +144,61 @@ def test_bad_inputs_to_run_lira():
                  progress=False)
 
 
+# ---------------------------------------------------------------------------- resuming
+class Interrupted(Exception):
+    pass
+
+
+def _counting(recipe, stop_at: int | None = None):
+    """``recipe`` that counts its calls and stops the run (as Ctrl-C would) on call ``stop_at``."""
+    calls = []
+
+    def make(half, seed):
+        if stop_at is not None and len(calls) == stop_at:
+            raise Interrupted()
+        calls.append(seed)
+        return recipe(half, seed)
+    return make, calls
+
+
+def test_an_interrupted_lira_resumes_and_gives_the_uninterrupted_numbers(tmp_path):
+    """Stopped after 2 of 4 shadows, run again: only shadows 2 and 3 are made, and every score equals
+    the uninterrupted run's; a third run makes none; another seed (another run) starts afresh; a
+    damaged shadow file is re-made, never trusted."""
+    members, non_members = noise_set(16, 1), noise_set(16, 2)
+    keep_all = lambda half, seed: half.subset(np.arange(len(half)), kind="coreset")  # noqa: E731
+    spec = TrainSpec(model="convnet", model_kwargs={"width": 8, "depth": 1}, epochs=3, lr=0.05, batch_size=32)
+    kw = dict(shadows=4, train_spec=spec, progress=False, checkpoint_dir=tmp_path / "ck", recipe_id="keep-all")
+    whole = run_lira(members, members, non_members, keep_all, shadows=4, train_spec=spec, seed=0, progress=False)
+    make, calls = _counting(keep_all, stop_at=2)
+    with pytest.raises(Interrupted):
+        run_lira(members, members, non_members, make, seed=0, **kw)
+    assert len(calls) == 2 and len(list((tmp_path / "ck").glob("*/shadow-*.npz"))) == 2
+    make, calls = _counting(keep_all)
+    res = run_lira(members, members, non_members, make, seed=0, **kw)
+    assert len(calls) == 2 and res.resumed_shadows == 2 and res.summary()["resumed_shadows"] == 2
+    np.testing.assert_allclose(res.scores, whole.scores)
+    np.testing.assert_allclose(res.set_online["scores"], whole.set_online["scores"])
+    assert res.shadow_sizes == whole.shadow_sizes and res.auc == whole.auc
+    make, calls = _counting(keep_all)
+    again = run_lira(members, members, non_members, make, seed=0, **kw)
+    assert calls == [] and again.resumed_shadows == 4 and again.auc == whole.auc
+    make, calls = _counting(keep_all)
+    run_lira(members, members, non_members, make, seed=1, **kw)
+    assert len(calls) == 4 and len(list((tmp_path / "ck").iterdir())) == 2
+    run_dir = next(d for d in (tmp_path / "ck").iterdir() if json.loads((d / "run.json").read_text())["set_seeds"]
+                   == whole.shadow_seeds)
+    (run_dir / "shadow-001.npz").write_bytes(b"not an npz")
+    np.savez(run_dir / "shadow-002.npz", phi=np.zeros((3, 3)), prox=np.zeros((3, 3)), size=np.int64(1))
+    make, calls = _counting(keep_all)
+    fixed = run_lira(members, members, non_members, make, seed=0, **kw)
+    assert len(calls) == 2 and fixed.resumed_shadows == 2
+    np.testing.assert_allclose(fixed.scores, whole.scores)
+    with pytest.raises(InputError, match="recipe_id"):
+        run_lira(members, members, non_members, keep_all, seed=0, shadows=2, train_spec=spec, progress=False,
+                 checkpoint_dir=tmp_path / "ck2")
+
+
 # ---------------------------------------------------------------------------- recipes
 def test_coreset_recipe_is_the_same_method_with_another_seed():
     from histodd_fed.coreset import build_coreset
@@ -232,6 +287,33 @@ def test_cli_lira_writes_the_promised_keys(stores, monkeypatch, capsys):
     rs = lira["released_set"]
     assert {"auc", "tpr_at_fpr", "offline"} <= set(rs) and f"AUC {rs['auc']:.3f}" in stdout
     assert "LiRA on the set's images" in (out / "audit.md").read_text()
+
+
+def test_cli_lira_resumes_an_interrupted_audit(stores, tmp_path, monkeypatch, capsys):
+    """An audit stopped after 2 of its 4 shadows (the files an interrupted run leaves: the finished shadows,
+    no audit.json) run again with the same command resumes: it says how many shadows it took back, and
+    audit.json equals the one an uninterrupted --no-resume run writes (which keeps no shadows)."""
+    base = ["audit", "--synthetic", stores / "core", "--patches", stores / "real", "--holdout", stores / "hold",
+            "--attack", "lira", "--shadows", 4, "--pool", 60, "--lira-epochs", 3]
+    code, stdout, err = _cli(monkeypatch, capsys, *base, "--no-resume", "--out", tmp_path / "B")
+    assert code in (0, None), err
+    assert "resumed" not in stdout and not (tmp_path / "B" / "lira-shadows").exists()
+    whole = json.loads((tmp_path / "B" / "audit.json").read_text())["lira"]
+    out = tmp_path / "A"
+    code, stdout, err = _cli(monkeypatch, capsys, *base, "--out", out)
+    assert code in (0, None), err
+    assert "resumed" not in stdout
+    shadows = sorted(out.glob("lira-shadows/*/shadow-*.npz"))
+    assert [p.name for p in shadows] == [f"shadow-{k:03d}.npz" for k in range(4)]
+    for p in shadows[2:] + [out / "audit.json"]:
+        p.unlink()
+    code, stdout, err = _cli(monkeypatch, capsys, *base, "--out", out)
+    assert code in (0, None), err
+    assert "2 of 4 shadows resumed" in stdout
+    resumed = json.loads((out / "audit.json").read_text())["lira"]
+    assert resumed["resumed_shadows"] == 2 and whole["resumed_shadows"] == 0
+    for key in ("auc", "tpr_at_fpr", "offline", "released_set", "shadow_sizes", "per_patch"):
+        assert resumed[key] == whole[key], key
 
 
 def test_cli_default_attack_is_unchanged(stores, monkeypatch, capsys):

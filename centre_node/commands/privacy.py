@@ -48,6 +48,9 @@ def audit(
                                                     "number (cheaper, not the exact recipe; recorded in audit.json)."),
     lira_epochs: Optional[int] = typer.Option(None, "--lira-epochs", help="LiRA: epochs of the evaluation "
                                               "classifier trained on each shadow set and on the set (default 200)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="LiRA: keep every finished shadow in "
+                                "OUT/lira-shadows/ and, on a re-run of the same audit (same set, pool, seed, "
+                                "recipe, classifier), skip the shadows already there; --no-resume re-runs them all."),
 ) -> None:
     """Audit a synthetic set for memorisation and membership leakage; write a Markdown + JSON + PNG report.
 
@@ -60,7 +63,9 @@ def audit(
     recorded recipe (distill config or coreset method) is re-run --shadows times on random halves of
     a pool of --pool patches (half members from --patches, half non-members from --holdout); writes
     audit.json ("lira": AUC, TPR at 1% / 0.1% FPR, ...), audit.md and lira_roc.png. --attack all:
-    the audit above plus LiRA.
+    the audit above plus LiRA. Shadows are the long part (each one is a whole distillation); every
+    finished one is kept in OUT/lira-shadows/, so an interrupted audit run again with the same
+    arguments resumes where it stopped and gives the numbers an uninterrupted run gives.
     """
     from histodd_fed.errors import InputError
     from histodd_fed.patchset import PatchSet
@@ -81,7 +86,7 @@ def audit(
     if attack == "lira":
         _lira_only(syn, recipe, synthetic, patches, holdout, out, seed=seed, shadows=shadows, pool=pool,
                    limit_per_class=limit_per_class, holdout_limit_per_class=holdout_limit_per_class,
-                   threads=threads, epochs=lira_epochs)
+                   threads=threads, epochs=lira_epochs, resume=resume)
         return
     real = _load(patches, limit_per_class, seed)
     hold = None if holdout is None else _load(holdout, holdout_limit_per_class, seed)
@@ -118,7 +123,7 @@ def audit(
     typer.echo(("FLAGGED: " + "; ".join(report.risks)) if report.flagged else "passes the gate rules")
     if attack == "all":
         res, d = _run_lira(syn, recipe, real, hold, patches, holdout, seed=seed, shadows=shadows, pool=pool,
-                           threads=threads, epochs=lira_epochs)
+                           threads=threads, epochs=lira_epochs, checkpoint=out / SHADOW_DIR if resume else None)
         _write_lira(out, res, d, merge=True)
         _echo_lira(d, recipe)
     typer.echo(f"report: {out / 'audit.md'}")
@@ -127,6 +132,8 @@ def audit(
 
 # ---------------------------------------------------------------------------- LiRA
 ATTACKS = ("threshold", "lira", "all")
+#: where LiRA keeps its finished shadows, inside the audit's --out
+SHADOW_DIR = "lira-shadows"
 
 
 def _recipe(syn, path: Path, shadow_candidates: Optional[int]):
@@ -160,7 +167,7 @@ def _made_from(meta: dict) -> Optional[int]:
 
 
 def _run_lira(syn, recipe, real, hold, patches: Path, holdout: Path, *, seed: int, shadows: int, pool: int,
-              threads: Optional[int], epochs: Optional[int]):
+              threads: Optional[int], epochs: Optional[int], checkpoint: Optional[Path] = None):
     """LiRA on ``syn``: (LiraResult, the ``lira`` JSON with the pool, recipe and design recorded)."""
     import dataclasses
 
@@ -180,9 +187,12 @@ def _run_lira(syn, recipe, real, hold, patches: Path, holdout: Path, *, seed: in
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        res = run_lira(syn, members, non_members, recipe, shadows=shadows, train_spec=spec, seed=seed, progress=True)
+        res = run_lira(syn, members, non_members, recipe, shadows=shadows, train_spec=spec, seed=seed, progress=True,
+                       checkpoint_dir=checkpoint, recipe_id=recipe.to_dict())
     finally:
         torch.set_num_threads(prev)
+    if res.resumed_shadows:
+        typer.echo(f"LiRA: {res.resumed_shadows} of {shadows} shadows resumed from {checkpoint}")
     made_from = _made_from(syn.meta)
     d = res.to_dict()
     d["recipe"] = recipe.to_dict()
@@ -256,7 +266,7 @@ def _write_lira(out: Path, res, d: dict, *, merge: bool, header: Optional[dict] 
 
 def _lira_only(syn, recipe, synthetic: Path, patches: Path, holdout: Path, out: Path, *, seed: int, shadows: int,
                pool: int, limit_per_class: Optional[int], holdout_limit_per_class: Optional[int],
-               threads: Optional[int], epochs: Optional[int]) -> None:
+               threads: Optional[int], epochs: Optional[int], resume: bool = True) -> None:
     """``audit --attack lira``: LiRA only; image folders are read only as far as the pool needs."""
     from histodd_fed.runconfig import write_run_config
 
@@ -264,7 +274,7 @@ def _lira_only(syn, recipe, synthetic: Path, patches: Path, holdout: Path, out: 
     real = _load(patches, limit_per_class or per_class, seed)
     hold = _load(holdout, holdout_limit_per_class or per_class, seed + 1)
     res, d = _run_lira(syn, recipe, real, hold, patches, holdout, seed=seed, shadows=shadows, pool=pool,
-                       threads=threads, epochs=epochs)
+                       threads=threads, epochs=epochs, checkpoint=out / SHADOW_DIR if resume else None)
     header = {"seed": seed, "synthetic": {"path": str(synthetic), "kind": syn.kind, "n": len(syn),
                                           "method": syn.meta.get("method"), "image_size": syn.image_size,
                                           "view": syn.meta.get("view")},

@@ -39,15 +39,19 @@ This module never imports the distillation (``histodd_fed.distill``): the recipe
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from histodd_fed.atomic import atomic_write_bytes, atomic_write_json
 from histodd_fed.errors import InputError
 from histodd_fed.formation import decode_set
 from histodd_fed.logging_setup import progress as progress_bar
@@ -105,6 +109,7 @@ class LiraResult:
     seconds: dict[str, float] = field(default_factory=dict)
     train_spec: dict[str, Any] = field(default_factory=dict)
     target_model: nn.Module | None = field(default=None, repr=False)
+    resumed_shadows: int = 0               #: shadows read back from the checkpoint instead of re-run
 
     def summary(self) -> dict[str, Any]:
         """The small JSON (``audit.json``'s ``lira``): headline numbers and how they were obtained."""
@@ -124,6 +129,7 @@ class LiraResult:
                                              "tpr_at_fpr": r(self.set_offline["tpr_at_fpr"])}},
                 "target_accuracy": r(self.target_accuracy), "shadow_sizes": list(self.shadow_sizes),
                 "shadow_seeds": list(self.shadow_seeds), "train_spec": dict(self.train_spec),
+                "resumed_shadows": int(self.resumed_shadows),
                 "seconds": {k: round(v, 2) for k, v in self.seconds.items()}}
 
     def found_among(self, rows: np.ndarray, max_fpr: float = 0.01) -> dict[str, int]:
@@ -257,17 +263,75 @@ def _concat(a: PatchSet, b: PatchSet) -> PatchSet:
                     kind="real", meta=dict(a.meta))
 
 
+# ---------------------------------------------------------------------------- resumable shadows
+class ShadowCheckpoint:
+    """The finished shadows of one LiRA run on disk, so an interrupted audit resumes where it stopped.
+
+    A run is named by a key over everything a shadow's result depends on: the pool's images and labels,
+    the halves, the seeds, the evaluation classifier, the queries, the recipe (``recipe_id``) and the
+    library version. Its shadows live in ``root/<key[:16]>/shadow-NNN.npz`` (plain arrays, read back with
+    ``allow_pickle=False``), each written atomically when the shadow is done; ``run.json`` beside them
+    says what the run is. Another run (a different pool, seed, recipe ...) gets another folder, so a
+    stale shadow is never mixed in; a file that does not read back as the expected arrays is re-run.
+    Every shadow is seeded, so a resumed run gives the numbers an uninterrupted one gives.
+    """
+
+    def __init__(self, root: str | Path, parts: dict[str, Any], expect: tuple[int, int]):
+        from histodd_fed import __version__
+
+        h = hashlib.sha256()
+        for name in sorted(parts):
+            v = parts[name]
+            data = (np.ascontiguousarray(v).tobytes() if isinstance(v, np.ndarray)
+                    else json.dumps(v, sort_keys=True, default=str).encode())
+            h.update(name.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
+        h.update(b"version\0" + __version__.encode())
+        self.key = h.hexdigest()
+        self.dir = Path(root) / self.key[:16]
+        self.expect = expect                      # (pool size, number of augmentations)
+        self.description = {k: v for k, v in parts.items() if not isinstance(v, np.ndarray)}
+
+    def _path(self, k: int) -> Path:
+        return self.dir / f"shadow-{k:03d}.npz"
+
+    def load(self, k: int) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """Shadow ``k``'s (phi, proximity, released size), or None when it is not (validly) on disk."""
+        path = self._path(k)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                phi, prox, size = np.array(z["phi"]), np.array(z["prox"]), int(z["size"])
+        except (OSError, ValueError, KeyError):
+            return None
+        if phi.shape != self.expect or prox.shape != self.expect or not np.isfinite(phi).all():
+            return None
+        return phi, prox, size
+
+    def save(self, k: int, phi: np.ndarray, prox: np.ndarray, size: int) -> None:
+        if not (self.dir / "run.json").is_file():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.dir / "run.json", {"key": self.key, **self.description})
+        buf = io.BytesIO()
+        np.savez(buf, phi=phi, prox=prox, size=np.int64(size))
+        atomic_write_bytes(self._path(k), buf.getvalue())
+
+
 # ---------------------------------------------------------------------------- the attack
 def run_lira(target_set: PatchSet, members: PatchSet, non_members: PatchSet, make_set: MakeSet, *,
              shadows: int = 16, train_spec: TrainSpec | None = None, seed: int = 0, progress: bool = True,
              augmentations: tuple[str, ...] = tuple(AUGMENTATIONS), global_variance: bool | None = None,
-             fprs: tuple[float, ...] = FPRS) -> LiraResult:
+             fprs: tuple[float, ...] = FPRS, checkpoint_dir: str | Path | None = None,
+             recipe_id: Any = None) -> LiraResult:
     """Online LiRA against a classifier trained on ``target_set`` (see the module doc).
 
     ``members`` / ``non_members``: real patches in the view the set was made in (same size as the
     set's training images), members from the centre's store, non-members held out. ``make_set(half,
     seed)`` applies the set's recipe to ``half`` (a random half of the pool). ``global_variance``:
     None chooses global below :data:`GLOBAL_VARIANCE_BELOW` shadows. ``progress``: a bar over shadows.
+    ``checkpoint_dir``: keep each finished shadow there (:class:`ShadowCheckpoint`) and skip the ones
+    already there; ``recipe_id`` (JSON-able) names the recipe in the checkpoint's key - required with
+    ``checkpoint_dir`` unless ``make_set`` has ``to_dict()``.
     """
     if shadows < 2:
         raise InputError(f"lira: need at least 2 shadows (an IN and an OUT run per patch), got {shadows}")
@@ -293,11 +357,31 @@ def run_lira(target_set: PatchSet, members: PatchSet, non_members: PatchSet, mak
     seeds = [int(s) % (2**31 - 1) for s in ss.generate_state(2 * shadows + 1)]
     set_seeds, model_seeds, target_model_seed = seeds[:shadows], seeds[shadows:2 * shadows], seeds[-1]
 
+    checkpoint = None
+    if checkpoint_dir is not None:
+        if recipe_id is None:
+            if not hasattr(make_set, "to_dict"):
+                raise InputError("lira: a checkpoint needs recipe_id (what the recipe is) for this make_set")
+            recipe_id = make_set.to_dict()
+        checkpoint = ShadowCheckpoint(checkpoint_dir, {
+            "pool_images": np.asarray(pool.images), "pool_labels": np.asarray(pool.labels), "keep": keep,
+            "set_seeds": set_seeds, "model_seeds": model_seeds, "train_spec": asdict(spec),
+            "augmentations": list(augmentations), "recipe": recipe_id, "shadows": shadows,
+            "pool": {"members": len(members), "non_members": len(non_members)}},
+            expect=(len(pool), len(augmentations)))
+
     seconds = {"make_sets": 0.0, "train_models": 0.0, "score": 0.0}
     shadow_phi = np.zeros((shadows, len(pool), len(augmentations)))
     shadow_prox = np.zeros_like(shadow_phi)
     sizes = []
+    resumed = 0
     for k in progress_bar(range(shadows), desc="lira shadows", disable=not progress):
+        done = checkpoint.load(k) if checkpoint is not None else None
+        if done is not None:
+            shadow_phi[k], shadow_prox[k], size = done
+            sizes.append(size)
+            resumed += 1
+            continue
         t0 = time.perf_counter()
         half = pool.subset(np.flatnonzero(keep[k]))
         try:
@@ -317,6 +401,8 @@ def run_lira(target_set: PatchSet, members: PatchSet, non_members: PatchSet, mak
         seconds["make_sets"] += t1 - t0
         seconds["train_models"] += t2 - t1
         seconds["score"] += time.perf_counter() - t2
+        if checkpoint is not None:
+            checkpoint.save(k, shadow_phi[k], shadow_prox[k], len(released))
     t0 = time.perf_counter()
     tmodel = train_model(spec, target, seed=target_model_seed, desc="target model")
     target_phi = logit_confidence(tmodel, x, y, augmentations)
@@ -339,7 +425,7 @@ def run_lira(target_set: PatchSet, members: PatchSet, non_members: PatchSet, mak
                                        "non_members": float(correct[~is_member].mean())},
                       set_online=_attack(set_on, is_member, fprs), set_offline=_attack(set_off, is_member, fprs),
                       shadow_sizes=sizes, shadow_seeds=set_seeds, seconds=seconds, train_spec=asdict(spec),
-                      target_model=tmodel)
+                      target_model=tmodel, resumed_shadows=resumed)
 
 
 # ---------------------------------------------------------------------------- figure
