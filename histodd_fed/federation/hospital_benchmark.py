@@ -218,6 +218,7 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
     bar = progress(total=len(jobs) * seeds, desc=f"{benchmark} studies", unit="study")
     tell = (lambda m: bar.write(m)) if not bar.disable else say  # noqa: E731
     done = 0
+    ran, ran_s = 0, 0.0   # studies run (not reused from an earlier run) and their seconds: the ETA's rate
     for t, srcs in jobs:
         tgt = cid[t]
         for s in range(seeds):
@@ -232,8 +233,8 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
             nodes.append(dict(by_id[tgt].to_node_config(), seed=s, data=str(centres / info[tgt]["target"])))
             names = [cid[d] for d in srcs]
             eta = ""
-            if done:
-                left = (time.perf_counter() - t0) / done * (len(jobs) * seeds - done)
+            if ran:
+                left = ran_s / ran * (len(jobs) * seeds - done)
                 eta = f", about {left / 60:.0f} min left"
             tell(f"[{benchmark}] {done + 1}/{len(jobs) * seeds}: {'+'.join(names)} -> {tgt}, seed {s}, "
                  f"ipc {ipcs} + Full{eta}")
@@ -249,6 +250,7 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
                     outcome = run_study(cfg, nodes)
                     write_report(cfg, outcome, command=f"coordinator transfer --benchmark {benchmark} "
                                                        f"({'+'.join(names)} -> {tgt}, seed {s})")
+                    ran, ran_s = ran + 1, ran_s + time.perf_counter() - ts
             except (HistoddError, OSError, RuntimeError, ValueError, KeyError) as exc:  # the study, not the run
                 faults.append({"target": tgt, "seed": s, "transfer": None, "centre": "-", "stage": "study",
                                "kind": "error", "fault": f"study failed: {type(exc).__name__}: {str(exc)[:300]}"})
