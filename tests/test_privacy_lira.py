@@ -199,6 +199,33 @@ def test_an_interrupted_lira_resumes_and_gives_the_uninterrupted_numbers(tmp_pat
                  checkpoint_dir=tmp_path / "ck2")
 
 
+def test_shadows_in_worker_processes_give_the_one_process_numbers(tmp_path):
+    """--workers 2: the shadows are made in two spawned processes (the recipe rebuilt from a real coreset's
+    meta travels to them) and every number equals the one-process run's; each is checkpointed as it
+    lands. A recipe that cannot travel to a process is refused with one line."""
+    from histodd_fed.coreset import build_coreset
+
+    members, non_members = noise_set(16, 1), noise_set(16, 2)
+    core = build_coreset(members, method="random", ipc=2, seed=0)
+    recipe = recipe_from_set(core)
+    spec = TrainSpec(model="convnet", model_kwargs={"width": 8, "depth": 1}, epochs=3, lr=0.05, batch_size=32)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)           # the workers' thread count: the same float reductions
+    try:
+        one = run_lira(core, members, non_members, recipe, shadows=4, train_spec=spec, seed=0, progress=False)
+    finally:
+        torch.set_num_threads(prev)
+    two = run_lira(core, members, non_members, recipe, shadows=4, train_spec=spec, seed=0, progress=False,
+                   workers=2, checkpoint_dir=tmp_path / "ck")
+    np.testing.assert_allclose(two.shadow_phi, one.shadow_phi, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(two.scores, one.scores, rtol=1e-6, atol=1e-6)
+    assert two.shadow_sizes == one.shadow_sizes == [4] * 4
+    assert len(list((tmp_path / "ck").glob("*/shadow-*.npz"))) == 4
+    with pytest.raises(InputError, match="worker process"):
+        run_lira(core, members, non_members, lambda half, seed: recipe(half, seed), shadows=2, train_spec=spec,
+                 progress=False, workers=2)
+
+
 # ---------------------------------------------------------------------------- recipes
 def test_coreset_recipe_is_the_same_method_with_another_seed():
     from histodd_fed.coreset import build_coreset

@@ -48,6 +48,9 @@ def audit(
                                                     "number (cheaper, not the exact recipe; recorded in audit.json)."),
     lira_epochs: Optional[int] = typer.Option(None, "--lira-epochs", help="LiRA: epochs of the evaluation "
                                               "classifier trained on each shadow set and on the set (default 200)."),
+    workers: int = typer.Option(1, "--workers", help="LiRA: make this many shadows at once, each in its own "
+                                "process with one torch thread (a machine with N free cores: N); the numbers do "
+                                "not depend on it."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="LiRA: keep every finished shadow in "
                                 "OUT/lira-shadows/ and, on a re-run of the same audit (same set, pool, seed, "
                                 "recipe, classifier), skip the shadows already there; --no-resume re-runs them all."),
@@ -79,6 +82,8 @@ def audit(
             raise InputError(f"audit --attack {attack}: need --shadows >= 2 and --pool >= 4 (got {shadows}, {pool})")
         if lira_epochs is not None and lira_epochs < 1:
             raise InputError(f"audit --attack {attack}: --lira-epochs must be >= 1")
+        if workers < 1:
+            raise InputError(f"audit --attack {attack}: --workers must be >= 1, got {workers}")
     syn = PatchSet.load(synthetic)  # bad input fails here, before torch is imported
     recipe = None
     if attack != "threshold":
@@ -86,7 +91,7 @@ def audit(
     if attack == "lira":
         _lira_only(syn, recipe, synthetic, patches, holdout, out, seed=seed, shadows=shadows, pool=pool,
                    limit_per_class=limit_per_class, holdout_limit_per_class=holdout_limit_per_class,
-                   threads=threads, epochs=lira_epochs, resume=resume)
+                   threads=threads, epochs=lira_epochs, resume=resume, workers=workers)
         return
     real = _load(patches, limit_per_class, seed)
     hold = None if holdout is None else _load(holdout, holdout_limit_per_class, seed)
@@ -123,7 +128,8 @@ def audit(
     typer.echo(("FLAGGED: " + "; ".join(report.risks)) if report.flagged else "passes the gate rules")
     if attack == "all":
         res, d = _run_lira(syn, recipe, real, hold, patches, holdout, seed=seed, shadows=shadows, pool=pool,
-                           threads=threads, epochs=lira_epochs, checkpoint=out / SHADOW_DIR if resume else None)
+                           threads=threads, epochs=lira_epochs, checkpoint=out / SHADOW_DIR if resume else None,
+                           workers=workers)
         _write_lira(out, res, d, merge=True)
         _echo_lira(d, recipe)
     typer.echo(f"report: {out / 'audit.md'}")
@@ -167,7 +173,7 @@ def _made_from(meta: dict) -> Optional[int]:
 
 
 def _run_lira(syn, recipe, real, hold, patches: Path, holdout: Path, *, seed: int, shadows: int, pool: int,
-              threads: Optional[int], epochs: Optional[int], checkpoint: Optional[Path] = None):
+              threads: Optional[int], epochs: Optional[int], checkpoint: Optional[Path] = None, workers: int = 1):
     """LiRA on ``syn``: (LiraResult, the ``lira`` JSON with the pool, recipe and design recorded)."""
     import dataclasses
 
@@ -188,7 +194,7 @@ def _run_lira(syn, recipe, real, hold, patches: Path, holdout: Path, *, seed: in
         torch.set_num_threads(int(threads))
     try:
         res = run_lira(syn, members, non_members, recipe, shadows=shadows, train_spec=spec, seed=seed, progress=True,
-                       checkpoint_dir=checkpoint, recipe_id=recipe.to_dict())
+                       checkpoint_dir=checkpoint, recipe_id=recipe.to_dict(), workers=workers)
     finally:
         torch.set_num_threads(prev)
     if res.resumed_shadows:
@@ -266,7 +272,7 @@ def _write_lira(out: Path, res, d: dict, *, merge: bool, header: Optional[dict] 
 
 def _lira_only(syn, recipe, synthetic: Path, patches: Path, holdout: Path, out: Path, *, seed: int, shadows: int,
                pool: int, limit_per_class: Optional[int], holdout_limit_per_class: Optional[int],
-               threads: Optional[int], epochs: Optional[int], resume: bool = True) -> None:
+               threads: Optional[int], epochs: Optional[int], resume: bool = True, workers: int = 1) -> None:
     """``audit --attack lira``: LiRA only; image folders are read only as far as the pool needs."""
     from histodd_fed.runconfig import write_run_config
 
@@ -274,7 +280,8 @@ def _lira_only(syn, recipe, synthetic: Path, patches: Path, holdout: Path, out: 
     real = _load(patches, limit_per_class or per_class, seed)
     hold = _load(holdout, holdout_limit_per_class or per_class, seed + 1)
     res, d = _run_lira(syn, recipe, real, hold, patches, holdout, seed=seed, shadows=shadows, pool=pool,
-                       threads=threads, epochs=epochs, checkpoint=out / SHADOW_DIR if resume else None)
+                       threads=threads, epochs=epochs, checkpoint=out / SHADOW_DIR if resume else None,
+                       workers=workers)
     header = {"seed": seed, "synthetic": {"path": str(synthetic), "kind": syn.kind, "n": len(syn),
                                           "method": syn.meta.get("method"), "image_size": syn.image_size,
                                           "view": syn.meta.get("view")},

@@ -39,9 +39,7 @@ This module never imports the distillation (``histodd_fed.distill``): the recipe
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,7 +49,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from histodd_fed.atomic import atomic_write_bytes, atomic_write_json
 from histodd_fed.errors import InputError
 from histodd_fed.formation import decode_set
 from histodd_fed.logging_setup import progress as progress_bar
@@ -263,66 +260,12 @@ def _concat(a: PatchSet, b: PatchSet) -> PatchSet:
                     kind="real", meta=dict(a.meta))
 
 
-# ---------------------------------------------------------------------------- resumable shadows
-class ShadowCheckpoint:
-    """The finished shadows of one LiRA run on disk, so an interrupted audit resumes where it stopped.
-
-    A run is named by a key over everything a shadow's result depends on: the pool's images and labels,
-    the halves, the seeds, the evaluation classifier, the queries, the recipe (``recipe_id``) and the
-    library version. Its shadows live in ``root/<key[:16]>/shadow-NNN.npz`` (plain arrays, read back with
-    ``allow_pickle=False``), each written atomically when the shadow is done; ``run.json`` beside them
-    says what the run is. Another run (a different pool, seed, recipe ...) gets another folder, so a
-    stale shadow is never mixed in; a file that does not read back as the expected arrays is re-run.
-    Every shadow is seeded, so a resumed run gives the numbers an uninterrupted one gives.
-    """
-
-    def __init__(self, root: str | Path, parts: dict[str, Any], expect: tuple[int, int]):
-        from histodd_fed import __version__
-
-        h = hashlib.sha256()
-        for name in sorted(parts):
-            v = parts[name]
-            data = (np.ascontiguousarray(v).tobytes() if isinstance(v, np.ndarray)
-                    else json.dumps(v, sort_keys=True, default=str).encode())
-            h.update(name.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
-        h.update(b"version\0" + __version__.encode())
-        self.key = h.hexdigest()
-        self.dir = Path(root) / self.key[:16]
-        self.expect = expect                      # (pool size, number of augmentations)
-        self.description = {k: v for k, v in parts.items() if not isinstance(v, np.ndarray)}
-
-    def _path(self, k: int) -> Path:
-        return self.dir / f"shadow-{k:03d}.npz"
-
-    def load(self, k: int) -> tuple[np.ndarray, np.ndarray, int] | None:
-        """Shadow ``k``'s (phi, proximity, released size), or None when it is not (validly) on disk."""
-        path = self._path(k)
-        if not path.is_file():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                phi, prox, size = np.array(z["phi"]), np.array(z["prox"]), int(z["size"])
-        except (OSError, ValueError, KeyError):
-            return None
-        if phi.shape != self.expect or prox.shape != self.expect or not np.isfinite(phi).all():
-            return None
-        return phi, prox, size
-
-    def save(self, k: int, phi: np.ndarray, prox: np.ndarray, size: int) -> None:
-        if not (self.dir / "run.json").is_file():
-            self.dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.dir / "run.json", {"key": self.key, **self.description})
-        buf = io.BytesIO()
-        np.savez(buf, phi=phi, prox=prox, size=np.int64(size))
-        atomic_write_bytes(self._path(k), buf.getvalue())
-
-
 # ---------------------------------------------------------------------------- the attack
 def run_lira(target_set: PatchSet, members: PatchSet, non_members: PatchSet, make_set: MakeSet, *,
              shadows: int = 16, train_spec: TrainSpec | None = None, seed: int = 0, progress: bool = True,
              augmentations: tuple[str, ...] = tuple(AUGMENTATIONS), global_variance: bool | None = None,
              fprs: tuple[float, ...] = FPRS, checkpoint_dir: str | Path | None = None,
-             recipe_id: Any = None) -> LiraResult:
+             recipe_id: Any = None, workers: int = 1) -> LiraResult:
     """Online LiRA against a classifier trained on ``target_set`` (see the module doc).
 
     ``members`` / ``non_members``: real patches in the view the set was made in (same size as the
@@ -331,7 +274,9 @@ def run_lira(target_set: PatchSet, members: PatchSet, non_members: PatchSet, mak
     None chooses global below :data:`GLOBAL_VARIANCE_BELOW` shadows. ``progress``: a bar over shadows.
     ``checkpoint_dir``: keep each finished shadow there (:class:`ShadowCheckpoint`) and skip the ones
     already there; ``recipe_id`` (JSON-able) names the recipe in the checkpoint's key - required with
-    ``checkpoint_dir`` unless ``make_set`` has ``to_dict()``.
+    ``checkpoint_dir`` unless ``make_set`` has ``to_dict()``. ``workers`` > 1: shadows in that many
+    processes (one torch thread each; ``make_set`` must pickle, as a :class:`~histodd_fed.release.recipes.Recipe`
+    does); every shadow is seeded, so the numbers are those of ``workers=1`` with one thread.
     """
     if shadows < 2:
         raise InputError(f"lira: need at least 2 shadows (an IN and an OUT run per patch), got {shadows}")
@@ -357,6 +302,8 @@ def run_lira(target_set: PatchSet, members: PatchSet, non_members: PatchSet, mak
     seeds = [int(s) % (2**31 - 1) for s in ss.generate_state(2 * shadows + 1)]
     set_seeds, model_seeds, target_model_seed = seeds[:shadows], seeds[shadows:2 * shadows], seeds[-1]
 
+    from histodd_fed.privacy.lira_shadows import ShadowCheckpoint, ShadowWork, run_shadows
+
     checkpoint = None
     if checkpoint_dir is not None:
         if recipe_id is None:
@@ -369,40 +316,10 @@ def run_lira(target_set: PatchSet, members: PatchSet, non_members: PatchSet, mak
             "augmentations": list(augmentations), "recipe": recipe_id, "shadows": shadows,
             "pool": {"members": len(members), "non_members": len(non_members)}},
             expect=(len(pool), len(augmentations)))
-
-    seconds = {"make_sets": 0.0, "train_models": 0.0, "score": 0.0}
-    shadow_phi = np.zeros((shadows, len(pool), len(augmentations)))
-    shadow_prox = np.zeros_like(shadow_phi)
-    sizes = []
-    resumed = 0
-    for k in progress_bar(range(shadows), desc="lira shadows", disable=not progress):
-        done = checkpoint.load(k) if checkpoint is not None else None
-        if done is not None:
-            shadow_phi[k], shadow_prox[k], size = done
-            sizes.append(size)
-            resumed += 1
-            continue
-        t0 = time.perf_counter()
-        half = pool.subset(np.flatnonzero(keep[k]))
-        try:
-            released = decode_set(make_set(half, set_seeds[k]))
-        except InputError as exc:
-            raise InputError(f"lira: the recipe failed on shadow {k}'s half of the pool ({len(half)} patches, "
-                             f"{half.class_counts()}): {exc}; a larger pool may help") from exc
-        if released.image_size != target.image_size:
-            raise InputError(f"lira: shadow set {k} is {released.image_size} px, the target set "
-                             f"{target.image_size} px: the recipe does not reproduce the set's view")
-        sizes.append(len(released))
-        t1 = time.perf_counter()
-        model = train_model(spec, released, seed=model_seeds[k], desc=f"shadow {k} model")
-        t2 = time.perf_counter()
-        shadow_phi[k] = logit_confidence(model, x, y, augmentations)
-        shadow_prox[k] = set_proximity(released.to_tensors()[0], x, augmentations)
-        seconds["make_sets"] += t1 - t0
-        seconds["train_models"] += t2 - t1
-        seconds["score"] += time.perf_counter() - t2
-        if checkpoint is not None:
-            checkpoint.save(k, shadow_phi[k], shadow_prox[k], len(released))
+    work = ShadowWork(pool=pool, make_set=make_set, spec=spec, augmentations=tuple(augmentations),
+                      image_size=target.image_size)
+    shadow_phi, shadow_prox, sizes, seconds, resumed = run_shadows(
+        work, keep, set_seeds, model_seeds, checkpoint=checkpoint, workers=workers, progress=progress)
     t0 = time.perf_counter()
     tmodel = train_model(spec, target, seed=target_model_seed, desc="target model")
     target_phi = logit_confidence(tmodel, x, y, augmentations)
