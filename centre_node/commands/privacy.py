@@ -49,8 +49,8 @@ def audit(
     lira_epochs: Optional[int] = typer.Option(None, "--lira-epochs", help="LiRA: epochs of the evaluation "
                                               "classifier trained on each shadow set and on the set (default 200)."),
     workers: int = typer.Option(1, "--workers", help="LiRA: make this many shadows at once, each in its own "
-                                "process with one torch thread (a machine with N free cores: N); the numbers do "
-                                "not depend on it."),
+                                "process with one torch thread (a machine with N free cores: N); the numbers equal "
+                                "a one-process run's with --threads 1."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="LiRA: keep every finished shadow in "
                                 "OUT/lira-shadows/ and, on a re-run of the same audit (same set, pool, seed, "
                                 "recipe, classifier), skip the shadows already there; --no-resume re-runs them all."),
