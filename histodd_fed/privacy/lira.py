@@ -51,7 +51,6 @@ from torch import nn
 
 from histodd_fed.errors import InputError
 from histodd_fed.formation import decode_set
-from histodd_fed.logging_setup import progress as progress_bar
 from histodd_fed.patchset import PatchSet
 from histodd_fed.privacy.classifier import TrainSpec, train_model
 from histodd_fed.privacy.membership import auc_from_roc, roc_curve, tpr_at_fpr
