@@ -109,8 +109,10 @@ class ShadowResult:
     seconds: dict[str, float]
 
 
-def make_shadow(work: ShadowWork, k: int, keep_row: np.ndarray, set_seed: int, model_seed: int) -> ShadowResult:
-    """Shadow ``k``: the recipe on the pool patches ``keep_row`` marks, a model on its set, the pool scored."""
+def make_shadow(work: ShadowWork, pool_xy: tuple[torch.Tensor, torch.Tensor], k: int, keep_row: np.ndarray,
+                set_seed: int, model_seed: int) -> ShadowResult:
+    """Shadow ``k``: the recipe on the pool patches ``keep_row`` marks, a model on its set, the pool
+    (``pool_xy``: ``work.pool.to_tensors()``, made once per process) scored."""
     from histodd_fed.privacy.lira import logit_confidence, set_proximity
 
     t0 = time.perf_counter()
@@ -126,7 +128,7 @@ def make_shadow(work: ShadowWork, k: int, keep_row: np.ndarray, set_seed: int, m
     t1 = time.perf_counter()
     model = train_model(work.spec, released, seed=model_seed, desc=f"shadow {k} model")
     t2 = time.perf_counter()
-    x, y = work.pool.to_tensors()
+    x, y = pool_xy
     phi = logit_confidence(model, x, y, work.augmentations)
     prox = set_proximity(released.to_tensors()[0], x, work.augmentations)
     return ShadowResult(k, phi, prox, len(released),
@@ -134,18 +136,19 @@ def make_shadow(work: ShadowWork, k: int, keep_row: np.ndarray, set_seed: int, m
 
 
 # ---------------------------------------------------------------------------- worker processes
-_WORKER_WORK: ShadowWork | None = None     # set once per worker process by _start_worker
+_WORKER: tuple | None = None    # (work, pool tensors), set once per worker process by _start_worker
 
 
 def _start_worker(payload: bytes) -> None:
-    global _WORKER_WORK
+    global _WORKER
     torch.set_num_threads(1)
-    _WORKER_WORK = pickle.loads(payload)    # our own parent's bytes, never input from outside
+    work = pickle.loads(payload)    # our own parent's bytes, never input from outside
+    _WORKER = (work, work.pool.to_tensors())
 
 
 def _worker_shadow(k: int, keep_row: np.ndarray, set_seed: int, model_seed: int) -> ShadowResult:
-    assert _WORKER_WORK is not None
-    return make_shadow(_WORKER_WORK, k, keep_row, set_seed, model_seed)
+    assert _WORKER is not None
+    return make_shadow(*_WORKER, k, keep_row, set_seed, model_seed)
 
 
 # ---------------------------------------------------------------------------- all of them
@@ -184,8 +187,9 @@ def run_shadows(work: ShadowWork, keep: np.ndarray, set_seeds: list[int], model_
     bar = progress_bar(total=shadows, initial=resumed, desc="lira shadows", disable=not progress)
     try:
         if workers == 1 or len(todo) <= 1:
+            pool_xy = work.pool.to_tensors()
             for k in todo:
-                keep_result(make_shadow(work, k, keep[k], set_seeds[k], model_seeds[k]))
+                keep_result(make_shadow(work, pool_xy, k, keep[k], set_seeds[k], model_seeds[k]))
                 bar.update(1)
         else:
             try:
