@@ -100,11 +100,19 @@ def transfer(
     benchmark: Optional[str] = typer.Option(None, "--benchmark", help="A benchmark study instead of --nodes/--trust: pcam-c17. Hospital centres (make-pcam-centres --hospitals): target alone, + Histo-DD per ipc, + Full per target, mean and 95% CI over --seeds (summary.md/csv/png); resumable: re-run the same command with the same --out and the seeds a killed run finished are reused. Two-centre folder (--target-domain): C2 alone, + Histo-DD per ipc, + Herding, + Full, stain ablations; mean ± std."),
     centres: Optional[Path] = typer.Option(None, "--centres", help="With --benchmark: the folder make-pcam-centres wrote."),
     seeds: int = typer.Option(3, "--seeds", help="With --benchmark: seeds 0..N-1."),
+    workers: int = typer.Option(1, "--workers", help="With --benchmark and hospital centres: processes each source "
+                                "distils with (its best-of-K candidates at once, one torch thread each; the sets and "
+                                "numbers do not change). 2 on a 2-core CPU."),
 ) -> None:
     """Run the C1<->C2 transfer study (paper Table 5) through Flower."""
     import json
 
     wait = DEFAULT_REPLY_TIMEOUT if timeout is None else timeout   # the hospital benchmark has its own default
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if workers != 1 and benchmark is None:
+        raise ConfigError("--workers is for --benchmark pcam-c17 with hospital centres (a deployed centre sets "
+                          "'workers' in its own node config)")
     if benchmark is not None:
         from histodd_fed.federation.benchmark_study import run_benchmark
         from histodd_fed.federation.hospital_benchmark import (DEFAULT_PRESET, HOSPITALS_REPLY_TIMEOUT, is_hospitals,
@@ -117,11 +125,13 @@ def transfer(
             rep = run_hospitals_benchmark(centres, out, sources=sources, target=target, ipcs=_ipcs(ipc), seeds=seeds,
                                           run_study=run_study, preset=DEFAULT_PRESET if preset == "cpu" else preset,
                                           epochs=epochs, timeout=HOSPITALS_REPLY_TIMEOUT if timeout is None else timeout,
-                                          runtime=runtime, benchmark=benchmark,
+                                          runtime=runtime, benchmark=benchmark, workers=workers,
                                           say=typer.echo, command=" ".join(["coordinator"] + sys.argv[1:]))
             typer.echo((out / "summary.md").read_text())
             typer.echo(f"report: {out} (summary.md, summary.csv, summary_per_seed.csv, summary.png, report.json)")
             return
+        if workers != 1:
+            raise ConfigError("--workers is for the hospital benchmark (centres from make-pcam-centres --hospitals)")
         if sources is not None or target not in (None, "C2"):
             raise ConfigError(f"{centres}: a two-centre folder (C1 + C2); --sources/--target need hospital centres "
                               "(centre-node make-pcam-centres --hospitals 0,1,2,3,4)")

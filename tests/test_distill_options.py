@@ -167,6 +167,34 @@ def test_best_of_k_keeps_the_candidate_that_trains_best_on_held_out_patches():
         DistillConfig.from_yaml(TINY, candidates=2, per_slide=True)
 
 
+def test_best_of_k_with_two_worker_processes_equals_one_process_with_one_thread(tmp_path):
+    """``workers=2`` distils candidates in spawned processes (one torch thread each): the same candidates,
+    scores, choice and images as the one-process run with one thread; a worker's checkpoints resume."""
+    from histodd_fed.errors import InputError
+
+    real = toy_set(20)
+    cfg = DistillConfig.from_yaml(TINY, objective="distribution", pool_epochs=0, net_steps=0, outer_steps=3,
+                                  inner_steps=1, lr_img=0.1, augmentation="none", batch_real=8, init="mixture",
+                                  init_mix=2, candidates=3, candidate_holdout=4, candidate_epochs=2,
+                                  candidate_eval_seeds=1, candidate_augmentation="flip", device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = run_distillation(real, cfg, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    two = run_distillation(real, cfg, tmp_path / "work", progress=False, workers=2)
+    s1, s2 = one.patchset.meta["selection"], two.patchset.meta["selection"]
+    assert s1["candidates"] == s2["candidates"] and s1["chosen"] == s2["chosen"]
+    assert np.array_equal(one.patchset.images, two.patchset.images)
+    assert np.array_equal(one.initial_images, two.initial_images)
+    assert len(list((tmp_path / "work").rglob("*.pt"))) >= 3     # each candidate checkpointed by its worker
+    again = run_distillation(real, cfg, tmp_path / "work", progress=False, workers=2)
+    assert np.array_equal(again.patchset.images, two.patchset.images)
+    with pytest.raises(InputError, match="workers must be >= 1"):
+        run_distillation(real, cfg, progress=False, workers=0)
+
+
 def _held(real, cfg):
     from histodd_fed.distill.select import holdout_split
 

@@ -65,6 +65,15 @@ def test_hospitals_and_target_domain_together_fail_in_one_line(tmp_path):
     assert r.returncode == 2 and len(lines) == 1 and "--target-domain" in lines[0] and "--hospitals" in lines[0]
 
 
+
+def test_workers_outside_the_hospital_benchmark_fail_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "transfer", "--workers", "2", "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "--workers" in lines[0] and "--benchmark" in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
 # ---------------------------------------------------------------------------- statistics
 def test_t_interval_known_example():
     from histodd_fed.federation.benchmark_summary import t_interval
@@ -216,6 +225,25 @@ def test_single_source_and_bad_plans(tmp_path):
                                  ("0,0", "2", "once")):
         with pytest.raises(ConfigError, match=msg):
             plan(m, sources, target)
+
+
+def test_workers_reach_every_source_node_config_and_bad_counts_fail(tmp_path):
+    from histodd_fed.errors import ConfigError
+    from histodd_fed.federation.centre_config import CentreConfig
+
+    fake = FakeStudy()
+    _run(tmp_path, fake, sources="0,1", target="2", ipcs=[10], seeds=1, workers=2)
+    _, nodes = fake.calls[0]
+    by_id = {n["centre-id"]: n for n in nodes}
+    assert by_id["H0"]["workers"] == 2 and by_id["H1"]["workers"] == 2 and "workers" not in by_id["H2"]
+    assert CentreConfig.from_node_config(by_id["H0"]).workers == 2          # what the ClientApp builds
+    assert CentreConfig.from_node_config(by_id["H2"]).workers == 1
+    assert CentreConfig.from_node_config(CentreConfig.from_node_config(by_id["H0"]).to_node_config()).workers == 2
+    for bad in (0, "two", 1.5):
+        with pytest.raises(ConfigError, match="workers"):
+            CentreConfig.from_node_config(dict(by_id["H0"], workers=bad))
+    with pytest.raises(ConfigError, match="--workers must be >= 1"):
+        _run(tmp_path / "w0", FakeStudy(), sources="0", target="2", ipcs=[10], seeds=1, workers=0)
 
 
 def test_failed_or_blocked_centres_are_fault_rows(tmp_path):

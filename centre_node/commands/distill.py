@@ -34,7 +34,9 @@ def distill_command(
     magnification: Optional[float] = typer.Option(None, "--magnification", help="Tiling: target magnification (overrides --mpp)."),
     tissue_threshold: float = typer.Option(0.5, "--tissue-threshold", help="Tiling: minimum tissue fraction."),
     slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp", help="Tiling: MPP of slides that record none."),
-    workers: int = typer.Option(1, "--workers", help="Tiling: worker processes."),
+    workers: int = typer.Option(1, "--workers", help="Worker processes: tiling, and best-of-K candidates distilled at "
+                                "once (each one torch thread; same set as one process with one thread). On a "
+                                "2-core CPU, 2 roughly halves a --preset pcam run."),
     preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP),
     config: Optional[Path] = typer.Option(None, "--config", help="Distill YAML (default: configs/distill-cpu.yaml; "
                                           "not with --preset)."),
@@ -89,6 +91,8 @@ def distill_command(
         raise InputError(f"distill: --delta must be in (0, 1), got {delta}")
     if public_dir is not None and epsilon is None:
         raise InputError("distill: --public-dir is for DP runs (--epsilon)")
+    if workers < 1:
+        raise InputError(f"distill: --workers must be >= 1, got {workers}")
     if limit_per_class is not None and limit_per_class < 1:
         raise InputError(f"distill: --limit-per-class must be >= 1, got {limit_per_class}")
     if (patches is None) == (slides is None):
@@ -159,7 +163,7 @@ def distill_command(
              cfg.ipc, cfg.outer_steps, cfg.inner_steps)
     from histodd_fed.release.choose import candidate_check, release_verdict
 
-    res = run_distillation(real, cfg, work_dir=work, resume=resume,
+    res = run_distillation(real, cfg, work_dir=work, resume=resume, workers=workers,
                            candidate_check=candidate_check(reference) if cfg.candidate_gate else None)
     syn = res.patchset
     if not dp:    # a DP set's meta holds nothing the accounting does not cover (the path is in run_config.json)

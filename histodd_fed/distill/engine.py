@@ -77,15 +77,16 @@ class DistillResult:
 
 
 def distill(real: PatchSet, config: DistillConfig, work_dir: Path | None = None, progress: bool = True, *,
-            stop_after_steps: int | None = None, resume: bool = True, candidate_check=None) -> PatchSet:
+            stop_after_steps: int | None = None, resume: bool = True, candidate_check=None,
+            workers: int = 1) -> PatchSet:
     """Distil ``real`` into a synthetic PatchSet (kind ``synthetic``, uint8); see :func:`run_distillation`."""
     return run_distillation(real, config, work_dir, progress, stop_after_steps=stop_after_steps,
-                            resume=resume, candidate_check=candidate_check).patchset
+                            resume=resume, candidate_check=candidate_check, workers=workers).patchset
 
 
 def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | None = None, progress: bool = True, *,
                      stop_after_steps: int | None = None, resume: bool = True,
-                     candidate_check=None) -> DistillResult:
+                     candidate_check=None, workers: int = 1) -> DistillResult:
     """Distil ``real`` into a synthetic PatchSet (``ipc`` per class, or per class per slide).
 
     ``candidate_check`` (``set -> (passed, reason)``): the gate-aware choice of a best-of-K run
@@ -95,6 +96,8 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
     ``stop_after_steps`` ends this call after that many outer steps (checkpointed first) for
     time-boxed runs; the returned set then has ``meta["complete"] = False`` and a later call resumes.
     ``resume=False`` discards a checkpoint of this data and config and starts from step 0.
+    ``workers`` > 1: a best-of-K run distils that many candidates at once, each in its own process
+    (:func:`histodd_fed.distill.select.run_best_of`); a single run ignores it.
     """
     t_start = time.perf_counter()
     config.validate()
@@ -108,7 +111,8 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
             raise InputError("distill: stop_after_steps is for single runs; best-of-K runs resume per candidate")
         from histodd_fed.distill.select import run_best_of
 
-        return run_best_of(real, config, work_dir, progress, resume=resume, candidate_check=candidate_check)
+        return run_best_of(real, config, work_dir, progress, resume=resume, candidate_check=candidate_check,
+                           workers=workers)
     device = resolve_device(config.device)
     src_hash = data_hash(real)
     cfg_hash = config_hash(config.result_dict())

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
 
-from histodd_fed.errors import InputError
+from histodd_fed.errors import HistoddError, InputError
 from histodd_fed.patchset import PatchSet
 from histodd_fed.preprocess import resize_to
 from histodd_fed.runconfig import config_hash
@@ -58,30 +60,91 @@ def candidate_config(config, k: int):
     return dataclasses.replace(config, candidates=1, candidate_gate=False, seed=int(config.seed) * 1000 + int(k))
 
 
-def run_best_of(real: PatchSet, config, work_dir: Path | None = None, progress: bool = True, *,
-                resume: bool = True, candidate_check=None):
-    """The best of ``config.candidates`` distillations (see the module doc); a DistillResult whose meta
-    records every candidate's held-out accuracy in ``meta["selection"]``."""
+def run_candidate(source: PatchSet, held: PatchSet, config, k: int, work_dir: Path | None = None,
+                  progress: bool = False, resume: bool = True):
+    """Candidate ``k``: distil it from ``source`` and score it on ``held``; (score record, held-out accuracy,
+    DistillResult)."""
     from histodd_fed.distill.engine import run_distillation
     from histodd_fed.training.evaluation import evaluate_sets
 
+    cand_cfg = candidate_config(config, k)
+    res = run_distillation(source, cand_cfg, work_dir, progress, resume=resume)
+    ev = evaluate_sets({f"candidate {k}": res.patchset}, held, config.model,
+                       seeds=config.candidate_eval_seeds, epochs=config.candidate_epochs,
+                       augmentation=config.candidate_augmentation, arch_kwargs=dict(config.model_kwargs),
+                       device=config.device, progress=False)[f"candidate {k}"]
+    acc = float(ev.summary()["accuracy_mean"])
+    return {"candidate": k, "seed": cand_cfg.seed, "heldout_accuracy": round(acc, 4)}, acc, res
+
+
+def _one_thread() -> None:
+    """Worker process start: one torch thread (a worker's numbers equal a one-thread run's)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run_candidates(source: PatchSet, held: PatchSet, config, work_dir: Path | None, progress: bool,
+                    resume: bool, workers: int) -> list[tuple[dict, float, object]]:
+    """Every candidate's (score, accuracy, result), in candidate order: here one after the other, or ``workers``
+    at a time in spawned processes (one torch thread each). A candidate's error stops the run, named."""
+    n = config.candidates
+    out: list = [None] * n
+
+    def done(k: int, item) -> None:
+        out[k] = item
+        log.info("distill: candidate %d/%d (seed %d): held-out accuracy %.4f", k + 1, n, item[0]["seed"],
+                 item[0]["heldout_accuracy"])
+
+    if workers <= 1:
+        for k in range(n):
+            done(k, run_candidate(source, held, config, k, work_dir, progress, resume))
+        return out
+    from histodd_fed.logging_setup import progress as progress_bar
+
+    bar = progress_bar(total=n, desc=f"distill candidates ({workers} workers)", disable=not progress)
+    try:
+        with ProcessPoolExecutor(max_workers=min(workers, n), initializer=_one_thread,
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            pending = {pool.submit(run_candidate, source, held, config, k, work_dir, False, resume): k
+                       for k in range(n)}
+            try:
+                while pending:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        k = pending.pop(f)
+                        try:
+                            done(k, f.result())
+                        except HistoddError:
+                            raise
+                        except Exception as exc:  # noqa: BLE001 - a worker's crash, named
+                            raise HistoddError(f"distill: candidate {k} failed in its worker process "
+                                               f"({type(exc).__name__}: {exc})") from exc
+                        bar.update(1)
+            except BaseException:
+                for f in pending:
+                    f.cancel()
+                raise
+    finally:
+        bar.close()
+    return out
+
+
+def run_best_of(real: PatchSet, config, work_dir: Path | None = None, progress: bool = True, *,
+                resume: bool = True, candidate_check=None, workers: int = 1):
+    """The best of ``config.candidates`` distillations (see the module doc); a DistillResult whose meta
+    records every candidate's held-out accuracy in ``meta["selection"]``. ``workers`` > 1 distils that
+    many candidates at once in their own processes (same sets and scores as one process with one torch
+    thread; checkpoints per candidate as ever)."""
+    if workers < 1:
+        raise InputError(f"distill: workers must be >= 1, got {workers}")
     t0 = time.perf_counter()
     keep, hold = holdout_split(real, config.candidate_holdout, config.seed)
     source, held = real.subset(keep), resize_to(real.subset(hold), config.image_size)
-    scores, results, accs = [], [], []
-    for k in range(config.candidates):
-        cand_cfg = candidate_config(config, k)
-        res = run_distillation(source, cand_cfg, work_dir, progress, resume=resume)
-        ev = evaluate_sets({f"candidate {k}": res.patchset}, held, config.model,
-                           seeds=config.candidate_eval_seeds, epochs=config.candidate_epochs,
-                           augmentation=config.candidate_augmentation, arch_kwargs=dict(config.model_kwargs),
-                           device=config.device, progress=False)[f"candidate {k}"]
-        acc = float(ev.summary()["accuracy_mean"])
-        scores.append({"candidate": k, "seed": cand_cfg.seed, "heldout_accuracy": round(acc, 4)})
-        results.append(res)
-        accs.append(acc)
-        log.info("distill: candidate %d/%d (seed %d): held-out accuracy %.4f", k + 1, config.candidates,
-                 cand_cfg.seed, acc)
+    made = _run_candidates(source, held, config, work_dir, progress, resume, workers)
+    scores = [s for s, _, _ in made]
+    accs = [a for _, a, _ in made]
+    results = [r for _, _, r in made]
     order = sorted(range(len(accs)), key=lambda i: (-accs[i], i))   # best first, the first of equals
     gate = None
     if config.candidate_gate and candidate_check is None:

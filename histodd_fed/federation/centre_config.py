@@ -254,6 +254,7 @@ class CentreConfig:
     preset_overrides: dict[str, Any] = field(default_factory=dict)
     policy: ExportPolicy = field(default_factory=ExportPolicy)
     key_passphrase: str = ""         # where the key passphrase comes from: env:NAME, file:PATH, fd:N
+    workers: int = 1                 # processes a distillation may use (best-of-K candidates at once)
 
     @classmethod
     def from_node_config(cls, cfg: Mapping[str, Any]) -> "CentreConfig":
@@ -267,6 +268,9 @@ class CentreConfig:
             return default
 
         labels = get("labels-csv")
+        workers = _as_count(get, "workers", 1)
+        if workers < 1:
+            raise ConfigError(f"node config 'workers' must be >= 1, got {workers}")
         return cls(
             centre_id=str(get("centre-id", required=True)),
             data=Path(str(get("data", required=True))),
@@ -278,6 +282,7 @@ class CentreConfig:
             labels_csv=Path(str(labels)) if labels else None,
             policy=ExportPolicy.from_node_config(get),
             key_passphrase=str(get("key-passphrase", "") or ""),
+            workers=workers,
         )
 
     def to_node_config(self) -> dict[str, str | int]:
@@ -292,6 +297,8 @@ class CentreConfig:
         out.update(self.policy.to_node_config())
         if self.key_passphrase:
             out["key-passphrase"] = self.key_passphrase
+        if self.workers != 1:
+            out["workers"] = int(self.workers)
         return out
 
     def node_config_string(self) -> str:

@@ -71,7 +71,7 @@ def distil_cached(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *
     from histodd_fed.release.choose import candidate_check
 
     real = slides[0] if slides is not None else prepared.train  # the slide set: the centre's pseudo-slides if any
-    syn = distill(real, dcfg, work_dir=cfg.work_dir / "distill-work" / h[:16], progress=False,
+    syn = distill(real, dcfg, work_dir=cfg.work_dir / "distill-work" / h[:16], progress=False, workers=cfg.workers,
                   candidate_check=candidate_check(prepared.gate_reference()) if dcfg.candidate_gate else None)
     syn.save(out)
     write_run_config(out, "federation.distil", {"distill": dcfg, "real": prepared.config_hash})

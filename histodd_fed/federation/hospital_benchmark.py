@@ -176,8 +176,9 @@ def finished_study(study_dir: Path, cfg) -> Any:
 def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, target: str | None, ipcs: list[int],
                             seeds: int, run_study: Callable, preset: str = DEFAULT_PRESET, epochs: int = 5,
                             timeout: float = 1800.0, runtime: str = "simulation", benchmark: str = "pcam-c17",
-                            say: Callable[[str], None] = print, command: str = "") -> dict[str, Any]:
-    """Run every (target, seed) study; returns the report (also written under ``out``)."""
+                            say: Callable[[str], None] = print, command: str = "", workers: int = 1) -> dict[str, Any]:
+    """Run every (target, seed) study; returns the report (also written under ``out``). ``workers``: the
+    processes each source may distil with (its best-of-K candidates at once; the sets do not change)."""
     from histodd_fed.federation.coordinator import StudyConfig
     from histodd_fed.federation.enrol import enrol
     from histodd_fed.federation.presets import get_preset
@@ -187,6 +188,8 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
     manifest = check_hospitals(centres)
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
     if not ipcs:
         raise ConfigError("--ipc: give at least one images-per-class value")
     p = get_preset(preset)
@@ -227,7 +230,7 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
             nodes = []
             for d in srcs:  # each source's explicit policy: its real train patches (Full) may leave
                 nc = dict(by_id[cid[d]].to_node_config(), seed=s, data=str(centres / info[cid[d]]["source"]))
-                nc.update({"export-real": "true", "export-max-ipc": max(ipcs),
+                nc.update({"export-real": "true", "export-max-ipc": max(ipcs), "workers": int(workers),
                            "export-max-releases": max(int(nc.get("export-max-releases", 0)), max_releases)})
                 nodes.append(nc)
             nodes.append(dict(by_id[tgt].to_node_config(), seed=s, data=str(centres / info[tgt]["target"])))
