@@ -286,7 +286,7 @@ def centre(tmp_path, monkeypatch):
         ps = _set(1000 * ipc + seed, dp=dp_by_ipc.get(ipc), seed=seed, n=2 * ipc)
         return distil_cache.DistilResult(ps, f"{ipc}-{seed}", False, 0.0)
 
-    monkeypatch.setattr(centre_data, "prepare", lambda cfg, preset: FakePrepared())
+    monkeypatch.setattr(centre_data, "prepare", lambda cfg, preset, models=True: FakePrepared())
     monkeypatch.setattr(distil_cache, "distil_cached", distil_cached)
     monkeypatch.setattr(privacy_reports, "gate_report", lambda ps, prepared: (False, {"gate": {"passed": True}}, "ok"))
     return cfgs, calls, dp_by_ipc

@@ -112,6 +112,37 @@ def test_study_full_transfer_then_restart_reuses_bundles(tmp_path):
     assert "distil" not in out2.messages
     assert next(r for r in out2.rows if r["mode"] == "full")["patch_accuracy"] == full["patch_accuracy"]
     assert [f.line() for f in out2.faults] == [f.line() for f in out.faults]
+    # the source only sent sets: it never trained a model; the target trained its own for the train request
+    import json
+
+    (src_prep,), (tgt_prep,) = [list((c.work_dir / "prepared").glob("*/prepared.json")) for c in cfgs]
+    assert json.loads(src_prep.read_text())["models"] is False and not (src_prep.parent / "classifier").exists()
+    assert json.loads(tgt_prep.read_text())["models"] is True and (tgt_prep.parent / "classifier").is_dir()
+
+
+def test_models_trained_later_equal_models_trained_with_the_data(tmp_path):
+    """prepare(models=False) then prepare() gives the splits and baseline an eager prepare gives."""
+    import dataclasses
+
+    import numpy as np
+
+    from histodd_fed.federation.centre_data import prepare
+    from histodd_fed.federation.presets import get_preset
+
+    cfgs, _ = _centres(tmp_path)
+    preset = get_preset("tiny")
+    lazy_cfg = cfgs[0]
+    eager_cfg = dataclasses.replace(lazy_cfg, work_dir=tmp_path / "eager-work")
+    data_only = prepare(lazy_cfg, preset, models=False)
+    assert data_only.info["models"] is False and data_only.info["baseline"] == {}
+    assert not data_only.classifier_dir.exists()
+    assert prepare(lazy_cfg, preset, models=False).info["models"] is False     # cached, still no models
+    lazy = prepare(lazy_cfg, preset)
+    eager = prepare(eager_cfg, preset)
+    assert lazy.info["models"] is True and lazy.classifier_dir.is_dir()
+    assert np.array_equal(lazy.train.images, eager.train.images) and np.array_equal(lazy.test.labels, eager.test.labels)
+    assert lazy.info["baseline"] == eager.info["baseline"] and lazy.info["baseline"]["patch_auc"] >= 0
+    assert prepare(lazy_cfg, preset).info == lazy.info                         # cached with its models
 
 
 def test_tampered_bundle_is_reported_and_excluded(tmp_path):

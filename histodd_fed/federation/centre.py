@@ -150,8 +150,8 @@ class CentreNode:
         ident = load_or_create_identity(self.config)
         body: dict[str, Any] = {"identity": ident.public.to_dict(), "preset": self.preset.name,
                                 "export_policy": self.config.policy.summary()}
-        if request.body.get("prepare", True):
-            prepared = centre_data.prepare(self.config, self.preset)
+        if request.body.get("prepare", True):   # the data; models wait for a train request (baseline {} till then)
+            prepared = centre_data.prepare(self.config, self.preset, models=False)
             body.update(prepared.summary())
         return Envelope(body=body)
 
@@ -177,7 +177,7 @@ class CentreNode:
             if isinstance(e, dict) and e.get("overrides"):
                 policy.check_overrides(self.config.centre_id, e["overrides"])
         seed = policy.pick_seed(self.config.centre_id, request.body.get("seed"), self.config.seed)
-        prepared = centre_data.prepare(self.config, self.preset)
+        prepared = centre_data.prepare(self.config, self.preset, models=False)   # sets come from the data alone
         with_slides = prepared.slide_sets() is not None
         blobs: dict[str, bytes] = {}
         items: list[dict[str, Any]] = []

@@ -195,8 +195,14 @@ def patch_metrics(model, test: PatchSet) -> dict[str, float]:
             "patch_auc": float(m.auc)}
 
 
-def prepare(cfg: CentreConfig, preset: CentrePreset) -> Prepared:
-    """Split the centre's data, train its ResNet18 and CLAM on its own train split (cached)."""
+def prepare(cfg: CentreConfig, preset: CentrePreset, *, models: bool = True) -> Prepared:
+    """Split the centre's data (cached); with ``models`` also train its classifier and CLAM on its own train
+    split (cached; trained the first time a call asks for them).
+
+    A source only sends sets made from its data (``distil``), so its identity and distil replies prepare the
+    data alone; the models are trained when a ``train`` request (the target's fine-tunes) needs them. The
+    splits, and the models when they come, are the same either way (each seeded by the centre's seed).
+    """
     from histodd_fed.federation import slide_level
 
     key = _prepare_key(cfg, preset)
@@ -206,10 +212,12 @@ def prepare(cfg: CentreConfig, preset: CentrePreset) -> Prepared:
     raw_dir = root / RAW_TRAIN_DIR
     if done.exists():
         info = json.loads(done.read_text())
-        return Prepared(root, PatchSet.load(root / "train"), PatchSet.load(root / "test"), root / "classifier",
-                        (root / slide_level.MIL_DIR).exists(), h, info,
-                        raw_dir if (raw_dir / "patchset.json").exists() else None,
-                        *(load_slide_splits(root) or (None, None)))
+        prepared = Prepared(root, PatchSet.load(root / "train"), PatchSet.load(root / "test"), root / "classifier",
+                            (root / slide_level.MIL_DIR).exists(), h, info,
+                            raw_dir if (raw_dir / "patchset.json").exists() else None,
+                            *(load_slide_splits(root) or (None, None)))
+        # a prepared.json without "models" predates the split: its models were trained with the data
+        return _train_models(prepared, preset, cfg.seed) if models and not info.get("models", True) else prepared
     one_thread()
     t0 = time.perf_counter()
     given = load_real_splits(cfg.data)  # a folder with train/ and test/ patch sets: that split
@@ -240,23 +248,37 @@ def prepare(cfg: CentreConfig, preset: CentrePreset) -> Prepared:
             slide_test = normalise_to_reference(slide_test, train)[0]
         slide_train.save(root / SLIDE_SPLITS[0])
         slide_test.save(root / SLIDE_SPLITS[1])
-    t1 = time.perf_counter()
-    model = pretrain_classifier(train, preset, cfg.seed)
-    save_pretrained(model, root / "classifier", preset, train)
-    baseline = patch_metrics(model, test)
-    t2 = time.perf_counter()
-    prepared = Prepared(root, train, test, root / "classifier", False, h, {}, raw_dir if keep_raw else None,
-                        slide_train, slide_test)
-    slides = prepared.slide_sets()
-    if slides is not None:
-        baseline.update(slide_level.pretrain(model, slides[0], slides[1], preset, cfg.seed, root))
-    info = {"key": key, "seconds": round(time.perf_counter() - t0, 2), "baseline": baseline,
-            "n_train_total": n_total,
-            "timing": {"data": round(t1 - t0, 2), "classifier": round(t2 - t1, 2),
-                       "mil": round(time.perf_counter() - t2, 2)}}
+    info = {"key": key, "seconds": round(time.perf_counter() - t0, 2), "baseline": {}, "n_train_total": n_total,
+            "models": False, "timing": {"data": round(time.perf_counter() - t0, 2)}}
     write_run_config(root, "federation.prepare", key)
     atomic_write_json(done, info)
-    log.info("%s: prepared in %.1fs %s", cfg.centre_id, info["seconds"], info["timing"])
+    prepared = Prepared(root, train, test, root / "classifier", False, h, info, raw_dir if keep_raw else None,
+                        slide_train, slide_test)
+    log.info("%s: data prepared in %.1fs", cfg.centre_id, info["seconds"])
+    return _train_models(prepared, preset, cfg.seed) if models else prepared
+
+
+def _train_models(prepared: Prepared, preset: CentrePreset, seed: int) -> Prepared:
+    """Train the centre's classifier (and CLAM on its slide data) on its train split; record them (and the
+    baseline metrics on its test split) in ``prepared.json``."""
+    from histodd_fed.federation import slide_level
+
+    one_thread()
+    root = prepared.root
+    t1 = time.perf_counter()
+    model = pretrain_classifier(prepared.train, preset, seed)
+    save_pretrained(model, root / "classifier", preset, prepared.train)
+    baseline = patch_metrics(model, prepared.test)
+    t2 = time.perf_counter()
+    slides = prepared.slide_sets()
+    if slides is not None:
+        baseline.update(slide_level.pretrain(model, slides[0], slides[1], preset, seed, root))
+    timing = {**prepared.info.get("timing", {}), "classifier": round(t2 - t1, 2),
+              "mil": round(time.perf_counter() - t2, 2)}
+    info = {**prepared.info, "baseline": baseline, "models": True, "timing": timing,
+            "seconds": round(sum(timing.values()), 2)}
+    atomic_write_json(root / "prepared.json", info)
+    log.info("%s: models trained in %.1fs %s", root.name, time.perf_counter() - t1, timing)
     return replace(prepared, has_mil=(root / slide_level.MIL_DIR).exists(), info=info)
 
 
