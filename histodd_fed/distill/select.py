@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
 
-from histodd_fed.errors import HistoddError, InputError
+from histodd_fed.errors import InputError
 from histodd_fed.patchset import PatchSet
 from histodd_fed.preprocess import resize_to
 from histodd_fed.runconfig import config_hash
+from histodd_fed.worker_pool import run_in_processes
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +76,6 @@ def run_candidate(source: PatchSet, held: PatchSet, config, k: int, work_dir: Pa
     return {"candidate": k, "seed": cand_cfg.seed, "heldout_accuracy": round(acc, 4)}, acc, res
 
 
-def _one_thread() -> None:
-    """Worker process start: one torch thread (a worker's numbers equal a one-thread run's)."""
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def _run_candidates(source: PatchSet, held: PatchSet, config, work_dir: Path | None, progress: bool,
                     resume: bool, workers: int) -> list[tuple[dict, float, object]]:
     """Every candidate's (score, accuracy, result), in candidate order: here one after the other, or ``workers``
@@ -103,28 +95,14 @@ def _run_candidates(source: PatchSet, held: PatchSet, config, work_dir: Path | N
     from histodd_fed.logging_setup import progress as progress_bar
 
     bar = progress_bar(total=n, desc=f"distill candidates ({workers} workers)", disable=not progress)
+
+    def finished(k: int, item) -> None:
+        done(k, item)
+        bar.update(1)
+
     try:
-        with ProcessPoolExecutor(max_workers=min(workers, n), initializer=_one_thread,
-                                 mp_context=multiprocessing.get_context("spawn")) as pool:
-            pending = {pool.submit(run_candidate, source, held, config, k, work_dir, False, resume): k
-                       for k in range(n)}
-            try:
-                while pending:
-                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in finished:
-                        k = pending.pop(f)
-                        try:
-                            done(k, f.result())
-                        except HistoddError:
-                            raise
-                        except Exception as exc:  # noqa: BLE001 - a worker's crash, named
-                            raise HistoddError(f"distill: candidate {k} failed in its worker process "
-                                               f"({type(exc).__name__}: {exc})") from exc
-                        bar.update(1)
-            except BaseException:
-                for f in pending:
-                    f.cancel()
-                raise
+        run_in_processes(run_candidate, {k: (source, held, config, k, work_dir, False, resume) for k in range(n)},
+                         workers=workers, on_result=finished, name=lambda k: f"distill: candidate {k}")
     finally:
         bar.close()
     return out

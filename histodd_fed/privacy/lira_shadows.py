@@ -15,10 +15,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import multiprocessing
 import pickle
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +30,7 @@ from histodd_fed.formation import decode_set
 from histodd_fed.logging_setup import progress as progress_bar
 from histodd_fed.patchset import PatchSet
 from histodd_fed.privacy.classifier import TrainSpec, train_model
+from histodd_fed.worker_pool import run_in_processes
 
 
 # ---------------------------------------------------------------------------- on disk
@@ -196,19 +195,14 @@ def run_shadows(work: ShadowWork, keep: np.ndarray, set_seeds: list[int], model_
                 payload = pickle.dumps(work)
             except (pickle.PicklingError, AttributeError, TypeError) as exc:
                 raise InputError(f"lira: workers > 1 needs a recipe that can be sent to a worker process ({exc})") from exc
-            with ProcessPoolExecutor(max_workers=min(workers, len(todo)), initializer=_start_worker,
-                                     initargs=(payload,), mp_context=multiprocessing.get_context("spawn")) as pool:
-                pending = {pool.submit(_worker_shadow, k, keep[k], set_seeds[k], model_seeds[k]) for k in todo}
-                try:
-                    while pending:
-                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        for f in finished:
-                            keep_result(f.result())
-                            bar.update(1)
-                except BaseException:
-                    for f in pending:
-                        f.cancel()
-                    raise
+
+            def finished(k: int, r: ShadowResult) -> None:
+                keep_result(r)
+                bar.update(1)
+
+            run_in_processes(_worker_shadow, {k: (k, keep[k], set_seeds[k], model_seeds[k]) for k in todo},
+                             workers=workers, on_result=finished, name=lambda k: f"lira: shadow {k}",
+                             initializer=_start_worker, initargs=(payload,))
     finally:
         bar.close()
     return shadow_phi, shadow_prox, sizes, seconds, resumed
