@@ -35,8 +35,8 @@ def distill_command(
     tissue_threshold: float = typer.Option(0.5, "--tissue-threshold", help="Tiling: minimum tissue fraction."),
     slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp", help="Tiling: MPP of slides that record none."),
     workers: int = typer.Option(1, "--workers", help="Worker processes: tiling, and best-of-K candidates distilled at "
-                                "once (each one torch thread; same set as one process with one thread). On a "
-                                "2-core CPU, 2 roughly halves a --preset pcam run."),
+                                "once (each one torch thread; same set as one process with one thread). Up to the "
+                                "number of CPU cores."),
     preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP),
     config: Optional[Path] = typer.Option(None, "--config", help="Distill YAML (default: configs/distill-cpu.yaml; "
                                           "not with --preset)."),
