@@ -62,7 +62,7 @@ def test_per_slide_mode_keeps_slide_ids():
     # slide S2 has only class 0 patches
     keep = ~((real.slide_index == 2) & (real.labels == 1))
     real = real.subset(np.flatnonzero(keep))
-    cfg = DistillConfig.from_yaml(TINY, per_slide=True, slide_outer_steps=1, inner_steps=2)
+    cfg = DistillConfig.from_yaml(TINY, per_slide=True, slide_outer_steps=1, inner_steps=2, slide_group_min=0)
     syn = distill(real, cfg, progress=False)
     assert syn.slide_ids == ["S0", "S1", "S2"] and syn.slide_labels == real.slide_labels
     counts = {(syn.slide_of(i), int(syn.labels[i])) for i in range(len(syn))}
@@ -74,6 +74,12 @@ def test_per_slide_mode_keeps_slide_ids():
         assert real.slide_of(j) == syn.slide_of(i) and real.labels[j] == syn.labels[i]
     with pytest.raises(InputError, match="slide"):
         distill(toy_set(), cfg, progress=False)
+    # with the default top-up (slide_group_min 8) each group of 3 borrows its class from other slides
+    topped = distill(real, DistillConfig.from_yaml(TINY, per_slide=True, slide_outer_steps=1, inner_steps=2),
+                     progress=False)
+    for i, j in enumerate(topped.meta["init_source_indices"]):
+        assert real.labels[j] == topped.labels[i]
+    assert {w["own"] for w in topped.meta["slide_groups_widened"]} == {3}
 
 
 def test_resume_equals_uninterrupted_and_pool_is_cached(tmp_path):

@@ -60,6 +60,11 @@ class DistillConfig:
     #: arch/arch_kwargs default to ``model``/``model_kwargs``. Ignored (and left out of result keys) otherwise.
     init_coreset: dict[str, Any] = field(default_factory=dict)
     per_slide: bool = False                       #: m per class for every slide (for MIL)
+    #: per-slide mode: a (slide, class) group with fewer real patches than this (a tumour slide holding 2
+    #: tumour patches) borrows that class's patches from other slides with the same slide label (then any
+    #: other slide) up to this many, for its mixture starts and its matching: its images then never start
+    #: from, or match, a mixture of a few patches. 0: a group keeps only its own patches.
+    slide_group_min: int = 8
     #: multi-formation factor f (IDC, Kim et al. 2022; histodd_fed.formation): each stored image is an
     #: f x f grid of (image_size / f)-px tiles, decoded into f**2 training images - same bytes, f**2 x the
     #: images (distribution matching only; 1: off)
@@ -188,6 +193,8 @@ class DistillConfig:
         for n in ("pool_epochs", "alpha", "net_steps", "checkpoint_every", "momentum_img", "privacy_step",
                   "init_colour_pool"):
             positive(n, allow_zero=True)
+        if not isinstance(self.slide_group_min, int) or isinstance(self.slide_group_min, bool) or self.slide_group_min < 0:
+            raise ConfigError(f"distill config: slide_group_min must be an integer >= 0, got {self.slide_group_min!r}")
         if self.slide_outer_steps is not None:
             positive("slide_outer_steps")
         for n in ("lr_img_ref_size", "lr_img_size_power", "lr_img_ipc_power"):
@@ -304,6 +311,8 @@ class DistillConfig:
             d.pop("init_mix", None)
         if self.init != "mosaic":
             d.pop("init_grid", None)
+        if not self.per_slide:  # patch-level keys stay as they were before slide_group_min
+            d.pop("slide_group_min", None)
         return d
 
     def herding_coreset_config(self):

@@ -288,6 +288,9 @@ def run_distillation(real: PatchSet, config: DistillConfig, work_dir: Path | Non
         "init": config.init,
         "init_herding": herding_meta,
         "init_source_indices": [int(i) for stage in stages for g in stage for i in g.init_idx],
+        **({"slide_groups_widened": [{"slide": real.slide_ids[g.slide], "class": real.class_names[g.label],
+                                      "own": int(len(g.real_idx) - g.borrowed), "borrowed": int(g.borrowed)}
+                                     for stage in stages for g in stage if g.borrowed]} if config.per_slide else {}),
         "timings": {"stains_s": round(t_stains, 3), "pool_s": round(pool.seconds, 3),
                     "matching_s": round(t_loop, 3), "total_s": round(time.perf_counter() - t_start, 3),
                     "outer_steps_this_call": ran},

@@ -25,6 +25,7 @@ class Group:
     real_idx: np.ndarray      # indices into the real tensors
     init_idx: np.ndarray      # real indices the synthetic images start from (init: real)
     mix_idx: np.ndarray | None = None  # (ipc, init_mix) real indices averaged into each image (init: mixture)
+    borrowed: int = 0                 # per-slide mode: patches of other slides added to a small group
 
 
 def colour_stats(images: np.ndarray) -> np.ndarray:
@@ -103,10 +104,35 @@ def plan_stages(real: PatchSet, config: DistillConfig, rng: np.random.Generator)
         for c in range(real.num_classes):
             idx = np.flatnonzero((real.slide_index == s) & (real.labels == c))
             if len(idx):
-                stage.append(group(c, s, idx))
+                own = len(idx)
+                idx = widen_slide_group(real, s, c, idx, config.slide_group_min, rng)
+                g = group(c, s, idx)
+                g.borrowed = len(idx) - own
+                stage.append(g)
         if stage:
             stages.append(stage)
     return stages
+
+
+def widen_slide_group(real: PatchSet, slide: int, label: int, idx: np.ndarray, minimum: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """``idx`` (the patches of class ``label`` in slide ``slide``) topped up to ``minimum`` patches with that
+    class's patches of other slides: first those whose slide label equals this slide's, then any other slide;
+    drawn without replacement from ``rng`` (no draw when the group is large enough or ``minimum`` is 0)."""
+    need = int(minimum) - len(idx)
+    if need <= 0:
+        return idx
+    others = (real.labels == label) & (real.slide_index >= 0) & (real.slide_index != slide)
+    own_label = real.slide_labels.get(real.slide_ids[slide])
+    same = np.zeros(len(real.labels), dtype=bool)
+    if own_label is not None:
+        peers = [j for j, sid in enumerate(real.slide_ids) if j != slide and real.slide_labels.get(sid) == own_label]
+        same = others & np.isin(real.slide_index, peers)
+    first, rest = np.flatnonzero(same), np.flatnonzero(others & ~same)
+    take = rng.choice(first, size=min(need, len(first)), replace=False) if len(first) else first
+    need -= len(take)
+    more = rng.choice(rest, size=min(need, len(rest)), replace=False) if need > 0 and len(rest) else rest[:0]
+    return np.sort(np.concatenate([idx, take, more]).astype(np.int64))
 
 
 def herding_init(stages: list[list[Group]], images: np.ndarray, real: PatchSet, config: DistillConfig,
