@@ -85,3 +85,5 @@ def test_slide_group_min_is_validated_and_kept_out_of_patch_level_keys():
     assert "slide_group_min" in DistillConfig(**FAST).result_dict()
     patch_level = {**FAST, "per_slide": False}
     assert "slide_group_min" not in DistillConfig(**patch_level).result_dict()   # their caches stay valid
+    assert "slide_group_min" not in DistillConfig(**patch_level).cache_dict()    # (federation set cache too)
+    assert DistillConfig(**FAST).cache_dict()["slide_group_min"] == 8            # per-slide sets: a new key

@@ -297,6 +297,14 @@ class DistillConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def cache_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without ``slide_group_min`` at patch level (it is read only per slide), so the
+        federation's cache keys of patch-level sets stay those of earlier runs."""
+        d = self.to_dict()
+        if not self.per_slide:
+            d.pop("slide_group_min", None)
+        return d
+
     def result_dict(self) -> dict[str, Any]:
         """The fields that determine the result (used for resume and cache keys)."""
         d = self.to_dict()

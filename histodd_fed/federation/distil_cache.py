@@ -62,7 +62,7 @@ def distil_cached(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, *
     slides = prepared.slide_sets() if per_slide else None
     if per_slide and slides is None:
         raise ConfigError("per-slide distillation: this centre has no slide data")
-    h = config_hash({"distill": dcfg, "real": prepared.config_hash})
+    h = config_hash({"distill": dcfg.cache_dict(), "real": prepared.config_hash})
     out = cfg.work_dir / "synthetic" / h[:16]
     if (out / "patchset.json").exists():
         return DistilResult(PatchSet.load(out), h, True, 0.0)
