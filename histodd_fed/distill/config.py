@@ -307,7 +307,7 @@ class DistillConfig:
 
     def result_dict(self) -> dict[str, Any]:
         """The fields that determine the result (used for resume and cache keys)."""
-        d = self.to_dict()
+        d = self.cache_dict()
         for k in NON_RESULT_FIELDS:
             d.pop(k, None)
         if self.init != "herding":  # keeps the keys of real / noise runs as they were before init_coreset
@@ -319,8 +319,6 @@ class DistillConfig:
             d.pop("init_mix", None)
         if self.init != "mosaic":
             d.pop("init_grid", None)
-        if not self.per_slide:  # patch-level keys stay as they were before slide_group_min
-            d.pop("slide_group_min", None)
         return d
 
     def herding_coreset_config(self):
