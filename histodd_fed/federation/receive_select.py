@@ -68,19 +68,53 @@ def train_rows(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, requ
         else:
             rows.extend(fine_tuning.evaluate_baseline(cfg, preset.for_protocol(p), prepared, epochs=epochs)
                         for p in preset.protocols())
+    jobs: dict[str, tuple] = {}
+    heads: dict[str, dict[str, Any]] = {}
     for row_name, items in bundle_rows(request).items():
-        row: dict[str, Any] = {"name": row_name, "bytes": sum(len(request.blobs[str(i["name"])]) for i in items),
-                               "bundles": [str(i["name"]) for i in items]}
-        blobs = [request.blobs[str(i["name"])] for i in items]
-        try:
-            if not any(str(i.get("part") or "both") in PATCH_PARTS for i in items):
-                raise InputError("row has no patch-level set (pooled / selected rows need one)")
-            res = fine_tune_row(cfg, preset, prepared, blobs, epochs=epochs)
-            rows.append({**row, **res, **pooled_labels(res.get("received_from") or []), "ok": True})
-        except HistoddError as exc:
-            row.update(ok=False, **error_fields(exc, cfg.centre_id, f"train row {row_name}"))
-            rows.append(row)
+        heads[row_name] = {"name": row_name, "bytes": sum(len(request.blobs[str(i["name"])]) for i in items),
+                           "bundles": [str(i["name"]) for i in items]}
+        if not any(str(i.get("part") or "both") in PATCH_PARTS for i in items):
+            exc = InputError("row has no patch-level set (pooled / selected rows need one)")
+            heads[row_name].update(ok=False, **error_fields(exc, cfg.centre_id, f"train row {row_name}"))
+            continue
+        jobs[row_name] = (cfg, preset, [request.blobs[str(i["name"])] for i in items], epochs, row_name)
+    done: dict[str, tuple[dict[str, Any] | None, dict[str, Any] | None]] = {}
+    if rows_in_parallel(cfg, len(jobs)):  # one spawned process per row at a time, one torch thread each
+        from histodd_fed.worker_pool import run_in_processes
+
+        run_in_processes(row_job, jobs, workers=cfg.workers, on_result=done.__setitem__,
+                         name=lambda k: f"train row {k}")
+    else:
+        done = {k: row_job(*args, prepared=prepared) for k, args in jobs.items()}
+    for row_name, row in heads.items():
+        if row_name in done:
+            res, err = done[row_name]
+            row.update({**res, "ok": True} if err is None else dict(ok=False, **err))
+        rows.append(row)
     return rows
+
+
+def rows_in_parallel(cfg: CentreConfig, n_rows: int) -> bool:
+    """Fine-tune rows in ``cfg.workers`` processes: when there are several rows and workers, and the keys' passphrase
+    is not read from an inherited file descriptor (a spawned process has none)."""
+    return cfg.workers > 1 and n_rows > 1 and not str(cfg.key_passphrase).startswith("fd:")
+
+
+def row_job(cfg: CentreConfig, preset: CentrePreset, blobs: list[bytes], epochs: int, row_name: str, *,
+            prepared: Prepared | None = None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """One row's fine-tune (:func:`fine_tune_row`) and its labels (:func:`pooled_labels`), here or in a worker
+    process (which prepares the centre's data from its cache): ``(result, None)``, or ``(None, error fields)`` for
+    a refused row (the others go on). One torch thread either way: a row's numbers do not depend on ``workers``."""
+    from histodd_fed.federation import centre_data
+    from histodd_fed.federation.reply_errors import error_fields
+
+    try:
+        if prepared is None:
+            prepared = centre_data.prepare(cfg, preset)
+        res = fine_tune_row(cfg, preset, prepared, blobs, epochs=epochs)
+        return {**res, **pooled_labels(res.get("received_from") or [])}, None
+    except HistoddError as exc:
+        return None, error_fields(exc, cfg.centre_id, f"train row {row_name}")
 
 
 def pooled_labels(received: list[dict[str, Any]]) -> dict[str, Any]:

@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from histodd_fed.errors import ConfigError, InputError
+from histodd_fed.image_similarity import band_matrix
 from histodd_fed.preprocess import ViewSpec, apply_view_images, resize_images
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ def dihedral_inverse(x: torch.Tensor, d: int) -> torch.Tensor:
 
 
 def _gauss_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable gaussian blur of (N, C, H, W) with reflect padding."""
+    """Separable gaussian blur of (N, C, H, W) with reflect padding (two small matrix products)."""
     if sigma <= 0:
         return x
     r = max(1, int(math.ceil(2.5 * sigma)))
@@ -203,10 +204,7 @@ def _gauss_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     t = torch.arange(-r, r + 1, dtype=x.dtype)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
-    c = x.shape[1]
-    x = F.pad(x, (r, r, r, r), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return band_matrix(k, x.shape[-2], reflect=True) @ x @ band_matrix(k, x.shape[-1], reflect=True).T
 
 
 def _prep(images: np.ndarray, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,7 +240,7 @@ def _coarse_topk(raw_g: torch.Tensor, templ: torch.Tensor, stride: int, k: int, 
     flat_t = tp.reshape(T, -1)
     # windows much flatter than the template are shrunk towards 0 (a near-blank window has no layout)
     floor_t = (floor * flat_t.var(1, unbiased=False)).view(1, T, 1, 1)
-    w = _normalise(flat_t, 0.0).reshape(T, 1, h, h)
+    w = (_normalise(flat_t, 0.0) / math.sqrt(n_pix)).reshape(T, 1, h, h)   # dot / sqrt(n_pix) in one product
     ones = torch.ones(1, 1, h, h)
     best_v = torch.full((T, k), -1.0)
     best_i = torch.zeros((T, k), dtype=torch.long)
@@ -252,12 +250,15 @@ def _coarse_topk(raw_g: torch.Tensor, templ: torch.Tensor, stride: int, k: int, 
     for s in range(0, len(rg), chunk):
         xb = rg[s:s + chunk, None]
         xb = xb - xb.mean((2, 3), keepdim=True)                 # less cancellation in E[x^2] - E[x]^2
-        dot = F.conv2d(xb, w)                                   # (B, T, P, P) = sum t_hat * window
+        dot = F.conv2d(xb, w)                                   # (B, T, P, P) = sum t_hat * window / sqrt(n_pix)
         m1 = F.conv2d(xb, ones) / n_pix
         m2 = F.conv2d(xb * xb, ones) / n_pix
         var = (m2 - m1 * m1).clamp_min(0.0)
-        ncc = (dot / torch.sqrt(n_pix * (var + floor_t))).abs().clamp_max(1.0)   # (B, T, P, P)
+        # |NCC| = |dot| / sqrt(var + floor), computed in place on the big (B, T, P, P) map (half the passes);
+        # the clamp (rounding only: |NCC| <= 1) is applied to the per-pair maxima
+        ncc = dot.mul_((var + floor_t).rsqrt_()).abs_()
         per_real, pos = ncc.flatten(2).max(2)                   # best position per (real, template): (B, T)
+        per_real = per_real.clamp_max_(1.0)
         kk = min(k, per_real.shape[0])
         v, i = per_real.T.topk(kk, dim=1)                       # (T, kk) distinct real patches
         p = pos.T.gather(1, i)
