@@ -160,6 +160,50 @@ def test_transfer_fills_the_slide_columns(slide_hospitals, tmp_path, monkeypatch
     assert [p["part"] for p in full["slides_received_from"]] == ["slides"]
 
 
+def _untimed(report):
+    """A gate report without its timings (``seconds`` keys), for comparing two runs."""
+    if isinstance(report, dict):
+        return {k: _untimed(v) for k, v in report.items() if "seconds" not in k}
+    if isinstance(report, list):
+        return [_untimed(v) for v in report]
+    return report
+
+
+def test_slide_parts_made_beside_the_patch_parts_equal_one_process(slide_hospitals, tmp_path, monkeypatch):
+    """With ``workers: 2`` a source makes its per-slide sets in a spawned process while it makes the patch-level
+    ones: the same images, the same gate verdicts and reports as making them one after the other."""
+    from histodd_fed.federation import centre_data, outgoing_sets, presets
+    from histodd_fed.federation.centre_config import CentreConfig
+
+    preset = replace(presets.PRESETS["tiny"], name="tiny-slides", max_train_patches=0)
+    parts = [outgoing_sets.Part(2, False), outgoing_sets.Part(2, True)]
+    sent: list = []
+
+    class Counting(outgoing_sets.ProcessPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            sent.append(args[2])
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(outgoing_sets, "ProcessPoolExecutor", Counting)
+    made = {}
+    for workers in (1, 2):
+        cfg = CentreConfig.from_node_config({"centre-id": "H0", "data": str(slide_hospitals / "H0" / "source"),
+                                             "key-dir": str(tmp_path / f"w{workers}" / "keys"),
+                                             "work-dir": str(tmp_path / f"w{workers}" / "work"), "seed": 3,
+                                             "workers": workers})
+        prepared = centre_data.prepare(cfg, preset, models=False)
+        made[workers] = outgoing_sets.make_parts(cfg, preset, prepared, parts, seed=3)
+        assert list(made[workers]) == parts and not any(m.result.cached for m in made[workers].values())
+    for p in parts:
+        one, two = made[1][p], made[2][p]
+        assert one.result.config_hash == two.result.config_hash
+        assert np.array_equal(one.result.patchset.images, two.result.patchset.images), p
+        assert (one.blocked, one.message) == (two.blocked, two.message)
+        assert _untimed(one.report) == _untimed(two.report)
+    assert sent == [parts[1]]                             # workers 2: the per-slide part went to the worker
+    assert made[2][parts[1]].result.patchset.slide_ids   # the per-slide set keeps its slide table
+
+
 def test_pooled_slide_sets_keep_every_slide_a_bag():
     """--sources 0,1,3,4 / --target all: each source's slide set of a row pooled into one, slide tables merged."""
     from histodd_fed.federation.envelope import ProtocolError

@@ -158,7 +158,7 @@ class CentreNode:
     def distil(self, request: Envelope) -> Envelope:
         from histodd_fed.bundle.releases import ReleaseBudgetError
         from histodd_fed.bundle.trust import TrustStore
-        from histodd_fed.federation import centre_bundles, centre_data, distil_cache, privacy_reports
+        from histodd_fed.federation import centre_bundles, centre_data, outgoing_sets, privacy_reports
 
         raw = request.require("recipients")
         if not isinstance(raw, list):
@@ -182,33 +182,33 @@ class CentreNode:
         blobs: dict[str, bytes] = {}
         items: list[dict[str, Any]] = []
         decided = {"export_policy": policy.summary(), "decided_by": f"centre {self.config.centre_id}"}
-        for ipc in ipcs:
-            parts = [("patch", f"ipc{ipc}", False)] + ([("slides", f"ipc{ipc}-slides", True)] if with_slides else [])
-            for part, name, per_slide in parts:
-                res = distil_cache.distil_cached(self.config, self.preset, prepared, ipc=ipc, seed=seed,
-                                                 per_slide=per_slide)
-                item = {"name": name, "row": f"ipc{ipc}", "part": part, "ipc": ipc, "mode": "synthetic",
-                        "images": len(res.patchset), "config_hash": res.config_hash, "cached": res.cached,
-                        "distil_seconds": res.seconds}
-                extra = {"row": f"ipc{ipc}", "part": part, "ipc": ipc, **decided}
-                if per_slide:
-                    item["m_per_slide"] = extra["m_per_slide"] = self.preset.slide_ipc
-                blocked, report, message = privacy_reports.gate_report(res.patchset, prepared)
-                item["privacy"] = report.get("gate", {})
-                if blocked and policy.gate:  # never sealed, never sent; the coordinator reports it
-                    items.append(dict(item, blocked=True, error=scrub(message, self.config), bytes=0))
-                    continue
-                if blocked:  # gate off by the centre's own policy: sealed, the decision recorded
-                    report = dict(report, accepted_risk=True,
-                                  accepted_by=f"centre {self.config.centre_id} policy export-gate=off")
-                try:  # the release budget (per recipient, the centre's release ledger) decides last
-                    data = centre_bundles.seal_for(self.config, res.patchset, recipients, label=name,
-                                                   privacy_report=report, extra=extra, seed=seed)
-                except ReleaseBudgetError as exc:
-                    items.append(dict(item, blocked=True, budget=True, error=scrub(str(exc), self.config), bytes=0))
-                    continue
-                blobs[name] = self.faults.on_bundle(data)
-                items.append(dict(item, bytes=len(data)))
+        parts = [outgoing_sets.Part(ipc, per_slide) for ipc in ipcs for per_slide in (False, True)
+                 if with_slides or not per_slide]
+        made = outgoing_sets.make_parts(self.config, self.preset, prepared, parts, seed)  # distilled and gated
+        for p in parts:
+            res, blocked, report, message = made[p].result, made[p].blocked, made[p].report, made[p].message
+            ipc, part, name = p.ipc, p.kind, p.name
+            item = {"name": name, "row": f"ipc{ipc}", "part": part, "ipc": ipc, "mode": "synthetic",
+                    "images": len(res.patchset), "config_hash": res.config_hash, "cached": res.cached,
+                    "distil_seconds": res.seconds}
+            extra = {"row": f"ipc{ipc}", "part": part, "ipc": ipc, **decided}
+            if p.per_slide:
+                item["m_per_slide"] = extra["m_per_slide"] = self.preset.slide_ipc
+            item["privacy"] = report.get("gate", {})
+            if blocked and policy.gate:  # never sealed, never sent; the coordinator reports it
+                items.append(dict(item, blocked=True, error=scrub(message, self.config), bytes=0))
+                continue
+            if blocked:  # gate off by the centre's own policy: sealed, the decision recorded
+                report = dict(report, accepted_risk=True,
+                              accepted_by=f"centre {self.config.centre_id} policy export-gate=off")
+            try:  # the release budget (per recipient, the centre's release ledger) decides last
+                data = centre_bundles.seal_for(self.config, res.patchset, recipients, label=name,
+                                               privacy_report=report, extra=extra, seed=seed)
+            except ReleaseBudgetError as exc:
+                items.append(dict(item, blocked=True, budget=True, error=scrub(str(exc), self.config), bytes=0))
+                continue
+            blobs[name] = self.faults.on_bundle(data)
+            items.append(dict(item, bytes=len(data)))
         if request.body.get("extras"):  # benchmark extras: coreset baselines, distillation variants
             from histodd_fed.federation.extras import distil_extras
 
