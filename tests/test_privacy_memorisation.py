@@ -166,3 +166,30 @@ def test_pcam_white_background_image_passes_the_l2_rule_an_exact_white_copy_does
     risks = find_risks(res, None, GateThresholds())
     l2r = [r for r in risks if "real-real p1" in r]
     assert len(l2r) == 1 and l2r[0].startswith("synthetic patch 1 is closer to real patch ") and "1/2 patches" in l2r[0]
+
+
+def test_real_side_reused_across_audits_equals_a_fresh_one(monkeypatch):
+    """Auditing two sets against the same real patches (a candidate check, then the export gate) computes the real
+    side once - one encoder trained - and each result equals a fresh computation's."""
+    from histodd_fed.privacy import memorisation
+
+    real = textured_patches(120)
+    a, b = noise_set(6, 16, real.class_names, seed=1), real.subset([3, 10, 57], kind="coreset")
+    trained: list = []
+    train = memorisation.train_model
+    monkeypatch.setattr(memorisation, "train_model", lambda *x, **k: trained.append(1) or train(*x, **k))
+    monkeypatch.setattr(memorisation, "_REAL_SIDES", memorisation.OrderedDict())
+    warm = [analyse_memorisation(s, real, CFG, seed=5) for s in (a, b)]
+    assert len(trained) == 1 and len(memorisation._REAL_SIDES) == 1
+    for s, got in zip((a, b), warm):
+        memorisation._REAL_SIDES.clear()
+        fresh = analyse_memorisation(s, real, CFG, seed=5)
+        for name, m in fresh.metrics.items():
+            assert np.array_equal(m.synthetic_nn, got.metrics[name].synthetic_nn), name
+            assert np.array_equal(m.synthetic_nn_index, got.metrics[name].synthetic_nn_index), name
+            assert np.array_equal(m.reference_nn, got.metrics[name].reference_nn), name
+    assert len(trained) == 3
+    other = textured_patches(120, seed=9)            # other real patches, or another seed: a side of its own
+    analyse_memorisation(a, other, CFG, seed=5)
+    analyse_memorisation(a, real, CFG, seed=6)
+    assert len(trained) == 5 and len(memorisation._REAL_SIDES) == 3

@@ -22,7 +22,9 @@ the ``ssim_candidates`` nearest patches by L2 (exact whenever the true SSIM neig
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -285,15 +287,77 @@ def real_real_l2(xr: torch.Tensor, reference_size: int, seed: int) -> tuple[np.n
     return ref_idx, d_qr, dup
 
 
+@dataclass
+class _RealSide:
+    """What the memorisation audit computes from the real patches alone - the same for every synthetic set audited
+    against them (a distillation's candidate checks, then its export gate, in one process)."""
+
+    xr: torch.Tensor
+    ref_idx: np.ndarray
+    d_qr: torch.Tensor
+    dup: torch.Tensor
+    index: SSIMIndex
+    ssim_ref: np.ndarray
+    vr: torch.Tensor | None = None
+    structure_qr: torch.Tensor | None = None
+    encoder: nn.Module | None = None
+    fr: torch.Tensor | None = None
+    cosine_qr: torch.Tensor | None = None
+
+    def trained_encoder(self, real: PatchSet, cfg: MemorisationConfig, seed: int) -> tuple[nn.Module, torch.Tensor,
+                                                                                            torch.Tensor]:
+        """The audit's own encoder trained on ``real`` (seeded; once), its real features and reference distances."""
+        if self.encoder is None:
+            log.info("training a %s encoder on %d real patches (%d epochs)", cfg.encoder.model, len(real),
+                     cfg.encoder.epochs)
+            self.encoder = train_model(cfg.encoder, real, seed=seed, desc="encoder")
+            self.fr = extract_features(self.encoder, self.xr)
+            self.cosine_qr = cosine_distance_matrix(self.fr[torch.from_numpy(self.ref_idx)], self.fr)
+        return self.encoder, self.fr, self.cosine_qr
+
+
+#: the real sides of the last few references audited against in this process, by content (a pure memo: the same
+#: patches, settings and seed give the same side; at most REAL_SIDES_KEPT are held, ~100 MB each for 2,000 patches)
+_REAL_SIDES: "OrderedDict[tuple, _RealSide]" = OrderedDict()
+REAL_SIDES_KEPT = 4
+
+
+def _real_side(real: PatchSet, cfg: MemorisationConfig, seed: int) -> _RealSide:
+    h = hashlib.sha256(repr((real.images.shape, real.images.dtype.str)).encode())
+    h.update(np.ascontiguousarray(real.images).tobytes())
+    h.update(np.ascontiguousarray(real.labels, dtype=np.int64).tobytes())
+    key = (h.hexdigest(), repr(cfg), int(seed))
+    if key in _REAL_SIDES:
+        _REAL_SIDES.move_to_end(key)
+        return _REAL_SIDES[key]
+    xr, _ = real.to_tensors()
+    ref_idx, d_qr, dup = real_real_l2(xr, cfg.reference_size, seed)
+    ref_t = torch.from_numpy(ref_idx)
+    index = SSIMIndex(xr, cfg.ssim_window, cfg.ssim_sigma)
+    k = min(cfg.ssim_candidates, len(real) - 1)
+    ssim_ref, _ = _ssim_nn(index, xr[ref_t], torch.topk(d_qr, k, largest=False).indices, "ssim real-real")
+    side = _RealSide(xr, ref_idx, d_qr, dup, index, ssim_ref)
+    if cfg.structure_metric:
+        side.vr = structure_vectors(xr, cfg.structure_pool)
+        side.structure_qr = (side.vr[ref_t] @ side.vr.T).float()
+    _REAL_SIDES[key] = side
+    while len(_REAL_SIDES) > REAL_SIDES_KEPT:
+        _REAL_SIDES.popitem(last=False)
+    return side
+
+
 def analyse_memorisation(synthetic: PatchSet, real: PatchSet, config: MemorisationConfig | None = None, *,
                          encoder: nn.Module | None = None, seed: int = 0) -> MemorisationResult:
-    """Nearest real patch of every synthetic patch, in context of the real-real NN distribution."""
+    """Nearest real patch of every synthetic patch, in context of the real-real NN distribution.
+
+    The real-real side (reference draw, SSIM index, real-real nearest neighbours, the audit's encoder) depends on
+    ``real``, the settings and ``seed`` only, and is reused from the last few calls of this process."""
     cfg = config or MemorisationConfig()
     if len(real) < 2:
         raise ValueError("memorisation audit needs at least 2 real patches")
     xs, _ = synthetic.to_tensors()
-    xr, _ = real.to_tensors()
-    ref_idx, d_qr, dup = real_real_l2(xr, cfg.reference_size, seed)
+    side = _real_side(real, cfg, seed)
+    xr, ref_idx, d_qr, dup = side.xr, side.ref_idx, side.d_qr, side.dup
     ref_t = torch.from_numpy(ref_idx)
     init_idx = init_indices_from_meta(synthetic, real)
 
@@ -309,38 +373,34 @@ def analyse_memorisation(synthetic: PatchSet, real: PatchSet, config: Memorisati
     metrics["l2"].synthetic_kth, metrics["l2"].kth_rank = kth_distinct(d_sr, cfg.uniqueness_rank), cfg.uniqueness_rank
 
     # ---- SSIM: exact for synthetic-vs-real when affordable, L2 candidates otherwise
-    index = SSIMIndex(xr, cfg.ssim_window, cfg.ssim_sigma)
+    index = side.index
     k = min(cfg.ssim_candidates, len(real) - 1)
     cand_s = None if len(xs) * len(xr) <= cfg.ssim_exact_max_pairs else torch.topk(d_sr, k, largest=False).indices
     ssim_val, ssim_idx = _ssim_nn(index, xs, cand_s, "ssim synthetic")
-    cand_q = torch.topk(d_qr, k, largest=False).indices
-    ssim_ref, _ = _ssim_nn(index, xr[ref_t], cand_q, "ssim real-real")
     init_ssim = None
     if init_idx is not None:
         init_ssim = np.array([float(index.against(xs[s], torch.tensor([i]))[0]) if i >= 0 else np.nan
                               for s, i in enumerate(init_idx)])
-    metrics["ssim"] = _metric("ssim", ssim_val, ssim_idx, ssim_ref, init_ssim)
+    metrics["ssim"] = _metric("ssim", ssim_val, ssim_idx, side.ssim_ref, init_ssim)
 
     # ---- structure: correlation of low-passed grey images, exact everywhere
     if cfg.structure_metric:
-        vr = structure_vectors(xr, cfg.structure_pool)   # once for both matrices
         vs = structure_vectors(xs, cfg.structure_pool)
-        metrics["structure"] = _matrix_metric("structure", (vs @ vr.T).float(), (vr[ref_t] @ vr.T).float(),
+        metrics["structure"] = _matrix_metric("structure", (vs @ side.vr.T).float(), side.structure_qr,
                                               ref_t, init_idx, dup)
 
     # ---- feature cosine distance
     enc_name = "none"
     if cfg.feature_metric:
         if encoder is None:
-            log.info("training a %s encoder on %d real patches (%d epochs)", cfg.encoder.model, len(real), cfg.encoder.epochs)
-            encoder = train_model(cfg.encoder, real, seed=seed, desc="encoder")
+            encoder, fr, cosine_qr = side.trained_encoder(real, cfg, seed)
             enc_name = f"{cfg.encoder.model} trained {cfg.encoder.epochs} epochs on the real patches"
         else:
             enc_name = f"given {type(encoder).__name__}"
-        fr = extract_features(encoder, xr)
+            fr = extract_features(encoder, xr)
+            cosine_qr = cosine_distance_matrix(fr[ref_t], fr)
         fs = extract_features(encoder, xs)
-        metrics["cosine"] = _matrix_metric("cosine", cosine_distance_matrix(fs, fr), cosine_distance_matrix(fr[ref_t], fr),
-                                           ref_t, init_idx, dup)
+        metrics["cosine"] = _matrix_metric("cosine", cosine_distance_matrix(fs, fr), cosine_qr, ref_t, init_idx, dup)
 
     return MemorisationResult(metrics=metrics, n_synthetic=len(synthetic), n_real=len(real),
                               reference_indices=ref_idx, init_indices=init_idx, encoder=enc_name)
