@@ -10,7 +10,7 @@ as soon as its job finishes (to checkpoint it, tick a bar); the first error canc
 from __future__ import annotations
 
 import multiprocessing
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any, Callable, Hashable, Mapping
 
 from histodd_fed.errors import HistoddError
@@ -21,6 +21,16 @@ def one_torch_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+def result_of(future: Future, what: str) -> Any:
+    """A worker's result: its :class:`HistoddError` as raised, any other error as a HistoddError naming ``what``."""
+    try:
+        return future.result()
+    except HistoddError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a worker's crash, named
+        raise HistoddError(f"{what} failed in its worker process ({type(exc).__name__}: {exc})") from exc
 
 
 def run_in_processes(fn: Callable[..., Any], jobs: Mapping[Hashable, tuple], *, workers: int,
@@ -39,14 +49,7 @@ def run_in_processes(fn: Callable[..., Any], jobs: Mapping[Hashable, tuple], *, 
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for f in finished:
                     key = pending.pop(f)
-                    try:
-                        result = f.result()
-                    except HistoddError:
-                        raise
-                    except Exception as exc:  # noqa: BLE001 - a worker's crash, named
-                        raise HistoddError(f"{name(key)} failed in its worker process "
-                                           f"({type(exc).__name__}: {exc})") from exc
-                    on_result(key, result)
+                    on_result(key, result_of(f, name(key)))
         except BaseException:
             for f in pending:
                 f.cancel()

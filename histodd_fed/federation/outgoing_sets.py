@@ -15,12 +15,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from histodd_fed.errors import HistoddError
 from histodd_fed.federation.centre_config import CentreConfig
 from histodd_fed.federation.centre_data import Prepared
 from histodd_fed.federation.distil_cache import DistilResult
 from histodd_fed.federation.presets import CentrePreset
-from histodd_fed.worker_pool import one_torch_thread
+from histodd_fed.worker_pool import one_torch_thread, result_of
 
 
 @dataclass(frozen=True)
@@ -76,11 +75,5 @@ def make_parts(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, part
         for p in patch_parts:
             made[p] = make_part(cfg, preset, p, seed, prepared=prepared)
         for p, f in futures.items():
-            try:
-                made[p] = f.result()
-            except HistoddError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a worker's crash, named
-                raise HistoddError(f"distil {p.name}: failed in its worker process ({type(exc).__name__}: {exc})") \
-                    from exc
+            made[p] = result_of(f, f"distil {p.name}")
     return {p: made[p] for p in parts}
