@@ -12,6 +12,7 @@ import sys
 import typer
 
 from centre_node.commands import benchmark_data, bundle, distill, evaluate, mil, privacy, slides
+from histodd_fed.allocator import keep_freed_memory
 from histodd_fed.errors import HistoddError
 from histodd_fed.logging_setup import configure_logging
 from histodd_fed.terminal import error_line
@@ -35,6 +36,7 @@ def _root(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings only; no progress bars."),
 ) -> None:
     configure_logging(verbose=verbose, quiet=quiet)
+    keep_freed_memory()  # tensor buffers reused, not page-faulted anew every step (here and in children)
 
 
 for _module in (slides, distill, bundle, evaluate, mil, privacy, benchmark_data):

@@ -15,6 +15,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from histodd_fed.allocator import keep_freed_memory
 from histodd_fed.errors import ConfigError
 from histodd_fed.federation.centre import CentreConfig, CentreNode
 from histodd_fed.federation.envelope import ACTIONS, Envelope, ProtocolError
@@ -22,6 +23,8 @@ from histodd_fed.federation.flower_records import envelope_to_recorddict, record
 from histodd_fed.federation.reply_errors import error_fields
 
 SIM_NODES_ENV = "HISTODD_SIM_NODES"
+
+keep_freed_memory()  # a SuperNode's app process (deployment) gets the same malloc settings as the CLIs
 
 app = ClientApp()
 

@@ -19,6 +19,7 @@ from typing import Optional
 
 import typer
 
+from histodd_fed.allocator import keep_freed_memory
 from histodd_fed.errors import ConfigError, HistoddError
 from histodd_fed.logging_setup import configure_logging
 
@@ -40,6 +41,7 @@ def _root(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings only; no progress bars."),
 ) -> None:
     configure_logging(verbose=verbose, quiet=quiet)
+    keep_freed_memory()  # tensor buffers reused, not page-faulted anew every step (here and in children)
 
 
 @app.command()

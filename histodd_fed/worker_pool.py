@@ -17,8 +17,12 @@ from histodd_fed.errors import HistoddError
 
 
 def one_torch_thread() -> None:
-    """Worker start: one torch thread."""
+    """Worker start: one torch thread (and the malloc settings of :mod:`histodd_fed.allocator`)."""
     import torch
+
+    from histodd_fed.allocator import keep_freed_memory
+
+    keep_freed_memory()
 
     torch.set_num_threads(1)
 

@@ -15,6 +15,10 @@ os.environ.setdefault("HISTODD_NO_PROGRESS", "1")
 # leak into tests of clear keys (tests that need a passphrase set their own).
 os.environ.pop("HISTODD_KEY_PASSPHRASE", None)
 
+from histodd_fed.allocator import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # as the CLIs do: the suite's torch work without a page fault per step
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
