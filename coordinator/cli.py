@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -31,6 +32,26 @@ app = typer.Typer(
     add_completion=False,
 )
 log = logging.getLogger("coordinator")
+#: ``--workers`` when not given, for the hospital benchmark: one process per core up to this many
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers() -> int:
+    """The hospital benchmark's worker processes when ``--workers`` is not given: this machine's cores (at most
+    :data:`MAX_DEFAULT_WORKERS`; the cores this process may run on where the OS says)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_DEFAULT_WORKERS, cores))
+
+
+def _is_hospitals(centres: Path) -> bool:
+    from histodd_fed.federation.hospital_benchmark import is_hospitals
+
+    return is_hospitals(centres)
+
+
 #: seconds to wait for each centre's reply when --timeout is not given (the hospital benchmark: its own)
 DEFAULT_REPLY_TIMEOUT = 900.0
 
@@ -102,15 +123,18 @@ def transfer(
     benchmark: Optional[str] = typer.Option(None, "--benchmark", help="A benchmark study instead of --nodes/--trust: pcam-c17. Hospital centres (make-pcam-centres --hospitals): target alone, + Histo-DD per ipc, + Full per target, mean and 95% CI over --seeds (summary.md/csv/png); resumable: re-run the same command with the same --out and the seeds a killed run finished are reused. Two-centre folder (--target-domain): C2 alone, + Histo-DD per ipc, + Herding, + Full, stain ablations; mean ± std."),
     centres: Optional[Path] = typer.Option(None, "--centres", help="With --benchmark: the folder make-pcam-centres wrote."),
     seeds: int = typer.Option(3, "--seeds", help="With --benchmark: seeds 0..N-1."),
-    workers: int = typer.Option(1, "--workers", help="With --benchmark and hospital centres: processes each source "
-                                "distils with (its best-of-K candidates at once) and the target fine-tunes its rows "
-                                "in (+ ipc, + Full side by side); one torch thread each, the sets and numbers do not "
-                                "change. 2 on a 2-core CPU."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="With --benchmark and hospital centres: processes "
+                                          "each source distils with (its best-of-K candidates at once) and the target "
+                                          "fine-tunes its rows in (+ ipc, + Full side by side); one torch thread each, "
+                                          "the sets and numbers do not change. Default: this machine's cores (at most "
+                                          f"{MAX_DEFAULT_WORKERS}); 1 elsewhere."),
 ) -> None:
     """Run the C1<->C2 transfer study (paper Table 5) through Flower."""
     import json
 
     wait = DEFAULT_REPLY_TIMEOUT if timeout is None else timeout   # the hospital benchmark has its own default
+    hospitals = benchmark is not None and centres is not None and _is_hospitals(centres)
+    workers = (default_workers() if hospitals else 1) if workers is None else workers
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     if workers != 1 and benchmark is None:

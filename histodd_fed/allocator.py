@@ -10,7 +10,8 @@ the same work takes 18.3 ms per step and 41 s (0.6 s in the kernel) for ~8% more
 
 :func:`keep_freed_memory` applies them to this process (``mallopt``) and exports them for every process
 started after it (spawned workers, Flower's simulation and its actors read ``MALLOC_*_`` at start). A
-value the user already set in the environment wins. Not glibc (macOS, musl): nothing happens.
+value the user already set in the environment wins; ``HISTODD_MALLOC=default`` leaves glibc's defaults (less
+resident memory, the old speed). Not glibc (macOS, musl): nothing happens.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import os
 # mallopt parameter numbers (glibc <malloc.h>)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
+#: ``HISTODD_MALLOC=default``: leave glibc's settings alone (benchmarks/bench_allocator.py measures both)
+OPT_OUT = "HISTODD_MALLOC"
 #: environment variable -> (mallopt parameter, value). Blocks below 32 MiB (glibc's largest mmap threshold)
 #: come from the heap; free memory at the heap's top is kept up to 1 GiB; the heap grows 256 MiB at a time.
 SETTINGS: dict[str, tuple[int, int]] = {
@@ -45,7 +48,7 @@ def keep_freed_memory() -> dict[str, int]:
     """Apply :data:`SETTINGS` here and export them to child processes; returns what this process now uses
     (empty outside glibc). Idempotent; a ``MALLOC_*_`` variable already in the environment is kept as is."""
     libc = _glibc()
-    if libc is None:
+    if libc is None or os.environ.get(OPT_OUT) == "default":
         return {}
     applied: dict[str, int] = {}
     for env, (param, default) in SETTINGS.items():

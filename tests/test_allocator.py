@@ -69,3 +69,10 @@ def test_a_users_own_setting_is_kept():
     res = _probe(True, mine)
     assert res["child_env"]["MALLOC_TOP_PAD_"] == "1048576"
     assert res["applied"]["MALLOC_TOP_PAD_"] == 1048576
+
+
+def test_histodd_malloc_default_leaves_glibc_alone():
+    res = _probe(True, {"HISTODD_MALLOC": "default"})
+    assert res["applied"] == {}
+    assert all(v is None for v in res["child_env"].values())
+    assert res["faults"] > 500  # the per-step page faults are back

@@ -74,6 +74,44 @@ def test_workers_outside_the_hospital_benchmark_fail_in_one_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+
+def test_workers_default_to_the_cores_for_hospital_centres_only(tmp_path, monkeypatch):
+    """``--workers`` left out: the hospital benchmark gets one process per core this process may use (capped);
+    given, it is used as is."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from coordinator import cli
+    from histodd_fed.federation import hospital_benchmark
+
+    cores = len(os.sched_getaffinity(0))
+    assert cli.default_workers() == max(1, min(cli.MAX_DEFAULT_WORKERS, cores))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert cli.default_workers() == cli.MAX_DEFAULT_WORKERS
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert cli.default_workers() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+
+    centres = tmp_path / "centres"
+    centres.mkdir()
+    (centres / "manifest.json").write_text(json.dumps({"layout": "hospitals"}))
+    seen = []
+
+    def fake_run(centres_dir, out, **kw):
+        seen.append(kw["workers"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.md").write_text("table\n")
+        return {}
+
+    monkeypatch.setattr(hospital_benchmark, "run_hospitals_benchmark", fake_run)
+    base = ["transfer", "--benchmark", "pcam-c17", "--centres", str(centres), "--sources", "0", "--target", "2"]
+    for extra, want in (([], 3), (["--workers", "1"], 1), (["--workers", "2"], 2)):
+        r = CliRunner().invoke(cli.app, base + ["--out", str(tmp_path / f"o{len(seen)}")] + extra)
+        assert r.exit_code == 0, r.output
+        assert seen[-1] == want
+
+
 # ---------------------------------------------------------------------------- statistics
 def test_t_interval_known_example():
     from histodd_fed.federation.benchmark_summary import t_interval
