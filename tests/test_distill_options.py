@@ -263,3 +263,45 @@ def test_gate_aware_selection_skips_a_candidate_the_export_gate_blocks():
     assert sel["gate"]["passed"] == sel["candidates"][sel["chosen"]]["gate_passed"]
     with pytest.raises(ConfigError, match="candidate_gate"):
         DistillConfig.from_yaml(TINY, candidate_gate="yes")
+
+
+def test_gate_aware_best_of_with_workers_checks_the_first_finished_candidate_early_and_chooses_the_same():
+    """With 2 workers the first candidate to finish is checked in a thread while the others are distilled (the
+    gate's real side is then ready): the same checks decide, so choice, record and images equal one process's."""
+    import threading
+
+    from histodd_fed.release.choose import candidate_check
+
+    real = toy_set(20)
+    cfg = DistillConfig.from_yaml(TINY, objective="distribution", pool_epochs=0, net_steps=0, outer_steps=3,
+                                  inner_steps=1, lr_img=0.1, augmentation="none", batch_real=8, init="mixture",
+                                  init_mix=2, candidates=3, candidate_holdout=4, candidate_epochs=2,
+                                  candidate_eval_seeds=1, candidate_augmentation="flip", device="cpu",
+                                  candidate_gate=True)
+    gate = candidate_check(real)
+    calls: list[tuple[str, bool, bytes]] = []
+
+    def check(ps):
+        me = threading.current_thread()
+        calls.append((me.name, me is threading.main_thread(), ps.images.tobytes()))
+        return gate(ps)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = run_distillation(real, cfg, progress=False, candidate_check=check)
+        calls_one, calls[:] = list(calls), []
+        two = run_distillation(real, cfg, progress=False, candidate_check=check, workers=2)
+    finally:
+        torch.set_num_threads(threads)
+    s1, s2 = one.patchset.meta["selection"], two.patchset.meta["selection"]
+    assert s1["candidates"] == s2["candidates"] and s1["chosen"] == s2["chosen"]
+    assert s1["gate"]["audited"] == s2["gate"]["audited"] and s1["gate"]["passed"] == s2["gate"]["passed"]
+    assert np.array_equal(one.patchset.images, two.patchset.images)
+    assert all(main for _, main, _ in calls_one)                   # one process: every check in order, here
+    assert len(calls_one) == len(s1["gate"]["audited"])
+    assert calls[0][:2] == ("early-candidate-check", False)         # two workers: the first one early, in a thread
+    assert all(main for _, main, _ in calls[1:])
+    # no set is checked twice: the early verdict stands in for its turn in the ordered checks
+    assert len({images for _, _, images in calls}) == len(calls)
+    assert len(calls) in (len(s2["gate"]["audited"]), len(s2["gate"]["audited"]) + 1)

@@ -16,6 +16,11 @@ passes, the most accurate is kept with a warning. The gate's independent rule (t
 never consulted here; the caller applies the full gate to the chosen set (the same call ``export``
 makes) and reports that verdict.
 
+With ``workers`` > 1 the first candidate to finish is checked in a thread of this process while the others are
+distilled (:class:`_EarlyCheck`): the check's work on the real patches alone (the memorisation audit's reference
+draw, SSIM index and encoder, kept per process) is then done while this process would otherwise only wait, and the
+ordered checks afterwards reuse it. The same checks in the same order decide: the choice and its record do not change.
+
 Candidate ``k`` is an ordinary run (``candidates: 1``) with seed ``seed * 1000 + k``, so each is
 checkpointed and resumable on its own, and candidate 0 of seed 0 is not the plain seed-0 run.
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -77,14 +83,17 @@ def run_candidate(source: PatchSet, held: PatchSet, config, k: int, work_dir: Pa
 
 
 def _run_candidates(source: PatchSet, held: PatchSet, config, work_dir: Path | None, progress: bool,
-                    resume: bool, workers: int) -> list[tuple[dict, float, object]]:
+                    resume: bool, workers: int, early: "_EarlyCheck | None" = None) -> list[tuple[dict, float, object]]:
     """Every candidate's (score, accuracy, result), in candidate order: here one after the other, or ``workers``
-    at a time in spawned processes (one torch thread each). A candidate's error stops the run, named."""
+    at a time in spawned processes (one torch thread each). A candidate's error stops the run, named. ``early``:
+    offered each finished candidate's set (it checks the first in a thread)."""
     n = config.candidates
     out: list = [None] * n
 
     def done(k: int, item) -> None:
         out[k] = item
+        if early is not None:
+            early.offer(k, item[2].patchset)
         log.info("distill: candidate %d/%d (seed %d): held-out accuracy %.4f", k + 1, n, item[0]["seed"],
                  item[0]["heldout_accuracy"])
 
@@ -119,7 +128,10 @@ def run_best_of(real: PatchSet, config, work_dir: Path | None = None, progress: 
     t0 = time.perf_counter()
     keep, hold = holdout_split(real, config.candidate_holdout, config.seed)
     source, held = real.subset(keep), resize_to(real.subset(hold), config.image_size)
-    made = _run_candidates(source, held, config, work_dir, progress, resume, workers)
+    gated = bool(config.candidate_gate and candidate_check is not None)
+    early = _EarlyCheck(candidate_check) if gated and workers > 1 else None
+    made = _run_candidates(source, held, config, work_dir, progress, resume, workers, early)
+    known = early.finish() if early is not None else {}
     scores = [s for s, _, _ in made]
     accs = [a for _, a, _ in made]
     results = [r for _, _, r in made]
@@ -128,7 +140,7 @@ def run_best_of(real: PatchSet, config, work_dir: Path | None = None, progress: 
     if config.candidate_gate and candidate_check is None:
         log.warning("distill: candidate_gate is set but no gate check was given; choosing by held-out accuracy only")
     if config.candidate_gate and candidate_check is not None:
-        chosen_i, gate = _first_passing(order, results, candidate_check, scores)
+        chosen_i, gate = _first_passing(order, results, candidate_check, scores, known)
     else:
         chosen_i = order[0]
     chosen = scores[chosen_i]
@@ -151,14 +163,17 @@ def run_best_of(real: PatchSet, config, work_dir: Path | None = None, progress: 
     return best_res
 
 
-def _first_passing(order: list[int], results: list, check, scores: list[dict]) -> tuple[int, dict]:
+def _first_passing(order: list[int], results: list, check, scores: list[dict],
+                   known: dict[int, tuple[bool, str]] | None = None) -> tuple[int, dict]:
     """The first candidate in ``order`` that ``check(set) -> (passed, reason)`` passes, and a record of the
-    audits; the first in ``order`` when none passes. Sets ``gate_passed`` in ``scores``."""
+    audits; the first in ``order`` when none passes. Sets ``gate_passed`` in ``scores``. ``known``: verdicts
+    already computed by the same check (:class:`_EarlyCheck`), used instead of checking again."""
     audited = []
+    known = known or {}
     t0 = time.perf_counter()
     for i in order:
         t = time.perf_counter()
-        passed, reason = check(results[i].patchset)
+        passed, reason = known[i] if i in known else check(results[i].patchset)
         scores[i]["gate_passed"] = bool(passed)
         audited.append(i)
         log.info("distill: candidate %d: calibrated gate rules %s (%.0fs)%s", i, "pass" if passed else "block it",
@@ -168,3 +183,36 @@ def _first_passing(order: list[int], results: list, check, scores: list[dict]) -
     log.warning("distill: none of the %d candidates passes the export gate; keeping the most accurate (export "
                 "will block it: lower ipc, raise init_mix or add privacy_step)", len(order))
     return order[0], {"audited": audited, "passed": False, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+class _EarlyCheck:
+    """``check`` of the first candidate offered, in a thread of this process, while the other candidates are being
+    distilled in worker processes (this process only waits for them meanwhile).
+
+    The check is a pure function of the set and the caller's reference (the same verdict whenever it runs); its
+    work on the reference alone is kept by the privacy code per process, so the ordered checks of
+    :func:`_first_passing` afterwards reuse it. :meth:`finish` waits for the thread and returns ``{k: verdict}``
+    (empty when the check failed: it is then simply made again in order, where its error surfaces).
+    """
+
+    def __init__(self, check) -> None:
+        self.check = check
+        self.thread: threading.Thread | None = None
+        self.verdicts: dict[int, tuple[bool, str]] = {}
+
+    def offer(self, k: int, patchset: PatchSet) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, args=(k, patchset), name="early-candidate-check",
+                                           daemon=True)
+            self.thread.start()
+
+    def _run(self, k: int, patchset: PatchSet) -> None:
+        try:
+            self.verdicts[k] = self.check(patchset)
+        except Exception:  # noqa: BLE001 - made again in order, where it is raised
+            log.debug("distill: early check of candidate %d failed; checked again in order", k, exc_info=True)
+
+    def finish(self) -> dict[int, tuple[bool, str]]:
+        if self.thread is not None:
+            self.thread.join()
+        return dict(self.verdicts)
