@@ -414,6 +414,25 @@ def test_target_rows_fine_tuned_in_worker_processes_equal_one_process(hospitals,
             assert got[2][mode].get(key) == r.get(key), (mode, key)
 
 
+def test_a_row_left_with_only_its_per_slide_set_is_a_fault_that_says_why():
+    """A source's ipc-50 patch set blocked by its export gate, its per-slide set sent: the target's row has no
+    patch-level set. The fault row says so (its own code and fixed message), not "could not read its data"."""
+    from types import SimpleNamespace
+
+    from histodd_fed.federation.envelope import Envelope
+    from histodd_fed.federation.receive_select import train_rows
+
+    request = Envelope(body={"baseline": False, "bundles": [
+        {"name": "H0-ipc50-slides", "row": "H0-ipc50", "part": "slides", "ipc": 50, "mode": "synthetic"}]},
+        blobs={"H0-ipc50-slides": b"sealed bytes"})
+    cfg = SimpleNamespace(centre_id="H2", workers=1, key_passphrase="")
+    rows = train_rows(cfg, None, None, request, epochs=1)
+    assert len(rows) == 1 and rows[0]["ok"] is False and rows[0]["name"] == "H0-ipc50"
+    assert rows[0]["error_code"] == "NoPatchSetError"
+    assert "no patch-level set" in rows[0]["error"] and "blocked by the export gate" in rows[0]["error"]
+    assert "could not read its data" not in rows[0]["error"]
+
+
 def test_pooled_labels_refuse_mixed_rows():
     from histodd_fed.federation.envelope import ProtocolError
     from histodd_fed.federation.receive_select import pooled_labels

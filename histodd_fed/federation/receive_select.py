@@ -42,6 +42,12 @@ from histodd_fed.runconfig import config_hash
 PATCH_PARTS = ("patch", "both")
 
 
+class NoPatchSetError(InputError):
+    """A row the target cannot fine-tune: it has no patch-level set (its source's patch set was blocked by the
+    export gate, over its release budget or not sent) - only a per-slide set. Its fixed reply message says so
+    (reply_errors.FIXED_MESSAGES), not "could not read its data"."""
+
+
 def applies(preset: CentrePreset, request: Envelope) -> bool:
     """True when this module answers the train request: the preset chooses its protocol on a validation
     split, or a row carries patch sets of several sources (pooled)."""
@@ -74,7 +80,7 @@ def train_rows(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, requ
         heads[row_name] = {"name": row_name, "bytes": sum(len(request.blobs[str(i["name"])]) for i in items),
                            "bundles": [str(i["name"]) for i in items]}
         if not any(str(i.get("part") or "both") in PATCH_PARTS for i in items):
-            exc = InputError("row has no patch-level set (pooled / selected rows need one)")
+            exc = NoPatchSetError("row has no patch-level set (pooled / selected rows need one)")
             heads[row_name].update(ok=False, **error_fields(exc, cfg.centre_id, f"train row {row_name}"))
             continue
         jobs[row_name] = (cfg, preset, [request.blobs[str(i["name"])] for i in items], epochs, row_name)
@@ -310,7 +316,7 @@ def fine_tune_row(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, b
             if part == "slides":
                 slides_from.append(prov)
     if not sets:
-        raise InputError("row has no patch-level set (pooled / selected rows need one)")
+        raise NoPatchSetError("row has no patch-level set (pooled / selected rows need one)")
     _check_slide_labels(received_from, slides_from)
     received = pool_sets(sets, list(prepared.train.class_names), [r.get("source") for r in received_from])
     slides = None

@@ -24,6 +24,9 @@ FIXED_MESSAGES: dict[str, str] = {
     "UntrustedSignerError": "bundle signer not trusted by this centre",
     "BundleError": "bundle failed verification or opening",
     "ConfigError": "this centre's configuration is invalid",
+    "NoPatchSetError": "row has no patch-level set to fine-tune on (its source's patch set was blocked by the "
+                       "export gate, over budget or not sent: see that source's faults); its per-slide set alone "
+                       "is not used",
     "InputError": "this centre could not read its data",
     "HistoddError": "request refused",
     "Exception": "internal error",
