@@ -153,3 +153,26 @@ def test_distill_takes_a_patch_set_imported_from_a_folder(tmp_path, data):
        "--init", "noise", "--candidates", 1, "--out", S)
     syn = PatchSet.load(S)
     assert syn.class_counts() == {"normal": 2, "tumour": 2} and recorded_view(syn) == CROP
+
+
+def test_a_preset_files_per_ipc_recipe_reaches_every_caller_of_from_yaml():
+    """The federation builds its sets with ``DistillConfig.from_yaml(preset file)``: the preset's ``distill_by_ipc``
+    entry applies there as in ``centre-node distill --preset`` (a hospital source's ipc-50 set is the preset's
+    ipc-50 recipe, not its ipc-10 one); other ipcs are untouched, explicit overrides win."""
+    from histodd_fed.distill.config import DistillConfig
+    from histodd_fed.federation.distil_cache import _distill_config_path
+    from histodd_fed.federation.presets import get_preset
+    from histodd_fed.preset import load_preset
+
+    pcam = load_preset("pcam")
+    path = _distill_config_path(get_preset("pcam-c17-hospitals-fixed"))
+    assert pcam.distill_by_ipc[50]    # the shipped preset changes its recipe at ipc 50
+    for ipc in (10, 20, 50):
+        a = DistillConfig.from_yaml(path, ipc=ipc)
+        assert a.to_dict() == pcam.distill_config(ipc=ipc).to_dict(), ipc
+    fifty = DistillConfig.from_yaml(path, ipc=50)
+    for key, value in pcam.distill_by_ipc[50].items():
+        assert getattr(fifty, key) == value
+    ten = DistillConfig.from_yaml(path, ipc=10)
+    assert ten.to_dict() == DistillConfig.from_dict(pcam.distill, ipc=10).to_dict()
+    assert DistillConfig.from_yaml(path, ipc=50, candidates=3).candidates == 3

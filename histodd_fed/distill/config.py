@@ -345,12 +345,21 @@ class DistillConfig:
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "DistillConfig":
         """Load ``path`` (a mapping of field names; an optional top-level ``distill:`` key) + overrides.
 
-        Overrides that are ``None`` are ignored, so CLI options can be passed straight through.
+        A preset file's ``distill_by_ipc`` entry for the run's ipc (``overrides``' ipc, else the file's) is
+        applied over its ``distill:`` section, as :meth:`histodd_fed.preset.Preset.distill_config` does: every
+        caller gets the preset's recipe for that ipc. Overrides that are ``None`` are ignored, so CLI options can be
+        passed straight through; the others win.
         """
         from histodd_fed.runconfig import read_yaml_mapping
 
         path = Path(path)
         data = read_yaml_mapping(path, "distill options")
         if "distill" in data and isinstance(data["distill"], dict):
-            data = data["distill"]
+            by_ipc = data.get("distill_by_ipc") or {}
+            data = dict(data["distill"])
+            ipc = overrides.get("ipc") if overrides.get("ipc") is not None else data.get("ipc", 10)
+            entry = by_ipc.get(int(ipc), by_ipc.get(str(ipc))) if isinstance(by_ipc, dict) else None
+            if entry is not None and not isinstance(entry, dict):
+                raise ConfigError(f"{path}: distill_by_ipc {ipc} must be a mapping of distill options")
+            data.update(entry or {})
         return cls.from_dict(data, where=str(path), **overrides)
