@@ -46,12 +46,6 @@ def default_workers() -> int:
     return max(1, min(MAX_DEFAULT_WORKERS, cores))
 
 
-def _is_hospitals(centres: Path) -> bool:
-    from histodd_fed.federation.hospital_benchmark import is_hospitals
-
-    return is_hospitals(centres)
-
-
 #: seconds to wait for each centre's reply when --timeout is not given (the hospital benchmark: its own)
 DEFAULT_REPLY_TIMEOUT = 900.0
 
@@ -133,7 +127,9 @@ def transfer(
     import json
 
     wait = DEFAULT_REPLY_TIMEOUT if timeout is None else timeout   # the hospital benchmark has its own default
-    hospitals = benchmark is not None and centres is not None and _is_hospitals(centres)
+    from histodd_fed.federation.hospital_benchmark import is_hospitals
+
+    hospitals = benchmark is not None and centres is not None and is_hospitals(centres)
     workers = (default_workers() if hospitals else 1) if workers is None else workers
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
@@ -142,13 +138,13 @@ def transfer(
                           "'workers' in its own node config)")
     if benchmark is not None:
         from histodd_fed.federation.benchmark_study import run_benchmark
-        from histodd_fed.federation.hospital_benchmark import (DEFAULT_PRESET, HOSPITALS_REPLY_TIMEOUT, is_hospitals,
+        from histodd_fed.federation.hospital_benchmark import (DEFAULT_PRESET, HOSPITALS_REPLY_TIMEOUT,
                                                                run_hospitals_benchmark)
 
         if centres is None:
             raise ConfigError("--benchmark needs --centres DIR (made by centre-node make-pcam-centres)")
         out = out or Path("results/transfer") / f"{benchmark}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        if benchmark == "pcam-c17" and is_hospitals(centres):
+        if benchmark == "pcam-c17" and hospitals:
             rep = run_hospitals_benchmark(centres, out, sources=sources, target=target, ipcs=_ipcs(ipc), seeds=seeds,
                                           run_study=run_study, preset=DEFAULT_PRESET if preset == "cpu" else preset,
                                           epochs=epochs, timeout=HOSPITALS_REPLY_TIMEOUT if timeout is None else timeout,

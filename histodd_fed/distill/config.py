@@ -354,12 +354,10 @@ class DistillConfig:
 
         path = Path(path)
         data = read_yaml_mapping(path, "distill options")
+        if "distill_by_ipc" in data:  # a preset file: its own loader merges the ipc's entry
+            from histodd_fed.preset import load_preset
+
+            return load_preset(path).distill_config(**overrides)
         if "distill" in data and isinstance(data["distill"], dict):
-            by_ipc = data.get("distill_by_ipc") or {}
-            data = dict(data["distill"])
-            ipc = overrides.get("ipc") if overrides.get("ipc") is not None else data.get("ipc", 10)
-            entry = by_ipc.get(int(ipc), by_ipc.get(str(ipc))) if isinstance(by_ipc, dict) else None
-            if entry is not None and not isinstance(entry, dict):
-                raise ConfigError(f"{path}: distill_by_ipc {ipc} must be a mapping of distill options")
-            data.update(entry or {})
+            data = data["distill"]
         return cls.from_dict(data, where=str(path), **overrides)
