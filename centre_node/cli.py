@@ -13,6 +13,7 @@ import typer
 
 from centre_node.commands import benchmark_data, bundle, distill, evaluate, mil, privacy, slides
 from histodd_fed.allocator import keep_freed_memory
+from histodd_fed.process_tree import exit_on_sigterm
 from histodd_fed.errors import HistoddError
 from histodd_fed.logging_setup import configure_logging
 from histodd_fed.terminal import error_line
@@ -37,6 +38,7 @@ def _root(
 ) -> None:
     configure_logging(verbose=verbose, quiet=quiet)
     keep_freed_memory()  # tensor buffers reused, not page-faulted anew every step (here and in children)
+    exit_on_sigterm()  # `kill` unwinds like Ctrl-C: worker pools and Flower processes stopped, temp files removed
 
 
 for _module in (slides, distill, bundle, evaluate, mil, privacy, benchmark_data):

@@ -21,6 +21,7 @@ from typing import Optional
 import typer
 
 from histodd_fed.allocator import keep_freed_memory
+from histodd_fed.process_tree import exit_on_sigterm
 from histodd_fed.errors import ConfigError, HistoddError
 from histodd_fed.logging_setup import configure_logging
 
@@ -57,6 +58,7 @@ def _root(
 ) -> None:
     configure_logging(verbose=verbose, quiet=quiet)
     keep_freed_memory()  # tensor buffers reused, not page-faulted anew every step (here and in children)
+    exit_on_sigterm()  # `kill` unwinds like Ctrl-C: worker pools and Flower processes stopped, temp files removed
 
 
 @app.command()

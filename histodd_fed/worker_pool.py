@@ -5,15 +5,19 @@ shadows (``privacy/lira_shadows.py``).
 CLI that already holds torch threads); each worker runs with one torch thread unless its initializer
 says otherwise, so its numbers equal a one-process run with one thread. Each result reaches the caller
 as soon as its job finishes (to checkpoint it, tick a bar); the first error cancels the jobs not started.
+Every pool here is :func:`spawn_pool`: its workers die with the process that started them, and an error or
+an interrupt (Ctrl-C, ``kill``) kills the running jobs instead of waiting for them (:mod:`histodd_fed.process_tree`).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from typing import Any, Callable, Hashable, Mapping
+from contextlib import contextmanager
+from typing import Any, Callable, Hashable, Iterator, Mapping
 
 from histodd_fed.errors import HistoddError
+from histodd_fed.process_tree import die_with_parent, stop_pool
 
 
 def one_torch_thread() -> None:
@@ -25,6 +29,27 @@ def one_torch_thread() -> None:
     keep_freed_memory()
 
     torch.set_num_threads(1)
+
+
+def _start_worker(initializer: Callable[..., None] | None, initargs: tuple) -> None:
+    die_with_parent()
+    if initializer is not None:
+        initializer(*initargs)
+
+
+@contextmanager
+def spawn_pool(workers: int, *, initializer: Callable[..., None] | None = one_torch_thread,
+               initargs: tuple = ()) -> Iterator[ProcessPoolExecutor]:
+    """A ``spawn`` process pool of ``workers`` whose workers die with this process; leaving the block by an
+    exception (KeyboardInterrupt and SystemExit included) kills its running jobs, a normal exit waits for them."""
+    pool = ProcessPoolExecutor(max_workers=max(1, int(workers)), initializer=_start_worker,
+                               initargs=(initializer, initargs), mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield pool
+    except BaseException:
+        stop_pool(pool)
+        raise
+    pool.shutdown(wait=True)
 
 
 def result_of(future: Future, what: str) -> Any:
@@ -45,8 +70,7 @@ def run_in_processes(fn: Callable[..., Any], jobs: Mapping[Hashable, tuple], *, 
     raised, anything else as a HistoddError naming the job (``name(key)``)."""
     if not jobs:
         return
-    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), initializer=initializer,
-                             initargs=initargs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with spawn_pool(min(workers, len(jobs)), initializer=initializer, initargs=initargs) as pool:
         pending = {pool.submit(fn, *args): key for key, args in jobs.items()}
         try:
             while pending:

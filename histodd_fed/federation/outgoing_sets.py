@@ -10,8 +10,6 @@ either way: the sets, verdicts and reports equal a one-process run's (test).
 
 from __future__ import annotations
 
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +17,7 @@ from histodd_fed.federation.centre_config import CentreConfig
 from histodd_fed.federation.centre_data import Prepared
 from histodd_fed.federation.distil_cache import DistilResult
 from histodd_fed.federation.presets import CentrePreset
-from histodd_fed.worker_pool import one_torch_thread, result_of
+from histodd_fed.worker_pool import result_of, spawn_pool
 
 
 @dataclass(frozen=True)
@@ -69,8 +67,7 @@ def make_parts(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, part
     if cfg.workers <= 1 or not slide_parts or not patch_parts:
         return {p: make_part(cfg, preset, p, seed, prepared=prepared) for p in parts}
     made: dict[Part, MadeSet] = {}
-    with ProcessPoolExecutor(max_workers=1, initializer=one_torch_thread,
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
+    with spawn_pool(1) as pool:
         futures = {p: pool.submit(make_part, cfg, preset, p, seed) for p in slide_parts}
         for p in patch_parts:
             made[p] = make_part(cfg, preset, p, seed, prepared=prepared)

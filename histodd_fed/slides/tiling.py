@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -262,9 +262,9 @@ def tile_slides(slides: str | Path | Sequence[str | Path | SlideRecord], out: st
             handle(r, _tile_to_shard(r, cfg, dirs[r.slide_id], str(work), fps[r.slide_id]))
             bar.update(1)
     else:
-        import multiprocessing as mp
+        from histodd_fed.worker_pool import spawn_pool
 
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn")) as pool:
+        with spawn_pool(min(workers, len(todo)), initializer=None) as pool:
             futs = {pool.submit(_tile_to_shard, r, cfg, dirs[r.slide_id], str(work), fps[r.slide_id]): r for r in todo}
             for f in as_completed(futs):
                 handle(futs[f], f.result())
