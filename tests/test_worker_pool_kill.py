@@ -23,11 +23,13 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 REPO = Path(__file__).resolve().parents[1]
 
 PARENT = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
     from histodd_fed.worker_pool import run_in_processes
     if sys.argv[1] == "cli":   # as the CLIs set up: SIGTERM unwinds like Ctrl-C
         from histodd_fed.process_tree import exit_on_sigterm
         exit_on_sigterm()
+        # Ctrl-C as in a terminal, also when the suite runs in the background (where SIGINT is inherited ignored)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     print("ready", flush=True)
     run_in_processes(time.sleep, {0: (120,), 1: (120,)}, workers=2, on_result=lambda k, r: None)
 """)
