@@ -13,9 +13,9 @@ import typer
 
 from centre_node.commands import benchmark_data, bundle, distill, evaluate, mil, privacy, slides
 from histodd_fed.allocator import keep_freed_memory
-from histodd_fed.process_tree import exit_on_sigterm
 from histodd_fed.errors import HistoddError
 from histodd_fed.logging_setup import configure_logging
+from histodd_fed.process_tree import exit_on_sigterm
 from histodd_fed.terminal import error_line
 
 app = typer.Typer(

@@ -21,9 +21,9 @@ from typing import Optional
 import typer
 
 from histodd_fed.allocator import keep_freed_memory
-from histodd_fed.process_tree import exit_on_sigterm
 from histodd_fed.errors import ConfigError, HistoddError
 from histodd_fed.logging_setup import configure_logging
+from histodd_fed.process_tree import exit_on_sigterm
 
 app = typer.Typer(
     name="coordinator",

@@ -72,13 +72,8 @@ def run_in_processes(fn: Callable[..., Any], jobs: Mapping[Hashable, tuple], *, 
         return
     with spawn_pool(min(workers, len(jobs)), initializer=initializer, initargs=initargs) as pool:
         pending = {pool.submit(fn, *args): key for key, args in jobs.items()}
-        try:
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    key = pending.pop(f)
-                    on_result(key, result_of(f, name(key)))
-        except BaseException:
-            for f in pending:
-                f.cancel()
-            raise
+        while pending:   # an error or interrupt here: spawn_pool cancels the rest and kills the running jobs
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for f in finished:
+                key = pending.pop(f)
+                on_result(key, result_of(f, name(key)))

@@ -47,6 +47,9 @@ class NoPatchSetError(InputError):
     export gate, over its release budget or not sent) - only a per-slide set. Its fixed reply message says so
     (reply_errors.FIXED_MESSAGES), not "could not read its data"."""
 
+    def __init__(self, msg: str = "row has no patch-level set (pooled / selected rows need one)") -> None:
+        super().__init__(msg)
+
 
 def applies(preset: CentrePreset, request: Envelope) -> bool:
     """True when this module answers the train request: the preset chooses its protocol on a validation
@@ -80,7 +83,7 @@ def train_rows(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, requ
         heads[row_name] = {"name": row_name, "bytes": sum(len(request.blobs[str(i["name"])]) for i in items),
                            "bundles": [str(i["name"]) for i in items]}
         if not any(str(i.get("part") or "both") in PATCH_PARTS for i in items):
-            exc = NoPatchSetError("row has no patch-level set (pooled / selected rows need one)")
+            exc = NoPatchSetError()
             heads[row_name].update(ok=False, **error_fields(exc, cfg.centre_id, f"train row {row_name}"))
             continue
         jobs[row_name] = (cfg, preset, [request.blobs[str(i["name"])] for i in items], epochs, row_name)
@@ -316,7 +319,7 @@ def fine_tune_row(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, b
             if part == "slides":
                 slides_from.append(prov)
     if not sets:
-        raise NoPatchSetError("row has no patch-level set (pooled / selected rows need one)")
+        raise NoPatchSetError()
     _check_slide_labels(received_from, slides_from)
     received = pool_sets(sets, list(prepared.train.class_names), [r.get("source") for r in received_from])
     slides = None
