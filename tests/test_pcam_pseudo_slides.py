@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -179,12 +180,21 @@ def test_slide_parts_made_beside_the_patch_parts_equal_one_process(slide_hospita
     parts = [outgoing_sets.Part(2, False), outgoing_sets.Part(2, True)]
     sent: list = []
 
-    class Counting(outgoing_sets.ProcessPoolExecutor):
-        def submit(self, fn, *args, **kwargs):
-            sent.append(args[2])
-            return super().submit(fn, *args, **kwargs)
+    real_spawn_pool = outgoing_sets.spawn_pool
 
-    monkeypatch.setattr(outgoing_sets, "ProcessPoolExecutor", Counting)
+    @contextlib.contextmanager
+    def counting_pool(workers, **kwargs):
+        with real_spawn_pool(workers, **kwargs) as pool:
+            submit = pool.submit
+
+            def counted(fn, *args, **kw):
+                sent.append(args[2])
+                return submit(fn, *args, **kw)
+
+            pool.submit = counted
+            yield pool
+
+    monkeypatch.setattr(outgoing_sets, "spawn_pool", counting_pool)
     made = {}
     for workers in (1, 2):
         cfg = CentreConfig.from_node_config({"centre-id": "H0", "data": str(slide_hospitals / "H0" / "source"),
