@@ -502,3 +502,39 @@ def test_a_killed_run_resumes_from_its_finished_studies(tmp_path):
     run_hospitals_benchmark(centres, out, run_study=last, say=[].append, sources="0", target="2", ipcs=[10, 50],
                             seeds=1)
     assert [c.seed for c, _ in last.calls] == [0]
+
+
+def test_a_stopped_run_leaves_the_summary_of_its_finished_studies(tmp_path):
+    """A run stopped mid-way (Ctrl-C, kill, a session's end) leaves summary.md/csv/png and report.json of the
+    studies it finished, marked partial, the targets it never reached left out (not fault rows); the resumed
+    run's summary is the whole one, unmarked."""
+    from histodd_fed.federation.hospital_benchmark import run_hospitals_benchmark
+
+    class StoppedAt(FakeStudy):
+        def __call__(self, cfg, nodes):
+            if (cfg.target, cfg.seed) == ("H1", 1):
+                raise KeyboardInterrupt
+            return super().__call__(cfg, nodes)
+
+    centres = _fake_centres(tmp_path / "c")
+    out = tmp_path / "R"
+    with pytest.raises(KeyboardInterrupt):
+        run_hospitals_benchmark(centres, out, run_study=StoppedAt(), say=[].append, sources=None, target="all",
+                                ipcs=[10], seeds=2)
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["partial"] is True and (rep["studies_done"], rep["studies"]) == (3, 10)
+    summary = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
+    assert [(r["target"], r["transfer"], r["n_seeds"]) for r in summary] == [
+        ("H0", "target alone", "2"), ("H0", "+ ipc 10", "2"), ("H0", "+ Full", "2"),
+        ("H1", "target alone", "1"), ("H1", "+ ipc 10", "1"), ("H1", "+ Full", "1")]
+    assert all(r["n_faults"] == "0" for r in summary)
+    md = (out / "summary.md").read_text()
+    assert "Partial: 3 of 10 studies done" in md and "same --out" in md
+    assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(list(csv.DictReader(io.StringIO((out / "summary_per_seed.csv").read_text())))) == 9
+    again = FakeStudy()
+    rep = run_hospitals_benchmark(centres, out, run_study=again, say=[].append, sources=None, target="all",
+                                  ipcs=[10], seeds=2)
+    assert len(again.calls) == 7 and rep["partial"] is False and rep["studies_done"] == 10
+    assert "Partial" not in (out / "summary.md").read_text()
+    assert len(list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))) == 15

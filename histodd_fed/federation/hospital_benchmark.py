@@ -22,7 +22,8 @@ without them says why (``slide_note``).
 
 Writes ``OUT/summary.{md,csv,png}``, ``OUT/summary_per_seed.csv`` and ``OUT/report.json``
 (:mod:`benchmark_summary`: mean and 95% t-interval over seeds, gains paired by seed); every study's own
-report under ``OUT/runs/<target>/seed<s>/``. A centre that fails, times out or whose set is blocked is
+report under ``OUT/runs/<target>/seed<s>/``. The summary files are rewritten after every study: while the run
+goes, or after it was stopped, they hold the studies done so far, marked partial. A centre that fails, times out or whose set is blocked is
 a fault (row kept, counted; a row no seed produced is a fault row), never a missing row or a crash.
 
 Resumable: the same command with the same ``OUT`` reuses every (target, seed) study a killed run
@@ -37,6 +38,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -217,6 +219,14 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
                           f"lr {p.fine_tune_lr * fixed[2]:g}, {p.classifier}"
                           + (f", augmentation {p.train_augmentation}" if p.train_augmentation else "")
                           + (", received sets stain-mapped to the target" if p.stain_normalise_received else "")})
+    outputs = _Outputs(
+        out=out, benchmark=benchmark, command=command, centres=centres, manifest=manifest,
+        plan=[{"target": cid[t], "sources": [cid[s] for s in srcs]} for t, srcs in jobs], expected=expected,
+        sources=shown_sources, ipcs=list(ipcs), seeds=seeds, preset=preset, epochs=epochs, protocol=protocol,
+        protocol_text=(f"chosen per row and seed on {protocol['chosen_on']} from (epochs, received share, lr x "
+                       f"{p.fine_tune_lr:g}) " + ", ".join(f"({e}, {sh:g}, {lr:g})" for e, sh, lr in p.select_grid)
+                       + "; the epochs, received share and lr columns show what was chosen") if not fixed
+        else "fixed by the preset (" + protocol["fixed"] + ")")
     t0 = time.perf_counter()
     bar = progress(total=len(jobs) * seeds, desc=f"{benchmark} studies", unit="study")
     tell = (lambda m: bar.write(m)) if not bar.disable else say  # noqa: E731
@@ -290,38 +300,76 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
                      f"{len(outcome.rows)} row(s), {len(outcome.faults)} fault(s)")
             done += 1
             bar.update(1)
+            if done < len(jobs) * seeds:  # the summary so far (the last one is written below, whole)
+                outputs.write(per_seed, faults, done=done, seconds=time.perf_counter() - t0)
     bar.close()
-    rows = bs.summarise(per_seed, faults, expected=expected, sources=shown_sources)
-    seconds = round(time.perf_counter() - t0, 1)
-    head = [f"# {benchmark}: transfer into {', '.join(expected)} ({len(jobs)} target(s))", "",
-            f"Centres {centres} ({len(hosp)} hospitals, {manifest.get('target_train_per_class')} labelled train "
-            f"patches per class at each target; Full = all of the sources' train patches, no cap). Preset {preset}; "
-            f"{seeds} seed(s) (0..{seeds - 1}); mean with a 95% t-interval over seeds; gains over \"target alone\" "
-            "paired by seed. Several sources: their sets pooled into one row. Fine-tuning protocol: "
-            + (f"chosen per row and seed on {protocol['chosen_on']} from (epochs, received share, lr x "
-               f"{p.fine_tune_lr:g}) " + ", ".join(f"({e}, {sh:g}, {lr:g})" for e, sh, lr in p.select_grid)
-               + "; the epochs, received share and lr columns show what was chosen" if not fixed
-               else "fixed by the preset (" + protocol["fixed"] + ")")
-            + f". {slide_text(manifest, per_seed)} {seconds:.0f} s wall."]
-    report = {"benchmark": benchmark, "layout": "hospitals", "centres": str(centres), "command": command,
-              "hospitals": hosp, "plan": [{"target": cid[t], "sources": [cid[s] for s in srcs]} for t, srcs in jobs],
-              "ipcs": list(ipcs), "seeds": seeds, "preset": preset, "epochs_requested": epochs,
-              "protocol": protocol, "manifest": {k: manifest.get(k) for k in (
-                  "hospitals", "target_train_per_class", "seed", "limit_per_class", "stain_angle_deg_between")},
-              "rows": rows, "per_seed": per_seed, "faults": faults, "seconds": seconds}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "report.json", report)
-    atomic_write_text(out / "summary.md", bs.markdown(rows, head))
-    atomic_write_text(out / "summary.csv", bs.csv_text(rows, bs.SUMMARY_COLS))
-    seed_rows = per_seed + [{"target": f["target"], "sources": shown_sources.get(f["target"], ""), "seed": f["seed"],
-                             "transfer": {None: "(all rows)", bs.ALL_TRANSFERS: "(all transfer rows)"}.get(f["transfer"], f["transfer"]),
-                             "fault": f["fault"]} for f in faults]
-    atomic_write_text(out / "summary_per_seed.csv",
-                      bs.csv_text(seed_rows, ["target", "sources", "seed", "transfer"] + bs.SEED_COLS))
-    atomic_write_bytes(out / "summary.png", bs.plot(rows, f"{benchmark}: {len(jobs)} target(s), {seeds} seed(s)"))
-    write_run_config(out, command or f"coordinator transfer --benchmark {benchmark}",
-                     {k: v for k, v in report.items() if k not in ("rows", "per_seed", "faults")})
-    return report
+    return outputs.write(per_seed, faults, done=done, seconds=time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class _Outputs:
+    """The run's summary files (summary.md/csv/png, summary_per_seed.csv, report.json, run_config.json), written
+    after every study as well as at the end: a run stopped mid-way leaves the summary of the studies it finished,
+    marked partial (targets it never reached left out), until the same command resumes it."""
+
+    out: Path
+    benchmark: str
+    command: str
+    centres: Path
+    manifest: dict[str, Any]
+    plan: list[dict[str, Any]]
+    expected: dict[str, list[str]]
+    sources: dict[str, str]
+    ipcs: list[int]
+    seeds: int
+    preset: str
+    epochs: int
+    protocol: dict[str, Any]
+    protocol_text: str
+
+    def write(self, per_seed: list[dict[str, Any]], faults: list[dict[str, Any]], *, done: int,
+              seconds: float) -> dict[str, Any]:
+        total = len(self.plan) * self.seeds
+        partial = done < total
+        reached = {r["target"] for r in per_seed} | {f["target"] for f in faults}
+        expected = {t: v for t, v in self.expected.items() if t in reached} if partial else self.expected
+        rows = bs.summarise(per_seed, faults, expected=expected, sources=self.sources)
+        seconds = round(seconds, 1)
+        hosp, mf = self.manifest["hospitals"], self.manifest
+        head = [f"# {self.benchmark}: transfer into {', '.join(self.expected)} ({len(self.plan)} target(s))", ""]
+        if partial:
+            head += [f"**Partial: {done} of {total} studies done** (the run is still going or was stopped; the "
+                     "same command with the same --out resumes from here).", ""]
+        head.append(
+            f"Centres {self.centres} ({len(hosp)} hospitals, {mf.get('target_train_per_class')} labelled train "
+            f"patches per class at each target; Full = all of the sources' train patches, no cap). Preset "
+            f"{self.preset}; {self.seeds} seed(s) (0..{self.seeds - 1}); mean with a 95% t-interval over seeds; gains "
+            "over \"target alone\" paired by seed. Several sources: their sets pooled into one row. Fine-tuning "
+            f"protocol: {self.protocol_text}. {slide_text(mf, per_seed)} {seconds:.0f} s wall.")
+        report = {"benchmark": self.benchmark, "layout": "hospitals", "centres": str(self.centres),
+                  "command": self.command, "hospitals": hosp, "plan": self.plan, "ipcs": list(self.ipcs),
+                  "seeds": self.seeds, "preset": self.preset, "epochs_requested": self.epochs,
+                  "protocol": self.protocol, "manifest": {k: mf.get(k) for k in (
+                      "hospitals", "target_train_per_class", "seed", "limit_per_class", "stain_angle_deg_between")},
+                  "partial": partial, "studies": total, "studies_done": done,
+                  "rows": rows, "per_seed": per_seed, "faults": faults, "seconds": seconds}
+        out = self.out
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "report.json", report)
+        atomic_write_text(out / "summary.md", bs.markdown(rows, head))
+        atomic_write_text(out / "summary.csv", bs.csv_text(rows, bs.SUMMARY_COLS))
+        seed_rows = per_seed + [{"target": f["target"], "sources": self.sources.get(f["target"], ""),
+                                 "seed": f["seed"], "fault": f["fault"],
+                                 "transfer": {None: "(all rows)", bs.ALL_TRANSFERS: "(all transfer rows)"}.get(
+                                     f["transfer"], f["transfer"])} for f in faults]
+        atomic_write_text(out / "summary_per_seed.csv",
+                          bs.csv_text(seed_rows, ["target", "sources", "seed", "transfer"] + bs.SEED_COLS))
+        title = f"{self.benchmark}: {len(self.plan)} target(s), {self.seeds} seed(s)" + (
+            f" - partial, {done} of {total} studies" if partial else "")
+        atomic_write_bytes(out / "summary.png", bs.plot(rows, title))
+        write_run_config(out, self.command or f"coordinator transfer --benchmark {self.benchmark}",
+                         {k: v for k, v in report.items() if k not in ("rows", "per_seed", "faults")})
+        return report
 
 
 def slide_text(manifest: dict[str, Any], per_seed: list[dict[str, Any]]) -> str:
