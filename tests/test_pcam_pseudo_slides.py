@@ -159,6 +159,12 @@ def test_transfer_fills_the_slide_columns(slide_hospitals, tmp_path, monkeypatch
     assert full["slide_bags"] == 8 and full["slide_images"] == 80             # 8 real 10-patch slides
     assert full["images"] == 80                                               # its patch part: all 80 patches
     assert [p["part"] for p in full["slides_received_from"]] == ["slides"]
+    # bytes: the whole row and its patch-level part, each against Full's (the "<= 1/100 of Full's bytes")
+    assert 0 < ipc["patch_bytes"] < ipc["bytes"] and 0 < full["patch_bytes"] < full["bytes"]
+    assert float(summary["+ Full"]["patch_bytes_vs_full"]) == 1.0
+    assert float(summary["+ ipc 2"]["patch_bytes_vs_full"]) == pytest.approx(ipc["patch_bytes"] / full["patch_bytes"],
+                                                                             abs=1e-5)
+    assert "patch set / Full's" in md
 
 
 def _untimed(report):

@@ -19,7 +19,8 @@ import numpy as np
 
 #: the per-seed metrics (column names of summary_per_seed.csv after target/sources/seed/transfer)
 SEED_COLS = ["patch_bal_acc", "patch_acc", "patch_auc", "slide_acc", "slide_auc", "epochs", "received_share",
-             "lr_scale", "fine_tune_s", "select_s", "bytes", "bytes_vs_full", "images", "protocol", "slide_note", "fault"]
+             "lr_scale", "fine_tune_s", "select_s", "bytes", "bytes_vs_full", "patch_bytes", "patch_bytes_vs_full", "images",
+             "protocol", "slide_note", "fault"]
 #: summary.csv columns
 SUMMARY_COLS = ["target", "sources", "transfer", "n_seeds", "n_faults",
                 "patch_bal_acc_mean", "patch_bal_acc_ci95_low", "patch_bal_acc_ci95_high",
@@ -28,7 +29,7 @@ SUMMARY_COLS = ["target", "sources", "transfer", "n_seeds", "n_faults",
                 "slide_acc_mean", "slide_auc_mean", "slide_auc_ci95_low", "slide_auc_ci95_high",
                 "slide_auc_gain_mean", "slide_auc_gain_ci95_low", "slide_auc_gain_ci95_high",
                 "slide_share_of_full_gain", "slide_note", "epochs", "received_share", "lr_scale", "fine_tune_s_mean", "select_s_mean",
-                "bytes_mean", "bytes_vs_full", "images", "protocol", "faults"]
+                "bytes_mean", "bytes_vs_full", "patch_bytes_mean", "patch_bytes_vs_full", "images", "protocol", "faults"]
 BASE = "target alone"
 #: a fault's ``transfer`` when it concerns every transfer row of its study but not "target alone"
 ALL_TRANSFERS = "*"
@@ -104,7 +105,7 @@ def summarise(per_seed: list[dict[str, Any]], faults: list[dict[str, Any]], *, e
                 diffs = [float(r["patch_bal_acc"]) - base[r["seed"]] for r in rs if base.get(r["seed"]) is not None]
                 g, glo, ghi = t_interval(diffs)
                 row.update(gain_mean=g, gain_ci95_low=glo, gain_ci95_high=ghi, gain_pairs=len(diffs))
-            for col in ("patch_acc", "slide_acc", "fine_tune_s", "select_s", "bytes"):
+            for col in ("patch_acc", "slide_acc", "fine_tune_s", "select_s", "bytes", "patch_bytes"):
                 row[f"{col}_mean"] = _mean([r.get(col) for r in rs])
             sm, slo, shi = t_interval(_num(r.get("slide_auc")) for r in rs)
             row.update(slide_auc_mean=sm, slide_auc_ci95_low=slo, slide_auc_ci95_high=shi)
@@ -115,6 +116,7 @@ def summarise(per_seed: list[dict[str, Any]], faults: list[dict[str, Any]], *, e
                 row.update(slide_auc_gain_mean=g, slide_auc_gain_ci95_low=glo, slide_auc_gain_ci95_high=ghi)
             row["slide_note"] = _distinct([r.get("slide_note") for r in rs])
             row["bytes_vs_full"] = _mean([r.get("bytes_vs_full") for r in rs])
+            row["patch_bytes_vs_full"] = _mean([r.get("patch_bytes_vs_full") for r in rs])
             for col in ("epochs", "received_share", "lr_scale", "images", "protocol"):
                 row[col] = _distinct([r.get(col) for r in rs])
             row["status"] = "ok" if rs else "fault"
@@ -164,7 +166,7 @@ def markdown(rows: list[dict[str, Any]], head: list[str]) -> str:
     cols = ["target", "sources", "transfer", "seeds", "patch bal. acc. [95% CI]", "gain [95% CI, paired]",
             "share of Full's gain", "patch acc.", "patch AUC", "slide acc.", "slide AUC [95% CI]",
             "slide AUC gain [95% CI, paired]", "share of Full's slide gain", "epochs", "received share",
-            "lr scale", "fine-tune s", "bytes", "bytes / Full", "faults"]
+            "lr scale", "fine-tune s", "bytes", "bytes / Full", "patch set / Full's", "faults"]
     out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         faults = f"{r['n_faults']}" if r["n_faults"] else ""
@@ -178,7 +180,7 @@ def markdown(rows: list[dict[str, Any]], head: list[str]) -> str:
             "" if r["transfer"] == BASE else _ci(r, "slide_auc_gain", signed=True),
             _f(r.get("slide_share_of_full_gain"), 2), r.get("epochs") or "-",
             r.get("received_share") or "-", r.get("lr_scale") or "-", _f(r.get("fine_tune_s_mean"), 1), _f(r.get("bytes_mean"), 0),
-            _f(r.get("bytes_vs_full"), 4), faults]) + " |")
+            _f(r.get("bytes_vs_full"), 4), _f(r.get("patch_bytes_vs_full"), 4), faults]) + " |")
     lines = list(head) + ["", "\n".join(out), ""]
     detail = [f"- {r['target']} {r['transfer']}, {x}" for r in rows for x in r.get("fault_lines", [])]
     if detail:

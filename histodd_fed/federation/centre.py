@@ -262,7 +262,7 @@ class CentreNode:
             rows.extend(fine_tuning.evaluate_baseline(self.config, self.preset.for_protocol(p), prepared)
                         for p in self.preset.protocols())
         for row_name, items in bundle_rows(request).items():
-            row: dict[str, Any] = {"name": row_name, "bytes": sum(len(request.blobs[str(i["name"])]) for i in items),
+            row: dict[str, Any] = {"name": row_name, **receive_select.row_bytes(request, items),
                                    "bundles": [str(i["name"]) for i in items]}
             by_part = {str(i.get("part") or "both"): request.blobs[str(i["name"])] for i in items}
             patch = by_part.get("patch", by_part.get("both"))

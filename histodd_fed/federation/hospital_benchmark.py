@@ -287,6 +287,7 @@ def run_hospitals_benchmark(centres: Path, out: Path, *, sources: str | None, ta
                                      "lr_scale": (raw.get("selection") or {}).get("lr_scale"),
                                      "fine_tune_s": r.get("fine_tune_s"), "select_s": raw.get("select_seconds"),
                                      "bytes": r.get("bytes"), "bytes_vs_full": r.get("bytes_vs_full"),
+                                     "patch_bytes": r.get("patch_bytes"),
                                      "images": r.get("images"), "protocol": r.get("protocol"),
                                      "slide_epochs": raw.get("slide_epochs"), "slide_note": raw.get("slide_note")})
                 _bytes_vs_received_full(per_seed, tgt, s)
@@ -404,11 +405,15 @@ def _same(raw: dict[str, Any], row: dict[str, Any]) -> bool:
 
 def _bytes_vs_full(rows: list[dict[str, Any]]) -> None:
     """``bytes_vs_full`` of one study's rows: bytes / the bytes of the Full row actually received in it (a
-    pooled ipc row that lost a source's set is still measured against the Full the target got)."""
+    pooled ipc row that lost a source's set is still measured against the Full the target got);
+    ``patch_bytes_vs_full`` the same for the patch-level parts alone (None where a study did not record them)."""
     full = next((r for r in rows if r["transfer"] == "+ Full" and r.get("bytes")), None)
     for r in rows:
         if r["transfer"] != bs.BASE:
             r["bytes_vs_full"] = round(float(r.get("bytes") or 0) / float(full["bytes"]), 5) if full else None
+            known = full is not None and full.get("patch_bytes") and r.get("patch_bytes") is not None
+            r["patch_bytes_vs_full"] = round(float(r["patch_bytes"]) / float(full["patch_bytes"]), 5) if known \
+                else None
 
 
 def _bytes_vs_received_full(per_seed: list[dict[str, Any]], target: str, seed: int) -> None:

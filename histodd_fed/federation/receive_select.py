@@ -42,6 +42,14 @@ from histodd_fed.runconfig import config_hash
 PATCH_PARTS = ("patch", "both")
 
 
+def row_bytes(request: Envelope, items: list[dict[str, Any]]) -> dict[str, int]:
+    """A row's bytes received: ``bytes`` (every bundle of the row) and ``patch_bytes`` (its patch-level part; the
+    rest is its per-slide part), so a row's size can be set against Full's with or without the slide sets."""
+    size = {str(i["name"]): len(request.blobs[str(i["name"])]) for i in items}
+    return {"bytes": sum(size.values()),
+            "patch_bytes": sum(size[str(i["name"])] for i in items if str(i.get("part") or "both") in PATCH_PARTS)}
+
+
 class NoPatchSetError(InputError):
     """A row the target cannot fine-tune: it has no patch-level set (its source's patch set was blocked by the
     export gate, over its release budget or not sent) - only a per-slide set. Its fixed reply message says so
@@ -80,8 +88,7 @@ def train_rows(cfg: CentreConfig, preset: CentrePreset, prepared: Prepared, requ
     jobs: dict[str, tuple] = {}
     heads: dict[str, dict[str, Any]] = {}
     for row_name, items in bundle_rows(request).items():
-        heads[row_name] = {"name": row_name, "bytes": sum(len(request.blobs[str(i["name"])]) for i in items),
-                           "bundles": [str(i["name"]) for i in items]}
+        heads[row_name] = {"name": row_name, **row_bytes(request, items), "bundles": [str(i["name"]) for i in items]}
         if not any(str(i.get("part") or "both") in PATCH_PARTS for i in items):
             exc = NoPatchSetError()
             heads[row_name].update(ok=False, **error_fields(exc, cfg.centre_id, f"train row {row_name}"))

@@ -63,7 +63,8 @@ def table_rows(outcome: StudyOutcome) -> list[dict[str, Any]]:
                      "slide_bal_acc": r.get("slide_balanced_accuracy"), "slide_images": r.get("slide_images"),
                      "slide_acc_argmax": r.get("slide_accuracy_argmax"), "slide_threshold": r.get("slide_threshold"),
                      "fine_tune_s": r.get("fine_tune_seconds"), "received_s": r.get("received_seconds"),
-                     "epochs": r.get("epochs"), "bytes": r.get("bytes", 0), "train_total": r.get("train_total"),
+                     "epochs": r.get("epochs"), "bytes": r.get("bytes", 0), "patch_bytes": r.get("patch_bytes"),
+                     "train_total": r.get("train_total"),
                      "received_epochs": r.get("received_epochs"), "sequential_replay": r.get("sequential_replay"),
                      "slide_encoder": r.get("slide_encoder"),
                      "time_vs_full": None, "bytes_vs_full": None})
