@@ -336,7 +336,7 @@ class _Outputs:
         expected = {t: v for t, v in self.expected.items() if t in reached} if partial else self.expected
         rows = bs.summarise(per_seed, faults, expected=expected, sources=self.sources)
         seconds = round(seconds, 1)
-        hosp, mf = self.manifest["hospitals"], self.manifest
+        hosp, mf = [int(d) for d in self.manifest["hospitals"]], self.manifest
         head = [f"# {self.benchmark}: transfer into {', '.join(self.expected)} ({len(self.plan)} target(s))", ""]
         if partial:
             head += [f"**Partial: {done} of {total} studies done** (the run is still going or was stopped; the "
