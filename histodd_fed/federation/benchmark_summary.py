@@ -19,8 +19,8 @@ import numpy as np
 
 #: the per-seed metrics (column names of summary_per_seed.csv after target/sources/seed/transfer)
 SEED_COLS = ["patch_bal_acc", "patch_acc", "patch_auc", "slide_acc", "slide_auc", "epochs", "received_share",
-             "lr_scale", "fine_tune_s", "select_s", "bytes", "bytes_vs_full", "patch_bytes", "patch_bytes_vs_full", "images",
-             "protocol", "slide_note", "fault"]
+             "lr_scale", "fine_tune_s", "select_s", "bytes", "bytes_vs_full", "patch_bytes", "patch_bytes_vs_full",
+             "images", "protocol", "slide_note", "fault"]
 #: summary.csv columns
 SUMMARY_COLS = ["target", "sources", "transfer", "n_seeds", "n_faults",
                 "patch_bal_acc_mean", "patch_bal_acc_ci95_low", "patch_bal_acc_ci95_high",
@@ -29,7 +29,8 @@ SUMMARY_COLS = ["target", "sources", "transfer", "n_seeds", "n_faults",
                 "slide_acc_mean", "slide_auc_mean", "slide_auc_ci95_low", "slide_auc_ci95_high",
                 "slide_auc_gain_mean", "slide_auc_gain_ci95_low", "slide_auc_gain_ci95_high",
                 "slide_share_of_full_gain", "slide_note", "epochs", "received_share", "lr_scale", "fine_tune_s_mean", "select_s_mean",
-                "bytes_mean", "bytes_vs_full", "patch_bytes_mean", "patch_bytes_vs_full", "images", "protocol", "faults"]
+                "bytes_mean", "bytes_vs_full", "patch_bytes_mean", "patch_bytes_vs_full", "images", "protocol",
+                "faults"]
 BASE = "target alone"
 #: a fault's ``transfer`` when it concerns every transfer row of its study but not "target alone"
 ALL_TRANSFERS = "*"

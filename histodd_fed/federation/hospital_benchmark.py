@@ -23,8 +23,9 @@ without them says why (``slide_note``).
 Writes ``OUT/summary.{md,csv,png}``, ``OUT/summary_per_seed.csv`` and ``OUT/report.json``
 (:mod:`benchmark_summary`: mean and 95% t-interval over seeds, gains paired by seed); every study's own
 report under ``OUT/runs/<target>/seed<s>/``. The summary files are rewritten after every study: while the run
-goes, or after it was stopped, they hold the studies done so far, marked partial. A centre that fails, times out or whose set is blocked is
-a fault (row kept, counted; a row no seed produced is a fault row), never a missing row or a crash.
+goes, or after it was stopped, they hold the studies done so far, marked partial. A centre that fails, times
+out or whose set is blocked is a fault (row kept, counted; a row no seed produced is a fault row), never a
+missing row or a crash.
 
 Resumable: the same command with the same ``OUT`` reuses every (target, seed) study a killed run
 finished (its ``report.json``, when ``OUT/resume_key.json`` - centres folder, its manifest's hash,
