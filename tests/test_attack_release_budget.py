@@ -288,7 +288,8 @@ def centre(tmp_path, monkeypatch):
 
     monkeypatch.setattr(centre_data, "prepare", lambda cfg, preset, models=True: FakePrepared())
     monkeypatch.setattr(distil_cache, "distil_cached", distil_cached)
-    monkeypatch.setattr(privacy_reports, "gate_report", lambda ps, prepared: (False, {"gate": {"passed": True}}, "ok"))
+    monkeypatch.setattr(privacy_reports, "sent_set_report",
+                        lambda ps, prepared, cfg: (False, {"gate": {"passed": True}}, "ok"))
     return cfgs, calls, dp_by_ipc
 
 

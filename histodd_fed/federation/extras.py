@@ -84,7 +84,7 @@ def distil_extras(node, extras: list[Any], prepared, recipients: list[str], seed
                                              extra_overrides=e["overrides"])
             item = {"name": name, "row": name, "part": "patch", "ipc": ipc, "mode": "synthetic",
                     "variant": e["overrides"]}
-            blocked, report, message = privacy_reports.gate_report(res.patchset, prepared)
+            blocked, report, message = privacy_reports.sent_set_report(res.patchset, prepared, cfg)
             item["privacy"] = report.get("gate", {})
             if blocked and getattr(policy, "gate", True):
                 items.append(dict(item, blocked=True, bytes=0, error=message))

@@ -1,5 +1,6 @@
 """The synthetic sets one distil request makes, each distilled (cached, :func:`distil_cache.distil_cached`) and put
-through the export gate (:func:`privacy_reports.gate_report`) - before anything is sealed.
+through the export gate (:func:`privacy_reports.sent_set_report`: the verdict on a set gated before is reused from
+the centre's sealed record, :mod:`gate_verdicts`) - before anything is sealed.
 
 A centre with slide data makes two parts per ipc: the patch-level set (best-of-K: its candidates fill
 ``workers`` processes, then one process chooses, checks and gates) and the per-slide set (one candidate, one
@@ -54,7 +55,7 @@ def make_part(cfg: CentreConfig, preset: CentrePreset, part: Part, seed: int, *,
     if prepared is None:  # in a worker process: the centre's data from its cache
         prepared = centre_data.prepare(cfg, preset, models=False)
     res = distil_cache.distil_cached(cfg, preset, prepared, ipc=part.ipc, seed=seed, per_slide=part.per_slide)
-    blocked, report, message = privacy_reports.gate_report(res.patchset, prepared)
+    blocked, report, message = privacy_reports.sent_set_report(res.patchset, prepared, cfg)
     return MadeSet(res, blocked, report, message)
 
 

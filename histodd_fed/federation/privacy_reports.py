@@ -5,22 +5,35 @@ from __future__ import annotations
 
 from typing import Any
 
+from histodd_fed.federation.centre_config import CentreConfig
 from histodd_fed.federation.centre_data import Prepared, one_thread
 from histodd_fed.patchset import PatchSet
 
 
-def gate_report(ps: PatchSet, prepared: Prepared) -> tuple[bool, dict[str, Any], str]:
+def sent_set_report(ps: PatchSet, prepared: Prepared, cfg: CentreConfig) -> tuple[bool, dict[str, Any], str]:
+    """:func:`gate_report` on a set this centre is about to send, its verdict reused from the centre's sealed
+    record of the same set, reference and code when it has one (:mod:`gate_verdicts`)."""
+    from histodd_fed.federation.gate_verdicts import cached_gate
+
+    reference = prepared.gate_reference()
+    return cached_gate(ps, reference, work_dir=cfg.work_dir, key_dir=cfg.key_dir,
+                       gate=lambda: gate_report(ps, prepared, reference=reference))
+
+
+def gate_report(ps: PatchSet, prepared: Prepared, *,
+                reference: PatchSet | None = None) -> tuple[bool, dict[str, Any], str]:
     """Run the export gate on ``ps`` against this centre's real train patches (the raw ones when the model sees
     a view of them, so the copy detector searches the same windows as ``centre-node export --patches RAW``).
 
     Returns ``(blocked, privacy_report, message)``; the report is what gets sealed into the
-    manifest. Nothing is raised for a blocked set: the caller reports it and does not send it.
+    manifest. Nothing is raised for a blocked set: the caller reports it and does not send it. ``reference``:
+    ``prepared.gate_reference()`` when the caller has it loaded already.
     """
     from histodd_fed.privacy.gate import check_export
 
     one_thread()
-    decision = check_export(synthetic=ps, real=prepared.gate_reference(), accept_risk=False, require_audit=True,
-                            raise_on_block=False)
+    real = prepared.gate_reference() if reference is None else reference
+    decision = check_export(synthetic=ps, real=real, accept_risk=False, require_audit=True, raise_on_block=False)
     summary = decision.to_dict()
     return decision.blocked, summary, decision.message()
 
