@@ -2,7 +2,8 @@
 
 A benchmark sends the same cached set of a source in every study it takes part in (``--target all``: each
 source's set of a seed goes to four targets), and the gate on it is most of a cached study's time at the source
-(~80 s per source and seed on one CPU thread). A verdict is reused only when all of these are the same:
+(~70 s per source and seed on one CPU thread: benchmarks/results/gate_verdict_reuse.jsonl). A verdict is reused only
+when all of these are the same:
 
 - the set (content hash of its images, labels and slide table),
 - the reference patches the gate compares it with (content hash),
