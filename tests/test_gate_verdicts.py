@@ -57,7 +57,7 @@ def test_a_set_gated_once_is_not_gated_again(centre):
     assert runs == [4, 4] and len(_records(cfg)) == 2
 
 
-def test_another_set_reference_or_code_is_gated_again(centre, monkeypatch):
+def test_another_set_its_metadata_or_the_code_is_gated_again(centre, monkeypatch):
     from histodd_fed.federation import gate_verdicts, privacy_reports
     from histodd_fed.federation.outgoing_sets import Part, make_part
 
@@ -68,9 +68,12 @@ def test_another_set_reference_or_code_is_gated_again(centre, monkeypatch):
     nudged.images[0, 0, 0, 0] ^= 1                                   # one pixel of one image
     privacy_reports.sent_set_report(nudged, prepared, cfg)
     assert runs == [4, 4]
+    relabelled = replace(ps, meta={**ps.meta, "dp": {"epsilon": 1.0}})  # same pixels, other metadata
+    privacy_reports.sent_set_report(relabelled, prepared, cfg)
+    assert runs == [4, 4, 4]
     monkeypatch.setattr(gate_verdicts, "code_digest", lambda: "another version of the package")
     privacy_reports.sent_set_report(ps, prepared, cfg)
-    assert runs == [4, 4, 4]
+    assert runs == [4, 4, 4, 4]
 
 
 def test_attack_edited_or_planted_verdicts_are_ignored(centre):

@@ -5,7 +5,7 @@ source's set of a seed goes to four targets), and the gate on it is most of a ca
 (~70 s per source and seed on one CPU thread: benchmarks/results/gate_verdict_reuse.jsonl). A verdict is reused only
 when all of these are the same:
 
-- the set (content hash of its images, labels and slide table),
+- the set (content hash of its images, labels, slide table, kind and metadata),
 - the reference patches the gate compares it with (content hash),
 - the gate's configuration file (``configs/privacy.yaml``, its bytes),
 - the code (a digest of every ``histodd_fed`` source file): any change to the package re-runs the gate.
@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from histodd_fed.atomic import atomic_write_bytes, atomic_write_json
 from histodd_fed.content_hash import data_hash
+from histodd_fed.errors import InputError
 from histodd_fed.patchset import PatchSet
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,12 @@ def code_digest() -> str:
 
 
 def verdict_key(ps: PatchSet, reference: PatchSet) -> str:
-    """What a verdict is a verdict on: the set, the reference patches and the gate's code and configuration."""
-    return hashlib.sha256(f"{data_hash(ps)}:{data_hash(reference)}:{code_digest()}".encode()).hexdigest()
+    """What a verdict is a verdict on: the set (pixels, labels, slide table, kind and metadata), the reference
+    patches and the gate's code and configuration."""
+    about = json.dumps({"kind": ps.kind, "meta": ps.meta, "slide_labels": ps.slide_labels}, sort_keys=True,
+                       default=str)
+    return hashlib.sha256(f"{data_hash(ps)}:{hashlib.sha256(about.encode()).hexdigest()}:{data_hash(reference)}:"
+                          f"{code_digest()}".encode()).hexdigest()
 
 
 def _mac_key(key_dir: Path) -> bytes:
@@ -72,7 +77,8 @@ def _mac_key(key_dir: Path) -> bytes:
             tmp.unlink(missing_ok=True)
     key = path.read_bytes()
     if len(key) != 32:
-        raise OSError(f"{path}: not a gate-verdict key (expected 32 bytes, found {len(key)})")
+        raise InputError(f"{path}: not a gate-verdict key (expected 32 bytes, found {len(key)}); delete it to "
+                         "make a new one (the recorded verdicts are then gated again)")
     return key
 
 
