@@ -101,7 +101,7 @@ def compare(pooled: Path, singles: list[Path]) -> dict:
             "runs": {"pooled": str(pooled), "single": [str(s) for s in singles]}}
 
 
-def _f(st: dict | None, signed: bool = False) -> str:
+def fmt_stat(st: dict | None, signed: bool = False) -> str:
     if not st or st.get("mean") is None:
         return "-"
     f = "{:+.3f}" if signed else "{:.3f}"
@@ -115,9 +115,9 @@ def markdown(res: dict) -> str:
     head = ["transfer", "metric", f"pooled ({res['pooled']})"] + singles + ["best single", "pooled - best single"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in res["rows"]:
-        cells = [r["transfer"], r["metric"], _f(next(iter(r["pooled"].values())))]
-        cells += [_f(r["single"].get(s)) for s in singles]
-        cells += [r["best_single"] or "-", _f(r["pooled_minus_best"], signed=True)]
+        cells = [r["transfer"], r["metric"], fmt_stat(next(iter(r["pooled"].values())))]
+        cells += [fmt_stat(r["single"].get(s)) for s in singles]
+        cells += [r["best_single"] or "-", fmt_stat(r["pooled_minus_best"], signed=True)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -20,6 +20,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compare_sources import fmt_stat  # noqa: E402
 
 from histodd_fed.federation.benchmark_summary import BASE, t_interval  # noqa: E402
 
@@ -103,15 +106,6 @@ def merge(runs: list[Path]) -> dict:
     return {"target": target, "sources": sources, "seeds": seeds, "rows": table, "runs": [str(r) for r in runs]}
 
 
-def _f(st: dict | None, signed: bool = False) -> str:
-    if not st or st.get("mean") is None:
-        return "-"
-    f = "{:+.3f}" if signed else "{:.3f}"
-    if st.get("ci95_low") is None:
-        return f.format(st["mean"])
-    return f"{f.format(st['mean'])} [{f.format(st['ci95_low'])}, {f.format(st['ci95_high'])}]"
-
-
 def markdown(res: dict) -> str:
     head = ["transfer", "patch bal. acc.", "gain [95% CI]", "share of Full's gain", "patch set / Full's",
             "slide AUC", "slide AUC gain [95% CI]"]
@@ -120,10 +114,10 @@ def markdown(res: dict) -> str:
         share = r.get("share_of_full_gain")
         vs = r.get("patch_bytes_vs_full")
         lines.append("| " + " | ".join([
-            r["transfer"], _f(r["patch_bal_acc"]), _f(r.get("gain"), True),
+            r["transfer"], fmt_stat(r["patch_bal_acc"]), fmt_stat(r.get("gain"), True),
             f"{share * 100:.0f}%" if share is not None else "-",
             f"{vs * 100:.2f}%" if vs is not None else "-",
-            _f(r["slide_auc"]), _f(r.get("slide_auc_gain"), True)]) + " |")
+            fmt_stat(r["slide_auc"]), fmt_stat(r.get("slide_auc_gain"), True)]) + " |")
     return "\n".join(lines) + "\n"
 
 
