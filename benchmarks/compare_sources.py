@@ -11,6 +11,7 @@ run has are compared.
 
     python benchmarks/compare_sources.py --pooled R2 --single R_H0 R_H1 R_H3 R_H4 \\
         --out benchmarks/results/pcam_hospitals/pooled_vs_single_h2.json --md OUT.md
+    python benchmarks/compare_sources.py --pooled R3 --target H4 --single R_H0 R_H1 R_H2 R_H3   # R3: --target all
 """
 
 from __future__ import annotations
@@ -29,17 +30,18 @@ from histodd_fed.federation.benchmark_summary import BASE, t_interval  # noqa: E
 METRICS = ("patch_bal_acc", "patch_auc", "slide_auc")
 
 
-def per_seed(run: Path) -> tuple[str, str, dict[tuple[str, int], dict[str, float | None]]]:
-    """(target, sources, {(transfer, seed): {metric: value}}) of one run folder."""
+def per_seed(run: Path, target: str | None = None) -> tuple[str, str, dict[tuple[str, int], dict[str, float | None]]]:
+    """(target, sources, {(transfer, seed): {metric: value}}) of one run folder; ``target`` keeps that target's rows
+    only (a ``--target all`` run holds five)."""
     path = run / "summary_per_seed.csv"
     if not path.is_file():
         raise SystemExit(f"{run}: no summary_per_seed.csv (not a finished coordinator transfer run)")
-    rows = list(csv.DictReader(path.open()))
+    rows = [r for r in csv.DictReader(path.open()) if target is None or r["target"] == target]
     if not rows:
-        raise SystemExit(f"{path}: empty")
+        raise SystemExit(f"{path}: empty" + (f" for target {target}" if target else ""))
     targets = {r["target"] for r in rows}
     if len(targets) != 1:
-        raise SystemExit(f"{path}: {len(targets)} targets; give runs into one target")
+        raise SystemExit(f"{path}: {len(targets)} targets; give runs into one target or name it with --target")
     out: dict[tuple[str, int], dict[str, float | None]] = {}
     for r in rows:
         if r.get("fault"):
@@ -55,11 +57,11 @@ def _stats(vals: list[float]) -> dict[str, float | None]:
     return {"mean": mean, "ci95_low": lo, "ci95_high": hi, "n": len(vals)}
 
 
-def compare(pooled: Path, singles: list[Path]) -> dict:
-    target, pooled_name, pooled_rows = per_seed(pooled)
+def compare(pooled: Path, singles: list[Path], target: str | None = None) -> dict:
+    target, pooled_name, pooled_rows = per_seed(pooled, target)
     runs = {}
     for s in singles:
-        t, name, rows = per_seed(s)
+        t, name, rows = per_seed(s, target)
         if t != target:
             raise SystemExit(f"{s}: target {t}, the pooled run's is {target}")
         runs[name] = rows
@@ -128,8 +130,9 @@ def main() -> None:
     ap.add_argument("--single", type=Path, nargs="+", required=True, help="run folders of single-source transfers")
     ap.add_argument("--out", type=Path, help="write the comparison as JSON here")
     ap.add_argument("--md", type=Path, help="write the markdown table here")
+    ap.add_argument("--target", help="compare this target's rows only (e.g. H4 of a --target all run)")
     a = ap.parse_args()
-    res = compare(a.pooled, a.single)
+    res = compare(a.pooled, a.single, a.target)
     text = markdown(res)
     print(text, end="")
     if a.out:
