@@ -6,8 +6,8 @@ independent score, normal ~ N(0, 1), tumour ~ N(d, 1), with d set so the patch A
 (d = sqrt(2) * Phi^-1(AUC)); a slide is a bag of ``--bag`` patches, a tumour slide holding k ~ U{kmin..kmax} tumour
 patches (make-pcam-centres' test slides: 64 patches, 2-6 tumour, 3.1-9.4%), a normal slide none. Slide scores:
 the bag mean, the bag max and the likelihood ratio with d known (the optimal statistic under this model - no
-trained MIL head on these bags can beat it when the model holds). Correlated errors within a slide, unknown d and
-20 training bags only make real heads worse.
+trained MIL head on these bags can beat it when the model holds). It leaves out what a real head also faces: errors
+correlated within a slide, an unknown d, 20 training bags.
 
 With ``--summary R/summary.csv`` (a ``coordinator transfer`` run) the ceiling is computed at each target's
 measured patch AUC of "target alone" and "+ Full", so Full's best-case slide gain is set beside the measured one.
