@@ -6,14 +6,14 @@ the study goes on without that centre's contribution and the report lists the fa
 
 :class:`FaultInjection` makes a centre misbehave on purpose (node config ``fault=...``) so the
 coordinator's handling can be exercised end to end, through real Flower runs:
-``hang:<seconds>`` or ``hang:<action>:<seconds>`` (sleep before answering), ``tamper`` (flip a byte in every sealed bundle),
+``hang:<seconds>`` or ``hang:<action>:<seconds>`` (wait before answering; :meth:`FaultInjection.release` ends it), ``tamper`` (flip a byte in every sealed bundle),
 ``error`` (fail every request).
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 from histodd_fed.errors import ConfigError, HistoddError
 
@@ -46,6 +46,8 @@ class FaultInjection:
     hang_action: str = ""     # "" = every action
     tamper: bool = False
     error: bool = False
+    #: set by :meth:`release`: a hang still waiting ends at once with InjectedFault (its request abandoned)
+    _released: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
 
     @classmethod
     def parse(cls, spec: str | None) -> "FaultInjection":
@@ -72,8 +74,13 @@ class FaultInjection:
     def before_reply(self, action: str) -> None:
         if self.error:
             raise InjectedFault(f"injected failure in {action}")
-        if self.hang_s > 0 and self.hang_action in ("", action):
-            time.sleep(self.hang_s)
+        if self.hang_s > 0 and self.hang_action in ("", action) and self._released.wait(self.hang_s):
+            raise InjectedFault(f"{action}: hang released, request abandoned")
+
+    def release(self) -> None:
+        """End this centre's hangs now (waiting and later ones): their requests are abandoned, not answered. A
+        drill's caller uses it when it stops waiting, so a hung request does not wake later and go on working."""
+        self._released.set()
 
     def on_bundle(self, data: bytes) -> bytes:
         if not self.tamper or not data:

@@ -32,6 +32,7 @@ from histodd_fed.atomic import atomic_write_bytes, atomic_write_json
 from histodd_fed.content_hash import data_hash
 from histodd_fed.errors import InputError
 from histodd_fed.patchset import PatchSet
+from histodd_fed.runconfig import config_hash
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,8 @@ def code_digest() -> str:
 def verdict_key(ps: PatchSet, reference: PatchSet) -> str:
     """What a verdict is a verdict on: the set (pixels, labels, slide table, kind and metadata), the reference
     patches and the gate's code and configuration."""
-    about = json.dumps({"kind": ps.kind, "meta": ps.meta, "slide_labels": ps.slide_labels}, sort_keys=True,
-                       default=str)
-    return hashlib.sha256(f"{data_hash(ps)}:{hashlib.sha256(about.encode()).hexdigest()}:{data_hash(reference)}:"
-                          f"{code_digest()}".encode()).hexdigest()
+    about = config_hash({"kind": ps.kind, "meta": ps.meta, "slide_labels": ps.slide_labels})
+    return hashlib.sha256(f"{data_hash(ps)}:{about}:{data_hash(reference)}:{code_digest()}".encode()).hexdigest()
 
 
 def _mac_key(key_dir: Path) -> bytes:
